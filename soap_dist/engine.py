@@ -1,0 +1,507 @@
+"""The SOAP engine for the blocks one process holds: step, refresh and install, batched.
+
+It is built once, at the first step, from the block/factor table (``layout.plan_param``) and the
+parameters it sees then. One process is the one-rank case of the distributed engine: every block
+is local and this process owns every factor. Nothing here imports torch.distributed.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels, linalg
+from .layout import ParamLayout
+from .stores import BlockDim, BlockStack, FactorSlot, FactorStore, moment_dtype
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Hyper:
+    """One param group's hyperparameters, read from the group at every step."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    shampoo_beta: float
+    eps: float
+    weight_decay: float
+    precondition_frequency: int
+    normalize_grads: bool
+    correct_bias: bool
+
+    @classmethod
+    def of(cls, group: dict) -> Hyper:
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        return cls(
+            float(group["lr"]),
+            float(beta1),
+            float(beta2),
+            float(shampoo_beta),
+            float(group["eps"]),
+            float(group["weight_decay"]),
+            int(group["precondition_frequency"]),
+            bool(group["normalize_grads"]),
+            bool(group["correct_bias"]),
+        )
+
+
+@dataclass
+class Counters:
+    """What the optimizer did, for ``SOAP.stats()``."""
+
+    refreshes: int = 0
+    factors_refreshed: int = 0
+    bases_installed: int = 0
+    refresh_failures: int = 0
+    skipped_nonfinite_checks: int = 0
+    refresh_seconds: float = 0.0
+    eigh_seconds: float = 0.0
+    installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, step) of installs
+
+
+@dataclass
+class Pending:
+    """A refreshed basis waiting for its install step (refresh_delay >= 1)."""
+
+    bases: Tensor
+    perm: Tensor
+    ok: Tensor
+
+
+class SoapEngine:
+    """Stacks, factor stores and the per-parameter bookkeeping (step counts, installs)."""
+
+    def __init__(
+        self,
+        layouts: list[ParamLayout],
+        params: list[Tensor],
+        *,
+        factor_dtype: torch.dtype,
+        refresh_delay: int,
+        qr_method: str,
+    ) -> None:
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"SOAP needs all parameters on one device, got {sorted(map(str, devices))}")
+        self.device = params[0].device if params else torch.device("cpu")
+        self.layouts = layouts
+        self.factor_dtype = factor_dtype
+        self.refresh_delay = refresh_delay
+        self.qr_method = qr_method
+        self.steps = [0] * len(layouts)
+        self.started = [False] * len(layouts)
+        self.install_step: dict[int, int] = {}
+        self.counters = Counters()
+        self._warned: set[tuple[str, int]] = set()
+        self.stores: dict[int, FactorStore] = {}
+        self.stacks: list[BlockStack] = []
+        self.row_slots: dict[tuple[int, int], tuple[FactorStore, int]] = {}
+        self.shared_slots: dict[tuple[int, int], tuple[FactorStore, int]] = {}
+        self.pending: dict[int, Pending] = {}
+        self._build(params)
+        self.nonfinite_seen = torch.zeros(len(layouts), dtype=torch.bool, device=self.device)
+
+    # ----- construction -----
+    def _build(self, params: list[Tensor]) -> None:
+        keyed: dict[tuple, BlockStack] = {}
+        for lay, p in zip(self.layouts, params, strict=True):
+            for b in range(len(lay.row_counts)):
+                dims = lay.block_dims(b)
+                key = (lay.group, dims, lay.preconditioned, p.dtype)
+                if key not in keyed:
+                    keyed[key] = BlockStack(lay.group, dims, p.dtype)
+                    self.stacks.append(keyed[key])
+                keyed[key].members.append((lay, b))
+        for stack in self.stacks:
+            per_dim: list[list[int]] = [[] for _ in stack.dims]
+            for lay, b in stack.members:
+                for j, pre in enumerate(lay.preconditioned):
+                    if pre:
+                        store, slot = self._slot_for(lay, j, b, stack.dims[j])
+                        store.contributors[slot] += 1
+                        per_dim[j].append(slot)
+            stack.block_dims = [self._block_dim(stack, j, slots) for j, slots in enumerate(per_dim)]
+        for store in self.stores.values():
+            store.materialize()
+        for stack in self.stacks:
+            mdtype = moment_dtype(stack.param_dtype)
+            shape = (len(stack.members), *stack.dims)
+            stack.exp_avg = torch.zeros(shape, dtype=mdtype, device=self.device)
+            stack.exp_avg_sq = torch.zeros(shape, dtype=mdtype, device=self.device)
+            stack.param_index = torch.tensor([lay.index for lay, _ in stack.members], device=self.device)
+
+    def _slot_for(self, lay: ParamLayout, dim: int, block: int, size: int) -> tuple[FactorStore, int]:
+        if size not in self.stores:
+            self.stores[size] = FactorStore(size, self.factor_dtype, self.device)
+        store = self.stores[size]
+        table, key = (
+            (self.row_slots, (lay.index, block)) if dim == 0 else (self.shared_slots, (lay.index, dim))
+        )
+        if key not in table:
+            table[key] = (store, store.allocate(FactorSlot(lay.index, dim, block if dim == 0 else -1)))
+        return table[key]
+
+    def _block_dim(self, stack: BlockStack, dim: int, slots: list[int]) -> BlockDim | None:
+        if not slots:
+            return None
+        store = self.stores[stack.dims[dim]]
+        first = slots[0]
+        unshared = all(store.contributors[s] == 1 for s in slots)
+        contiguous = (
+            slice(first, first + len(slots))
+            if unshared and slots == list(range(first, first + len(slots)))
+            else None
+        )
+        return BlockDim(store, slots, torch.tensor(slots, device=self.device), contiguous)
+
+    # ----- the step -----
+    @torch.no_grad()
+    def step(self, groups: list[dict], params: list[Tensor]) -> None:
+        active = [p.grad is not None and p.numel() > 0 for p in params]
+        active_ids = [i for i, a in enumerate(active) if a]
+        if not active_ids:
+            return
+        hypers = [Hyper.of(g) for g in groups]
+        finite = self._finite_flags(params, active_ids)
+        self.nonfinite_seen |= ~finite
+        upcoming = {i: self.steps[i] + 1 for i in active_ids if self.started[i]}
+        due = [i for i, t in upcoming.items() if self.install_step.get(i) == t]
+        if due:
+            self._install_pending(due)
+        grad_cache: dict[int, Tensor] = {}
+        deferred: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)
+        shared_updates: list[tuple[FactorStore, Tensor, Tensor, float]] = []
+        for stack in self.stacks:
+            subsets: dict[tuple[bool, int], list[int]] = defaultdict(list)
+            for pos, (lay, _) in enumerate(stack.members):
+                if active[lay.index]:
+                    subsets[(self.started[lay.index], upcoming.get(lay.index, 0))].append(pos)
+            for (started, t), positions in subsets.items():
+                self._run_subset(
+                    stack,
+                    positions,
+                    started,
+                    t,
+                    hypers[stack.group],
+                    params,
+                    finite,
+                    grad_cache,
+                    deferred,
+                    shared_updates,
+                )
+        self._apply_shared_updates(shared_updates)
+        self._apply_deferred(deferred, params, hypers)
+        first = [i for i in active_ids if not self.started[i]]
+        updated = [i for i in active_ids if self.started[i]]
+        for i in updated:
+            self.steps[i] += 1
+        self._weight_decay(updated, params, hypers, finite)
+        if first:
+            self._first_bases(first)
+            for i in first:
+                self.started[i] = True
+        due = [
+            i for i in updated if self.steps[i] % hypers[self.layouts[i].group].precondition_frequency == 0
+        ]
+        if due:
+            self._refresh(due)
+
+    def _finite_flags(self, params: list[Tensor], active_ids: list[int]) -> Tensor:
+        """One flag per parameter: its gradient's norm is finite (no NaN/Inf, no overflow)."""
+        norms = torch._foreach_norm([params[i].grad for i in active_ids])
+        flags = torch.stack(norms).isfinite()
+        if len(active_ids) == len(params):
+            return flags
+        full = torch.ones(len(params), dtype=torch.bool, device=self.device)
+        full[torch.tensor(active_ids, device=self.device)] = flags
+        return full
+
+    def _grad_block(self, lay: ParamLayout, block: int, grad: Tensor, cache: dict[int, Tensor]) -> Tensor:
+        if lay.index not in cache:
+            g = grad if lay.permutation is None else grad.permute(lay.permutation)
+            cache[lay.index] = g.reshape(lay.block_shape)
+        start = lay.row_offsets[block]
+        return cache[lay.index][start : start + lay.row_counts[block]]
+
+    def _run_subset(
+        self,
+        stack: BlockStack,
+        positions: list[int],
+        started: bool,
+        step: int,
+        hyper: Hyper,
+        params: list[Tensor],
+        finite: Tensor,
+        grad_cache: dict[int, Tensor],
+        deferred: dict[int, list[tuple[int, Tensor]]],
+        shared_updates: list[tuple[FactorStore, Tensor, Tensor, float]],
+    ) -> None:
+        full = len(positions) == len(stack.members)
+        sel = None if full else torch.tensor(positions, device=self.device)
+        members = [stack.members[k] for k in positions]
+        compute = torch.promote_types(moment_dtype(stack.param_dtype), self.factor_dtype)
+        grads = torch.empty((len(members), *stack.dims), dtype=compute, device=self.device)
+        sources = [self._grad_block(lay, b, params[lay.index].grad, grad_cache) for lay, b in members]
+        torch._foreach_copy_(list(grads.unbind(0)), sources)
+        param_index = stack.param_index if sel is None else stack.param_index.index_select(0, sel)
+        flags = finite.index_select(0, param_index)
+        grads.masked_fill_(~flags.view((-1,) + (1,) * len(stack.dims)), 0)
+        if started:
+            bases = [self._bases(bd, sel, compute) for bd in stack.block_dims]
+            self._adam_step(stack, sel, members, grads, bases, flags, step, hyper, params, deferred, compute)
+        for j, bd in enumerate(stack.block_dims):
+            if bd is None:
+                continue
+            if sel is None and bd.contiguous is not None:
+                kernels.accumulate_statistic(bd.store.factors[bd.contiguous], grads, j, hyper.shampoo_beta)
+            else:
+                index = bd.index if sel is None else bd.index.index_select(0, sel)
+                stat = kernels.statistic(grads, j).mul_(1.0 - hyper.shampoo_beta)
+                shared_updates.append((bd.store, index, stat.to(self.factor_dtype), hyper.shampoo_beta))
+
+    def _bases(self, bd: BlockDim | None, sel: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        if bd is None:
+            return None
+        q = bd.bases() if sel is None else bd.store.bases.index_select(0, bd.index.index_select(0, sel))
+        return q.to(dtype)
+
+    def _adam_step(
+        self,
+        stack: BlockStack,
+        sel: Tensor | None,
+        members: list[tuple[ParamLayout, int]],
+        grads: Tensor,
+        bases: list[Tensor | None],
+        flags: Tensor,
+        step: int,
+        hyper: Hyper,
+        params: list[Tensor],
+        deferred: dict[int, list[tuple[int, Tensor]]],
+        compute: torch.dtype,
+    ) -> None:
+        mdtype = stack.exp_avg.dtype
+        exp_avg = stack.exp_avg if sel is None else stack.exp_avg.index_select(0, sel)
+        exp_avg_sq = stack.exp_avg_sq if sel is None else stack.exp_avg_sq.index_select(0, sel)
+        rotated = kernels.rotate(grads, bases).to(mdtype)
+        direction = kernels.adam_direction(
+            rotated, exp_avg, exp_avg_sq, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, weight=flags
+        )
+        if sel is not None:
+            stack.exp_avg.index_copy_(0, sel, exp_avg)
+            stack.exp_avg_sq.index_copy_(0, sel, exp_avg_sq)
+        update = kernels.rotate_back(direction.to(compute), bases)
+        if hyper.normalize_grads:
+            kernels.normalize_rms(update)
+        step_size = kernels.bias_corrected_step(hyper.lr, hyper.beta1, hyper.beta2, step, hyper.correct_bias)
+        targets, pieces = [], []
+        for (lay, b), piece in zip(members, update.unbind(0), strict=True):
+            p = params[lay.index]
+            if lay.permutation is None and p.is_contiguous():
+                start = lay.row_offsets[b]
+                targets.append(p.data.view(lay.block_shape)[start : start + lay.row_counts[b]])
+                pieces.append(piece)
+            else:
+                deferred[lay.index].append((b, piece.mul(-step_size)))
+        if targets:
+            torch._foreach_add_(targets, pieces, alpha=-step_size)
+
+    def _apply_deferred(
+        self, deferred: dict[int, list[tuple[int, Tensor]]], params: list[Tensor], hypers: list[Hyper]
+    ) -> None:
+        """Parameters whose block space is not a view of their storage get their update here."""
+        for index, pieces in deferred.items():
+            lay = self.layouts[index]
+            pieces.sort(key=lambda item: item[0])
+            delta = torch.cat([piece for _, piece in pieces], dim=0).reshape(lay.permuted_shape)
+            if lay.permutation is not None:
+                delta = delta.permute(tuple(sorted(range(4), key=lambda k: lay.permutation[k])))
+            params[index].data.add_(delta.reshape(lay.shape))
+
+    def _apply_shared_updates(self, updates: list[tuple[FactorStore, Tensor, Tensor, float]]) -> None:
+        """factor <- beta_s factor + (1 - beta_s) sum of its blocks' statistics, once per factor."""
+        decayed: dict[int, set[int]] = defaultdict(set)
+        for store, index, _, beta in updates:
+            fresh = sorted(set(index.tolist()) - decayed[id(store)])
+            if fresh:
+                rows = torch.tensor(fresh, device=self.device)
+                store.factors.index_copy_(0, rows, store.factors.index_select(0, rows).mul_(beta))
+                decayed[id(store)].update(fresh)
+        for store, index, stat, _ in updates:
+            store.factors.index_add_(0, index, stat)
+
+    def _weight_decay(
+        self, updated: list[int], params: list[Tensor], hypers: list[Hyper], finite: Tensor
+    ) -> None:
+        """W <- W - lr * wd * W after the step, skipped where the gradient was not finite."""
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for i in updated:
+            if hypers[self.layouts[i].group].weight_decay > 0:
+                by_group[self.layouts[i].group].append(i)
+        for group, ids in by_group.items():
+            h = hypers[group]
+            dtype = torch.float64 if any(params[i].dtype == torch.float64 for i in ids) else torch.float32
+            scale = 1.0 - (h.lr * h.weight_decay) * finite.to(dtype)
+            torch._foreach_mul_([params[i].data for i in ids], [scale[i] for i in ids])
+
+    # ----- bases -----
+    def _slots_of(self, param_ids: list[int]) -> dict[int, list[int]]:
+        wanted = set(param_ids)
+        return {
+            size: [k for k, slot in enumerate(store.slots) if slot.param in wanted]
+            for size, store in self.stores.items()
+        }
+
+    def _first_bases(self, param_ids: list[int]) -> None:
+        """The first call: bases from a symmetric eigendecomposition, installed at once."""
+        start = time.perf_counter()
+        for size, slots in self._slots_of(param_ids).items():
+            if not slots:
+                continue
+            store = self.stores[size]
+            rows = torch.tensor(slots, device=self.device)
+            bases, ok = linalg.eigh_descending(store.factors.index_select(0, rows))
+            ok_list = ok.tolist()
+            self._report_failures(store, slots, ok_list, "eigendecomposition")
+            keep = store.bases.index_select(0, rows)
+            store.bases.index_copy_(0, rows, torch.where(ok[:, None, None], bases, keep))
+        self.counters.eigh_seconds += time.perf_counter() - start
+        self._warn_nonfinite(param_ids)
+
+    def _refresh(self, param_ids: list[int]) -> None:
+        """Power iteration + QR for every factor of these parameters; install now or later."""
+        start = time.perf_counter()
+        self.counters.refreshes += 1
+        results: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        for size, slots in self._slots_of(param_ids).items():
+            if not slots:
+                continue
+            store = self.stores[size]
+            rows = torch.tensor(slots, device=self.device)
+            bases, perm, ok = linalg.power_iteration_refresh(
+                store.factors.index_select(0, rows), store.bases.index_select(0, rows), self.qr_method
+            )
+            self._report_failures(store, slots, ok.tolist(), "refresh")
+            results[size] = (rows, bases, perm, ok)
+            self.counters.factors_refreshed += len(slots)
+        if self.refresh_delay == 0:
+            self._install(results, param_ids)
+        else:
+            for size, (rows, bases, perm, ok) in results.items():
+                self._stash(self.stores[size], rows, bases, perm, ok)
+            for i in param_ids:
+                self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
+        self.counters.refresh_seconds += time.perf_counter() - start
+        self._warn_nonfinite(param_ids)
+
+    def _stash(self, store: FactorStore, rows: Tensor, bases: Tensor, perm: Tensor, ok: Tensor) -> None:
+        key = store.size
+        if key not in self.pending:
+            n, d = len(store.slots), store.size
+            self.pending[key] = Pending(
+                store.bases.clone(),
+                torch.arange(d, device=self.device).expand(n, d).clone(),
+                torch.zeros(n, dtype=torch.bool, device=self.device),
+            )
+        pend = self.pending[key]
+        pend.bases.index_copy_(0, rows, bases)
+        pend.perm.index_copy_(0, rows, perm)
+        pend.ok.index_copy_(0, rows, ok)
+
+    def _install_pending(self, param_ids: list[int]) -> None:
+        results = {}
+        for size, slots in self._slots_of(param_ids).items():
+            if slots and size in self.pending:
+                pend = self.pending[size]
+                rows = torch.tensor(slots, device=self.device)
+                results[size] = (
+                    rows,
+                    pend.bases.index_select(0, rows),
+                    pend.perm.index_select(0, rows),
+                    pend.ok.index_select(0, rows),
+                )
+        self._install(results, param_ids)
+        for i in param_ids:
+            self.install_step.pop(i, None)
+
+    def _install(
+        self, results: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]], param_ids: list[int]
+    ) -> None:
+        """New bases in; m carried from the old basis to the new one, v re-indexed by the sort."""
+        transports: dict[int, tuple[Tensor, Tensor]] = {}
+        for size, (rows, bases, perm, ok) in results.items():
+            store = self.stores[size]
+            old = store.bases.index_select(0, rows)
+            eye = torch.eye(size, dtype=store.dtype, device=self.device)
+            okv = ok[:, None, None]
+            bases = torch.where(okv, bases, old)
+            perm = torch.where(ok[:, None], perm, torch.arange(size, device=self.device))
+            n = len(store.slots)
+            full_t = eye.expand(n, size, size).clone()
+            full_t.index_copy_(0, rows, torch.where(okv, old.mT @ bases, eye))
+            full_p = torch.arange(size, device=self.device).expand(n, size).clone()
+            full_p.index_copy_(0, rows, perm)
+            transports[size] = (full_t, full_p)
+            store.bases.index_copy_(0, rows, bases)
+        wanted = set(param_ids)
+        for stack in self.stacks:
+            if not any(lay.index in wanted for lay, _ in stack.members):
+                continue
+            ts, perms = [], []
+            for bd in stack.block_dims:
+                if bd is None:
+                    ts.append(None)
+                    perms.append(None)
+                    continue
+                full_t, full_p = transports[bd.store.size]
+                ts.append(full_t.index_select(0, bd.index).to(stack.exp_avg.dtype))
+                perms.append(full_p.index_select(0, bd.index))
+            stack.exp_avg.copy_(kernels.rotate(stack.exp_avg, ts))
+            v = stack.exp_avg_sq
+            for j, perm in enumerate(perms):
+                if perm is not None:
+                    v = kernels.permute_along(v, j, perm)
+            stack.exp_avg_sq.copy_(v)
+        self.counters.bases_installed += sum(len(r[0]) for r in results.values())
+        self.counters.installed_at.extend((i, self.steps[i]) for i in sorted(wanted))
+
+    # ----- warnings -----
+    def _name(self, index: int) -> str:
+        lay = self.layouts[index]
+        return f"{lay.name} (shape {tuple(lay.shape)})"
+
+    def _report_failures(self, store: FactorStore, slots: list[int], ok: list[bool], what: str) -> None:
+        for slot, good in zip(slots, ok, strict=True):
+            if good:
+                continue
+            self.counters.refresh_failures += 1
+            owner = store.slots[slot]
+            key = (what, owner.param)
+            if key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(
+                    f"SOAP: {what} failed for a factor of {self._name(owner.param)} (dim {owner.dim}); "
+                    "its old basis is kept. This warning is shown once per parameter.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+    def _warn_nonfinite(self, param_ids: list[int]) -> None:
+        seen = self.nonfinite_seen.tolist()  # a host sync, only at refresh time
+        for i in param_ids:
+            if seen[i] and ("nonfinite", i) not in self._warned:
+                self._warned.add(("nonfinite", i))
+                self.counters.skipped_nonfinite_checks += 1
+                warnings.warn(
+                    f"SOAP: non-finite gradient for {self._name(i)}; the steps where it occurred were "
+                    "skipped "
+                    "for this parameter (moments and weights unchanged, factors decayed). Shown once.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )

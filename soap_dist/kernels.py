@@ -1,0 +1,105 @@
+"""The SOAP step on a stack of equally shaped blocks, as pure functions on tensors.
+
+A stack is ``x: [B, d_0, ..., d_{n-1}]``: B blocks processed together with batched matmuls. A
+basis list holds, per block dim j, a ``[B, d_j, d_j]`` tensor or None (that dim is not
+preconditioned). Nothing here knows about parameters, state dicts, ranks or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _contract(x: Tensor, dim: int, matrix: Tensor) -> Tensor:
+    """y[..., c, ...] = sum_a x[..., a, ...] matrix[a, c] along block dim ``dim``, batched."""
+    batch = x.shape[0]
+    moved = x.movedim(dim + 1, -1)
+    lead = moved.shape[1:-1]
+    y = torch.bmm(moved.reshape(batch, -1, moved.shape[-1]), matrix)
+    return y.view(batch, *lead, matrix.shape[-1]).movedim(-1, dim + 1)
+
+
+def rotate(x: Tensor, bases: list[Tensor | None]) -> Tensor:
+    """P(x): into the eigenbasis (Q_L^T x Q_R for a matrix)."""
+    if x.dim() == 3:
+        left, right = bases
+        if left is not None:
+            x = torch.bmm(left.mT, x)
+        return x if right is None else torch.bmm(x, right)
+    for j, q in enumerate(bases):
+        if q is not None:
+            x = _contract(x, j, q)
+    return x
+
+
+def rotate_back(x: Tensor, bases: list[Tensor | None]) -> Tensor:
+    """P^-1(x): out of the eigenbasis (Q_L x Q_R^T for a matrix)."""
+    if x.dim() == 3:
+        left, right = bases
+        if left is not None:
+            x = torch.bmm(left, x)
+        return x if right is None else torch.bmm(x, right.mT)
+    for j, q in enumerate(bases):
+        if q is not None:
+            x = _contract(x, j, q.mT)
+    return x
+
+
+def statistic(x: Tensor, dim: int) -> Tensor:
+    """C_j(x): x contracted with itself over every block dim except ``dim``: ``[B, d_j, d_j]``."""
+    batch = x.shape[0]
+    rows = x.movedim(dim + 1, 1).reshape(batch, x.shape[dim + 1], -1)
+    return torch.bmm(rows, rows.mT)
+
+
+def adam_direction(
+    grad_rotated: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight: Tensor,
+) -> Tensor:
+    """Update the moments in place and return m / (sqrt(v) + eps), all in the rotated basis.
+
+    ``weight`` is 1 per block for a normal step and 0 for a block whose gradient was not finite:
+    those blocks keep their moments exactly and get a zero direction.
+    """
+    shape = (-1,) + (1,) * (exp_avg.dim() - 1)
+    w = weight.view(shape).to(exp_avg.dtype)
+    exp_avg.lerp_(grad_rotated, w * (1.0 - beta1))
+    exp_avg_sq.lerp_(grad_rotated.square(), w * (1.0 - beta2))
+    direction = exp_avg_sq.sqrt().add_(eps)
+    torch.div(exp_avg, direction, out=direction)
+    return direction.mul_(w)
+
+
+def normalize_rms(update: Tensor) -> Tensor:
+    """Divide each block by its RMS (+1e-30), the page's normalize_grads."""
+    rms = update.square().flatten(1).mean(1).sqrt_().add_(1e-30)
+    return update.div_(rms.view((-1,) + (1,) * (update.dim() - 1)))
+
+
+def permute_along(x: Tensor, dim: int, perm: Tensor) -> Tensor:
+    """Re-index block dim ``dim`` of each block by its own permutation ``perm: [B, d]``."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim + 1] = perm.shape
+    return torch.take_along_dim(x, perm.view(shape), dim=dim + 1)
+
+
+def bias_corrected_step(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
+    """The page's step size: lr * sqrt(1 - beta2^t) / (1 - beta1^t), or lr without correction."""
+    if not correct_bias:
+        return lr
+    return lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
+
+
+def accumulate_statistic(factors: Tensor, x: Tensor, dim: int, beta: float) -> Tensor:
+    """factors <- beta * factors + (1 - beta) * C_j(x), in place, as one batched GEMM per call."""
+    batch = x.shape[0]
+    rows = x.movedim(dim + 1, 1).reshape(batch, x.shape[dim + 1], -1).to(factors.dtype)
+    return factors.baddbmm_(rows, rows.mT, beta=beta, alpha=1.0 - beta)

@@ -1,0 +1,101 @@
+"""Shape rules: how one parameter becomes blocks and factors.
+
+Everything here is a function of shapes and options only, so every rank of a job computes the
+same table with no communication. The rules are the algorithm page's (1-D, n-D, merge_dims with
+channels_first/channels_last, strict max_precond_dim, precondition_1d) plus DESIGN.md's blocking
+rule: dim 0 is cut into row blocks of at most ``block_size`` rows, each with its own row factor,
+while the factors of the other dims stay whole and are shared by all row blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+CHANNELS_LAST_PERMUTATION = (0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where one parameter's SOAP state lives, in *block space* (after permute and merge)."""
+
+    index: int
+    group: int
+    name: str
+    shape: tuple[int, ...]
+    permutation: tuple[int, ...] | None
+    block_shape: tuple[int, ...]
+    preconditioned: tuple[bool, ...]
+    row_counts: tuple[int, ...]
+
+    @property
+    def row_offsets(self) -> tuple[int, ...]:
+        offsets, start = [], 0
+        for rows in self.row_counts:
+            offsets.append(start)
+            start += rows
+        return tuple(offsets)
+
+    @property
+    def permuted_shape(self) -> tuple[int, ...]:
+        if self.permutation is None:
+            return self.shape
+        return tuple(self.shape[i] for i in self.permutation)
+
+    def block_dims(self, block: int) -> tuple[int, ...]:
+        return (self.row_counts[block], *self.block_shape[1:])
+
+    @property
+    def row_factor_width(self) -> int:
+        """Width of the compact row-factor tensor: each row block's factor padded to this."""
+        return max(self.row_counts)
+
+
+def merge_dims(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
+    """Greedily merge adjacent dims while their product stays <= max_precond_dim (the page's rule)."""
+    merged: list[int] = []
+    current = 1
+    for size in shape:
+        if current * size > max_precond_dim:
+            if current > 1:
+                merged.append(current)
+                current = size
+            else:
+                merged.append(size)
+                current = 1
+        else:
+            current *= size
+    if current > 1 or not merged:
+        merged.append(current)
+    return tuple(merged)
+
+
+def plan_param(
+    index: int,
+    group: int,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    max_precond_dim: int,
+    merge: bool,
+    precondition_1d: bool,
+    data_format: str,
+    block_size: int | None,
+) -> ParamLayout:
+    """Apply the shape rules and the blocking rule to one parameter shape."""
+    shape = tuple(int(s) for s in shape)
+    permutation = None
+    if len(shape) <= 1:
+        block_shape = (math.prod(shape),)
+        preconditioned = (precondition_1d and block_shape[0] <= max_precond_dim,)
+    else:
+        permuted = shape
+        if merge and data_format == "channels_last" and len(shape) == 4:
+            permutation = CHANNELS_LAST_PERMUTATION
+            permuted = tuple(shape[i] for i in permutation)
+        block_shape = merge_dims(permuted, max_precond_dim) if merge else permuted
+        preconditioned = tuple(d <= max_precond_dim for d in block_shape)
+    rows = block_shape[0]
+    cut = rows if block_size is None or rows == 0 else min(block_size, rows)
+    row_counts = tuple(min(cut, rows - start) for start in range(0, rows, cut)) if rows else ()
+    return ParamLayout(index, group, name, shape, permutation, block_shape, preconditioned, row_counts)

@@ -1,0 +1,126 @@
+"""Pure matrix functions for the basis refresh: batched eigh, power iteration and QR.
+
+Each function takes a batch of d x d matrices ``[N, d, d]`` and returns, beside its result, a
+boolean ``ok`` per matrix, so the caller can keep the old basis where a decomposition failed.
+Nothing here knows about parameters, ranks or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+Tensor = torch.Tensor
+
+# Eigenvalues are sorted to order the columns of the power iterate; they must be computed in full
+# float32 even where the user enabled TF32 for the model's matmuls.
+
+
+@contextlib.contextmanager
+def full_precision_matmul(device: torch.device) -> Iterator[None]:
+    """Disable TF32 for float32 matmuls on CUDA inside the block (no-op elsewhere)."""
+    if device.type != "cuda":
+        yield
+        return
+    backend = torch.backends.cuda.matmul
+    previous = backend.allow_tf32
+    backend.allow_tf32 = False
+    try:
+        yield
+    finally:
+        backend.allow_tf32 = previous
+
+
+def eigh_descending(factors: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvectors of ``factor + 1e-30 I``, columns by descending eigenvalue.
+
+    A batch that fails is retried one matrix at a time in float64; a matrix that still fails
+    (or is not finite) gets ``ok = False`` and an identity basis the caller should not install.
+    """
+    n, d = factors.shape[0], factors.shape[-1]
+    eye = torch.eye(d, dtype=factors.dtype, device=factors.device)
+    finite = torch.isfinite(factors).flatten(1).all(1)
+    safe = torch.where(finite[:, None, None], factors, eye) + 1e-30 * eye
+    try:
+        _, vectors = torch.linalg.eigh(safe)
+        ok = finite.clone()
+    except RuntimeError:
+        vectors = eye.expand(n, d, d).clone()
+        ok = torch.zeros(n, dtype=torch.bool, device=factors.device)
+        for i in range(n):
+            try:
+                _, v = torch.linalg.eigh(safe[i].double())
+            except RuntimeError:
+                continue
+            vectors[i] = v.to(factors.dtype)
+            ok[i] = finite[i]
+    ok &= torch.isfinite(vectors).flatten(1).all(1)
+    return vectors.flip(-1), ok
+
+
+def _cholesky_qr(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One CholeskyQR pass: Q = X R^-1 with R^T R = X^T X. Returns Q, ok, and the Gram matrix."""
+    gram = x.mT @ x
+    lower, info = torch.linalg.cholesky_ex(gram)
+    q = torch.linalg.solve_triangular(lower, x.mT, upper=False).mT
+    return q, info == 0, gram
+
+
+def orthonormalize(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Tensor]:
+    """Q of the QR decomposition of each ``x`` in the batch, with R's diagonal made positive.
+
+    ``cholesky_qr2`` runs two CholeskyQR passes on the column-normalized matrix (QR(X D) has the
+    same Q as QR(X) for a positive diagonal D, and the power iterate is ill-conditioned mostly by
+    column scale). It is all batched matmuls and triangular solves; a matrix whose first pass is
+    not accurate enough (Cholesky breakdown, or a second Gram matrix far from I) is redone with
+    Householder QR (``torch.linalg.qr``), so the result is the QR factor either way.
+    """
+    if method not in ("cholesky_qr2", "householder"):
+        raise ValueError(f"qr_method must be 'cholesky_qr2' or 'householder', got {method!r}")
+    finite = torch.isfinite(x).flatten(1).all(1)
+    x = torch.where(finite[:, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if method == "householder":
+        q, ok = _householder(x), finite
+    else:
+        norms = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+        scaled = x / torch.where(norms > 0, norms, torch.ones_like(norms))
+        first, ok_first, _ = _cholesky_qr(scaled)
+        q, ok_second, gram = _cholesky_qr(first)
+        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+        close = (gram - eye).abs().flatten(1).amax(1) < 0.5
+        ok = ok_first & ok_second & close & torch.isfinite(q).flatten(1).all(1) & finite
+        bad = (~ok & finite).nonzero().flatten()
+        if bad.numel():  # a host sync, but only in the refresh
+            q = q.clone()
+            q[bad] = _householder(x[bad])
+            ok = finite.clone()
+    ok = ok & torch.isfinite(q).flatten(1).all(1)
+    return q, ok
+
+
+def _householder(x: Tensor) -> Tensor:
+    q, r = torch.linalg.qr(x)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return q * signs[..., None, :]
+
+
+def power_iteration_refresh(
+    factors: Tensor, bases: Tensor, method: str = "cholesky_qr2"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One refresh step of the algorithm page for a batch of factors.
+
+    lam = diag(Q^T F Q), pi = argsort(lam, descending), Q_new = Q of QR(F Q[:, pi]). diag(Q^T F Q)
+    is read off the power iterate F Q itself (sum over rows of Q * FQ), saving two matmuls.
+    Returns the new bases, the permutations pi ``[N, d]`` and ``ok`` per matrix.
+    """
+    with full_precision_matmul(factors.device):
+        power = factors @ bases
+        estimated = (bases * power).sum(dim=-2)
+    perm = torch.argsort(estimated, dim=-1, descending=True)
+    power = torch.take_along_dim(power, perm[:, None, :], dim=-1)
+    new_bases, ok = orthonormalize(power, method)
+    ok = ok & torch.isfinite(factors).flatten(1).all(1)
+    return new_bases, perm, ok

@@ -1,0 +1,278 @@
+"""``soap_dist.SOAP``: the drop-in torch.optim.Optimizer.
+
+The facade validates arguments, keeps torch.optim's param-group contract, and builds the engine
+lazily at the first step (never in ``__init__``: Accelerate swaps an optimizer's parameters for
+sharded ones after construction). The math lives in ``kernels`` and ``linalg``; the batching and
+bookkeeping in ``engine``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .engine import SoapEngine
+from .layout import ParamLayout, plan_param
+from .state_io import load_engine_state, save_engine_state
+
+Tensor = torch.Tensor
+LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "block_size")
+DATA_FORMATS = ("channels_first", "channels_last")
+FACTOR_DTYPES = (torch.float32, torch.float64)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"SOAP: invalid {name}={value!r}; expected {allowed}")
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Raise a ValueError naming the argument and its allowed range."""
+    lr = group["lr"]
+    _check(isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
+    betas = group["betas"]
+    _check(
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+        "betas",
+        betas,
+        "two numbers in [0, 1)",
+    )
+    sb = group["shampoo_beta"]
+    _check(sb < 1.0, "shampoo_beta", sb, "a number < 1 (negative means: use betas[1])")
+    _check(group["eps"] > 0, "eps", group["eps"], "a number > 0")
+    _check(group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], "a number >= 0")
+    pf = group["precondition_frequency"]
+    _check(isinstance(pf, int) and pf >= 1, "precondition_frequency", pf, "an integer >= 1")
+    mpd = group["max_precond_dim"]
+    _check(isinstance(mpd, int) and mpd >= 0, "max_precond_dim", mpd, "an integer >= 0")
+    df = group["data_format"]
+    _check(df in DATA_FORMATS, "data_format", df, "'channels_first' or 'channels_last'")
+    bs = group["block_size"]
+    _check(bs is None or (isinstance(bs, int) and bs >= 1), "block_size", bs, "None or an integer >= 1")
+
+
+class SOAP(torch.optim.Optimizer):
+    """SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., ICLR 2025).
+
+    Same keyword names and defaults as the authors' single-GPU SOAP, so its users change one
+    import. The first ``step()`` of each parameter only initialises its factors and eigenbases
+    (the parameter does not move), as in the reference. See docs/algorithm.md for the math and
+    the state each parameter carries.
+
+    Args:
+        params: parameters or param groups (named parameters are accepted and used in messages).
+        lr: learning rate (3e-3).
+        betas: Adam's (beta1, beta2) ((0.95, 0.95)).
+        shampoo_beta: EMA rate of the factors; negative means betas[1] (-1).
+        eps: Adam epsilon, added to sqrt(v) (1e-8).
+        weight_decay: decoupled, applied after the step as W -= lr * wd * W (0.01).
+        precondition_frequency: refresh the eigenbases every k steps (10).
+        max_precond_dim: a dim larger than this gets no factor (10000).
+        merge_dims: merge adjacent dims while their product stays <= max_precond_dim (False).
+        precondition_1d: give 1-D tensors a full factor (False: plain AdamW for them).
+        normalize_grads: divide each block's update by its RMS (False).
+        data_format: "channels_first" or "channels_last" (4-D tensors under merge_dims).
+        correct_bias: Adam bias correction (True).
+        block_size: cut dim 0 into row blocks of at most this many rows, each with its own row
+            factor; the other dims' factors stay whole (None: no cut, the reference).
+        refresh_delay: install a refreshed basis this many steps late (0: the reference's
+            synchronous semantics; must be < precondition_frequency).
+        factor_dtype: dtype of factors, bases and their decompositions (float32 or float64).
+        qr_method: "cholesky_qr2" (batched matmuls, Householder fallback) or "householder".
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        data_format: str = "channels_first",
+        correct_bias: bool = True,
+        *,
+        block_size: int | None = None,
+        refresh_delay: int = 0,
+        factor_dtype: torch.dtype = torch.float32,
+        qr_method: str = "cholesky_qr2",
+    ) -> None:
+        _check(
+            isinstance(refresh_delay, int) and refresh_delay >= 0,
+            "refresh_delay",
+            refresh_delay,
+            "an integer >= 0",
+        )
+        _check(factor_dtype in FACTOR_DTYPES, "factor_dtype", factor_dtype, "torch.float32 or torch.float64")
+        _check(
+            qr_method in ("cholesky_qr2", "householder"),
+            "qr_method",
+            qr_method,
+            "'cholesky_qr2' or 'householder'",
+        )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            data_format=data_format,
+            correct_bias=correct_bias,
+            block_size=block_size,
+        )
+        validate_group(defaults)
+        self.refresh_delay = refresh_delay
+        self.factor_dtype = factor_dtype
+        self.qr_method = qr_method
+        self._engine: SoapEngine | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["betas"] = tuple(group["betas"])
+        validate_group(group)
+        delay_ok = self.refresh_delay < group["precondition_frequency"]
+        _check(
+            delay_ok,
+            "refresh_delay",
+            self.refresh_delay,
+            f"an integer < precondition_frequency ({group['precondition_frequency']})",
+        )
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError("SOAP: complex parameters are not supported; use torch.view_as_real on them")
+            if p.layout != torch.strided:
+                raise TypeError(f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}")
+        self._engine = None  # rebuilt lazily with the new group at the next step
+
+    # ----- layout and engine -----
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _layouts(self) -> list[ParamLayout]:
+        layouts, index = [], 0
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names, strict=True):
+                layouts.append(
+                    plan_param(
+                        index,
+                        g,
+                        name or f"param_groups[{g}].params[{index}]",
+                        tuple(p.shape),
+                        max_precond_dim=group["max_precond_dim"],
+                        merge=group["merge_dims"],
+                        precondition_1d=group["precondition_1d"],
+                        data_format=group["data_format"],
+                        block_size=group["block_size"],
+                    )
+                )
+                index += 1
+        return layouts
+
+    def _ensure_engine(self) -> SoapEngine:
+        params = self._params()
+        if self._engine is not None and self._engine_params == [id(p) for p in params]:
+            return self._engine
+        if self._engine is not None:
+            raise RuntimeError(
+                "SOAP: the parameters changed after the optimizer state was built; rebuild the optimizer "
+                "(or let Accelerate/FSDP swap parameters before the first step)"
+            )
+        self._engine = SoapEngine(
+            self._layouts(),
+            params,
+            factor_dtype=self.factor_dtype,
+            refresh_delay=self.refresh_delay,
+            qr_method=self.qr_method,
+        )
+        self._engine_params = [id(p) for p in params]
+        return self._engine
+
+    # ----- torch.optim contract -----
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError("SOAP: sparse gradients are not supported (e.g. nn.Embedding(sparse=True))")
+        for group in self.param_groups:
+            validate_group(group)
+        self._ensure_engine().step(self.param_groups, params)
+        return loss
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of what the optimizer did: refreshes, installs, failures, time spent."""
+        if self._engine is None:
+            return {"built": False}
+        c = self._engine.counters
+        return {
+            "built": True,
+            "refreshes": c.refreshes,
+            "factors_refreshed": c.factors_refreshed,
+            "factors_owned": sum(len(s.slots) for s in self._engine.stores.values()),
+            "owned_refresh_cost": sum(len(s.slots) * s.size**3 for s in self._engine.stores.values()),
+            "bases_installed": c.bases_installed,
+            "refresh_failures": c.refresh_failures,
+            "nonfinite_params_warned": c.skipped_nonfinite_checks,
+            "refresh_seconds": c.refresh_seconds,
+            "eigh_seconds": c.eigh_seconds,
+            "installed_at": list(c.installed_at),
+            "bytes_sent": 0,
+            "bytes_received": 0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        groups = []
+        index = 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(index, index + len(group["params"])))
+            index += len(group["params"])
+            groups.append(packed)
+        state = save_engine_state(self._engine) if self._engine is not None else {}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"SOAP.load_state_dict: the state has {len(saved_groups)} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("SOAP.load_state_dict: a param group's size differs from the saved one")
+            for key in LAYOUT_KEYS:
+                if key in saved and saved[key] != group[key]:
+                    raise ValueError(
+                        f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
+                        f"{group[key]!r}; the state layout depends on it"
+                    )
+            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+            group["betas"] = tuple(group["betas"])
+        self._engine = None
+        if state_dict["state"]:
+            load_engine_state(self._ensure_engine(), state_dict["state"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_engine", None)

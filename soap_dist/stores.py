@@ -1,0 +1,81 @@
+"""Stacked storage: factor stores (batched by dimension) and block stacks (batched by shape).
+
+A factor store holds every factor of one size d, ``[N, d, d]``, so a refresh is one batched call
+per dimension. A block stack holds the moments of every block of one shape, ``[B, *dims]``, so a
+step is a few batched matmuls per shape. Both are allocated once, at the first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import ParamLayout
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class FactorSlot:
+    """Which parameter, block dim and (for dim 0) row block a store slot belongs to."""
+
+    param: int
+    dim: int
+    block: int  # row block for dim 0, -1 for a factor shared by all row blocks
+
+
+class FactorStore:
+    """All factors and bases of one size, one dtype, one device."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.size, self.dtype, self.device = size, dtype, device
+        self.slots: list[FactorSlot] = []
+        self.contributors: list[int] = []
+        self.factors = torch.empty(0)
+        self.bases = torch.empty(0)
+
+    def allocate(self, slot: FactorSlot) -> int:
+        self.slots.append(slot)
+        self.contributors.append(0)
+        return len(self.slots) - 1
+
+    def materialize(self) -> None:
+        n, d = len(self.slots), self.size
+        self.factors = torch.zeros(n, d, d, dtype=self.dtype, device=self.device)
+        eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        self.bases = eye.expand(n, d, d).clone()
+
+
+@dataclass
+class BlockDim:
+    """How the blocks of a stack reach their factors of one block dim."""
+
+    store: FactorStore
+    slots: list[int]
+    index: Tensor
+    contiguous: slice | None  # set when the blocks own consecutive, unshared slots
+
+    def bases(self) -> Tensor:
+        if self.contiguous is not None:
+            return self.store.bases[self.contiguous]
+        return self.store.bases.index_select(0, self.index)
+
+
+@dataclass
+class BlockStack:
+    """Blocks of equal shape from one param group: their moments live here, stacked."""
+
+    group: int
+    dims: tuple[int, ...]
+    param_dtype: torch.dtype
+    members: list[tuple[ParamLayout, int]] = field(default_factory=list)  # (layout, row block)
+    block_dims: list[BlockDim | None] = field(default_factory=list)
+    exp_avg: Tensor = field(default_factory=lambda: torch.empty(0))
+    exp_avg_sq: Tensor = field(default_factory=lambda: torch.empty(0))
+    param_index: Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """float32, or the parameter's dtype if it is wider (float64)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32

@@ -1,0 +1,64 @@
+"""Shared helpers: the oracle on sys.path, seeded problems, and a driver for SOAP vs the oracle."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from oracle import OracleSOAP  # noqa: E402
+
+from soap_dist import SOAP  # noqa: E402
+
+
+def gradient_stream(shapes, steps: int, seed: int = 1):
+    """Fresh full-rank float64 gradients for every call (never zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes] for _ in range(steps)]
+
+
+def run_against_oracle(
+    groups,
+    *,
+    steps=50,
+    dtype=torch.float64,
+    factor_dtype=torch.float64,
+    seed=0,
+    qr_method="cholesky_qr2",
+    **common,
+):
+    """Run SOAP (one optimizer, several groups) and one oracle per group on the same gradients.
+
+    ``groups`` is a list of (shapes, group_kwargs). Returns the largest relative error over params.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    inits = [[torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes] for shapes, _ in groups]
+    oracles = [
+        OracleSOAP([w.clone() for w in ws], **{**common, **kw})
+        for ws, (_, kw) in zip(inits, groups, strict=True)
+    ]
+    params = [[torch.nn.Parameter(w.to(dtype)) for w in ws] for ws in inits]
+    opt = SOAP(
+        [{"params": ps, **kw} for ps, (_, kw) in zip(params, groups, strict=True)],
+        factor_dtype=factor_dtype,
+        qr_method=qr_method,
+        **common,
+    )
+    all_shapes = [s for shapes, _ in groups for s in shapes]
+    for grads in gradient_stream(all_shapes, steps, seed + 1):
+        k = 0
+        for oracle, ps in zip(oracles, params, strict=True):
+            oracle.step(grads[k : k + len(ps)])
+            for p in ps:
+                p.grad = grads[k].to(dtype)
+                k += 1
+        opt.step()
+    errors = [
+        ((p.detach().double() - w).norm() / w.norm()).item()
+        for oracle, ps in zip(oracles, params, strict=True)
+        for p, w in zip(ps, oracle.params, strict=True)
+    ]
+    return max(errors)
