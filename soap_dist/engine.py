@@ -63,7 +63,7 @@ class Counters:
     skipped_nonfinite_checks: int = 0
     refresh_seconds: float = 0.0
     eigh_seconds: float = 0.0
-    installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, step) of installs
+    installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, first step using it)
 
 
 @dataclass
@@ -469,7 +469,7 @@ class SoapEngine:
                     v = kernels.permute_along(v, j, perm)
             stack.exp_avg_sq.copy_(v)
         self.counters.bases_installed += sum(len(r[0]) for r in results.values())
-        self.counters.installed_at.extend((i, self.steps[i]) for i in sorted(wanted))
+        self.counters.installed_at.extend((i, self.steps[i] + 1) for i in sorted(wanted))
 
     # ----- warnings -----
     def _name(self, index: int) -> str:

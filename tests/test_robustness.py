@@ -1,0 +1,155 @@
+"""Non-finite gradients, failing decompositions, bf16 parameters, closures, zero-gradient steps."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import gradient_stream
+
+from soap_dist import SOAP, linalg
+
+
+def _all_bases_finite(opt: SOAP) -> bool:
+    return all(torch.isfinite(store.bases).all() for store in opt._engine.stores.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_is_skipped_and_named(bad):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    opt = SOAP(model.named_parameters(), lr=1e-2, precondition_frequency=2)
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+
+    def loss_fn():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    loss_fn().backward()
+    model[0].weight.grad[0, 0] = bad
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()  # step 3: the poisoned parameter is skipped
+        assert torch.equal(model[0].weight.detach(), before["0.weight"])
+        assert not torch.equal(model[2].weight.detach(), before["2.weight"])
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()  # step 4: a refresh, where the warning is issued
+    messages = [str(w.message) for w in caught]
+    assert any("non-finite" in m and "0.weight" in m for m in messages), messages
+    assert _all_bases_finite(opt)
+    start = loss_fn().item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert loss_fn().item() < start
+
+
+def test_failing_eigh_keeps_the_old_basis_and_warns(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(5, 5))
+    opt = SOAP([p], precondition_frequency=2)
+
+    def broken(_):
+        raise RuntimeError("linalg.eigh: the algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    p.grad = torch.randn(5, 5)
+    with pytest.warns(RuntimeWarning, match="eigendecomposition failed"):
+        opt.step()
+    monkeypatch.undo()
+    for store in opt._engine.stores.values():  # the identity it started with
+        assert torch.equal(store.bases, torch.eye(5).expand_as(store.bases))
+    assert opt.stats()["refresh_failures"] == 2
+
+
+def test_failing_qr_falls_back_then_keeps_the_old_basis(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(5, 5))
+    opt = SOAP([p], precondition_frequency=1)
+    for g in gradient_stream([(5, 5)], 2):
+        p.grad = g[0].float()
+        opt.step()
+    bases = {k: s.bases.clone() for k, s in opt._engine.stores.items()}
+    monkeypatch.setattr(
+        linalg, "_cholesky_qr", lambda x: (x * float("nan"), torch.zeros(x.shape[0], dtype=bool), x)
+    )
+    monkeypatch.setattr(linalg, "_householder", lambda x: x * float("nan"))
+    p.grad = torch.randn(5, 5)
+    with pytest.warns(RuntimeWarning, match="refresh failed"):
+        opt.step()
+    for k, s in opt._engine.stores.items():
+        assert torch.equal(s.bases, bases[k])
+    assert torch.isfinite(p).all()
+
+
+def test_cholesky_breakdown_uses_householder_result():
+    x = torch.randn(3, 6, 6, dtype=torch.float64)
+    x[1, :, 5] = x[1, :, 4]  # exactly rank-deficient: Cholesky breaks down, Householder does not
+    q, ok = linalg.orthonormalize(x, "cholesky_qr2")
+    ref = linalg._householder(x)
+    assert ok.all()
+    assert torch.allclose(q[0], ref[0], atol=1e-12) and torch.allclose(q[2], ref[2], atol=1e-12)
+    assert torch.allclose(q[1].mT @ q[1], torch.eye(6, dtype=torch.float64), atol=1e-12)
+
+
+def test_bf16_parameters_train():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1)).to(
+        torch.bfloat16
+    )
+    opt = SOAP(model.parameters(), lr=3e-2, precondition_frequency=3)
+    x = torch.randn(256, 8, dtype=torch.bfloat16)
+    y = (x[:, :1] * 2).to(torch.bfloat16)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    state = opt.state_dict()["state"][0]
+    assert state["exp_avg"].dtype == torch.float32 and state["factor_1"].dtype == torch.float32
+    assert losses[-1] < 0.3 * losses[1], losses
+
+
+def test_step_returns_closure_loss_and_zero_grad_lr0_step_is_finite():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = SOAP([p], lr=0.0)
+    p.grad = torch.zeros(4, 4)  # what DCP does to create state
+    opt.step()
+    p.grad = torch.zeros(4, 4)
+    opt.step()
+    assert torch.isfinite(p).all()
+    state = opt.state_dict()["state"][0]
+    assert all(torch.isfinite(t).all() for t in state.values())
+    opt.param_groups[0]["lr"] = 1e-2
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    assert torch.is_tensor(opt.step(closure))
+
+
+def test_parameters_without_gradients_are_left_alone():
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    opt = SOAP([a, b], precondition_frequency=2)
+    for _ in range(5):
+        a.grad = torch.randn(4, 4)
+        opt.step()
+    b_before = b.detach().clone()
+    b.grad = torch.randn(4, 4)
+    a.grad = torch.randn(4, 4)
+    opt.step()  # b's first call (no update) while a is mid-run
+    assert torch.equal(b, b_before)
+    steps = {k: v["step"].item() for k, v in opt.state_dict()["state"].items()}
+    assert steps == {0: 5.0, 1: 0.0}

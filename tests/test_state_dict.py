@@ -1,0 +1,81 @@
+"""state_dict round trips continue bitwise identically, between refreshes and across one."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import gradient_stream
+
+from soap_dist import SOAP
+
+SHAPES = [(6, 5), (5,), (4, 3, 2), (9, 4)]
+
+
+def _make(init, **kw):
+    params = [torch.nn.Parameter(w.clone()) for w in init]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 1e-2, "precondition_1d": True}]
+    return params, SOAP(groups, precondition_frequency=3, **kw)
+
+
+def _drive(params, opt, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.float()
+        opt.step()
+
+
+@pytest.mark.parametrize("split", [4, 6, 7])  # 6: saved right after a refresh; 4, 7: between refreshes
+@pytest.mark.parametrize("options", [{}, {"refresh_delay": 1}, {"block_size": 4}])
+def test_round_trip_continues_bitwise(split, options):
+    init = [torch.randn(s) for s in SHAPES]
+    grads = gradient_stream(SHAPES, 14)
+    params_a, opt_a = _make(init, **options)
+    _drive(params_a, opt_a, grads)
+
+    params_b, opt_b = _make(init, **options)
+    _drive(params_b, opt_b, grads[:split])
+    buffer = io.BytesIO()
+    torch.save({"model": [p.detach().clone() for p in params_b], "opt": opt_b.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    params_c, opt_c = _make([w for w in saved["model"]], **options)
+    opt_c.load_state_dict(saved["opt"])
+    _drive(params_c, opt_c, grads[split:])
+    for a, c in zip(params_a, params_c, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_state_dict_has_every_key_after_the_first_step():
+    init = [torch.randn(s) for s in SHAPES]
+    params, opt = _make(init, refresh_delay=1)
+    _drive(params, opt, gradient_stream(SHAPES, 1))
+    first = {k: set(v) for k, v in opt.state_dict()["state"].items()}
+    _drive(params, opt, gradient_stream(SHAPES, 5, seed=3))
+    later = {k: set(v) for k, v in opt.state_dict()["state"].items()}
+    assert first == later
+    assert {"exp_avg", "exp_avg_sq", "factor_0", "basis_0", "factor_1", "pending_basis_1"} <= first[0]
+
+
+def test_load_rejects_a_mismatched_state():
+    init = [torch.randn(s) for s in SHAPES]
+    params, opt = _make(init)
+    _drive(params, opt, gradient_stream(SHAPES, 2))
+    state = copy.deepcopy(opt.state_dict())
+    other = SOAP([torch.nn.Parameter(torch.randn(3, 3))])
+    with pytest.raises(ValueError, match="param groups"):
+        other.load_state_dict(state)
+    state["param_groups"][0]["block_size"] = 2
+    _, fresh = _make(init)
+    with pytest.raises(ValueError, match="block_size"):
+        fresh.load_state_dict(state)
+
+
+def test_fresh_optimizer_state_dict_loads():
+    init = [torch.randn(s) for s in SHAPES]
+    _, opt = _make(init)
+    _, other = _make(init)
+    other.load_state_dict(opt.state_dict())
+    assert other.state_dict()["state"] == {}

@@ -1,0 +1,74 @@
+"""Bad input raises an error that names the argument and says what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soap_dist import SOAP
+
+
+def _params():
+    return [torch.nn.Parameter(torch.randn(4, 4))]
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(betas=(1.0, 0.9)), "betas"),
+        (dict(betas=(0.9, -0.1)), "betas"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(shampoo_beta=1.0), "shampoo_beta"),
+        (dict(eps=0.0), "eps"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(precondition_frequency=0), "precondition_frequency"),
+        (dict(precondition_frequency=2.5), "precondition_frequency"),
+        (dict(max_precond_dim=-1), "max_precond_dim"),
+        (dict(data_format="nhwc"), "data_format"),
+        (dict(block_size=0), "block_size"),
+        (dict(refresh_delay=-1), "refresh_delay"),
+        (dict(refresh_delay=10, precondition_frequency=10), "refresh_delay"),
+        (dict(factor_dtype=torch.bfloat16), "factor_dtype"),
+        (dict(qr_method="svd"), "qr_method"),
+    ],
+)
+def test_bad_hyperparameter_names_itself(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SOAP(_params(), **kwargs)
+
+
+def test_bad_group_hyperparameter_names_itself():
+    with pytest.raises(ValueError, match="betas"):
+        SOAP([{"params": _params(), "betas": (0.9, 1.5)}])
+    opt = SOAP(_params())
+    opt.param_groups[0]["lr"] = -3.0  # e.g. a broken scheduler
+    opt.param_groups[0]["params"][0].grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+
+
+def test_complex_parameters_rejected():
+    with pytest.raises(TypeError, match="complex"):
+        SOAP([torch.nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))])
+
+
+def test_sparse_gradients_rejected():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = SOAP(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+
+
+def test_parameters_on_several_devices_rejected_with_a_message():
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    opt = SOAP([p])
+    p.grad = torch.randn(3, 3)
+    opt.step()
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.randn(2)))
+    opt.param_groups[0]["params"][-1].grad = torch.randn(2)
+    with pytest.raises(RuntimeError, match="parameters changed"):
+        opt.step()
