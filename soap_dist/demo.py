@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m soap_dist.demo",
         description="Train a tiny byte-level LM with SOAP and with AdamW on CPU.",
     )
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 150)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
     p.add_argument(
