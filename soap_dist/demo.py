@@ -6,7 +6,7 @@ corpus is the Python standard library's own source code), no GPU and no process 
 start from the same weights and see the same batches, so the two loss curves differ only by the
 optimizer. It is a smoke test and an illustration, not a benchmark (see docs/benchmarks.md).
 
-Run: ``python -m soap_dist.demo [--steps 150] [--batch-size 16] [--seed 0] [--threads N]``.
+Run: ``python -m soap_dist.demo [--steps 300] [--batch-size 16] [--seed 0] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m soap_dist.demo",
         description="Train a tiny byte-level LM with SOAP and with AdamW on CPU.",
     )
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 150)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
     p.add_argument(
