@@ -105,6 +105,7 @@ class SoapEngine:
         self.row_slots: dict[tuple[int, int], tuple[FactorStore, int]] = {}
         self.shared_slots: dict[tuple[int, int], tuple[FactorStore, int]] = {}
         self.pending: dict[int, Pending] = {}
+        self._indices: dict[tuple[int, ...], Tensor] = {}
         self._build(params)
         self.nonfinite_seen = torch.zeros(len(layouts), dtype=torch.bool, device=self.device)
 
@@ -161,6 +162,13 @@ class SoapEngine:
         )
         return BlockDim(store, slots, torch.tensor(slots, device=self.device), contiguous)
 
+    def _index(self, values: list[int]) -> Tensor:
+        """A device index tensor, cached: a host-to-device copy would synchronise on CUDA."""
+        key = tuple(values)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        return self._indices[key]
+
     # ----- the step -----
     @torch.no_grad()
     def step(self, groups: list[dict], params: list[Tensor]) -> None:
@@ -177,7 +185,7 @@ class SoapEngine:
             self._install_pending(due)
         grad_cache: dict[int, Tensor] = {}
         deferred: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)
-        shared_updates: list[tuple[FactorStore, Tensor, Tensor, float]] = []
+        shared_updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]] = []
         for stack in self.stacks:
             subsets: dict[tuple[bool, int], list[int]] = defaultdict(list)
             for pos, (lay, _) in enumerate(stack.members):
@@ -220,7 +228,7 @@ class SoapEngine:
         if len(active_ids) == len(params):
             return flags
         full = torch.ones(len(params), dtype=torch.bool, device=self.device)
-        full[torch.tensor(active_ids, device=self.device)] = flags
+        full[self._index(active_ids)] = flags
         return full
 
     def _grad_block(self, lay: ParamLayout, block: int, grad: Tensor, cache: dict[int, Tensor]) -> Tensor:
@@ -241,10 +249,10 @@ class SoapEngine:
         finite: Tensor,
         grad_cache: dict[int, Tensor],
         deferred: dict[int, list[tuple[int, Tensor]]],
-        shared_updates: list[tuple[FactorStore, Tensor, Tensor, float]],
+        shared_updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]],
     ) -> None:
         full = len(positions) == len(stack.members)
-        sel = None if full else torch.tensor(positions, device=self.device)
+        sel = None if full else self._index(positions)
         members = [stack.members[k] for k in positions]
         compute = torch.promote_types(moment_dtype(stack.param_dtype), self.factor_dtype)
         grads = torch.empty((len(members), *stack.dims), dtype=compute, device=self.device)
@@ -263,8 +271,11 @@ class SoapEngine:
                 kernels.accumulate_statistic(bd.store.factors[bd.contiguous], grads, j, hyper.shampoo_beta)
             else:
                 index = bd.index if sel is None else bd.index.index_select(0, sel)
+                slots = bd.slots if sel is None else [bd.slots[k] for k in positions]
                 stat = kernels.statistic(grads, j).mul_(1.0 - hyper.shampoo_beta)
-                shared_updates.append((bd.store, index, stat.to(self.factor_dtype), hyper.shampoo_beta))
+                shared_updates.append(
+                    (bd.store, index, slots, stat.to(self.factor_dtype), hyper.shampoo_beta)
+                )
 
     def _bases(self, bd: BlockDim | None, sel: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         if bd is None:
@@ -324,16 +335,18 @@ class SoapEngine:
                 delta = delta.permute(tuple(sorted(range(4), key=lambda k: lay.permutation[k])))
             params[index].data.add_(delta.reshape(lay.shape))
 
-    def _apply_shared_updates(self, updates: list[tuple[FactorStore, Tensor, Tensor, float]]) -> None:
+    def _apply_shared_updates(
+        self, updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]]
+    ) -> None:
         """factor <- beta_s factor + (1 - beta_s) sum of its blocks' statistics, once per factor."""
         decayed: dict[int, set[int]] = defaultdict(set)
-        for store, index, _, beta in updates:
-            fresh = sorted(set(index.tolist()) - decayed[id(store)])
+        for store, _, slots, _, beta in updates:
+            fresh = sorted(set(slots) - decayed[id(store)])
             if fresh:
-                rows = torch.tensor(fresh, device=self.device)
+                rows = self._index(fresh)
                 store.factors.index_copy_(0, rows, store.factors.index_select(0, rows).mul_(beta))
                 decayed[id(store)].update(fresh)
-        for store, index, stat, _ in updates:
+        for store, index, _, stat, _ in updates:
             store.factors.index_add_(0, index, stat)
 
     def _weight_decay(
@@ -365,7 +378,7 @@ class SoapEngine:
             if not slots:
                 continue
             store = self.stores[size]
-            rows = torch.tensor(slots, device=self.device)
+            rows = self._index(slots)
             bases, ok = linalg.eigh_descending(store.factors.index_select(0, rows))
             ok_list = ok.tolist()
             self._report_failures(store, slots, ok_list, "eigendecomposition")
@@ -383,7 +396,7 @@ class SoapEngine:
             if not slots:
                 continue
             store = self.stores[size]
-            rows = torch.tensor(slots, device=self.device)
+            rows = self._index(slots)
             bases, perm, ok = linalg.power_iteration_refresh(
                 store.factors.index_select(0, rows), store.bases.index_select(0, rows), self.qr_method
             )
@@ -419,7 +432,7 @@ class SoapEngine:
         for size, slots in self._slots_of(param_ids).items():
             if slots and size in self.pending:
                 pend = self.pending[size]
-                rows = torch.tensor(slots, device=self.device)
+                rows = self._index(slots)
                 results[size] = (
                     rows,
                     pend.bases.index_select(0, rows),
