@@ -1,0 +1,231 @@
+"""``python -m soap_dist.bench``: step times of AdamW, plain SOAP, soap_dist.SOAP and the floor in one run."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from soap_dist.bench.floor import Floor
+from soap_dist.bench.param_sets import MODELS, ParamSpec, count_factors, gpt2_specs
+from soap_dist.bench.plain_soap import PlainSOAP
+from soap_dist.bench.report import LABELS, comparisons, table
+from soap_dist.bench.timing import MemoryProbe, Result, release_host_memory, time_optimizer
+
+ORDER = ("floor", "adamw", "plain", "soap_dist")
+HYPER: dict[str, Any] = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m soap_dist.bench", description=__doc__)
+    p.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
+    p.add_argument("--layers", type=int, default=None, help="override the model's layer count")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the 1st call (3 GPU, 1 CPU)")
+    p.add_argument("--precondition-frequency", type=int, default=10, help="k")
+    p.add_argument("--max-precond-dim", type=int, default=10000)
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TF32 float32 matmuls on GPU (default on); ignored on CPU",
+    )
+    p.add_argument("--only", default=",".join(ORDER), help="comma list among " + ",".join(ORDER))
+    p.add_argument(
+        "--soap-kw",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra soap_dist.SOAP keyword (python literal), e.g. block_size=2048; repeatable",
+    )
+    p.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="time PlainSOAP in the soap_dist slot (to test the harness while SOAP is missing)",
+    )
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.steps = args.steps if args.steps is not None else (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.tf32 = (True if args.tf32 is None else args.tf32) if cuda else None
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+    bad = [n for n in args.only if n not in ORDER]
+    if bad:
+        p.error(f"--only: unknown {bad}; choose among {','.join(ORDER)}")
+    if args.steps < 1 or args.precondition_frequency < 1:
+        p.error("--steps and --precondition-frequency must be >= 1")
+    return args
+
+
+def soap_kwargs(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key == "factor_dtype":
+            out[key] = getattr(torch, value.removeprefix("torch."))
+        else:
+            out[key] = ast.literal_eval(value)
+    return out
+
+
+def load_soap(stand_in: bool) -> type | None:
+    """soap_dist.SOAP, imported only when needed so the harness runs before the optimizer exists."""
+    if stand_in:
+        return PlainSOAP
+    try:
+        from soap_dist import SOAP
+    except ImportError as e:
+        print(f"soap_dist.SOAP is not importable ({e}); skipping it (use --stand-in to test the harness)")
+        return None
+    return SOAP
+
+
+def build_params(specs: Sequence[ParamSpec], device: torch.device, seed: int) -> list[Tensor]:
+    """Seeded random parameters with allocated gradient buffers (filled with fresh noise before each step)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for s in specs:
+        p = torch.nn.Parameter(torch.randn(s.shape, device=device, generator=gen) * 0.02)
+        p.grad = torch.empty_like(p)
+        params.append(p)
+    return params
+
+
+def factory(
+    name: str,
+    params: list[Tensor],
+    specs: Sequence[ParamSpec],
+    args: argparse.Namespace,
+    soap_cls: type | None,
+) -> Callable[[], Any]:
+    cuda = params[0].device.type == "cuda"
+    k, maxd = args.precondition_frequency, args.max_precond_dim
+    if name == "adamw":
+        return lambda: torch.optim.AdamW(params, fused=cuda, foreach=not cuda, **HYPER)
+    if name == "plain":
+        return lambda: PlainSOAP(params, precondition_frequency=k, max_precond_dim=maxd, **HYPER)
+    if name == "floor":
+        return lambda: Floor(params, specs, max_precond_dim=maxd, seed=args.seed, **HYPER)
+    assert soap_cls is not None
+    extra = {} if args.stand_in else soap_kwargs(args.soap_kw)
+    return lambda: soap_cls(params, precondition_frequency=k, max_precond_dim=maxd, **HYPER, **extra)
+
+
+def describe_device(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU: {name}, {threads} threads (os.cpu_count()={os.cpu_count()})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    if cuda:
+        torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    log: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
+
+    specs = gpt2_specs(args.model, args.layers)
+    n_layer = args.layers if args.layers is not None else MODELS[args.model][1]
+    d = MODELS[args.model][0]
+    fc = count_factors(specs, args.max_precond_dim)
+    k = args.precondition_frequency
+    command = "python -m soap_dist.bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    precision = "float32 params/grads/moments/factors/bases; float32 matmuls in " + (
+        ("TF32 (torch precision 'high')" if args.tf32 else "full IEEE fp32 ('highest')")
+        if cuda
+        else "full fp32 (CPU)"
+    )
+    probe = MemoryProbe(device)
+    header = [
+        f"- command: `{command}`",
+        f"- device: {describe_device(device, args.threads)}",
+        f"- torch {torch.__version__}, python {platform.python_version()}",
+        f"- precision: {precision}",
+        f"- model: {args.model}, {n_layer} layers (d={d}), {fc['params'] / 1e6:.1f}M params in "
+        f"{fc['tensors']} tensors, {fc['matrices']} 2-D matrices",
+        f"- factors (max_precond_dim={args.max_precond_dim}): {fc['factors']} = {fc['two_sided']} two-sided "
+        f"matrices x 2 + {fc['one_sided']} one-sided (wte {specs[0].shape[0]}x{d} gets only its {d}-side "
+        f"factor); wpe ({specs[1].shape[0]}x{d}, untied) included",
+        f"- k = precondition_frequency = {k}; timed steps {args.steps} after the first call and "
+        f"{args.warmup} warmup steps (SOAP runs extended to reach a refresh); fresh N(0,1) grads every step",
+        f"- memory: {probe.method}; 'extra' = peak minus the params+grads in use when the optimizer is built",
+    ]
+    if args.soap_kw and not args.stand_in:
+        header.append(f"- soap_dist.SOAP extra kwargs: {soap_kwargs(args.soap_kw)}")
+    for line in header:
+        log(line)
+
+    soap_cls = load_soap(args.stand_in) if "soap_dist" in args.only else None
+    labels = dict(LABELS)
+    if args.stand_in:
+        labels["soap_dist"] = "soap_dist slot (stand-in: PlainSOAP)"
+    results: list[Result] = []
+    for name in [n for n in ORDER if n in args.only]:
+        if name == "soap_dist" and soap_cls is None:
+            continue
+        refreshes = name in ("plain", "soap_dist")
+        n_steps = args.warmup + args.steps
+        if refreshes:
+            n_steps = max(n_steps, k * math.ceil((args.warmup + 1) / k))
+        log(f"[{name}] building {len(specs)} params on {device}; first call + {n_steps} steps")
+        params = build_params(specs, device, args.seed)
+        gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        make = factory(name, params, specs, args, soap_cls)
+        res = time_optimizer(name, make, params, n_steps, args.warmup, k, refreshes, probe, gen, log)
+        results.append(res)
+        log(
+            f"[{name}] median {res.median:.4f} s, refresh {res.refresh}, worst {res.worst:.4f} s, "
+            f"peak {res.peak_bytes / 2**20:.0f} MiB (+{res.extra_bytes / 2**20:.0f} MiB)"
+        )
+        del params, make, gen
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        release_host_memory()
+
+    full_medium = args.model == "gpt2-medium" and n_layer == MODELS["gpt2-medium"][1]
+    notes = comparisons(results, k, cuda, full_medium)
+    print("\n## Step time: " + f"{args.model}, {n_layer} layers, {'GPU' if cuda else 'CPU'}\n")
+    print("\n".join(header) + "\n")
+    print(table(results, k, labels) + "\n")
+    print("\n".join(notes), flush=True)
+    if args.json:
+        payload = {
+            "command": command,
+            "header": header,
+            "config": {k_: v for k_, v in vars(args).items()},
+            "factors": fc,
+            "results": [r.as_dict(k) for r in results],
+            "notes": notes,
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

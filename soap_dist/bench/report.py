@@ -1,0 +1,119 @@
+"""The printed summary: a markdown table that can be pasted into docs/benchmarks.md, and the target checks."""
+
+from __future__ import annotations
+
+import math
+
+from soap_dist.bench.timing import Result
+
+LABELS = {
+    "adamw": "torch AdamW",
+    "plain": "plain SOAP (per tensor)",
+    "soap_dist": "soap_dist.SOAP",
+    "floor": "floor (6 matmuls/block + AdamW)",
+}
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None or math.isnan(s):
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_bytes(b: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{b / 2**10:.0f} KiB"
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def table(results: list[Result], k: int, labels: dict[str, str]) -> str:
+    floor = next((r for r in results if r.name == "floor"), None)
+    fm = floor.median if floor else None
+    head = [
+        "optimizer",
+        "init (1st call)",
+        "median step",
+        "refresh step",
+        f"amortized k={k}",
+        "worst step",
+        "peak mem",
+        "extra mem",
+        "median / floor",
+        "amortized / floor",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [
+            labels.get(r.name, r.name),
+            fmt_time(r.init_s),
+            fmt_time(r.median),
+            fmt_time(r.refresh),
+            fmt_time(r.amortized(k)),
+            fmt_time(r.worst),
+            fmt_bytes(r.peak_bytes),
+            fmt_bytes(r.extra_bytes),
+            fmt_ratio(r.median, fm),
+            fmt_ratio(r.amortized(k), fm),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def comparisons(results: list[Result], k: int, cuda: bool, full_medium: bool) -> list[str]:
+    """soap_dist against plain and AdamW, and the issue's targets (each marked PASS/FAIL)."""
+    by = {r.name: r for r in results}
+    soap, plain, adamw, floor = (by.get(n) for n in ("soap_dist", "plain", "adamw", "floor"))
+    lines: list[str] = []
+    if soap and plain:
+        amort = fmt_ratio(plain.amortized(k), soap.amortized(k))
+        lines.append(
+            f"- soap_dist vs plain: amortized speedup {amort}, "
+            f"median-step speedup {fmt_ratio(plain.median, soap.median)}"
+        )
+    if soap and adamw:
+        lines.append(
+            f"- soap_dist vs AdamW: amortized step {fmt_ratio(soap.amortized(k), adamw.median)} "
+            f"AdamW's median step"
+        )
+    for r in results:
+        cm = r.cycle_mean(k)
+        if r.refresh is not None and cm is not None:
+            lines.append(
+                f"- {r.name}: mean over one full cycle of {k} steps {fmt_time(cm)} "
+                f"(refresh cost above a median step: {fmt_time(r.refresh - r.median)})"
+            )
+    if not soap:
+        return lines
+
+    def check(label: str, value: float | None, limit: float, unit: str = "x") -> None:
+        if value is None or math.isnan(value):
+            lines.append(f"- target {label} <= {limit}{unit}: not measured")
+            return
+        verdict = "PASS" if value <= limit else "FAIL"
+        lines.append(f"- target {label} <= {limit}{unit}: {value:.2f}{unit} {verdict}")
+
+    if not cuda and plain:
+        speedup = plain.amortized(k) / soap.amortized(k)
+        lines.append(
+            f"- target (CPU) amortized speedup vs plain >= 1.6x: {speedup:.2f}x "
+            f"{'PASS' if speedup >= 1.6 else 'FAIL'}"
+        )
+    if cuda and floor:
+        note = "" if full_medium else " (stated for gpt2-medium, 24 layers; this run is another set)"
+        check("(GPU) per-step / floor" + note, soap.median / floor.median, 1.3)
+        ref = soap.refresh
+        check(
+            "(GPU) full refresh time (refresh step - median)" + note,
+            None if ref is None else ref - soap.median,
+            0.5,
+            " s",
+        )
+        check(f"(GPU) amortized k={k} / floor" + note, soap.amortized(k) / floor.median, 3.0)
+    return lines
