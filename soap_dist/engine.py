@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from .layout import ParamLayout
 from .stores import BlockDim, BlockStack, FactorSlot, FactorStore, moment_dtype
 
 Tensor = torch.Tensor
+REFRESH_CHUNK_BYTES = 1 << 28  # factors refreshed together are cut so each temporary stays under 256 MiB
 
 
 @dataclass
@@ -64,6 +66,39 @@ class Counters:
     refresh_seconds: float = 0.0
     eigh_seconds: float = 0.0
     installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, first step using it)
+
+
+@dataclass
+class Transport:
+    """Per store slot: the moment transfer matrix T = Q_old^T Q_new and the sort permutation."""
+
+    matrices: Tensor
+    perm: Tensor
+    count: int
+
+    @classmethod
+    def identity(cls, store: FactorStore, every_slot: bool) -> Transport:
+        n, d = len(store.slots), store.size
+        eye = torch.eye(d, dtype=store.dtype, device=store.device)
+        # Every slot is overwritten when all refresh; otherwise slots left alone must be exact identities.
+        matrices = (
+            torch.empty(n, d, d, dtype=store.dtype, device=store.device)
+            if every_slot
+            else eye.repeat(n, 1, 1)
+        )
+        perm = torch.arange(d, device=store.device).repeat(n, 1)
+        return cls(matrices, perm, 0)
+
+
+def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _put(t: Tensor, rows: slice | Tensor, value: Tensor) -> None:
+    if isinstance(rows, slice):
+        t[rows].copy_(value)
+    else:
+        t.index_copy_(0, rows, value)
 
 
 @dataclass
@@ -366,122 +401,137 @@ class SoapEngine:
     # ----- bases -----
     def _slots_of(self, param_ids: list[int]) -> dict[int, list[int]]:
         wanted = set(param_ids)
-        return {
+        found = {
             size: [k for k, slot in enumerate(store.slots) if slot.param in wanted]
             for size, store in self.stores.items()
         }
+        return {size: slots for size, slots in found.items() if slots}
+
+    def _chunks(self, store: FactorStore, slots: list[int]) -> Iterator[tuple[list[int], slice | Tensor]]:
+        """Slots in groups whose temporaries stay under REFRESH_CHUNK_BYTES each (bounds peak memory)."""
+        per = max(1, REFRESH_CHUNK_BYTES // (store.size**2 * store.factors.element_size()))
+        for k in range(0, len(slots), per):
+            part = slots[k : k + per]
+            contiguous = part == list(range(part[0], part[0] + len(part)))
+            yield part, slice(part[0], part[0] + len(part)) if contiguous else self._index(part)
 
     def _first_bases(self, param_ids: list[int]) -> None:
         """The first call: bases from a symmetric eigendecomposition, installed at once."""
         start = time.perf_counter()
         for size, slots in self._slots_of(param_ids).items():
-            if not slots:
-                continue
             store = self.stores[size]
-            rows = self._index(slots)
-            bases, ok = linalg.eigh_descending(store.factors.index_select(0, rows))
-            ok_list = ok.tolist()
-            self._report_failures(store, slots, ok_list, "eigendecomposition")
-            keep = store.bases.index_select(0, rows)
-            store.bases.index_copy_(0, rows, torch.where(ok[:, None, None], bases, keep))
+            for part, rows in self._chunks(store, slots):
+                bases, ok = linalg.eigh_descending(_take(store.factors, rows))
+                self._report_failures(store, part, ok.tolist(), "eigendecomposition")
+                _put(store.bases, rows, torch.where(ok[:, None, None], bases, _take(store.bases, rows)))
         self.counters.eigh_seconds += time.perf_counter() - start
         self._warn_nonfinite(param_ids)
 
     def _refresh(self, param_ids: list[int]) -> None:
-        """Power iteration + QR for every factor of these parameters; install now or later."""
+        """Power iteration + QR for every factor of these parameters; install now or stash for later."""
         start = time.perf_counter()
         self.counters.refreshes += 1
-        results: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        transports: dict[int, Transport] = {}
         for size, slots in self._slots_of(param_ids).items():
-            if not slots:
-                continue
             store = self.stores[size]
-            rows = self._index(slots)
-            bases, perm, ok = linalg.power_iteration_refresh(
-                store.factors.index_select(0, rows), store.bases.index_select(0, rows), self.qr_method
-            )
-            self._report_failures(store, slots, ok.tolist(), "refresh")
-            results[size] = (rows, bases, perm, ok)
+            transport = Transport.identity(store, every_slot=len(slots) == len(store.slots))
+            for part, rows in self._chunks(store, slots):
+                old = _take(store.factors, rows), _take(store.bases, rows)
+                bases, perm, ok = linalg.power_iteration_refresh(*old, self.qr_method)
+                self._report_failures(store, part, ok.tolist(), "refresh")
+                if self.refresh_delay:
+                    self._stash(store, rows, bases, perm, ok)
+                else:
+                    self._install_rows(store, transport, rows, bases, perm, ok)
             self.counters.factors_refreshed += len(slots)
-        if self.refresh_delay == 0:
-            self._install(results, param_ids)
-        else:
-            for size, (rows, bases, perm, ok) in results.items():
-                self._stash(self.stores[size], rows, bases, perm, ok)
+            transport.count = len(slots)
+            transports[size] = transport
+        if self.refresh_delay:
             for i in param_ids:
                 self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
+        else:
+            self._transport_moments(transports, param_ids)
         self.counters.refresh_seconds += time.perf_counter() - start
         self._warn_nonfinite(param_ids)
 
-    def _stash(self, store: FactorStore, rows: Tensor, bases: Tensor, perm: Tensor, ok: Tensor) -> None:
-        key = store.size
-        if key not in self.pending:
+    def pending_for(self, store: FactorStore) -> Pending:
+        """The stash of refreshed bases waiting for their install step (refresh_delay >= 1)."""
+        if store.size not in self.pending:
             n, d = len(store.slots), store.size
-            self.pending[key] = Pending(
+            self.pending[store.size] = Pending(
                 store.bases.clone(),
-                torch.arange(d, device=self.device).expand(n, d).clone(),
+                torch.arange(d, device=self.device).repeat(n, 1),
                 torch.zeros(n, dtype=torch.bool, device=self.device),
             )
-        pend = self.pending[key]
-        pend.bases.index_copy_(0, rows, bases)
-        pend.perm.index_copy_(0, rows, perm)
-        pend.ok.index_copy_(0, rows, ok)
+        return self.pending[store.size]
+
+    def _stash(
+        self, store: FactorStore, rows: slice | Tensor, bases: Tensor, perm: Tensor, ok: Tensor
+    ) -> None:
+        pend = self.pending_for(store)
+        _put(pend.bases, rows, bases)
+        _put(pend.perm, rows, perm)
+        _put(pend.ok, rows, ok)
 
     def _install_pending(self, param_ids: list[int]) -> None:
-        results = {}
+        transports: dict[int, Transport] = {}
         for size, slots in self._slots_of(param_ids).items():
-            if slots and size in self.pending:
-                pend = self.pending[size]
-                rows = self._index(slots)
-                results[size] = (
-                    rows,
-                    pend.bases.index_select(0, rows),
-                    pend.perm.index_select(0, rows),
-                    pend.ok.index_select(0, rows),
-                )
-        self._install(results, param_ids)
+            store = self.stores[size]
+            pend = self.pending_for(store)
+            transport = Transport.identity(store, every_slot=len(slots) == len(store.slots))
+            for _, rows in self._chunks(store, slots):
+                bases, perm, ok = _take(pend.bases, rows), _take(pend.perm, rows), _take(pend.ok, rows)
+                self._install_rows(store, transport, rows, bases, perm, ok)
+            transport.count = len(slots)
+            transports[size] = transport
+        self._transport_moments(transports, param_ids)
         for i in param_ids:
             self.install_step.pop(i, None)
 
-    def _install(
-        self, results: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]], param_ids: list[int]
+    def _install_rows(
+        self,
+        store: FactorStore,
+        transport: Transport,
+        rows: slice | Tensor,
+        bases: Tensor,
+        perm: Tensor,
+        ok: Tensor,
     ) -> None:
-        """New bases in; m carried from the old basis to the new one, v re-indexed by the sort."""
-        transports: dict[int, tuple[Tensor, Tensor]] = {}
-        for size, (rows, bases, perm, ok) in results.items():
-            store = self.stores[size]
-            old = store.bases.index_select(0, rows)
-            eye = torch.eye(size, dtype=store.dtype, device=self.device)
-            okv = ok[:, None, None]
-            bases = torch.where(okv, bases, old)
-            perm = torch.where(ok[:, None], perm, torch.arange(size, device=self.device))
-            n = len(store.slots)
-            full_t = eye.expand(n, size, size).clone()
-            full_t.index_copy_(0, rows, torch.where(okv, old.mT @ bases, eye))
-            full_p = torch.arange(size, device=self.device).expand(n, size).clone()
-            full_p.index_copy_(0, rows, perm)
-            transports[size] = (full_t, full_p)
-            store.bases.index_copy_(0, rows, bases)
+        """New bases in where ``ok``; the moment transfer T = Q_old^T Q_new and the sort kept for m and v."""
+        old = _take(store.bases, rows)
+        okv = ok[:, None, None]
+        eye = torch.eye(store.size, dtype=store.dtype, device=self.device)
+        with linalg.full_precision_matmul(self.device):
+            _put(transport.matrices, rows, torch.where(okv, old.mT @ bases, eye))
+        _put(
+            transport.perm, rows, torch.where(ok[:, None], perm, torch.arange(store.size, device=self.device))
+        )
+        _put(store.bases, rows, torch.where(okv, bases, old))
+
+    def _transport_moments(self, transports: dict[int, Transport], param_ids: list[int]) -> None:
+        """Carry m from the old bases to the new ones (contract each dim with T); re-index v by the sort."""
         wanted = set(param_ids)
         for stack in self.stacks:
             if not any(lay.index in wanted for lay, _ in stack.members):
                 continue
-            ts, perms = [], []
+            matrices: list[Tensor | None] = []
+            perms: list[Tensor | None] = []
             for bd in stack.block_dims:
-                if bd is None:
-                    ts.append(None)
+                if bd is None or bd.store.size not in transports:
+                    matrices.append(None)
                     perms.append(None)
                     continue
-                full_t, full_p = transports[bd.store.size]
-                ts.append(full_t.index_select(0, bd.index).to(stack.exp_avg.dtype))
-                perms.append(full_p.index_select(0, bd.index))
-            stack.exp_avg.copy_(kernels.rotate(stack.exp_avg, ts))
+                t = transports[bd.store.size]
+                rows = bd.contiguous if bd.contiguous is not None else bd.index
+                matrices.append(_take(t.matrices, rows).to(stack.exp_avg.dtype))
+                perms.append(_take(t.perm, rows))
+            stack.exp_avg.copy_(kernels.rotate(stack.exp_avg, matrices))
             v = stack.exp_avg_sq
             for j, perm in enumerate(perms):
                 if perm is not None:
                     v = kernels.permute_along(v, j, perm)
             stack.exp_avg_sq.copy_(v)
-        self.counters.bases_installed += sum(len(r[0]) for r in results.values())
+        self.counters.bases_installed += sum(t.count for t in transports.values())
         self.counters.installed_at.extend((i, self.steps[i] + 1) for i in sorted(wanted))
 
     # ----- warnings -----

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .engine import Pending, SoapEngine
+from .engine import SoapEngine
 from .layout import ParamLayout
 from .stores import FactorStore
 
@@ -43,17 +43,6 @@ def _factor_slots(engine: SoapEngine, lay: ParamLayout, dim: int) -> list[tuple[
     return [engine.shared_slots[(lay.index, dim)]]
 
 
-def _pending(engine: SoapEngine, store: FactorStore) -> Pending:
-    if store.size not in engine.pending:
-        n, d = len(store.slots), store.size
-        engine.pending[store.size] = Pending(
-            store.bases.clone(),
-            torch.arange(d, device=engine.device).expand(n, d).clone(),
-            torch.zeros(n, dtype=torch.bool, device=engine.device),
-        )
-    return engine.pending[store.size]
-
-
 def save_engine_state(engine: SoapEngine) -> dict[int, dict[str, Tensor]]:
     state: dict[int, dict[str, Tensor]] = {}
     where = _locations(engine)
@@ -74,7 +63,7 @@ def save_engine_state(engine: SoapEngine) -> dict[int, dict[str, Tensor]]:
             entry[f"factor_{j}"] = _gather(lay, j, [st.factors[k] for st, k in slots])
             entry[f"basis_{j}"] = _gather(lay, j, [st.bases[k] for st, k in slots])
             if engine.refresh_delay:
-                pend = [(_pending(engine, st), k) for st, k in slots]
+                pend = [(engine.pending_for(st), k) for st, k in slots]
                 entry[f"pending_basis_{j}"] = _gather(lay, j, [p.bases[k] for p, k in pend])
                 entry[f"pending_perm_{j}"] = torch.cat([p.perm[k] for p, k in pend]).clone()
                 entry[f"pending_ok_{j}"] = torch.stack([p.ok[k] for p, k in pend]).to(torch.float32)
@@ -141,7 +130,7 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -
                 )
                 bases = _scatter(lay, j, entry[f"pending_basis_{j}"])
                 for n, (store, k) in enumerate(slots):
-                    pend = _pending(engine, store)
+                    pend = engine.pending_for(store)
                     pend.bases[k].copy_(bases[n])
                     pend.perm[k].copy_(entry[f"pending_perm_{j}"][offsets[n] : offsets[n + 1]])
                     pend.ok[k] = bool(entry[f"pending_ok_{j}"][n] > 0)
