@@ -121,6 +121,7 @@ class SoapEngine:
         factor_dtype: torch.dtype,
         refresh_delay: int,
         qr_method: str,
+        fused: bool | None = None,
     ) -> None:
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -130,6 +131,7 @@ class SoapEngine:
         self.factor_dtype = factor_dtype
         self.refresh_delay = refresh_delay
         self.qr_method = qr_method
+        self.fused = self.device.type == "cuda" if fused is None else fused
         self.steps = [0] * len(layouts)
         self.started = [False] * len(layouts)
         self.install_step: dict[int, int] = {}
@@ -336,7 +338,8 @@ class SoapEngine:
         exp_avg = stack.exp_avg if sel is None else stack.exp_avg.index_select(0, sel)
         exp_avg_sq = stack.exp_avg_sq if sel is None else stack.exp_avg_sq.index_select(0, sel)
         rotated = kernels.rotate(grads, bases).to(mdtype)
-        direction = kernels.adam_direction(
+        adam_direction = kernels.fused_adam_direction() if self.fused else kernels.adam_direction
+        direction = adam_direction(
             rotated, exp_avg, exp_avg_sq, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, weight=flags
         )
         if sel is not None:
@@ -501,8 +504,7 @@ class SoapEngine:
         old = _take(store.bases, rows)
         okv = ok[:, None, None]
         eye = torch.eye(store.size, dtype=store.dtype, device=self.device)
-        with linalg.full_precision_matmul(self.device):
-            _put(transport.matrices, rows, torch.where(okv, old.mT @ bases, eye))
+        _put(transport.matrices, rows, torch.where(okv, linalg.accurate_matmul(old.mT, bases), eye))
         _put(
             transport.perm, rows, torch.where(ok[:, None], perm, torch.arange(store.size, device=self.device))
         )

@@ -7,6 +7,8 @@ preconditioned). Nothing here knows about parameters, state dicts, ranks or torc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 Tensor = torch.Tensor
@@ -76,6 +78,12 @@ def adam_direction(
     direction = exp_avg_sq.sqrt().add_(eps)
     torch.div(exp_avg, direction, out=direction)
     return direction.mul_(w)
+
+
+@functools.cache
+def fused_adam_direction():
+    """``adam_direction`` compiled into one elementwise kernel (CUDA): ~17 passes over the block become 6."""
+    return torch.compile(adam_direction, dynamic=False, fullgraph=True)
 
 
 def normalize_rms(update: Tensor) -> Tensor:

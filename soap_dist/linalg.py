@@ -7,30 +7,9 @@ Nothing here knows about parameters, ranks or torch.distributed.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 Tensor = torch.Tensor
-
-# Eigenvalues are sorted to order the columns of the power iterate; they must be computed in full
-# float32 even where the user enabled TF32 for the model's matmuls.
-
-
-@contextlib.contextmanager
-def full_precision_matmul(device: torch.device) -> Iterator[None]:
-    """Disable TF32 for float32 matmuls on CUDA inside the block (no-op elsewhere)."""
-    if device.type != "cuda":
-        yield
-        return
-    backend = torch.backends.cuda.matmul
-    previous = backend.allow_tf32
-    backend.allow_tf32 = False
-    try:
-        yield
-    finally:
-        backend.allow_tf32 = previous
 
 
 def eigh_descending(factors: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,11 +39,41 @@ def eigh_descending(factors: Tensor) -> tuple[Tensor, Tensor]:
     return vectors.flip(-1), ok
 
 
+def _split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x = hi + lo with hi exactly representable in TF32 (10 mantissa bits) and lo the exact rest."""
+    hi = (x.view(torch.int32) & -8192).view(torch.float32)  # clear the 13 low mantissa bits
+    return hi, x - hi
+
+
+def accurate_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b to about float32 accuracy, fast on CUDA: three TF32 products (the "3xTF32" split).
+
+    hi_a hi_b is exact in TF32; the two cross terms carry the low bits; lo_a lo_b (~2^-22 relative)
+    is dropped. On tensor cores this is ~3x faster than IEEE float32 GEMM. Elsewhere, and for float64,
+    it is a plain matmul.
+    """
+    if a.device.type != "cuda" or a.dtype != torch.float32:
+        return a @ b
+    a_hi, a_lo = _split_tf32(a)
+    b_hi, b_lo = _split_tf32(b)
+    backend = torch.backends.cuda.matmul
+    previous = backend.allow_tf32
+    backend.allow_tf32 = True
+    try:
+        return (
+            torch.baddbmm(torch.baddbmm(a_lo @ b_hi, a_hi, b_lo), a_hi, b_hi)
+            if a.dim() == 3
+            else (a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi))
+        )
+    finally:
+        backend.allow_tf32 = previous
+
+
 def _cholesky_qr(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One CholeskyQR pass: Q = X R^-1 with R^T R = X^T X. Returns Q, ok, and the Gram matrix."""
-    gram = x.mT @ x
+    gram = accurate_matmul(x.mT, x)
     lower, info = torch.linalg.cholesky_ex(gram)
-    q = torch.linalg.solve_triangular(lower, x.mT, upper=False).mT
+    q = torch.linalg.solve_triangular(lower.mT, x, upper=True, left=False)
     return q, info == 0, gram
 
 
@@ -116,9 +125,8 @@ def power_iteration_refresh(
     is read off the power iterate F Q itself (sum over rows of Q * FQ), saving two matmuls.
     Returns the new bases, the permutations pi ``[N, d]`` and ``ok`` per matrix.
     """
-    with full_precision_matmul(factors.device):
-        power = factors @ bases
-        estimated = (bases * power).sum(dim=-2)
+    power = accurate_matmul(factors, bases)
+    estimated = (bases * power).sum(dim=-2)
     perm = torch.argsort(estimated, dim=-1, descending=True)
     power = torch.take_along_dim(power, perm[:, None, :], dim=-1)
     new_bases, ok = orthonormalize(power, method)

@@ -82,6 +82,8 @@ class SOAP(torch.optim.Optimizer):
             synchronous semantics; must be < precondition_frequency).
         factor_dtype: dtype of factors, bases and their decompositions (float32 or float64).
         qr_method: "cholesky_qr2" (batched matmuls, Householder fallback) or "householder".
+        fused: compile the Adam-in-eigenbasis elementwise work into one kernel with torch.compile
+            (None: on CUDA only; the first step then pays a one-time compilation).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class SOAP(torch.optim.Optimizer):
         refresh_delay: int = 0,
         factor_dtype: torch.dtype = torch.float32,
         qr_method: str = "cholesky_qr2",
+        fused: bool | None = None,
     ) -> None:
         _check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
@@ -137,6 +140,7 @@ class SOAP(torch.optim.Optimizer):
         self.refresh_delay = refresh_delay
         self.factor_dtype = factor_dtype
         self.qr_method = qr_method
+        self.fused = fused
         self._engine: SoapEngine | None = None
         super().__init__(params, defaults)
 
@@ -199,6 +203,7 @@ class SOAP(torch.optim.Optimizer):
             factor_dtype=self.factor_dtype,
             refresh_delay=self.refresh_delay,
             qr_method=self.qr_method,
+            fused=self.fused,
         )
         self._engine_params = [id(p) for p in params]
         return self._engine

@@ -51,3 +51,10 @@ def test_eigh_nonfinite_input_is_flagged_not_raised():
     f[1, 0, 0] = float("nan")
     q, ok = linalg.eigh_descending(f)
     assert ok.tolist() == [True, False] and torch.isfinite(q).all()
+
+
+def test_split_tf32_is_exact():
+    x = torch.randn(5, 7)
+    hi, lo = linalg._split_tf32(x)
+    assert torch.equal(hi + lo, x)
+    assert ((hi.view(torch.int32) & 8191) == 0).all()
