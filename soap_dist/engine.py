@@ -90,6 +90,19 @@ class Transport:
         return cls(matrices, perm, 0)
 
 
+def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float) -> None:
+    """W <- lerp(W, piece, decay) (pieces pre-scaled, see _adam_step), or W += piece without decay."""
+    if not targets:
+        return
+    if decay <= 0:
+        torch._foreach_add_(targets, pieces)
+    elif targets[0].dtype == pieces[0].dtype:
+        torch._foreach_lerp_(targets, pieces, decay)
+    else:  # lerp needs one dtype (e.g. bf16 weights, float32 update): the same in two passes
+        torch._foreach_mul_(targets, 1.0 - decay)
+        torch._foreach_add_(targets, pieces, alpha=decay)
+
+
 def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
@@ -130,7 +143,12 @@ class SoapEngine:
         self.layouts = layouts
         self.factor_dtype = factor_dtype
         self.refresh_delay = refresh_delay
-        self.qr_method = qr_method
+        # CholeskyQR2 is batched GEMMs (fast on GPUs); on CPUs LAPACK's Householder QR does fewer flops.
+        self.qr_method = (
+            qr_method
+            if qr_method != "auto"
+            else ("cholesky_qr2" if self.device.type == "cuda" else "householder")
+        )
         self.fused = self.device.type == "cuda" if fused is None else fused
         self.steps = [0] * len(layouts)
         self.started = [False] * len(layouts)
@@ -159,9 +177,9 @@ class SoapEngine:
                 keyed[key].members.append((lay, b))
         for stack in self.stacks:
             per_dim: list[list[int]] = [[] for _ in stack.dims]
-            for lay, b in stack.members:
-                for j, pre in enumerate(lay.preconditioned):
-                    if pre:
+            for j in range(len(stack.dims)):  # dim-major, so each (stack, dim) owns consecutive slots
+                for lay, b in stack.members:
+                    if lay.preconditioned[j]:
                         store, slot = self._slot_for(lay, j, b, stack.dims[j])
                         store.contributors[slot] += 1
                         per_dim[j].append(slot)
@@ -247,7 +265,6 @@ class SoapEngine:
         updated = [i for i in active_ids if self.started[i]]
         for i in updated:
             self.steps[i] += 1
-        self._weight_decay(updated, params, hypers, finite)
         if first:
             self._first_bases(first)
             for i in first:
@@ -345,10 +362,15 @@ class SoapEngine:
         if sel is not None:
             stack.exp_avg.index_copy_(0, sel, exp_avg)
             stack.exp_avg_sq.index_copy_(0, sel, exp_avg_sq)
-        update = kernels.rotate_back(direction.to(compute), bases)
-        if hyper.normalize_grads:
-            kernels.normalize_rms(update)
+        # The page: W <- (W - s U)(1 - c) with c = lr * wd, i.e. W <- lerp(W, a U, c) with
+        # a = -s (1 - c) / c: one pass over the weights, the scale a riding in the last GEMM.
         step_size = kernels.bias_corrected_step(hyper.lr, hyper.beta1, hyper.beta2, step, hyper.correct_bias)
+        decay = hyper.lr * hyper.weight_decay
+        scale = -step_size * (1.0 - decay) / decay if decay > 0 else -step_size
+        if hyper.normalize_grads:
+            update = kernels.normalize_rms(kernels.rotate_back(direction.to(compute), bases)).mul_(scale)
+        else:
+            update = kernels.rotate_back(direction.to(compute), bases, scale)
         targets, pieces = [], []
         for (lay, b), piece in zip(members, update.unbind(0), strict=True):
             p = params[lay.index]
@@ -357,9 +379,8 @@ class SoapEngine:
                 targets.append(p.data.view(lay.block_shape)[start : start + lay.row_counts[b]])
                 pieces.append(piece)
             else:
-                deferred[lay.index].append((b, piece.mul(-step_size)))
-        if targets:
-            torch._foreach_add_(targets, pieces, alpha=-step_size)
+                deferred[lay.index].append((b, piece))
+        apply_update(targets, pieces, decay)
 
     def _apply_deferred(
         self, deferred: dict[int, list[tuple[int, Tensor]]], params: list[Tensor], hypers: list[Hyper]
@@ -371,7 +392,8 @@ class SoapEngine:
             delta = torch.cat([piece for _, piece in pieces], dim=0).reshape(lay.permuted_shape)
             if lay.permutation is not None:
                 delta = delta.permute(tuple(sorted(range(4), key=lambda k: lay.permutation[k])))
-            params[index].data.add_(delta.reshape(lay.shape))
+            h = hypers[lay.group]
+            apply_update([params[index].data], [delta.reshape(lay.shape)], h.lr * h.weight_decay)
 
     def _apply_shared_updates(
         self, updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]]
@@ -386,20 +408,6 @@ class SoapEngine:
                 decayed[id(store)].update(fresh)
         for store, index, _, stat, _ in updates:
             store.factors.index_add_(0, index, stat)
-
-    def _weight_decay(
-        self, updated: list[int], params: list[Tensor], hypers: list[Hyper], finite: Tensor
-    ) -> None:
-        """W <- W - lr * wd * W after the step, skipped where the gradient was not finite."""
-        by_group: dict[int, list[int]] = defaultdict(list)
-        for i in updated:
-            if hypers[self.layouts[i].group].weight_decay > 0:
-                by_group[self.layouts[i].group].append(i)
-        for group, ids in by_group.items():
-            h = hypers[group]
-            dtype = torch.float64 if any(params[i].dtype == torch.float64 for i in ids) else torch.float32
-            scale = 1.0 - (h.lr * h.weight_decay) * finite.to(dtype)
-            torch._foreach_mul_([params[i].data for i in ids], [scale[i] for i in ids])
 
     # ----- bases -----
     def _slots_of(self, param_ids: list[int]) -> dict[int, list[int]]:

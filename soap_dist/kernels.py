@@ -36,17 +36,22 @@ def rotate(x: Tensor, bases: list[Tensor | None]) -> Tensor:
     return x
 
 
-def rotate_back(x: Tensor, bases: list[Tensor | None]) -> Tensor:
-    """P^-1(x): out of the eigenbasis (Q_L x Q_R^T for a matrix)."""
-    if x.dim() == 3:
+def rotate_back(x: Tensor, bases: list[Tensor | None], scale: float = 1.0) -> Tensor:
+    """scale * P^-1(x): out of the eigenbasis (Q_L x Q_R^T for a matrix).
+
+    For a matrix the scale rides in the last GEMM's alpha, so it costs no extra pass.
+    """
+    if x.dim() == 3 and any(q is not None for q in bases):
         left, right = bases
+        if right is None:
+            return torch.baddbmm(torch.empty_like(x), left, x, beta=0.0, alpha=scale)
         if left is not None:
             x = torch.bmm(left, x)
-        return x if right is None else torch.bmm(x, right.mT)
+        return torch.baddbmm(torch.empty_like(x), x, right.mT, beta=0.0, alpha=scale)
     for j, q in enumerate(bases):
         if q is not None:
             x = _contract(x, j, q.mT)
-    return x
+    return x * scale
 
 
 def statistic(x: Tensor, dim: int) -> Tensor:

@@ -81,7 +81,8 @@ class SOAP(torch.optim.Optimizer):
         refresh_delay: install a refreshed basis this many steps late (0: the reference's
             synchronous semantics; must be < precondition_frequency).
         factor_dtype: dtype of factors, bases and their decompositions (float32 or float64).
-        qr_method: "cholesky_qr2" (batched matmuls, Householder fallback) or "householder".
+        qr_method: "auto" (cholesky_qr2 on CUDA, householder elsewhere), "cholesky_qr2" (batched
+            matmuls, Householder fallback) or "householder" (LAPACK/cuSOLVER QR). Same Q either way.
         fused: compile the Adam-in-eigenbasis elementwise work into one kernel with torch.compile
             (None: on CUDA only; the first step then pays a one-time compilation).
     """
@@ -105,7 +106,7 @@ class SOAP(torch.optim.Optimizer):
         block_size: int | None = None,
         refresh_delay: int = 0,
         factor_dtype: torch.dtype = torch.float32,
-        qr_method: str = "cholesky_qr2",
+        qr_method: str = "auto",
         fused: bool | None = None,
     ) -> None:
         _check(
@@ -116,10 +117,10 @@ class SOAP(torch.optim.Optimizer):
         )
         _check(factor_dtype in FACTOR_DTYPES, "factor_dtype", factor_dtype, "torch.float32 or torch.float64")
         _check(
-            qr_method in ("cholesky_qr2", "householder"),
+            qr_method in ("auto", "cholesky_qr2", "householder"),
             "qr_method",
             qr_method,
-            "'cholesky_qr2' or 'householder'",
+            "'auto', 'cholesky_qr2' or 'householder'",
         )
         defaults = dict(
             lr=lr,
