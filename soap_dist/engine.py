@@ -20,7 +20,7 @@ from .layout import ParamLayout
 from .stores import BlockDim, BlockStack, FactorSlot, FactorStore, moment_dtype
 
 Tensor = torch.Tensor
-REFRESH_CHUNK_BYTES = 1 << 28  # factors refreshed together are cut so each temporary stays under 256 MiB
+REFRESH_CHUNK_BYTES = 1 << 29  # factors refreshed together are cut so each temporary stays under 512 MiB
 
 
 @dataclass

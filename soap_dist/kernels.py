@@ -87,8 +87,12 @@ def adam_direction(
 
 @functools.cache
 def fused_adam_direction():
-    """``adam_direction`` compiled into one elementwise kernel (CUDA): ~17 passes over the block become 6."""
-    return torch.compile(adam_direction, dynamic=False, fullgraph=True)
+    """``adam_direction`` compiled into one elementwise kernel: ~17 passes over the block become 6.
+
+    Shapes are dynamic, so every stack shares one graph per number of dims (no recompilation per
+    shape); not fullgraph, so anything dynamo cannot compile runs eagerly instead of failing.
+    """
+    return torch.compile(adam_direction, dynamic=True)
 
 
 def normalize_rms(update: Tensor) -> Tensor:

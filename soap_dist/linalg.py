@@ -45,41 +45,54 @@ def _split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
     return hi, x - hi
 
 
-def accurate_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b to about float32 accuracy, fast on CUDA: three TF32 products (the "3xTF32" split).
+def _fast_path(x: Tensor) -> bool:
+    return x.device.type == "cuda" and x.dtype == torch.float32 and x.dim() == 3
 
-    hi_a hi_b is exact in TF32; the two cross terms carry the low bits; lo_a lo_b (~2^-22 relative)
-    is dropped. On tensor cores this is ~3x faster than IEEE float32 GEMM. Elsewhere, and for float64,
-    it is a plain matmul.
-    """
-    if a.device.type != "cuda" or a.dtype != torch.float32:
-        return a @ b
-    a_hi, a_lo = _split_tf32(a)
-    b_hi, b_lo = _split_tf32(b)
+
+def _three_products(a_hi: Tensor, a_lo: Tensor, b_hi: Tensor, b_lo: Tensor) -> Tensor:
     backend = torch.backends.cuda.matmul
     previous = backend.allow_tf32
     backend.allow_tf32 = True
     try:
-        return (
-            torch.baddbmm(torch.baddbmm(a_lo @ b_hi, a_hi, b_lo), a_hi, b_hi)
-            if a.dim() == 3
-            else (a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi))
-        )
+        out = torch.bmm(a_lo, b_hi)
+        out.baddbmm_(a_hi, b_lo)
+        return out.baddbmm_(a_hi, b_hi)
     finally:
         backend.allow_tf32 = previous
 
 
+def accurate_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b to about float32 accuracy, fast on CUDA: three TF32 products (the "3xTF32" split).
+
+    hi_a hi_b is exact in TF32; the two cross terms carry the low bits; lo_a lo_b (~2^-22 relative)
+    is dropped. On tensor cores this is faster than an IEEE float32 GEMM. Elsewhere, and for
+    float64, it is a plain matmul.
+    """
+    if not _fast_path(a):
+        return a @ b
+    return _three_products(*_split_tf32(a), *_split_tf32(b))
+
+
+def accurate_gram(x: Tensor) -> Tensor:
+    """x^T x like accurate_matmul(x.mT, x), splitting x once."""
+    if not _fast_path(x):
+        return x.mT @ x
+    hi, lo = _split_tf32(x)
+    return _three_products(hi.mT, lo.mT, hi, lo)
+
+
 def _cholesky_qr(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One CholeskyQR pass: Q = X R^-1 with R^T R = X^T X. Returns Q, ok, and the Gram matrix."""
-    gram = accurate_matmul(x.mT, x)
+    gram = accurate_gram(x)
     lower, info = torch.linalg.cholesky_ex(gram)
     q = torch.linalg.solve_triangular(lower.mT, x, upper=True, left=False)
     return q, info == 0, gram
 
 
-def orthonormalize(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Tensor]:
+def orthonormalize_(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Tensor]:
     """Q of the QR decomposition of each ``x`` in the batch, with R's diagonal made positive.
 
+    Non-finite matrices in ``x`` are zeroed in place (and reported not ok).
     ``cholesky_qr2`` runs two CholeskyQR passes on the column-normalized matrix (QR(X D) has the
     same Q as QR(X) for a positive diagonal D, and the power iterate is ill-conditioned mostly by
     column scale). It is all batched matmuls and triangular solves; a matrix whose first pass is
@@ -89,20 +102,23 @@ def orthonormalize(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Ten
     if method not in ("cholesky_qr2", "householder"):
         raise ValueError(f"qr_method must be 'cholesky_qr2' or 'householder', got {method!r}")
     finite = torch.isfinite(x).flatten(1).all(1)
-    x = torch.where(finite[:, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x.masked_fill_(~finite[:, None, None], 0.0)
     if method == "householder":
         q, ok = _householder(x), finite
     else:
         norms = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
-        scaled = x / torch.where(norms > 0, norms, torch.ones_like(norms))
-        first, ok_first, _ = _cholesky_qr(scaled)
+        # x itself is kept for the Householder fallback: on a rank-deficient x, QR(x) and QR(x D)
+        # differ in the arbitrary null-space columns, and the fallback must give QR(x) as the page does.
+        first, ok_first, gram = _cholesky_qr(x / norms.masked_fill_(norms == 0, 1.0))
+        del gram
         q, ok_second, gram = _cholesky_qr(first)
-        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-        close = (gram - eye).abs().flatten(1).amax(1) < 0.5
+        del first
+        torch.diagonal(gram, dim1=-2, dim2=-1).sub_(1.0)
+        close = gram.abs_().flatten(1).amax(1) < 0.5
+        del gram
         ok = ok_first & ok_second & close & torch.isfinite(q).flatten(1).all(1) & finite
         bad = (~ok & finite).nonzero().flatten()
         if bad.numel():  # a host sync, but only in the refresh
-            q = q.clone()
             q[bad] = _householder(x[bad])
             ok = finite.clone()
     ok = ok & torch.isfinite(q).flatten(1).all(1)
@@ -129,6 +145,6 @@ def power_iteration_refresh(
     estimated = (bases * power).sum(dim=-2)
     perm = torch.argsort(estimated, dim=-1, descending=True)
     power = torch.take_along_dim(power, perm[:, None, :], dim=-1)
-    new_bases, ok = orthonormalize(power, method)
+    new_bases, ok = orthonormalize_(power, method)
     ok = ok & torch.isfinite(factors).flatten(1).all(1)
     return new_bases, perm, ok

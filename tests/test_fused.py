@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soap_dist import kernels
+from soap_dist import SOAP, kernels
 
 
 @pytest.mark.slow
@@ -23,3 +23,16 @@ def test_fused_adam_direction_matches_eager():
     torch.testing.assert_close(m2, m)
     torch.testing.assert_close(v2, v)
     assert torch.equal(eager[1], torch.zeros(8, 5))
+
+
+@pytest.mark.slow
+def test_fused_optimizer_handles_many_shapes_without_recompiling_to_failure():
+    """More distinct stack shapes than dynamo's recompile limit (8) must still train."""
+    params = [torch.nn.Parameter(torch.randn(n, n + 1)) for n in range(2, 14)]
+    params += [torch.nn.Parameter(torch.randn(n)) for n in range(2, 6)]
+    opt = SOAP(params, fused=True, precondition_frequency=2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
