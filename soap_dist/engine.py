@@ -149,7 +149,8 @@ class SoapEngine:
             if qr_method != "auto"
             else ("cholesky_qr2" if self.device.type == "cuda" else "householder")
         )
-        self.fused = self.device.type == "cuda" if fused is None else fused
+        self.fused = True if fused is None else fused
+        self._fused_requested = fused is True
         self.steps = [0] * len(layouts)
         self.started = [False] * len(layouts)
         self.install_step: dict[int, int] = {}
@@ -355,10 +356,7 @@ class SoapEngine:
         exp_avg = stack.exp_avg if sel is None else stack.exp_avg.index_select(0, sel)
         exp_avg_sq = stack.exp_avg_sq if sel is None else stack.exp_avg_sq.index_select(0, sel)
         rotated = kernels.rotate(grads, bases).to(mdtype)
-        adam_direction = kernels.fused_adam_direction() if self.fused else kernels.adam_direction
-        direction = adam_direction(
-            rotated, exp_avg, exp_avg_sq, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, weight=flags
-        )
+        direction = self._adam_direction(rotated, exp_avg, exp_avg_sq, hyper, flags)
         if sel is not None:
             stack.exp_avg.index_copy_(0, sel, exp_avg)
             stack.exp_avg_sq.index_copy_(0, sel, exp_avg_sq)
@@ -381,6 +379,26 @@ class SoapEngine:
             else:
                 deferred[lay.index].append((b, piece))
         apply_update(targets, pieces, decay)
+
+    def _adam_direction(
+        self, rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: Hyper, flags: Tensor
+    ) -> Tensor:
+        kw = dict(beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, weight=flags)
+        if self.fused:
+            try:
+                return kernels.fused_adam_direction()(rotated, exp_avg, exp_avg_sq, **kw)
+            except Exception as error:  # e.g. no C++ compiler for inductor: fails before touching inputs
+                if self._fused_requested:
+                    raise
+                self.fused = False
+                warnings.warn(
+                    f"SOAP: torch.compile of the fused elementwise step failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); using the eager path "
+                    "(pass fused=False to skip the attempt).",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return kernels.adam_direction(rotated, exp_avg, exp_avg_sq, **kw)
 
     def _apply_deferred(
         self, deferred: dict[int, list[tuple[int, Tensor]]], params: list[Tensor], hypers: list[Hyper]

@@ -84,7 +84,8 @@ class SOAP(torch.optim.Optimizer):
         qr_method: "auto" (cholesky_qr2 on CUDA, householder elsewhere), "cholesky_qr2" (batched
             matmuls, Householder fallback) or "householder" (LAPACK/cuSOLVER QR). Same Q either way.
         fused: compile the Adam-in-eigenbasis elementwise work into one kernel with torch.compile
-            (None: on CUDA only; the first step then pays a one-time compilation).
+            (None: try it, and fall back to eager with a warning if compilation fails; the first
+            steps then pay a one-time compilation; False: eager; True: compile or raise).
     """
 
     def __init__(
