@@ -105,7 +105,9 @@ def permute_along(x: Tensor, dim: int, perm: Tensor) -> Tensor:
     """Re-index block dim ``dim`` of each block by its own permutation ``perm: [B, d]``."""
     shape = [1] * x.dim()
     shape[0], shape[dim + 1] = perm.shape
-    return torch.take_along_dim(x, perm.view(shape), dim=dim + 1)
+    # gather on an expanded (stride-0) index: take_along_dim would first wrap every index with a
+    # remainder pass over the whole moment
+    return x.gather(dim + 1, perm.view(shape).expand(x.shape))
 
 
 def bias_corrected_step(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:

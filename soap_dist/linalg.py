@@ -144,7 +144,7 @@ def power_iteration_refresh(
     power = accurate_matmul(factors, bases)
     estimated = (bases * power).sum(dim=-2)
     perm = torch.argsort(estimated, dim=-1, descending=True)
-    power = torch.take_along_dim(power, perm[:, None, :], dim=-1)
+    power = power.gather(-1, perm[:, None, :].expand_as(power))
     new_bases, ok = orthonormalize_(power, method)
     ok = ok & torch.isfinite(factors).flatten(1).all(1)
     return new_bases, perm, ok
