@@ -144,6 +144,7 @@ class SOAP(torch.optim.Optimizer):
         self.qr_method = qr_method
         self.fused = fused
         self._engine: SoapEngine | None = None
+        self._carried_state: dict[int, dict[str, Tensor]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -163,7 +164,9 @@ class SOAP(torch.optim.Optimizer):
                 raise TypeError("SOAP: complex parameters are not supported; use torch.view_as_real on them")
             if p.layout != torch.strided:
                 raise TypeError(f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}")
-        self._engine = None  # rebuilt lazily with the new group at the next step
+        if self._engine is not None:  # rebuilt lazily with the new group; the existing state carries over
+            self._carried_state = save_engine_state(self._engine)
+            self._engine = None
 
     # ----- layout and engine -----
     def _params(self) -> list[Tensor]:
@@ -208,6 +211,9 @@ class SOAP(torch.optim.Optimizer):
             fused=self.fused,
         )
         self._engine_params = [id(p) for p in params]
+        if self._carried_state:
+            load_engine_state(self._engine, self._carried_state, partial=True)
+            self._carried_state = {}
         return self._engine
 
     # ----- torch.optim contract -----
@@ -283,3 +289,4 @@ class SOAP(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_engine", None)
+        self.__dict__.setdefault("_carried_state", {})

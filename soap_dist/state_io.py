@@ -91,15 +91,20 @@ def _scatter(lay: ParamLayout, dim: int, saved: Tensor) -> list[Tensor]:
     ]
 
 
-def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -> None:
+def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
+    """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks."""
     where = _locations(engine)
-    if len(state) != len(engine.layouts):
+    if not partial and len(state) != len(engine.layouts):
         raise ValueError(
             f"SOAP.load_state_dict: the state holds {len(state)} parameters, "
             f"this optimizer {len(engine.layouts)}"
         )
     for lay in engine.layouts:
-        entry = state[lay.index] if lay.index in state else state[str(lay.index)]
+        entry = state.get(lay.index, state.get(str(lay.index)))
+        if entry is None:
+            if partial:
+                continue
+            raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
         engine.steps[lay.index] = int(entry["step"].item())
         engine.started[lay.index] = bool(entry.get("initialized", entry["step"]).item() > 0)
         pieces = where.get(lay.index, [])

@@ -79,3 +79,24 @@ def test_fresh_optimizer_state_dict_loads():
     _, other = _make(init)
     other.load_state_dict(opt.state_dict())
     assert other.state_dict()["state"] == {}
+
+
+def test_add_param_group_mid_run_keeps_the_existing_state():
+    init = [torch.randn(s) for s in SHAPES]
+    extra_init = torch.randn(5, 5)
+    grads = gradient_stream(SHAPES, 12)
+    extra_grads = gradient_stream([(5, 5)], 6, seed=7)
+    params_a, opt_a = _make(init)
+    _drive(params_a, opt_a, grads)
+
+    params_b, opt_b = _make(init)
+    _drive(params_b, opt_b, grads[:6])
+    extra = torch.nn.Parameter(extra_init.clone())
+    opt_b.add_param_group({"params": [extra], "lr": 1e-2})
+    for step_grads, (g,) in zip(grads[6:], extra_grads, strict=True):
+        extra.grad = g.float()
+        _drive(params_b, opt_b, [step_grads])
+    for a, b in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(extra, extra_init)
+    assert opt_b.state_dict()["state"][len(SHAPES)]["step"].item() == 5.0
