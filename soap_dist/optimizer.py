@@ -32,6 +32,9 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 def validate_group(group: dict[str, Any]) -> None:
     """Raise a ValueError naming the argument and its allowed range."""
     lr = group["lr"]
+    if torch.is_tensor(lr):  # torch.optim accepts a 1-element tensor lr (read with .item() at each step)
+        _check(lr.numel() == 1 and not lr.requires_grad, "lr", lr, "a number or a 1-element tensor")
+        lr = float(lr)
     _check(isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
     betas = group["betas"]
     _check(

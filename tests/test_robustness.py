@@ -154,3 +154,15 @@ def test_parameters_without_gradients_are_left_alone():
     assert torch.equal(b, b_before)
     steps = {k: v["step"].item() for k, v in opt.state_dict()["state"].items()}
     assert steps == {0: 5.0, 1: 0.0}
+
+
+def test_lr_scheduler_and_tensor_lr():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = SOAP([p], lr=torch.tensor(1e-2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    for _ in range(4):
+        p.grad = torch.randn(4, 4)
+        opt.step()
+        sched.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-2 * 0.5**4)
+    assert torch.isfinite(p).all()
