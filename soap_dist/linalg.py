@@ -121,7 +121,10 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Te
         if bad.numel():  # a host sync, but only in the refresh
             q[bad] = _householder(x[bad])
             ok = finite.clone()
-    ok = ok & torch.isfinite(q).flatten(1).all(1)
+    retry = (finite & ~torch.isfinite(q).flatten(1).all(1)).nonzero().flatten()
+    if retry.numel():  # a finite input whose QR came out non-finite: once more in float64
+        q[retry] = _householder(x[retry].double()).to(q.dtype)
+    ok = finite & torch.isfinite(q).flatten(1).all(1)
     return q, ok
 
 

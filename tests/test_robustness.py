@@ -166,3 +166,30 @@ def test_lr_scheduler_and_tensor_lr():
         sched.step()
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-2 * 0.5**4)
     assert torch.isfinite(p).all()
+
+
+def test_qr_failure_in_float32_is_retried_in_float64(monkeypatch):
+    householder = linalg._householder
+
+    def fails_in_float32(x):
+        return x * float("nan") if x.dtype == torch.float32 else householder(x)
+
+    monkeypatch.setattr(linalg, "_householder", fails_in_float32)
+    x = torch.randn(2, 6, 6)
+    q, ok = linalg.orthonormalize_(x.clone(), "householder")
+    assert ok.all()
+    torch.testing.assert_close(q, householder(x.double()).float())
+
+
+def test_parameters_swapped_before_the_first_step_are_used():
+    """Accelerate/FSDP replace an optimizer's parameters after construction: state is built lazily."""
+    original = torch.nn.Parameter(torch.randn(4, 4))
+    opt = SOAP([original], precondition_frequency=2)
+    replacement = torch.nn.Parameter(torch.randn(6, 6))
+    opt.param_groups[0]["params"] = [replacement]
+    before = replacement.detach().clone()
+    for _ in range(3):
+        replacement.grad = torch.randn(6, 6)
+        opt.step()
+    assert not torch.equal(replacement, before)
+    assert opt.state_dict()["state"][0]["exp_avg"].shape == (6, 6)
