@@ -54,10 +54,14 @@ def rotate_back(x: Tensor, bases: list[Tensor | None], scale: float = 1.0) -> Te
     return x * scale
 
 
+def _unfold(x: Tensor, dim: int) -> Tensor:
+    """Block dim ``dim`` as rows, every other block dim flattened into columns: ``[B, d_j, rest]``."""
+    return x.movedim(dim + 1, 1).reshape(x.shape[0], x.shape[dim + 1], -1)
+
+
 def statistic(x: Tensor, dim: int) -> Tensor:
     """C_j(x): x contracted with itself over every block dim except ``dim``: ``[B, d_j, d_j]``."""
-    batch = x.shape[0]
-    rows = x.movedim(dim + 1, 1).reshape(batch, x.shape[dim + 1], -1)
+    rows = _unfold(x, dim)
     return torch.bmm(rows, rows.mT)
 
 
@@ -119,6 +123,5 @@ def bias_corrected_step(lr: float, beta1: float, beta2: float, step: int, correc
 
 def accumulate_statistic(factors: Tensor, x: Tensor, dim: int, beta: float) -> Tensor:
     """factors <- beta * factors + (1 - beta) * C_j(x), in place, as one batched GEMM per call."""
-    batch = x.shape[0]
-    rows = x.movedim(dim + 1, 1).reshape(batch, x.shape[dim + 1], -1).to(factors.dtype)
+    rows = _unfold(x, dim).to(factors.dtype)
     return factors.baddbmm_(rows, rows.mT, beta=beta, alpha=1.0 - beta)
