@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -68,28 +68,6 @@ class Counters:
     installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, first step using it)
 
 
-@dataclass
-class Transport:
-    """Per store slot: the moment transfer matrix T = Q_old^T Q_new and the sort permutation."""
-
-    matrices: Tensor
-    perm: Tensor
-    count: int
-
-    @classmethod
-    def identity(cls, store: FactorStore, every_slot: bool) -> Transport:
-        n, d = len(store.slots), store.size
-        eye = torch.eye(d, dtype=store.dtype, device=store.device)
-        # Every slot is overwritten when all refresh; otherwise slots left alone must be exact identities.
-        matrices = (
-            torch.empty(n, d, d, dtype=store.dtype, device=store.device)
-            if every_slot
-            else eye.repeat(n, 1, 1)
-        )
-        perm = torch.arange(d, device=store.device).repeat(n, 1)
-        return cls(matrices, perm, 0)
-
-
 def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float) -> None:
     """W <- lerp(W, piece, decay) (pieces pre-scaled, see _adam_step), or W += piece without decay."""
     if not targets:
@@ -101,6 +79,13 @@ def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float) -> N
     else:  # lerp needs one dtype (e.g. bf16 weights, float32 update): the same in two passes
         torch._foreach_mul_(targets, 1.0 - decay)
         torch._foreach_add_(targets, pieces, alpha=decay)
+
+
+def _rows_of(positions: list[int], index: Callable[[list[int]], Tensor]) -> slice | Tensor:
+    """A slice when the positions are consecutive (a view, no copy), else a device index."""
+    if positions == list(range(positions[0], positions[0] + len(positions))):
+        return slice(positions[0], positions[0] + len(positions))
+    return index(positions)
 
 
 def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
@@ -162,6 +147,9 @@ class SoapEngine:
         self.shared_slots: dict[tuple[int, int], tuple[FactorStore, int]] = {}
         self.pending: dict[int, Pending] = {}
         self._indices: dict[tuple[int, ...], Tensor] = {}
+        self._users: dict[int, list[tuple[BlockStack, int, BlockDim]]] = defaultdict(
+            list
+        )  # store -> stack dims
         self._build(params)
         self.nonfinite_seen = torch.zeros(len(layouts), dtype=torch.bool, device=self.device)
 
@@ -185,6 +173,9 @@ class SoapEngine:
                         store.contributors[slot] += 1
                         per_dim[j].append(slot)
             stack.block_dims = [self._block_dim(stack, j, slots) for j, slots in enumerate(per_dim)]
+            for j, bd in enumerate(stack.block_dims):
+                if bd is not None:
+                    self._users[bd.store.size].append((stack, j, bd))
         for store in self.stores.values():
             store.materialize()
         for stack in self.stacks:
@@ -441,8 +432,7 @@ class SoapEngine:
         per = max(1, REFRESH_CHUNK_BYTES // (store.size**2 * store.factors.element_size()))
         for k in range(0, len(slots), per):
             part = slots[k : k + per]
-            contiguous = part == list(range(part[0], part[0] + len(part)))
-            yield part, slice(part[0], part[0] + len(part)) if contiguous else self._index(part)
+            yield part, _rows_of(part, self._index)
 
     def _first_bases(self, param_ids: list[int]) -> None:
         """The first call: bases from a symmetric eigendecomposition, installed at once."""
@@ -460,10 +450,8 @@ class SoapEngine:
         """Power iteration + QR for every factor of these parameters; install now or stash for later."""
         start = time.perf_counter()
         self.counters.refreshes += 1
-        transports: dict[int, Transport] = {}
         for size, slots in self._slots_of(param_ids).items():
             store = self.stores[size]
-            transport = Transport.identity(store, every_slot=len(slots) == len(store.slots))
             for part, rows in self._chunks(store, slots):
                 old = _take(store.factors, rows), _take(store.bases, rows)
                 bases, perm, ok = linalg.power_iteration_refresh(*old, self.qr_method)
@@ -471,15 +459,13 @@ class SoapEngine:
                 if self.refresh_delay:
                     self._stash(store, rows, bases, perm, ok)
                 else:
-                    self._install_rows(store, transport, rows, bases, perm, ok)
+                    self._install_rows(store, part, rows, bases, perm, ok)
             self.counters.factors_refreshed += len(slots)
-            transport.count = len(slots)
-            transports[size] = transport
         if self.refresh_delay:
             for i in param_ids:
                 self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
         else:
-            self._transport_moments(transports, param_ids)
+            self._record_installs(param_ids)
         self.counters.refresh_seconds += time.perf_counter() - start
         self._warn_nonfinite(param_ids)
 
@@ -503,64 +489,52 @@ class SoapEngine:
         _put(pend.ok, rows, ok)
 
     def _install_pending(self, param_ids: list[int]) -> None:
-        transports: dict[int, Transport] = {}
         for size, slots in self._slots_of(param_ids).items():
             store = self.stores[size]
             pend = self.pending_for(store)
-            transport = Transport.identity(store, every_slot=len(slots) == len(store.slots))
-            for _, rows in self._chunks(store, slots):
+            for part, rows in self._chunks(store, slots):
                 bases, perm, ok = _take(pend.bases, rows), _take(pend.perm, rows), _take(pend.ok, rows)
-                self._install_rows(store, transport, rows, bases, perm, ok)
-            transport.count = len(slots)
-            transports[size] = transport
-        self._transport_moments(transports, param_ids)
+                self._install_rows(store, part, rows, bases, perm, ok)
+        self._record_installs(param_ids)
         for i in param_ids:
             self.install_step.pop(i, None)
 
     def _install_rows(
         self,
         store: FactorStore,
-        transport: Transport,
+        part: list[int],
         rows: slice | Tensor,
         bases: Tensor,
         perm: Tensor,
         ok: Tensor,
     ) -> None:
-        """New bases in where ``ok``; the moment transfer T = Q_old^T Q_new and the sort kept for m and v."""
+        """New bases in where ``ok``, and the moments of the blocks using them carried over.
+
+        m is contracted, along the factor's dim, with T = Q_old^T Q_new; v is re-indexed by the sort.
+        Done per chunk of slots, so no buffer the size of all bases is needed.
+        """
         old = _take(store.bases, rows)
         okv = ok[:, None, None]
         eye = torch.eye(store.size, dtype=store.dtype, device=self.device)
-        _put(transport.matrices, rows, torch.where(okv, linalg.accurate_matmul(old.mT, bases), eye))
-        _put(
-            transport.perm, rows, torch.where(ok[:, None], perm, torch.arange(store.size, device=self.device))
-        )
+        transfer = torch.where(okv, linalg.accurate_matmul(old.mT, bases), eye)
+        perm = torch.where(ok[:, None], perm, torch.arange(store.size, device=self.device))
         _put(store.bases, rows, torch.where(okv, bases, old))
-
-    def _transport_moments(self, transports: dict[int, Transport], param_ids: list[int]) -> None:
-        """Carry m from the old bases to the new ones (contract each dim with T); re-index v by the sort."""
-        wanted = set(param_ids)
-        for stack in self.stacks:
-            if not any(lay.index in wanted for lay, _ in stack.members):
+        del old
+        chunk_row = {slot: r for r, slot in enumerate(part)}
+        for stack, dim, bd in self._users[store.size]:
+            positions = [k for k, slot in enumerate(bd.slots) if slot in chunk_row]
+            if not positions:
                 continue
-            matrices: list[Tensor | None] = []
-            perms: list[Tensor | None] = []
-            for bd in stack.block_dims:
-                if bd is None or bd.store.size not in transports:
-                    matrices.append(None)
-                    perms.append(None)
-                    continue
-                t = transports[bd.store.size]
-                rows = bd.contiguous if bd.contiguous is not None else bd.index
-                matrices.append(_take(t.matrices, rows).to(stack.exp_avg.dtype))
-                perms.append(_take(t.perm, rows))
-            stack.exp_avg.copy_(kernels.rotate(stack.exp_avg, matrices))
-            v = stack.exp_avg_sq
-            for j, perm in enumerate(perms):
-                if perm is not None:
-                    v = kernels.permute_along(v, j, perm)
-            stack.exp_avg_sq.copy_(v)
-        self.counters.bases_installed += sum(t.count for t in transports.values())
-        self.counters.installed_at.extend((i, self.steps[i] + 1) for i in sorted(wanted))
+            blocks = _rows_of(positions, self._index)
+            source = self._index([chunk_row[bd.slots[k]] for k in positions])
+            t = transfer.index_select(0, source).to(stack.exp_avg.dtype)
+            _put(stack.exp_avg, blocks, kernels.contract(_take(stack.exp_avg, blocks), dim, t))
+            p = perm.index_select(0, source)
+            _put(stack.exp_avg_sq, blocks, kernels.permute_along(_take(stack.exp_avg_sq, blocks), dim, p))
+        self.counters.bases_installed += len(part)
+
+    def _record_installs(self, param_ids: list[int]) -> None:
+        self.counters.installed_at.extend((i, self.steps[i] + 1) for i in sorted(param_ids))
 
     # ----- warnings -----
     def _name(self, index: int) -> str:

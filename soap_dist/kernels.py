@@ -23,6 +23,13 @@ def _contract(x: Tensor, dim: int, matrix: Tensor) -> Tensor:
     return y.view(batch, *lead, matrix.shape[-1]).movedim(-1, dim + 1)
 
 
+def contract(x: Tensor, dim: int, matrix: Tensor) -> Tensor:
+    """x contracted along block dim ``dim`` with ``matrix``'s rows (one matrix per block)."""
+    if x.dim() == 3:
+        return torch.bmm(matrix.mT, x) if dim == 0 else torch.bmm(x, matrix)
+    return _contract(x, dim, matrix)
+
+
 def rotate(x: Tensor, bases: list[Tensor | None]) -> Tensor:
     """P(x): into the eigenbasis (Q_L^T x Q_R for a matrix)."""
     if x.dim() == 3:
