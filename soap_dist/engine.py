@@ -510,16 +510,12 @@ class SoapEngine:
     ) -> None:
         """New bases in where ``ok``, and the moments of the blocks using them carried over.
 
-        m is contracted, along the factor's dim, with T = Q_old^T Q_new; v is re-indexed by the sort.
+        m goes from the old basis to the new one along the factor's dim, v is re-indexed by the sort.
         Done per chunk of slots, so no buffer the size of all bases is needed.
         """
         old = _take(store.bases, rows)
-        okv = ok[:, None, None]
-        eye = torch.eye(store.size, dtype=store.dtype, device=self.device)
-        transfer = torch.where(okv, linalg.accurate_matmul(old.mT, bases), eye)
+        new = torch.where(ok[:, None, None], bases, old)
         perm = torch.where(ok[:, None], perm, torch.arange(store.size, device=self.device))
-        _put(store.bases, rows, torch.where(okv, bases, old))
-        del old
         chunk_row = {slot: r for r, slot in enumerate(part)}
         for stack, dim, bd in self._users[store.size]:
             positions = [k for k, slot in enumerate(bd.slots) if slot in chunk_row]
@@ -527,11 +523,34 @@ class SoapEngine:
                 continue
             blocks = _rows_of(positions, self._index)
             source = self._index([chunk_row[bd.slots[k]] for k in positions])
-            t = transfer.index_select(0, source).to(stack.exp_avg.dtype)
-            _put(stack.exp_avg, blocks, kernels.contract(_take(stack.exp_avg, blocks), dim, t))
+            moved = self._carry(
+                _take(stack.exp_avg, blocks),
+                dim,
+                old.index_select(0, source),
+                new.index_select(0, source),
+                ok.index_select(0, source),
+                bd,
+            )
+            _put(stack.exp_avg, blocks, moved)
             p = perm.index_select(0, source)
             _put(stack.exp_avg_sq, blocks, kernels.permute_along(_take(stack.exp_avg_sq, blocks), dim, p))
+        _put(store.bases, rows, new)
         self.counters.bases_installed += len(part)
+
+    def _carry(self, m: Tensor, dim: int, old: Tensor, new: Tensor, ok: Tensor, bd: BlockDim) -> Tensor:
+        """P_new(P_old^-1(m)) along ``dim``; blocks whose refresh failed keep m exactly.
+
+        Either two contractions of m (old^T, then new), or one with T = Q_old^T Q_new at the cost of
+        forming T (2 d^3): the first is cheaper when the factor is larger than the block (d^2 > numel),
+        e.g. the 4d-row factor of an MLP weight.
+        """
+        dtype = m.dtype
+        if bd.contiguous is not None and bd.store.size**2 > m[0].numel():
+            moved = kernels.contract(kernels.contract(m, dim, old.mT.to(dtype)), dim, new.to(dtype))
+            return torch.where(ok.view((-1,) + (1,) * (m.dim() - 1)), moved, m)
+        eye = torch.eye(bd.store.size, dtype=old.dtype, device=old.device)
+        transfer = torch.where(ok[:, None, None], linalg.accurate_matmul(old.mT, new), eye)
+        return kernels.contract(m, dim, transfer.to(dtype))
 
     def _record_installs(self, param_ids: list[int]) -> None:
         self.counters.installed_at.extend((i, self.steps[i] + 1) for i in sorted(param_ids))

@@ -76,12 +76,16 @@ ONE_D_CASES = {
     "precondition_1d": ([(MATRICES + VECTORS, {})], dict(precondition_1d=True)),
     "merge_to_one_dim": ([([(3, 4)], {})], dict(merge_dims=True)),
     "row_blocks_1d": ([([(12, 5), (7,)], {})], dict(block_size=4, precondition_1d=True)),
+    # a factor larger than its block (d^2 > numel) starts rank-deficient too; its moment is carried
+    # by two contractions instead of a transfer matrix
+    "tall_matrices": ([([(8, 3), (9, 2), (3, 8)], {})], {}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ONE_D_CASES))
 def test_float64_one_dim_factors_match_oracle(case, monkeypatch):
-    """1-D factors start as a rank-1 outer product, so the first eigh has an arbitrary null space.
+    """1-D factors (and factors larger than their block) start rank-deficient: the first eigh has an
+    arbitrary null space.
 
     Both sides get the same deterministic tie-break (a small distinct diagonal added before eigh,
     which makes every eigenvector unique), and the first refresh comes once the factors are full
