@@ -207,7 +207,7 @@ class SoapEngine:
             if unshared and slots == list(range(first, first + len(slots)))
             else None
         )
-        return BlockDim(store, slots, torch.tensor(slots, device=self.device), contiguous)
+        return BlockDim(store, slots, contiguous)
 
     def _index(self, values: list[int]) -> Tensor:
         """A device index tensor, cached: a host-to-device copy would synchronise on CUDA."""
@@ -307,27 +307,27 @@ class SoapEngine:
         param_index = stack.param_index if sel is None else stack.param_index.index_select(0, sel)
         flags = finite.index_select(0, param_index)
         grads.masked_fill_(~flags.view((-1,) + (1,) * len(stack.dims)), 0)
+        # Per block dim: the store slots of these blocks, as a slice (a view) where they are consecutive
+        # and unshared, else as a cached device index.
+        slots = [None if bd is None else [bd.slots[k] for k in positions] for bd in stack.block_dims]
+        rows = [
+            None if bd is None else (bd.contiguous if full and bd.contiguous is not None else self._index(sl))
+            for bd, sl in zip(stack.block_dims, slots, strict=True)
+        ]
         if started:
-            bases = [self._bases(bd, sel, compute) for bd in stack.block_dims]
+            bases = [
+                None if bd is None else _take(bd.store.bases, r).to(compute)
+                for bd, r in zip(stack.block_dims, rows, strict=True)
+            ]
             self._adam_step(stack, sel, members, grads, bases, flags, step, hyper, params, deferred, compute)
-        for j, bd in enumerate(stack.block_dims):
+        for j, (bd, r, sl) in enumerate(zip(stack.block_dims, rows, slots, strict=True)):
             if bd is None:
                 continue
-            if sel is None and bd.contiguous is not None:
-                kernels.accumulate_statistic(bd.store.factors[bd.contiguous], grads, j, hyper.shampoo_beta)
+            if isinstance(r, slice):
+                kernels.accumulate_statistic(bd.store.factors[r], grads, j, hyper.shampoo_beta)
             else:
-                index = bd.index if sel is None else bd.index.index_select(0, sel)
-                slots = bd.slots if sel is None else [bd.slots[k] for k in positions]
                 stat = kernels.statistic(grads, j).mul_(1.0 - hyper.shampoo_beta)
-                shared_updates.append(
-                    (bd.store, index, slots, stat.to(self.factor_dtype), hyper.shampoo_beta)
-                )
-
-    def _bases(self, bd: BlockDim | None, sel: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        if bd is None:
-            return None
-        q = bd.bases() if sel is None else bd.store.bases.index_select(0, bd.index.index_select(0, sel))
-        return q.to(dtype)
+                shared_updates.append((bd.store, r, sl, stat.to(self.factor_dtype), hyper.shampoo_beta))
 
     def _adam_step(
         self,

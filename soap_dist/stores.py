@@ -53,13 +53,7 @@ class BlockDim:
 
     store: FactorStore
     slots: list[int]
-    index: Tensor
     contiguous: slice | None  # set when the blocks own consecutive, unshared slots
-
-    def bases(self) -> Tensor:
-        if self.contiguous is not None:
-            return self.store.bases[self.contiguous]
-        return self.store.bases.index_select(0, self.index)
 
 
 @dataclass
