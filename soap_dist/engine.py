@@ -62,7 +62,7 @@ class Counters:
     factors_refreshed: int = 0
     bases_installed: int = 0
     refresh_failures: int = 0
-    skipped_nonfinite_checks: int = 0
+    nonfinite_params_warned: int = 0
     refresh_seconds: float = 0.0
     eigh_seconds: float = 0.0
     installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, first step using it)
@@ -581,7 +581,7 @@ class SoapEngine:
         for i in param_ids:
             if seen[i] and ("nonfinite", i) not in self._warned:
                 self._warned.add(("nonfinite", i))
-                self.counters.skipped_nonfinite_checks += 1
+                self.counters.nonfinite_params_warned += 1
                 warnings.warn(
                     f"SOAP: non-finite gradient for {self._name(i)}; the steps where it occurred were "
                     "skipped "

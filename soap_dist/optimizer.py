@@ -248,7 +248,7 @@ class SOAP(torch.optim.Optimizer):
             "owned_refresh_cost": sum(len(s.slots) * s.size**3 for s in self._engine.stores.values()),
             "bases_installed": c.bases_installed,
             "refresh_failures": c.refresh_failures,
-            "nonfinite_params_warned": c.skipped_nonfinite_checks,
+            "nonfinite_params_warned": c.nonfinite_params_warned,
             "refresh_seconds": c.refresh_seconds,
             "eigh_seconds": c.eigh_seconds,
             "installed_at": list(c.installed_at),
