@@ -12,11 +12,13 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import kernels, linalg
 from .layout import ParamLayout
+from .plan import SINGLE, FactorEntry, Plan, build_plan
 from .stores import BlockDim, BlockStack, FactorSlot, FactorStore, moment_dtype
 
 Tensor = torch.Tensor
@@ -64,6 +66,7 @@ class Counters:
     refresh_failures: int = 0
     nonfinite_params_warned: int = 0
     refresh_seconds: float = 0.0
+    owner_seconds: float = 0.0  # refresh time spent before the broadcasts start (stats in, owned work)
     eigh_seconds: float = 0.0
     installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, first step using it)
 
@@ -86,6 +89,14 @@ def _rows_of(positions: list[int], index: Callable[[list[int]], Tensor]) -> slic
     if positions == list(range(positions[0], positions[0] + len(positions))):
         return slice(positions[0], positions[0] + len(positions))
     return index(positions)
+
+
+def _consecutive(rows: list[int], contributors: list[int], slots: list[int]) -> slice | None:
+    """A slice over ``rows`` when they are consecutive, present and used by one block each."""
+    first = rows[0]
+    if first < 0 or any(contributors[s] != 1 for s in slots):
+        return None
+    return slice(first, first + len(rows)) if rows == list(range(first, first + len(rows))) else None
 
 
 def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
@@ -120,6 +131,8 @@ class SoapEngine:
         refresh_delay: int,
         qr_method: str,
         fused: bool | None = None,
+        plan: Plan | None = None,
+        exchange: Any = None,
     ) -> None:
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -150,6 +163,12 @@ class SoapEngine:
         self._users: dict[int, list[tuple[BlockStack, int, BlockDim]]] = defaultdict(
             list
         )  # store -> stack dims
+        self.plan = plan if plan is not None else build_plan(layouts, SINGLE)
+        self.exchange = exchange  # comm.Exchange when the plan spans several ranks, else None
+        self.entry_slot: dict[FactorEntry, tuple[FactorStore, int]] = {}
+        self.slot_entries: dict[int, list[FactorEntry]] = {}
+        self.calls = 0
+        self._inflight: list[tuple[int, Any, list[int]]] = []  # (wait at call, broadcasts, params)
         self._build(params)
         self.nonfinite_seen = torch.zeros(len(layouts), dtype=torch.bool, device=self.device)
 
@@ -164,6 +183,7 @@ class SoapEngine:
                     keyed[key] = BlockStack(lay.group, dims, p.dtype)
                     self.stacks.append(keyed[key])
                 keyed[key].members.append((lay, b))
+        per_stack: list[list[list[int]]] = []
         for stack in self.stacks:
             per_dim: list[list[int]] = [[] for _ in stack.dims]
             for j in range(len(stack.dims)):  # dim-major, so each (stack, dim) owns consecutive slots
@@ -172,18 +192,49 @@ class SoapEngine:
                         store, slot = self._slot_for(lay, j, b, stack.dims[j])
                         store.contributors[slot] += 1
                         per_dim[j].append(slot)
+            per_stack.append(per_dim)
+        self._map_entries()
+        for store in self.stores.values():
+            store.materialize([self.plan.accumulates(e) for e in self.slot_entries[store.size]])
+        for stack, per_dim in zip(self.stacks, per_stack, strict=True):
             stack.block_dims = [self._block_dim(stack, j, slots) for j, slots in enumerate(per_dim)]
             for j, bd in enumerate(stack.block_dims):
                 if bd is not None:
                     self._users[bd.store.size].append((stack, j, bd))
-        for store in self.stores.values():
-            store.materialize()
         for stack in self.stacks:
             mdtype = moment_dtype(stack.param_dtype)
             shape = (len(stack.members), *stack.dims)
             stack.exp_avg = torch.zeros(shape, dtype=mdtype, device=self.device)
             stack.exp_avg_sq = torch.zeros(shape, dtype=mdtype, device=self.device)
             stack.param_index = torch.tensor([lay.index for lay, _ in stack.members], device=self.device)
+
+    def _map_entries(self) -> None:
+        """Tie every store slot to its plan entry; owners get slots for factors they do not use."""
+        topo = self.plan.topology
+        for e in self.plan.entries:
+            if e.owner != topo.rank and not self.plan.consumes(e):
+                continue
+            lay = self.layouts[e.param]
+            table, key = (
+                (self.shared_slots, (e.param, e.dim)) if e.shared else (self.row_slots, (e.param, e.block))
+            )
+            if key not in table:
+                self._slot_for(lay, e.dim, e.block, e.size)
+            store, slot = table[key]
+            self.entry_slot[e] = (store, slot)
+        reverse = {(id(store), slot): e for e, (store, slot) in self.entry_slot.items()}
+        for size, store in self.stores.items():
+            entries = []
+            for slot, info in enumerate(store.slots):
+                entry = reverse.get((id(store), slot))
+                if entry is None:
+                    raise RuntimeError(
+                        f"SOAP: the local blocks of {self._name(info.param)} do not match the plan "
+                        f"(dim {info.dim}, block {info.block}); the parameter's local shard is not the one "
+                        "the placement predicts"
+                    )
+                entries.append(entry)
+            self.slot_entries[size] = entries
 
     def _slot_for(self, lay: ParamLayout, dim: int, block: int, size: int) -> tuple[FactorStore, int]:
         if size not in self.stores:
@@ -200,14 +251,14 @@ class SoapEngine:
         if not slots:
             return None
         store = self.stores[stack.dims[dim]]
-        first = slots[0]
-        unshared = all(store.contributors[s] == 1 for s in slots)
-        contiguous = (
-            slice(first, first + len(slots))
-            if unshared and slots == list(range(first, first + len(slots)))
-            else None
+        stat_rows = [store.stat_rows[s] for s in slots]
+        return BlockDim(
+            store,
+            slots,
+            _consecutive(slots, store.contributors, slots),
+            stat_rows,
+            _consecutive(stat_rows, store.contributors, slots),
         )
-        return BlockDim(store, slots, contiguous)
 
     def _index(self, values: list[int]) -> Tensor:
         """A device index tensor, cached: a host-to-device copy would synchronise on CUDA."""
@@ -218,13 +269,35 @@ class SoapEngine:
 
     # ----- the step -----
     @torch.no_grad()
-    def step(self, groups: list[dict], params: list[Tensor]) -> None:
-        active = [p.grad is not None and p.numel() > 0 for p in params]
+    def step(
+        self,
+        groups: list[dict],
+        params: list[Tensor],
+        grads: list[Tensor | None] | None = None,
+        active: list[bool] | None = None,
+    ) -> None:
+        """One optimizer step on the local blocks.
+
+        ``params``/``grads`` are this rank's tensors (local shards under FSDP2); ``active`` says which
+        parameters have a gradient this step, decided on the global parameter so that every rank
+        counts the same steps (a rank with an empty shard still takes part in the refreshes).
+        """
+        if grads is None:
+            grads = [p.grad for p in params]
+        if active is None:
+            active = [g is not None and p.numel() > 0 for p, g in zip(params, grads, strict=True)]
+        self.calls += 1
+        while self._inflight and self._inflight[0][0] <= self.calls:
+            _, flight, ids = self._inflight.pop(0)
+            self._receive(flight, ids, first=False)
         active_ids = [i for i, a in enumerate(active) if a]
         if not active_ids:
             return
+        self._grads = grads
         hypers = [Hyper.of(g) for g in groups]
-        finite = self._finite_flags(params, active_ids)
+        finite = self._finite_flags(grads, active_ids)
+        if self.exchange is not None:
+            finite = self.exchange.all_finite(finite)
         self.nonfinite_seen |= ~finite
         upcoming = {i: self.steps[i] + 1 for i in active_ids if self.started[i]}
         due = [i for i, t in upcoming.items() if self.install_step.get(i) == t]
@@ -267,13 +340,13 @@ class SoapEngine:
         if due:
             self._refresh(due)
 
-    def _finite_flags(self, params: list[Tensor], active_ids: list[int]) -> Tensor:
+    def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> Tensor:
         """One flag per parameter: its gradient's norm is finite (no NaN/Inf, no overflow)."""
-        norms = torch._foreach_norm([params[i].grad for i in active_ids])
+        norms = torch._foreach_norm([grads[i] for i in active_ids])
         flags = torch.stack(norms).isfinite()
-        if len(active_ids) == len(params):
+        if len(active_ids) == len(grads):
             return flags
-        full = torch.ones(len(params), dtype=torch.bool, device=self.device)
+        full = torch.ones(len(grads), dtype=torch.bool, device=self.device)
         full[self._index(active_ids)] = flags
         return full
 
@@ -302,7 +375,7 @@ class SoapEngine:
         members = [stack.members[k] for k in positions]
         compute = torch.promote_types(moment_dtype(stack.param_dtype), self.factor_dtype)
         grads = torch.empty((len(members), *stack.dims), dtype=compute, device=self.device)
-        sources = [self._grad_block(lay, b, params[lay.index].grad, grad_cache) for lay, b in members]
+        sources = [self._grad_block(lay, b, self._grads[lay.index], grad_cache) for lay, b in members]
         torch._foreach_copy_(list(grads.unbind(0)), sources)
         param_index = stack.param_index if sel is None else stack.param_index.index_select(0, sel)
         flags = finite.index_select(0, param_index)
@@ -320,14 +393,24 @@ class SoapEngine:
                 for bd, r in zip(stack.block_dims, rows, strict=True)
             ]
             self._adam_step(stack, sel, members, grads, bases, flags, step, hyper, params, deferred, compute)
-        for j, (bd, r, sl) in enumerate(zip(stack.block_dims, rows, slots, strict=True)):
+        for j, bd in enumerate(stack.block_dims):
             if bd is None:
                 continue
-            if isinstance(r, slice):
-                kernels.accumulate_statistic(bd.store.factors[r], grads, j, hyper.shampoo_beta)
-            else:
-                stat = kernels.statistic(grads, j).mul_(1.0 - hyper.shampoo_beta)
-                shared_updates.append((bd.store, r, sl, stat.to(self.factor_dtype), hyper.shampoo_beta))
+            if full and bd.stat_contiguous is not None:
+                kernels.accumulate_statistic(
+                    bd.store.factors[bd.stat_contiguous], grads, j, hyper.shampoo_beta
+                )
+                continue
+            stat_rows = [bd.stat_rows[k] for k in positions]
+            keep = [n for n, r in enumerate(stat_rows) if r >= 0]
+            if not keep:  # another rank keeps these statistics
+                continue
+            picked = grads if len(keep) == len(positions) else grads.index_select(0, self._index(keep))
+            stat = kernels.statistic(picked, j).mul_(1.0 - hyper.shampoo_beta)
+            kept = [stat_rows[n] for n in keep]
+            shared_updates.append(
+                (bd.store, self._index(kept), kept, stat.to(self.factor_dtype), hyper.shampoo_beta)
+            )
 
     def _adam_step(
         self,
@@ -436,6 +519,9 @@ class SoapEngine:
 
     def _first_bases(self, param_ids: list[int]) -> None:
         """The first call: bases from a symmetric eigendecomposition, installed at once."""
+        if self.exchange is not None:
+            self._refresh_distributed(param_ids, first=True)
+            return
         start = time.perf_counter()
         for size, slots in self._slots_of(param_ids).items():
             store = self.stores[size]
@@ -448,6 +534,9 @@ class SoapEngine:
 
     def _refresh(self, param_ids: list[int]) -> None:
         """Power iteration + QR for every factor of these parameters; install now or stash for later."""
+        if self.exchange is not None:
+            self._refresh_distributed(param_ids, first=False)
+            return
         start = time.perf_counter()
         self.counters.refreshes += 1
         for size, slots in self._slots_of(param_ids).items():
@@ -468,6 +557,101 @@ class SoapEngine:
             self._record_installs(param_ids)
         self.counters.refresh_seconds += time.perf_counter() - start
         self._warn_nonfinite(param_ids)
+
+    def _refresh_distributed(self, param_ids: list[int], first: bool) -> None:
+        """The sharded refresh: statistics to owners, owners refresh, bases broadcast to consumers.
+
+        Every rank walks the same plan entries in the same order, so the collectives match. New
+        bases are installed at step t + 1 + refresh_delay (at once for the first call).
+        """
+        start = time.perf_counter()
+        plan, topo = self.plan, self.plan.topology
+        wanted = set(param_ids)
+        entries = [e for e in plan.entries if e.param in wanted]
+        reduced = self.exchange.reduce_to_owners(
+            [e for e in entries if plan.needs_reduce(e) and e.owner // topo.shards == topo.replica],
+            self._partial_statistic,
+        )
+        results: dict[FactorEntry, tuple[Tensor, Tensor, Tensor]] = {}
+        by_size: dict[int, list[FactorEntry]] = defaultdict(list)
+        for e in entries:
+            if e.owner == topo.rank:
+                by_size[e.size].append(e)
+        for size, owned in by_size.items():
+            store = self.stores[size]
+            slots = [self.entry_slot[e][1] for e in owned]
+            per = max(1, REFRESH_CHUNK_BYTES // (size * size * store.factors.element_size()))
+            for k in range(0, len(owned), per):
+                part, part_slots = owned[k : k + per], slots[k : k + per]
+                factors = torch.stack(
+                    [
+                        reduced[e] if e in reduced else store.factors[store.stat_rows[slot]]
+                        for e, slot in zip(part, part_slots, strict=True)
+                    ]
+                )
+                if first:
+                    t0 = time.perf_counter()
+                    bases, ok = linalg.eigh_descending(factors)
+                    perm = torch.arange(size, device=self.device).expand(len(part), size)
+                    self.counters.eigh_seconds += time.perf_counter() - t0
+                else:
+                    old = store.bases.index_select(0, self._index(part_slots))
+                    bases, perm, ok = linalg.power_iteration_refresh(factors, old, self.qr_method)
+                self._report_failures(
+                    store, part_slots, ok.tolist(), "eigendecomposition" if first else "refresh"
+                )
+                for n, e in enumerate(part):
+                    results[e] = (bases[n], perm[n], ok[n])
+            if not first:
+                self.counters.factors_refreshed += len(owned)
+        flight = self.exchange.broadcast_bases(entries, results)
+        self.counters.owner_seconds += time.perf_counter() - start
+        if first:
+            self._receive(flight, param_ids, first=True)
+        else:
+            self.counters.refreshes += 1
+            if self.refresh_delay:
+                for i in param_ids:
+                    self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
+                self._inflight.append((self.calls + 1 + self.refresh_delay, flight, param_ids))
+            else:
+                self._receive(flight, param_ids, first=False)
+        self.counters.refresh_seconds += time.perf_counter() - start
+        self._warn_nonfinite(param_ids)
+
+    def _partial_statistic(self, entry: FactorEntry) -> Tensor | None:
+        store, slot = self.entry_slot.get(entry, (None, -1))
+        if store is None or store.stat_rows[slot] < 0:
+            return None
+        return store.factors[store.stat_rows[slot]]
+
+    def _receive(self, flight: Any, param_ids: list[int], first: bool) -> None:
+        """Wait for broadcast bases; put them in (first call) or stash them for their install step."""
+        got = flight.wait()
+        by_store: dict[int, list[tuple[int, tuple[Tensor, Tensor, Tensor]]]] = defaultdict(list)
+        for e, result in got.items():
+            if e in self.entry_slot:
+                store, slot = self.entry_slot[e]
+                by_store[store.size].append((slot, result))
+        for size, items in by_store.items():
+            store = self.stores[size]
+            rows = self._index([slot for slot, _ in items])
+            bases = torch.stack([r[0] for _, r in items]).to(store.dtype)
+            perm = torch.stack([r[1] for _, r in items])
+            ok = torch.stack([r[2] for _, r in items]).bool()
+            if first:
+                old = store.bases.index_select(0, rows)
+                store.bases.index_copy_(0, rows, torch.where(ok[:, None, None], bases, old))
+            else:
+                self._stash(store, rows, bases, perm, ok)
+        if not first and not self.refresh_delay:
+            self._install_pending(param_ids)
+
+    def complete_inflight(self) -> None:
+        """Wait for every outstanding broadcast (before a checkpoint); installs keep their step."""
+        while self._inflight:
+            _, flight, ids = self._inflight.pop(0)
+            self._receive(flight, ids, first=False)
 
     def pending_for(self, store: FactorStore) -> Pending:
         """The stash of refreshed bases waiting for their install step (refresh_delay >= 1)."""

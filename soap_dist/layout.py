@@ -27,6 +27,7 @@ class ParamLayout:
     block_shape: tuple[int, ...]
     preconditioned: tuple[bool, ...]
     row_counts: tuple[int, ...]
+    block_size: int | None = None
 
     @property
     def row_offsets(self) -> tuple[int, ...]:
@@ -95,7 +96,46 @@ def plan_param(
             permuted = tuple(shape[i] for i in permutation)
         block_shape = merge_dims(permuted, max_precond_dim) if merge else permuted
         preconditioned = tuple(d <= max_precond_dim for d in block_shape)
-    rows = block_shape[0]
+    return ParamLayout(
+        index,
+        group,
+        name,
+        shape,
+        permutation,
+        block_shape,
+        preconditioned,
+        _cut(block_shape[0], block_size),
+        block_size,
+    )
+
+
+def _cut(rows: int, block_size: int | None) -> tuple[int, ...]:
     cut = rows if block_size is None or rows == 0 else min(block_size, rows)
-    row_counts = tuple(min(cut, rows - start) for start in range(0, rows, cut)) if rows else ()
-    return ParamLayout(index, group, name, shape, permutation, block_shape, preconditioned, row_counts)
+    return tuple(min(cut, rows - start) for start in range(0, rows, cut)) if rows else ()
+
+
+def restrict_rows(full: ParamLayout, rows: int) -> ParamLayout:
+    """The layout of ``rows`` rows of dim 0 of a parameter (a shard), with the full parameter's decisions.
+
+    Whether a dim is preconditioned stays decided on the full parameter; only the row blocks are
+    cut anew, inside the shard (a row block never crosses a shard boundary).
+    """
+    if not full.shape:  # a scalar is never sharded
+        return full
+    full_rows = full.shape[0]
+    if rows == full_rows:
+        return full
+    per_row = full.block_shape[0] // full_rows if full_rows else 1
+    shape = (rows, *full.shape[1:])
+    block_shape = (rows * per_row, *full.block_shape[1:])
+    return ParamLayout(
+        full.index,
+        full.group,
+        full.name,
+        shape,
+        full.permutation,
+        block_shape,
+        full.preconditioned,
+        _cut(block_shape[0], full.block_size),
+        full.block_size,
+    )

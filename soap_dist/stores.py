@@ -32,6 +32,7 @@ class FactorStore:
         self.size, self.dtype, self.device = size, dtype, device
         self.slots: list[FactorSlot] = []
         self.contributors: list[int] = []
+        self.stat_rows: list[int] = []  # slot -> row of ``factors``, -1 where this rank keeps no statistic
         self.factors = torch.empty(0)
         self.bases = torch.empty(0)
 
@@ -40,9 +41,13 @@ class FactorStore:
         self.contributors.append(0)
         return len(self.slots) - 1
 
-    def materialize(self) -> None:
+    def materialize(self, accumulates: list[bool] | None = None) -> None:
+        """Allocate bases for every slot and statistics for the slots this rank accumulates."""
         n, d = len(self.slots), self.size
-        self.factors = torch.zeros(n, d, d, dtype=self.dtype, device=self.device)
+        keep = [True] * n if accumulates is None else accumulates
+        rows = iter(range(n))
+        self.stat_rows = [next(rows) if k else -1 for k in keep]
+        self.factors = torch.zeros(sum(keep), d, d, dtype=self.dtype, device=self.device)
         eye = torch.eye(d, dtype=self.dtype, device=self.device)
         self.bases = eye.expand(n, d, d).clone()
 
@@ -54,6 +59,8 @@ class BlockDim:
     store: FactorStore
     slots: list[int]
     contiguous: slice | None  # set when the blocks own consecutive, unshared slots
+    stat_rows: list[int] = field(default_factory=list)  # per block: row of store.factors, or -1
+    stat_contiguous: slice | None = None  # every block accumulates, into consecutive unshared rows
 
 
 @dataclass
