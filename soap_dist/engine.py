@@ -139,6 +139,7 @@ class SoapEngine:
             raise ValueError(f"SOAP needs all parameters on one device, got {sorted(map(str, devices))}")
         self.device = params[0].device if params else torch.device("cpu")
         self.layouts = layouts
+        self.param_dtypes = [p.dtype for p in params]
         self.factor_dtype = factor_dtype
         self.refresh_delay = refresh_delay
         # CholeskyQR2 is batched GEMMs (fast on GPUs); on CPUs LAPACK's Householder QR does fewer flops.

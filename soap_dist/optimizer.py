@@ -14,8 +14,11 @@ from typing import Any
 
 import torch
 
+from .comm import Exchange
 from .engine import SoapEngine
 from .layout import ParamLayout, plan_param
+from .placement import Placement, local, resolve, wrapper
+from .plan import PLACEMENTS, build_plan, local_layouts
 from .state_io import load_engine_state, save_engine_state
 
 Tensor = torch.Tensor
@@ -89,6 +92,10 @@ class SOAP(torch.optim.Optimizer):
         fused: compile the Adam-in-eigenbasis elementwise work into one kernel with torch.compile
             (None: try it, and fall back to eager with a warning if compilation fails; the first
             steps then pay a one-time compilation; False: eager; True: compile or raise).
+        placement: "auto" (picked at the first step from the parameters and the process group),
+            "single", "replicated" (DDP), "fsdp-local" (FSDP2) or "hsdp". See docs/design.md.
+        process_group: the data-parallel group for "replicated" (default: the world group).
+        device_mesh: a 1-D mesh for "replicated"; with DTensor parameters it must be theirs.
     """
 
     def __init__(
@@ -112,6 +119,9 @@ class SOAP(torch.optim.Optimizer):
         factor_dtype: torch.dtype = torch.float32,
         qr_method: str = "auto",
         fused: bool | None = None,
+        placement: str = "auto",
+        process_group: Any = None,
+        device_mesh: Any = None,
     ) -> None:
         _check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
@@ -146,6 +156,17 @@ class SOAP(torch.optim.Optimizer):
         self.factor_dtype = factor_dtype
         self.qr_method = qr_method
         self.fused = fused
+        _check(
+            placement in ("auto", *PLACEMENTS),
+            "placement",
+            placement,
+            "'auto', 'single', 'replicated', 'fsdp-local' or 'hsdp'",
+        )
+        self.placement = placement
+        self.process_group = process_group
+        self.device_mesh = device_mesh
+        self._placement: Placement | None = None
+        self._exchange: Exchange | None = None
         self._engine: SoapEngine | None = None
         self._carried_state: dict[int, dict[str, Tensor]] = {}
         super().__init__(params, defaults)
@@ -168,7 +189,7 @@ class SOAP(torch.optim.Optimizer):
             if p.layout != torch.strided:
                 raise TypeError(f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}")
         if self._engine is not None:  # rebuilt lazily with the new group; the existing state carries over
-            self._carried_state = save_engine_state(self._engine)
+            self._carried_state = save_engine_state(self._engine, self._exchange)
             self._engine = None
 
     # ----- layout and engine -----
@@ -205,15 +226,30 @@ class SOAP(torch.optim.Optimizer):
                 "SOAP: the parameters changed after the optimizer state was built; rebuild the optimizer "
                 "(or let Accelerate/FSDP swap parameters before the first step)"
             )
+        full = self._layouts()
+        names = [lay.name for lay in full]
+        self._placement = resolve(params, names, self.placement, self.process_group, self.device_mesh)
+        topology = self._placement.topology
+        plan = build_plan(full, topology)
+        self._exchange = None
+        local_params = [local(p) for p in params]
+        if topology.world > 1:
+            device = local_params[0].device if local_params else torch.device("cpu")
+            self._exchange = Exchange(plan, self._placement.groups, self.factor_dtype, device)
+            self._exchange.check_plan(plan.param_hashes(full), names)
         self._engine = SoapEngine(
-            self._layouts(),
-            params,
+            local_layouts(full, topology),
+            local_params,
             factor_dtype=self.factor_dtype,
             refresh_delay=self.refresh_delay,
             qr_method=self.qr_method,
             fused=self.fused,
+            plan=plan,
+            exchange=self._exchange,
         )
         self._engine_params = [id(p) for p in params]
+        for p in params:  # torch.optim/DCP read a non-empty ``state`` as "already initialised"
+            self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
         if self._carried_state:
             load_engine_state(self._engine, self._carried_state, partial=True)
             self._carried_state = {}
@@ -232,7 +268,9 @@ class SOAP(torch.optim.Optimizer):
                 raise TypeError("SOAP: sparse gradients are not supported (e.g. nn.Embedding(sparse=True))")
         for group in self.param_groups:
             validate_group(group)
-        self._ensure_engine().step(self.param_groups, params)
+        engine = self._ensure_engine()
+        active = [p.grad is not None and p.numel() > 0 for p in params]
+        engine.step(self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active)
         return loss
 
     def stats(self) -> dict[str, Any]:
@@ -240,20 +278,37 @@ class SOAP(torch.optim.Optimizer):
         if self._engine is None:
             return {"built": False}
         c = self._engine.counters
+        plan = self._engine.plan
+        me = plan.topology.rank
+        owned = [e for e in plan.entries if e.owner == me]
+        stores = list(self._engine.stores.values())
+        traffic = self._exchange.traffic if self._exchange is not None else None
         return {
             "built": True,
             "refreshes": c.refreshes,
             "factors_refreshed": c.factors_refreshed,
-            "factors_owned": sum(len(s.slots) for s in self._engine.stores.values()),
-            "owned_refresh_cost": sum(len(s.slots) * s.size**3 for s in self._engine.stores.values()),
+            "factors_owned": len(owned),
+            "owned_refresh_cost": sum(e.cost for e in owned),
             "bases_installed": c.bases_installed,
             "refresh_failures": c.refresh_failures,
             "nonfinite_params_warned": c.nonfinite_params_warned,
             "refresh_seconds": c.refresh_seconds,
             "eigh_seconds": c.eigh_seconds,
             "installed_at": list(c.installed_at),
-            "bytes_sent": 0,
-            "bytes_received": 0,
+            "owner_seconds": c.owner_seconds,
+            "placement": self._engine.plan.topology.placement,
+            "world": self._engine.plan.topology.world,
+            "rank": self._engine.plan.topology.rank,
+            "factor_bytes": sum(s.factors.numel() * s.factors.element_size() for s in stores),
+            "basis_bytes": sum(s.bases.numel() * s.bases.element_size() for s in stores),
+            "moment_bytes": sum(
+                t.numel() * t.element_size()
+                for st in self._engine.stacks
+                for t in (st.exp_avg, st.exp_avg_sq)
+            ),
+            "bytes_sent": traffic.sent if traffic else 0,
+            "bytes_received": traffic.received if traffic else 0,
+            "collectives": (traffic.reduce_calls + traffic.broadcast_calls) if traffic else 0,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -264,7 +319,11 @@ class SOAP(torch.optim.Optimizer):
             packed["params"] = list(range(index, index + len(group["params"])))
             index += len(group["params"])
             groups.append(packed)
-        state = save_engine_state(self._engine) if self._engine is not None else {}
+        state = (
+            save_engine_state(self._engine, self._exchange, wrapper(self._placement))
+            if self._engine is not None
+            else {}
+        )
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -293,3 +352,5 @@ class SOAP(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_engine", None)
         self.__dict__.setdefault("_carried_state", {})
+        self.__dict__.setdefault("_exchange", None)
+        self.__dict__.setdefault("_placement", None)

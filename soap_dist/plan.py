@@ -95,6 +95,20 @@ class Plan:
     topology: Topology
     entries: list[FactorEntry]
     holders: dict[int, list[int]] = field(default_factory=dict)  # param -> shards with rows
+    layouts: list[ParamLayout] = field(default_factory=list)  # the full parameters'
+
+    def row_width(self, param: int) -> int:
+        """Width of a parameter's compact row-factor tensor: its largest row block, over all shards."""
+        return max((e.size for e in self.entries if e.param == param and not e.shared), default=0)
+
+    def row_start(self, entry: FactorEntry) -> int:
+        """First row (block space, full parameter) of a row factor's block."""
+        full = self.layouts[entry.param]
+        rows = rows_of(full)
+        per_row = full.block_shape[0] // rows if rows else 1
+        start, count = shard_rows(rows, self.topology.shards, entry.shard)
+        local = restrict_rows(full, count)
+        return start * per_row + local.row_offsets[entry.block]
 
     def accumulates(self, entry: FactorEntry) -> bool:
         """Whether this rank adds its gradients to the entry's statistic.
@@ -190,7 +204,7 @@ def build_plan(full: Sequence[ParamLayout], topology: Topology) -> Plan:
                 if lay.preconditioned[j]:
                     entries.append(FactorEntry(lay.index, j, -1, -1, lay.block_shape[j]))
     owned = _assign_owners(entries, topology)
-    return Plan(topology, owned, holders)
+    return Plan(topology, owned, holders, list(full))
 
 
 def _assign_owners(entries: list[FactorEntry], topo: Topology) -> list[FactorEntry]:

@@ -9,21 +9,31 @@ Per parameter, in block space (after permute/merge; see docs/algorithm.md):
 - ``exp_avg`` (rotated basis) and ``exp_avg_sq``, shape = block space shape;
 - ``factor_j`` / ``basis_j`` per preconditioned dim j: ``[d_j, d_j]`` for j >= 1; for j = 0 the row
   blocks' factors side by side, ``[d_0, width]``, block r in rows [r0, r0 + n_r) and columns [0, n_r);
-- with refresh_delay >= 1: ``pending_basis_j``, ``pending_perm_j``, ``pending_ok_j`` and
-  ``install_step`` (-1 when nothing waits).
+- with refresh_delay >= 1: ``pending_basis_j``, ``pending_perm_j`` (rows for j = 0), ``pending_ok_j``
+  (one flag per row for j = 0, one for j >= 1) and ``install_step`` (-1 when nothing waits).
+
+Across ranks (docs/design.md, "Checkpoints"): moments, and row factors under fsdp-local, are the
+rank's rows of a global tensor (``wrap`` makes them DTensors); everything else is the full tensor,
+identical on every rank, assembled by one all-reduce of the owners' values. Saving also
+consolidates each shared factor's partial statistics at its owner (the sum is unchanged), so a
+loaded optimizer continues exactly as the saving one does.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .engine import SoapEngine
 from .layout import ParamLayout
-from .stores import FactorStore
+from .plan import FactorEntry, shard_rows
+from .stores import FactorStore, moment_dtype
 
 Tensor = torch.Tensor
+Wrap = Callable[[Tensor, tuple[int, ...]], Tensor]  # local rows -> a tensor of the given global shape
 
 
 def _locations(engine: SoapEngine) -> dict[int, list[tuple[int, Any, int]]]:
@@ -37,63 +47,154 @@ def _locations(engine: SoapEngine) -> dict[int, list[tuple[int, Any, int]]]:
     return where
 
 
-def _factor_slots(engine: SoapEngine, lay: ParamLayout, dim: int) -> list[tuple[FactorStore, int]]:
-    if dim == 0:
-        return [engine.row_slots[(lay.index, b)] for b in range(len(lay.row_counts))]
-    return [engine.shared_slots[(lay.index, dim)]]
-
-
-def save_engine_state(engine: SoapEngine) -> dict[int, dict[str, Tensor]]:
-    state: dict[int, dict[str, Tensor]] = {}
-    where = _locations(engine)
-    for lay in engine.layouts:
-        i = lay.index
-        entry = {
-            "step": torch.tensor(float(engine.steps[i])),
-            "initialized": torch.tensor(1.0 if engine.started[i] else 0.0),
-        }
-        pieces = where.get(i, [])
-        if pieces:
-            entry["exp_avg"] = torch.cat([s.exp_avg[pos] for _, s, pos in pieces]).clone()
-            entry["exp_avg_sq"] = torch.cat([s.exp_avg_sq[pos] for _, s, pos in pieces]).clone()
-        for j, pre in enumerate(lay.preconditioned):
-            if not pre:
-                continue
-            slots = _factor_slots(engine, lay, j)
-            entry[f"factor_{j}"] = _gather(lay, j, [st.factors[k] for st, k in slots])
-            entry[f"basis_{j}"] = _gather(lay, j, [st.bases[k] for st, k in slots])
-            if engine.refresh_delay:
-                pend = [(engine.pending_for(st), k) for st, k in slots]
-                entry[f"pending_basis_{j}"] = _gather(lay, j, [p.bases[k] for p, k in pend])
-                entry[f"pending_perm_{j}"] = torch.cat([p.perm[k] for p, k in pend]).clone()
-                entry[f"pending_ok_{j}"] = torch.stack([p.ok[k] for p, k in pend]).to(torch.float32)
-        if engine.refresh_delay:
-            entry["install_step"] = torch.tensor(float(engine.install_step.get(i, -1)))
-        state[i] = entry
-    return state
-
-
-def _gather(lay: ParamLayout, dim: int, mats: list[Tensor]) -> Tensor:
-    if dim != 0:
-        return mats[0].clone()
-    out = mats[0].new_zeros(lay.block_shape[0], lay.row_factor_width)
-    for start, rows, mat in zip(lay.row_offsets, lay.row_counts, mats, strict=True):
-        out[start : start + rows, :rows] = mat
+def _entries(engine: SoapEngine) -> dict[tuple[int, int], list[tuple[FactorEntry, FactorStore, int]]]:
+    """(param, dim) -> the plan entries this rank holds a slot for, with their slots."""
+    out: dict[tuple[int, int], list[tuple[FactorEntry, FactorStore, int]]] = defaultdict(list)
+    for e, (store, slot) in engine.entry_slot.items():
+        out[(e.param, e.dim)].append((e, store, slot))
+    for items in out.values():
+        items.sort(key=lambda item: (item[0].shard, item[0].block))
     return out
 
 
-def _scatter(lay: ParamLayout, dim: int, saved: Tensor) -> list[Tensor]:
-    if dim != 0:
-        return [saved]
-    return [
-        saved[start : start + rows, :rows]
-        for start, rows in zip(lay.row_offsets, lay.row_counts, strict=True)
-    ]
+def _rows_sharded(engine: SoapEngine) -> bool:
+    """fsdp-local: row factors stay with their shard (a DTensor), never assembled on one rank."""
+    topo = engine.plan.topology
+    return topo.replicas == 1 and topo.shards > 1
+
+
+def _local_start(engine: SoapEngine, e: FactorEntry) -> int:
+    return engine.layouts[e.param].row_offsets[e.block]
+
+
+class _Box:
+    """Where one entry sits in a per-parameter tensor: rows [start, start + n), columns [0, n)."""
+
+    def __init__(self, engine: SoapEngine, e: FactorEntry, sharded_rows: bool) -> None:
+        self.whole = e.shared
+        self.start = (
+            0 if e.shared else (_local_start(engine, e) if sharded_rows else engine.plan.row_start(e))
+        )
+        self.n = e.size
+
+    def view(self, t: Tensor) -> Tensor:
+        return t if self.whole else t[self.start : self.start + self.n, : self.n]
+
+    def rows(self, t: Tensor) -> Tensor:
+        return t if self.whole else t[self.start : self.start + self.n]
+
+
+def save_engine_state(engine: SoapEngine, exchange: Any = None, wrap: Wrap | None = None) -> dict[int, dict]:
+    engine.complete_inflight()
+    plan, me = engine.plan, engine.plan.topology.rank
+    sharded_rows = _rows_sharded(engine)
+    where, held = _locations(engine), _entries(engine)
+    delay = engine.refresh_delay
+    summed: list[Tensor] = []  # full tensors every rank fills with what it owns, then all-reduced
+    state: dict[int, dict] = {}
+    for lay in engine.layouts:
+        i, full = lay.index, plan.layouts[lay.index]
+        entry: dict[str, Tensor] = {
+            "step": torch.tensor(float(engine.steps[i])),
+            "initialized": torch.tensor(1.0 if engine.started[i] else 0.0),
+        }
+        moments = _moments(engine, lay, where.get(i, []))
+        for key, local in zip(("exp_avg", "exp_avg_sq"), moments, strict=True):
+            entry[key] = wrap(local, full.block_shape) if wrap is not None and sharded_any(engine) else local
+        for j, pre in enumerate(lay.preconditioned):
+            if not pre:
+                continue
+            items = held.get((i, j), [])
+            local_form = j == 0 and sharded_rows
+            if j == 0:
+                rows = lay.block_shape[0] if local_form else full.block_shape[0]
+                shapes = {"m": (rows, plan.row_width(i)), "v": (rows,)}
+            else:
+                d = lay.block_shape[j]
+                shapes = {"m": (d, d), "v": (d,)}
+            keys = {f"factor_{j}": "m", f"basis_{j}": "m"}
+            if delay:
+                keys |= {f"pending_basis_{j}": "m", f"pending_perm_{j}": "v", f"pending_ok_{j}": "v"}
+            made = {
+                k: torch.zeros(shapes[kind], dtype=engine.factor_dtype, device=engine.device)
+                for k, kind in keys.items()
+            }
+            for e, store, slot in items:
+                box = _Box(engine, e, local_form)
+                stat = store.stat_rows[slot]
+                if stat >= 0:  # partials of a shared factor sum to the whole; a row factor has one keeper
+                    box.view(made[f"factor_{j}"]).copy_(store.factors[stat])
+                if local_form or e.owner == me:
+                    box.view(made[f"basis_{j}"]).copy_(store.bases[slot])
+                    if delay:
+                        pend = engine.pending_for(store)
+                        box.view(made[f"pending_basis_{j}"]).copy_(pend.bases[slot])
+                        box.rows(made[f"pending_perm_{j}"]).copy_(pend.perm[slot].to(engine.factor_dtype))
+                        box.rows(made[f"pending_ok_{j}"]).fill_(float(pend.ok[slot]))
+            for k, t in made.items():
+                if local_form:
+                    entry[k] = wrap(t, (full.block_shape[0], *t.shape[1:])) if wrap is not None else t
+                else:
+                    summed.append(t)
+                    entry[k] = t
+        if delay:
+            entry["install_step"] = torch.tensor(float(engine.install_step.get(i, -1)))
+        state[i] = entry
+    if exchange is not None and summed:
+        flat = exchange.all_reduce_sum(torch.cat([t.reshape(-1) for t in summed]))
+        at = 0
+        for t in summed:
+            t.copy_(flat[at : at + t.numel()].view_as(t))
+            at += t.numel()
+        _consolidate(engine, state)
+    for entry in state.values():
+        for k in list(entry):
+            if k.startswith("pending_perm_") and not _is_dtensor(entry[k]):
+                entry[k] = entry[k].round().long()
+    return state
+
+
+def sharded_any(engine: SoapEngine) -> bool:
+    return engine.plan.topology.shards > 1
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _moments(engine: SoapEngine, lay: ParamLayout, pieces: list) -> tuple[Tensor, Tensor]:
+    if pieces:
+        return (
+            torch.cat([s.exp_avg[pos] for _, s, pos in pieces]).clone(),
+            torch.cat([s.exp_avg_sq[pos] for _, s, pos in pieces]).clone(),
+        )
+    dtype = moment_dtype(engine.param_dtypes[lay.index])
+    empty = torch.zeros(lay.block_shape, dtype=dtype, device=engine.device)
+    return empty, empty.clone()
+
+
+def _consolidate(engine: SoapEngine, state: dict[int, dict]) -> None:
+    """A shared factor's statistic moves whole to its owner; the other ranks' partials restart at 0."""
+    plan, me = engine.plan, engine.plan.topology.rank
+    for e, (store, slot) in engine.entry_slot.items():
+        row = store.stat_rows[slot]
+        if row < 0 or not plan.needs_reduce(e):
+            continue
+        if e.owner == me:
+            store.factors[row].copy_(state[e.param][f"factor_{e.dim}"])
+        else:
+            store.factors[row].zero_()
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
     """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks."""
-    where = _locations(engine)
+    plan, me = engine.plan, engine.plan.topology.rank
+    sharded_rows = _rows_sharded(engine)
+    where, held = _locations(engine), _entries(engine)
     if not partial and len(state) != len(engine.layouts):
         raise ValueError(
             f"SOAP.load_state_dict: the state holds {len(state)} parameters, "
@@ -105,42 +206,40 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
             if partial:
                 continue
             raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
-        engine.steps[lay.index] = int(entry["step"].item())
-        engine.started[lay.index] = bool(entry.get("initialized", entry["step"]).item() > 0)
+        engine.steps[lay.index] = int(_local(entry["step"]).item())
+        engine.started[lay.index] = bool(_local(entry.get("initialized", entry["step"])).item() > 0)
         pieces = where.get(lay.index, [])
         if pieces:
-            _expect(entry["exp_avg"], lay.block_shape, lay, "exp_avg")
+            exp_avg, exp_avg_sq = _local(entry["exp_avg"]), _local(entry["exp_avg_sq"])
+            _expect(exp_avg, lay.block_shape, lay, "exp_avg")
             offsets = lay.row_offsets
             for b, stack, pos in pieces:
                 rows = slice(offsets[b], offsets[b] + lay.row_counts[b])
-                stack.exp_avg[pos].copy_(entry["exp_avg"][rows])
-                stack.exp_avg_sq[pos].copy_(entry["exp_avg_sq"][rows])
+                stack.exp_avg[pos].copy_(exp_avg[rows])
+                stack.exp_avg_sq[pos].copy_(exp_avg_sq[rows])
         for j, pre in enumerate(lay.preconditioned):
             if not pre:
                 continue
-            slots = _factor_slots(engine, lay, j)
-            for (store, k), f, q in zip(
-                slots,
-                _scatter(lay, j, entry[f"factor_{j}"]),
-                _scatter(lay, j, entry[f"basis_{j}"]),
-                strict=True,
-            ):
-                store.factors[k].copy_(f)
-                store.bases[k].copy_(q)
-            if engine.refresh_delay and f"pending_basis_{j}" in entry:
-                offsets = (
-                    [0, *torch.tensor(lay.row_counts).cumsum(0).tolist()]
-                    if j == 0
-                    else [0, lay.block_shape[j]]
-                )
-                bases = _scatter(lay, j, entry[f"pending_basis_{j}"])
-                for n, (store, k) in enumerate(slots):
+            local_form = j == 0 and sharded_rows
+            factor, basis = _local(entry[f"factor_{j}"]), _local(entry[f"basis_{j}"])
+            pending = engine.refresh_delay and f"pending_basis_{j}" in entry
+            for e, store, slot in held.get((lay.index, j), []):
+                box = _Box(engine, e, local_form)
+                store.bases[slot].copy_(box.view(basis))
+                row = store.stat_rows[slot]
+                if row >= 0:
+                    whole = local_form or not plan.needs_reduce(e) or e.owner == me
+                    store.factors[row].copy_(
+                        box.view(factor) if whole else torch.zeros_like(store.factors[row])
+                    )
+                if pending:
                     pend = engine.pending_for(store)
-                    pend.bases[k].copy_(bases[n])
-                    pend.perm[k].copy_(entry[f"pending_perm_{j}"][offsets[n] : offsets[n + 1]])
-                    pend.ok[k] = bool(entry[f"pending_ok_{j}"][n] > 0)
+                    pend.bases[slot].copy_(box.view(_local(entry[f"pending_basis_{j}"])))
+                    pend.perm[slot].copy_(box.rows(_local(entry[f"pending_perm_{j}"])).round().long())
+                    ok_rows = box.rows(_local(entry[f"pending_ok_{j}"]).reshape(-1))
+                    pend.ok[slot] = bool(ok_rows[0] > 0.5)
         if engine.refresh_delay and "install_step" in entry:
-            step = int(entry["install_step"].item())
+            step = int(_local(entry["install_step"]).item())
             if step >= 0:
                 engine.install_step[lay.index] = step
             else:
@@ -153,3 +252,6 @@ def _expect(tensor: Tensor, shape: tuple[int, ...], lay: ParamLayout, key: str) 
             f"SOAP.load_state_dict: {key} of {lay.name} has shape {tuple(tensor.shape)}, "
             f"expected {tuple(shape)}"
         )
+
+
+__all__ = ["load_engine_state", "save_engine_state", "shard_rows"]
