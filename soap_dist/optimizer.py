@@ -344,9 +344,17 @@ class SOAP(torch.optim.Optimizer):
                     )
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
             group["betas"] = tuple(group["betas"])
+        # Saved params are ids (torch.optim) or FQNs (DCP's set_optimizer_state_dict): map by position.
+        by_saved_id: dict[Any, int] = {}
+        index = 0
+        for saved in saved_groups:
+            for saved_id in saved["params"]:
+                by_saved_id[saved_id] = index
+                index += 1
+        state = {by_saved_id.get(k, k): v for k, v in state_dict["state"].items()}
         self._engine = None
-        if state_dict["state"]:
-            load_engine_state(self._ensure_engine(), state_dict["state"])
+        if state:
+            load_engine_state(self._ensure_engine(), state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

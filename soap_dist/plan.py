@@ -122,6 +122,18 @@ class Plan:
         owner_replica = entry.owner // topo.shards
         return owner_replica == topo.replica and topo.shard in self.holders.get(entry.param, [])
 
+    def keeper(self, entry: FactorEntry) -> int:
+        """The rank that holds a shared factor's whole statistic after a checkpoint consolidates it.
+
+        The owner when it holds rows of the parameter, else the first rank of its replica that does
+        (an owner with an empty shard keeps no statistic).
+        """
+        topo = self.topology
+        holders = self.holders.get(entry.param, [])
+        if entry.owner % topo.shards in holders:
+            return entry.owner
+        return min(r for r in topo.shard_group(entry.owner // topo.shards) if r % topo.shards in holders)
+
     def consumes(self, entry: FactorEntry) -> bool:
         """Whether this rank rotates with the entry's basis (it holds rows of the parameter)."""
         topo = self.topology

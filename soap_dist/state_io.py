@@ -180,7 +180,7 @@ def _consolidate(engine: SoapEngine, state: dict[int, dict]) -> None:
         row = store.stat_rows[slot]
         if row < 0 or not plan.needs_reduce(e):
             continue
-        if e.owner == me:
+        if plan.keeper(e) == me:
             store.factors[row].copy_(state[e.param][f"factor_{e.dim}"])
         else:
             store.factors[row].zero_()
@@ -228,7 +228,7 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
                 store.bases[slot].copy_(box.view(basis))
                 row = store.stat_rows[slot]
                 if row >= 0:
-                    whole = local_form or not plan.needs_reduce(e) or e.owner == me
+                    whole = local_form or not plan.needs_reduce(e) or plan.keeper(e) == me
                     store.factors[row].copy_(
                         box.view(factor) if whole else torch.zeros_like(store.factors[row])
                     )

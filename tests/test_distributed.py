@@ -1,0 +1,109 @@
+"""The distributed engine against one process: replicated (DDP), fsdp-local, hsdp, refresh_delay,
+checkpoints, plan checks and injected failures. All world-2 checks share one spawned gloo group,
+all world-4 checks another (start-up dominates their cost)."""
+
+from __future__ import annotations
+
+import dist_scenarios
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dcp"))
+
+
+@pytest.fixture(scope="module")
+def world2(checkpoint_dir):
+    return dist_scenarios.run_world(2, checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def world4(checkpoint_dir, world2):  # loads the checkpoint world 2 wrote
+    return dist_scenarios.run_world(4, checkpoint_dir)
+
+
+def result(ranks, name):
+    for r, res in enumerate(ranks):
+        assert "exception" not in res[name], f"rank {r} raised:\n{res[name]['exception']}"
+    return ranks[0][name]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicated_is_one_process_bitwise(world, world2, world4):
+    ranks = world2 if world == 2 else world4
+    res = result(ranks, "replicated")
+    assert res["placement"] == "replicated"
+    assert res["max_abs_diff"] == 0.0  # bases are broadcast copies; nothing is reduced
+    # the owners share the work: every rank owns some factors, statistics only for owned ones
+    assert all(r["replicated"]["owned"] > 0 for r in ranks)
+    assert sum(r["replicated"]["owned"] for r in ranks) == 7  # 2 row + 5 shared factors in SHAPES
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_model_matches_one_process_on_the_global_batch(world, world2, world4):
+    res = result(world2 if world == 2 else world4, "ddp_model")
+    assert res["placement"] == "replicated"
+    assert res["rel"] <= 1e-6
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_local_with_aligned_blocks_matches_one_process(world, world2, world4):
+    res = result(world2 if world == 2 else world4, "fsdp_aligned")
+    assert res["placement"] == "fsdp-local"
+    assert res["rel_b1"] <= 1e-6  # includes 17 rows over 2/4 ranks, 3 rows over 4, embedding, bias
+    assert res["rel_b2"] <= 1e-6
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_local_unblocked_uses_the_shards_as_row_blocks(world, world2, world4):
+    res = result(world2 if world == 2 else world4, "fsdp_unblocked")
+    assert res["rel_to_shard_blocks"] <= 1e-6
+    assert res["rel_to_unblocked"] > 1e-3  # the documented dependence on the world size
+
+
+def test_hsdp_equals_fsdp_local_over_the_shard_group(world4):
+    res = result(world4, "hsdp")
+    assert res["placement"] == "hsdp"
+    assert res["rel_b1"] <= 1e-12
+    assert res["rel_bNone"] <= 1e-12
+
+
+def test_refresh_delay_is_reproducible_and_installs_at_t_plus_2(world2):
+    res = result(world2, "delayed")
+    assert res["bitwise"]
+    k = 3
+    assert [step for _, step in res["installed_at"]] == [t + 2 for t in range(k, 15, k)]
+    assert abs(res["loss_delay1"] - res["loss_delay0"]) <= 0.05 * res["loss_delay0"]
+
+
+def test_plan_mismatch_names_the_parameter_on_every_rank(world2):
+    for ranks in world2:
+        error = ranks["plan_mismatch"]["error"]
+        assert error.startswith("PlanMismatchError"), error
+        assert "parameter 1" in error and "params[1]" in error
+
+
+def test_injected_refresh_failure_keeps_old_bases_everywhere(world2):
+    res = result(world2, "refresh_failure")
+    assert res["owned_by_0"] > 0 and res["others"] > 0
+    assert res["kept"] == res["owned_by_0"]  # rank 0's factors kept their old bases, on every rank
+    assert res["moved"] == res["others"]  # the other owner's refreshes went through
+    assert res["finite"] and res["same_params_everywhere"]
+    assert world2[0]["refresh_failure"]["failures"] == res["owned_by_0"]
+    assert world2[1]["refresh_failure"]["failures"] == 0
+
+
+def test_dcp_round_trip_continues_bitwise_at_world_2(world2):
+    res = result(world2, "checkpoint")
+    assert res["placement"] == "fsdp-local"
+    assert res["restored_steps"] == [6]
+    assert res["bitwise"]
+
+
+def test_dcp_world2_checkpoint_loads_and_continues_at_world_4(world4):
+    res = result(world4, "checkpoint")
+    assert res["restored_steps"] == [6]
+    assert res["rel_to_world2"] <= 1e-6

@@ -1,0 +1,69 @@
+"""The ownership plan: deterministic, balanced, and each factor where its locality rule allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from soap_dist.bench.param_sets import gpt2_specs
+from soap_dist.layout import plan_param
+from soap_dist.plan import Topology, build_plan, shard_rows
+
+
+def gpt2_small_layouts(block_size=None):
+    return [
+        plan_param(
+            i,
+            0,
+            s.name,
+            s.shape,
+            max_precond_dim=10000,
+            merge=False,
+            precondition_1d=False,
+            data_format="channels_first",
+            block_size=block_size,
+        )
+        for i, s in enumerate(gpt2_specs("gpt2-small"))
+    ]
+
+
+@pytest.mark.parametrize(
+    "topology",
+    [Topology("replicated", 4, 1, 0), Topology("fsdp-local", 1, 4, 0), Topology("hsdp", 2, 2, 0)],
+    ids=lambda t: t.placement,
+)
+def test_plan_balance_gpt2_small_world_4(topology):
+    plan = build_plan(gpt2_small_layouts(), topology)
+    cost = plan.owned_cost()
+    assert max(cost) / (sum(cost) / len(cost)) <= 1.25
+    owned = plan.owned_bytes()
+    largest = max(e.size * e.size * 4 for e in plan.entries)
+    assert max(owned) - sum(owned) / len(owned) <= largest
+
+
+def test_plan_is_a_function_of_shapes_only():
+    a = build_plan(gpt2_small_layouts(), Topology("replicated", 4, 1, 0))
+    b = build_plan(gpt2_small_layouts(), Topology("replicated", 4, 1, 3))
+    assert a.entries == b.entries
+    assert a.param_hashes(gpt2_small_layouts()) == b.param_hashes(gpt2_small_layouts())
+
+
+def test_locality_rules():
+    plan = build_plan(gpt2_small_layouts(), Topology("hsdp", 2, 2, 0))
+    for e in plan.entries:
+        if not e.shared:  # a row factor is owned by a replica of its own shard
+            assert e.owner % 2 == e.shard
+    fsdp = build_plan(gpt2_small_layouts(), Topology("fsdp-local", 1, 4, 0))
+    assert all(e.owner == e.shard for e in fsdp.entries if not e.shared)
+    # the 50304-row embedding has no row factor at any world size (decided on the full dim)
+    assert not [e for e in fsdp.entries if e.param == 0 and not e.shared]
+
+
+@pytest.mark.parametrize("rows,shards", [(17, 2), (17, 4), (3, 4), (0, 2), (8, 4)])
+def test_shard_rows_follows_torch_chunk(rows, shards):
+    import torch
+
+    chunks = [c.shape[0] for c in torch.empty(rows, 1).chunk(shards)] if rows else []
+    chunks += [0] * (shards - len(chunks))
+    assert [shard_rows(rows, shards, s)[1] for s in range(shards)] == chunks
+    starts = [shard_rows(rows, shards, s)[0] for s in range(shards)]
+    assert starts == [min(sum(chunks[:s]), rows) for s in range(shards)]
