@@ -74,12 +74,58 @@ def replicated(world):
     got, opt = _distributed(None, None)
     want = one_process()
     stats = opt.stats()
+    _, single = _distributed(None, None, placement="single")
     return {
         "placement": stats["placement"],
         "max_abs_diff": max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)),
         "owned": stats["factors_owned"],
         "sent": stats["bytes_sent"],
         "factor_bytes": stats["factor_bytes"],
+        "single_factor_bytes": single.stats()["factor_bytes"],
+    }
+
+
+def unsupported(world):
+    """Shard(1) (what tensor parallel or shard_placement_fn gives) and mixed DTensor/plain fail clearly."""
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    cases = {
+        "shard1": [torch.nn.Parameter(distribute_tensor(torch.randn(4, 8), mesh, [Shard(1)]))],
+        "mixed": [
+            torch.nn.Parameter(distribute_tensor(torch.randn(4, 8), mesh, [Shard(0)])),
+            torch.nn.Parameter(torch.randn(4, 8)),
+        ],
+    }
+    for name, params in cases.items():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        try:
+            SOAP(params).step()
+            out[name] = ""
+        except ValueError as error:
+            out[name] = str(error)
+    return out
+
+
+def nonfinite_shard(world):
+    """A NaN in one rank's shard skips the whole parameter on every rank, as in one process."""
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(16, 6), (8, 4)]
+    params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in _inits(shapes)]
+    reference = [torch.nn.Parameter(w.clone()) for w in _inits(shapes)]
+    opt, ref = SOAP(params, **COMMON, block_size=1), SOAP(reference, **COMMON, block_size=1)
+    for step, gs in enumerate(_grads(shapes, 8)):
+        if step == 4:
+            gs[0][-1, 0] = float("nan")  # the last rank's rows only
+        for p, r, g in zip(params, reference, gs, strict=True):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            r.grad = g.clone()
+        opt.step()
+        ref.step()
+    got = [p.detach().full_tensor() for p in params]
+    return {
+        "rel": _rel(got, [r.detach() for r in reference]),
+        "finite": all(torch.isfinite(g).all() for g in got),
     }
 
 
@@ -316,6 +362,8 @@ SCENARIOS = {
         delayed,
         plan_mismatch,
         refresh_failure,
+        unsupported,
+        nonfinite_shard,
         checkpoint,
     ],
     4: [replicated, ddp_model, fsdp_aligned, fsdp_unblocked, hsdp, checkpoint],

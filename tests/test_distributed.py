@@ -40,6 +40,9 @@ def test_replicated_is_one_process_bitwise(world, world2, world4):
     # the owners share the work: every rank owns some factors, statistics only for owned ones
     assert all(r["replicated"]["owned"] > 0 for r in ranks)
     assert sum(r["replicated"]["owned"] for r in ranks) == 7  # 2 row + 5 shared factors in SHAPES
+    # statistics live only at owners: per-rank factor memory sums to one process's
+    assert sum(r["replicated"]["factor_bytes"] for r in ranks) == res["single_factor_bytes"]
+    assert max(r["replicated"]["factor_bytes"] for r in ranks) < res["single_factor_bytes"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -107,3 +110,15 @@ def test_dcp_world2_checkpoint_loads_and_continues_at_world_4(world4):
     res = result(world4, "checkpoint")
     assert res["restored_steps"] == [6]
     assert res["rel_to_world2"] <= 1e-6
+
+
+def test_unsupported_layouts_fail_with_what_is_supported(world2):
+    res = result(world2, "unsupported")
+    assert "Shard(dim=1)" in res["shard1"] and "SOAP supports" in res["shard1"]
+    assert "plain tensor while other parameters are DTensors" in res["mixed"]
+
+
+def test_nonfinite_gradient_in_one_shard_skips_the_parameter_everywhere(world2):
+    res = result(world2, "nonfinite_shard")
+    assert res["finite"]
+    assert res["rel"] <= 1e-6
