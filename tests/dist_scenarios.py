@@ -129,6 +129,22 @@ def nonfinite_shard(world):
     }
 
 
+def explicit_group(world):
+    """Two independent replicated pairs inside one world, through process_group= and device_mesh=."""
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    got, opt = _distributed(None, None, process_group=pairs[rank // 2])
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pair", "member"))
+    by_mesh, opt_mesh = _distributed(None, None, device_mesh=mesh["member"])
+    want = one_process()
+    return {
+        "world": opt.stats()["world"],
+        "mesh_world": opt_mesh.stats()["world"],
+        "max_abs_diff": max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)),
+        "mesh_max_abs_diff": max((a - b).abs().max().item() for a, b in zip(by_mesh, want, strict=True)),
+    }
+
+
 def ddp_model(world):
     """A real DDP model: each rank its slice of the global batch; DDP averages the gradients."""
     torch.manual_seed(0)  # square layers and a batch >= width: every factor is full rank
@@ -366,7 +382,7 @@ SCENARIOS = {
         nonfinite_shard,
         checkpoint,
     ],
-    4: [replicated, ddp_model, fsdp_aligned, fsdp_unblocked, hsdp, checkpoint],
+    4: [replicated, explicit_group, ddp_model, fsdp_aligned, fsdp_unblocked, hsdp, checkpoint],
 }
 
 

@@ -45,6 +45,12 @@ def test_replicated_is_one_process_bitwise(world, world2, world4):
     assert max(r["replicated"]["factor_bytes"] for r in ranks) < res["single_factor_bytes"]
 
 
+def test_explicit_process_group_and_device_mesh(world4):
+    res = result(world4, "explicit_group")
+    assert res["world"] == 2 and res["mesh_world"] == 2
+    assert res["max_abs_diff"] == 0.0 and res["mesh_max_abs_diff"] == 0.0
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_ddp_model_matches_one_process_on_the_global_batch(world, world2, world4):
     res = result(world2 if world == 2 else world4, "ddp_model")
