@@ -236,7 +236,15 @@ class SOAP(torch.optim.Optimizer):
         if topology.world > 1:
             device = local_params[0].device if local_params else torch.device("cpu")
             self._exchange = Exchange(plan, self._placement.groups, self.factor_dtype, device)
-            self._exchange.check_plan(plan.param_hashes(full), names)
+            extras = [
+                (
+                    self.param_groups[lay.group]["precondition_frequency"],
+                    self.refresh_delay,
+                    str(self.factor_dtype),
+                )
+                for lay in full
+            ]
+            self._exchange.check_plan(plan.param_hashes(full, extras), names)
         self._engine = SoapEngine(
             local_layouts(full, topology),
             local_params,

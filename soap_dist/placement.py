@@ -127,10 +127,12 @@ def _from_dtensors(params, names, placement, device_mesh) -> Placement:
         replicas, shards = mesh.size(0), mesh.size(1)
         rank = mesh.get_local_rank(0) * shards + mesh.get_local_rank(1)
         ranks = mesh.mesh.flatten().tolist()
-        if len(ranks) == dist.get_world_size():
-            world = dist.group.WORLD
-        else:  # every rank of the default group must take part in new_group
-            world = dist.new_group(sorted(ranks))
+        if len(ranks) != dist.get_world_size():  # a world group for the mesh would need every rank
+            raise ValueError(
+                f"SOAP: hsdp needs the 2-D device mesh to span every rank of the default process group "
+                f"(it spans {len(ranks)} of {dist.get_world_size()}); build the mesh over all ranks"
+            )
+        world = dist.group.WORLD
         topology = Topology(kind, replicas, shards, rank)
         groups = Groups(world=world, shard=mesh.get_group(1), replicate=mesh.get_group(0), ranks=ranks)
     else:

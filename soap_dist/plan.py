@@ -161,8 +161,12 @@ class Plan:
             loads[e.owner] += e.size * e.size * element_size
         return loads
 
-    def param_hashes(self, layouts: Sequence[ParamLayout]) -> list[int]:
-        """One 63-bit hash per parameter of everything the plan decided for it."""
+    def param_hashes(self, layouts: Sequence[ParamLayout], extras: Sequence[object] = ()) -> list[int]:
+        """One 63-bit hash per parameter of everything the plan decided for it.
+
+        ``extras[i]`` adds what else must agree across ranks for parameter i (its group's refresh
+        frequency, the refresh delay): a disagreement there would desynchronise the collectives.
+        """
         per: dict[int, list[FactorEntry]] = {}
         for e in self.entries:
             per.setdefault(e.param, []).append(e)
@@ -180,6 +184,7 @@ class Plan:
                     lay.block_shape,
                     lay.preconditioned,
                     [(e.dim, e.shard, e.block, e.size, e.owner) for e in per.get(lay.index, [])],
+                    extras[lay.index] if extras else None,
                 )
             )
             digest = hashlib.blake2b(text.encode(), digest_size=8).digest()

@@ -206,6 +206,12 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
             if partial:
                 continue
             raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
+        if not engine.refresh_delay and "install_step" in entry and _local(entry["install_step"]).item() >= 0:
+            raise ValueError(
+                f"SOAP.load_state_dict: the state of {lay.name} holds a refreshed basis waiting for its "
+                "install step (saved with refresh_delay >= 1); load it into an optimizer with the same "
+                "refresh_delay"
+            )
         engine.steps[lay.index] = int(_local(entry["step"]).item())
         engine.started[lay.index] = bool(_local(entry.get("initialized", entry["step"])).item() > 0)
         pieces = where.get(lay.index, [])

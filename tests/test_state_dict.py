@@ -100,3 +100,16 @@ def test_add_param_group_mid_run_keeps_the_existing_state():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(extra, extra_init)
     assert opt_b.state_dict()["state"][len(SHAPES)]["step"].item() == 5.0
+
+
+def test_pending_basis_is_not_dropped_by_a_load_without_refresh_delay():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    opt = SOAP([w], precondition_frequency=2, refresh_delay=1, fused=False)
+    for _ in range(4):  # a refresh at step 2, installed at step 4; saved at step 3
+        w.grad = torch.randn(6, 5)
+        opt.step()
+    saved = opt.state_dict()
+    other = SOAP([torch.nn.Parameter(w.detach().clone())], precondition_frequency=2, fused=False)
+    with pytest.raises(ValueError, match="refresh_delay"):
+        other.load_state_dict(saved)
