@@ -36,10 +36,12 @@ def test_replicated_is_one_process_bitwise(world, world2, world4):
     ranks = world2 if world == 2 else world4
     res = result(ranks, "replicated")
     assert res["placement"] == "replicated"
-    assert res["max_abs_diff"] == 0.0  # bases are broadcast copies; nothing is reduced
+    # Bases are broadcast copies and nothing is reduced; the owners' statistics come from batched
+    # GEMMs over a subset of a stack, which may round differently from one process's batch.
+    assert res["rel"] <= 1e-12
     # the owners share the work: every rank owns some factors, statistics only for owned ones
     assert all(r["replicated"]["owned"] > 0 for r in ranks)
-    assert sum(r["replicated"]["owned"] for r in ranks) == 7  # 2 row + 5 shared factors in SHAPES
+    assert sum(r["replicated"]["owned"] for r in ranks) == 11  # 4 row + 7 shared factors in SHAPES
     # statistics live only at owners: per-rank factor memory sums to one process's
     assert sum(r["replicated"]["factor_bytes"] for r in ranks) == res["single_factor_bytes"]
     assert max(r["replicated"]["factor_bytes"] for r in ranks) < res["single_factor_bytes"]
@@ -48,7 +50,7 @@ def test_replicated_is_one_process_bitwise(world, world2, world4):
 def test_explicit_process_group_and_device_mesh(world4):
     res = result(world4, "explicit_group")
     assert res["world"] == 2 and res["mesh_world"] == 2
-    assert res["max_abs_diff"] == 0.0 and res["mesh_max_abs_diff"] == 0.0
+    assert res["rel"] <= 1e-12 and res["mesh_rel"] <= 1e-12
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -36,6 +36,7 @@ DELAYS = (0, 1)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Flags, checked up front so that a bad value fails before any rank is spawned."""
     p = argparse.ArgumentParser(prog="python -m soap_dist.bench.scaling", description=__doc__)
     p.add_argument("--worlds", default="1,2,4", help="comma list of world sizes (default 1,2,4)")
     p.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
@@ -233,6 +234,7 @@ def summarize(ranks: list[dict[str, Any]], k: int, warmup: int) -> dict[str, Any
 
 
 def reference_summary(ref: dict[str, Any], k: int, warmup: int, refreshes: bool) -> dict[str, Any]:
+    """AdamW's or plain SOAP's step times read the same way as soap_dist's (median, refresh, cycle mean)."""
     steps = ref["step_s"]
     kept = [(i + 1, s) for i, s in enumerate(steps) if i + 1 > warmup]
     plain = [s for t, s in kept if not (refreshes and t % k == 0)]
@@ -271,6 +273,7 @@ def _fmt(x: float | None, kind: str) -> str:
 
 
 def main_table(rows: list[dict[str, Any]], base: dict[tuple[str, int], dict[str, Any]], k: int) -> str:
+    """One markdown row per (world, placement, delay), with ratios to world 1 so scaling reads directly."""
     head = [
         "world",
         "placement",
@@ -317,6 +320,7 @@ def main_table(rows: list[dict[str, Any]], base: dict[tuple[str, int], dict[str,
 
 
 def rank_table(rows: list[dict[str, Any]]) -> str:
+    """One row per rank: shows the owner imbalance and where each rank's bytes go, which a max hides."""
     head = [
         "world",
         "placement",
@@ -385,13 +389,20 @@ def describe_source() -> str:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "soap_dist"], cwd=root).returncode
+        dirty = subprocess.run(
+            ["git", "diff", "--name-only", "HEAD", "--", "soap_dist"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return f"commit {head}" + (" with uncommitted edits under soap_dist/" if dirty else "")
+    return f"commit {head}" + (f" with uncommitted edits to {', '.join(dirty)}" if dirty else "")
 
 
 def describe_cpu() -> str:
+    """The CPU model, so that CPU timings can be matched to the machine they came from."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -402,6 +413,7 @@ def describe_cpu() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run every world size, then print the tables, the reference lines, the checks and the notes."""
     args = parse_args(argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     width = None if args.width == 0 else args.width
