@@ -21,6 +21,10 @@ Tensor = torch.Tensor
 Result = tuple[Tensor, Tensor, Tensor]  # basis [d, d], sort permutation [d], ok flag []
 
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; torch >= 2.6 has one
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class PlanMismatchError(RuntimeError):
     """The ranks built different plans (different models, options or world layouts)."""
 
@@ -43,6 +47,7 @@ class Traffic:
     received: int = 0
     reduce_calls: int = 0
     broadcast_calls: int = 0
+    small_calls: int = 0  # plan check and per-step finite flags
 
 
 @dataclass
@@ -98,6 +103,12 @@ class Exchange:
     def _bytes(self, t: Tensor) -> int:
         return t.numel() * t.element_size()
 
+    def _count_small(self, sent: Tensor, received: Tensor) -> None:
+        """The plan check and the per-step finite flags: small, but counted."""
+        self.traffic.sent += self._bytes(sent)
+        self.traffic.received += self._bytes(received)
+        self.traffic.small_calls += 1
+
     # ----- first step -----
     def check_plan(self, hashes: list[int], names: list[str]) -> None:
         """One small all_gather of (count, plan hash); a second one only to name a mismatch."""
@@ -105,7 +116,8 @@ class Exchange:
         total = hash(tuple(hashes)) & ((1 << 63) - 1)
         mine = torch.tensor([len(hashes), total], dtype=torch.int64, device=self.device)
         every = torch.empty(world * 2, dtype=torch.int64, device=self.device)
-        dist.all_gather_into_tensor(every, mine, group=self.groups.world)
+        _all_gather(every, mine, group=self.groups.world)
+        self._count_small(mine, every)
         every = every.view(world, 2)
         if bool((every == every[0]).all()):
             return
@@ -114,7 +126,7 @@ class Exchange:
         padded[0] = len(hashes)
         padded[1 : len(hashes) + 1] = torch.tensor(hashes, dtype=torch.int64)
         table = torch.empty(world * (width + 1), dtype=torch.int64, device=self.device)
-        dist.all_gather_into_tensor(table, padded, group=self.groups.world)
+        _all_gather(table, padded, group=self.groups.world)
         table = table.view(world, width + 1).cpu()
         for i in range(width):
             column = table[:, i + 1]
@@ -138,6 +150,7 @@ class Exchange:
             return flags
         as_int = flags.to(torch.int32)
         dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self.groups.shard)
+        self._count_small(as_int, as_int)
         return as_int.bool()
 
     # ----- refresh -----

@@ -316,7 +316,9 @@ class SOAP(torch.optim.Optimizer):
             ),
             "bytes_sent": traffic.sent if traffic else 0,
             "bytes_received": traffic.received if traffic else 0,
-            "collectives": (traffic.reduce_calls + traffic.broadcast_calls) if traffic else 0,
+            "collectives": (traffic.reduce_calls + traffic.broadcast_calls + traffic.small_calls)
+            if traffic
+            else 0,
         }
 
     def state_dict(self) -> dict[str, Any]:
