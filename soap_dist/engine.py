@@ -645,8 +645,10 @@ class SoapEngine:
             if e in self.entry_slot:
                 store, slot = self.entry_slot[e]
                 by_store[store.size].append((slot, result))
-        for size, items in by_store.items():
-            store = self.stores[size]
+        # Stores in the engine's own order, never the order results arrived in: carrying m through
+        # two dims' new bases in another order rounds differently, and replicas would drift apart.
+        for size in [size for size in self.stores if size in by_store]:
+            store, items = self.stores[size], by_store[size]
             items.sort(key=lambda item: item[0])
             part = [slot for slot, _ in items]
             rows = self._index(part)

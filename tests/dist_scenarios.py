@@ -71,15 +71,26 @@ def _distributed(mesh, placements, shapes=SHAPES, steps=STEPS, opt_hook=None, **
 
 
 # ----- scenarios -----
+def _same_on_every_rank(tensors) -> bool:
+    mine = torch.cat([t.reshape(-1).double() for t in tensors])
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return all(torch.equal(everyone[0], t) for t in everyone)
+
+
 def replicated(world):
     got, opt = _distributed(None, None)
     want = one_process()
     stats = opt.stats()
+    # float32 as well: replicas must stay bitwise identical (they drift apart otherwise)
+    got32, _ = _distributed(None, None, factor_dtype=torch.float32, fused=None)
     _, single = _distributed(None, None, placement="single")
     return {
         "placement": stats["placement"],
         "max_abs_diff": max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)),
         "rel": _rel(got, want),
+        "replicas_equal": _same_on_every_rank(got),
+        "replicas_equal_f32": _same_on_every_rank(got32),
         "owned": stats["factors_owned"],
         "sent": stats["bytes_sent"],
         "factor_bytes": stats["factor_bytes"],
