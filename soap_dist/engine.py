@@ -91,6 +91,11 @@ def _rows_of(positions: list[int], index: Callable[[list[int]], Tensor]) -> slic
     return index(positions)
 
 
+def _per_chunk(store: FactorStore) -> int:
+    """How many factors of a store are refreshed together (bounds the temporaries' memory)."""
+    return max(1, REFRESH_CHUNK_BYTES // (store.size**2 * store.factors.element_size()))
+
+
 def _consecutive(rows: list[int], contributors: list[int], slots: list[int]) -> slice | None:
     """A slice over ``rows`` when they are consecutive, present and used by one block each."""
     first = rows[0]
@@ -522,7 +527,7 @@ class SoapEngine:
 
     def _chunks(self, store: FactorStore, slots: list[int]) -> Iterator[tuple[list[int], slice | Tensor]]:
         """Slots in groups whose temporaries stay under REFRESH_CHUNK_BYTES each (bounds peak memory)."""
-        per = max(1, REFRESH_CHUNK_BYTES // (store.size**2 * store.factors.element_size()))
+        per = _per_chunk(store)
         for k in range(0, len(slots), per):
             part = slots[k : k + per]
             yield part, _rows_of(part, self._index)
@@ -590,7 +595,7 @@ class SoapEngine:
         for size, owned in by_size.items():
             store = self.stores[size]
             slots = [self.entry_slot[e][1] for e in owned]
-            per = max(1, REFRESH_CHUNK_BYTES // (size * size * store.factors.element_size()))
+            per = _per_chunk(store)
             for k in range(0, len(owned), per):
                 part, part_slots = owned[k : k + per], slots[k : k + per]
                 factors = torch.stack(

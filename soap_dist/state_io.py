@@ -29,7 +29,8 @@ import torch
 
 from .engine import SoapEngine
 from .layout import ParamLayout
-from .plan import FactorEntry, shard_rows
+from .placement import is_dtensor, local
+from .plan import FactorEntry
 from .stores import FactorStore, moment_dtype
 
 Tensor = torch.Tensor
@@ -99,8 +100,8 @@ def save_engine_state(engine: SoapEngine, exchange: Any = None, wrap: Wrap | Non
             "initialized": torch.tensor(1.0 if engine.started[i] else 0.0),
         }
         moments = _moments(engine, lay, where.get(i, []))
-        for key, local in zip(("exp_avg", "exp_avg_sq"), moments, strict=True):
-            entry[key] = wrap(local, full.block_shape) if wrap is not None and sharded_any(engine) else local
+        for key, mine in zip(("exp_avg", "exp_avg_sq"), moments, strict=True):
+            entry[key] = wrap(mine, full.block_shape) if wrap is not None and _sharded(engine) else mine
         for j, pre in enumerate(lay.preconditioned):
             if not pre:
                 continue
@@ -149,17 +150,13 @@ def save_engine_state(engine: SoapEngine, exchange: Any = None, wrap: Wrap | Non
         _consolidate(engine, state)
     for entry in state.values():
         for k in list(entry):
-            if k.startswith("pending_perm_") and not _is_dtensor(entry[k]):
+            if k.startswith("pending_perm_") and not is_dtensor(entry[k]):
                 entry[k] = entry[k].round().long()
     return state
 
 
-def sharded_any(engine: SoapEngine) -> bool:
+def _sharded(engine: SoapEngine) -> bool:
     return engine.plan.topology.shards > 1
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 def _moments(engine: SoapEngine, lay: ParamLayout, pieces: list) -> tuple[Tensor, Tensor]:
@@ -186,10 +183,6 @@ def _consolidate(engine: SoapEngine, state: dict[int, dict]) -> None:
             store.factors[row].zero_()
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
     """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks."""
     plan, me = engine.plan, engine.plan.topology.rank
@@ -206,17 +199,17 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
             if partial:
                 continue
             raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
-        if not engine.refresh_delay and "install_step" in entry and _local(entry["install_step"]).item() >= 0:
+        if not engine.refresh_delay and "install_step" in entry and local(entry["install_step"]).item() >= 0:
             raise ValueError(
                 f"SOAP.load_state_dict: the state of {lay.name} holds a refreshed basis waiting for its "
                 "install step (saved with refresh_delay >= 1); load it into an optimizer with the same "
                 "refresh_delay"
             )
-        engine.steps[lay.index] = int(_local(entry["step"]).item())
-        engine.started[lay.index] = bool(_local(entry.get("initialized", entry["step"])).item() > 0)
+        engine.steps[lay.index] = int(local(entry["step"]).item())
+        engine.started[lay.index] = bool(local(entry.get("initialized", entry["step"])).item() > 0)
         pieces = where.get(lay.index, [])
         if pieces:
-            exp_avg, exp_avg_sq = _local(entry["exp_avg"]), _local(entry["exp_avg_sq"])
+            exp_avg, exp_avg_sq = local(entry["exp_avg"]), local(entry["exp_avg_sq"])
             _expect(exp_avg, lay.block_shape, lay, "exp_avg")
             offsets = lay.row_offsets
             for b, stack, pos in pieces:
@@ -227,7 +220,7 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
             if not pre:
                 continue
             local_form = j == 0 and sharded_rows
-            factor, basis = _local(entry[f"factor_{j}"]), _local(entry[f"basis_{j}"])
+            factor, basis = local(entry[f"factor_{j}"]), local(entry[f"basis_{j}"])
             pending = engine.refresh_delay and f"pending_basis_{j}" in entry
             for e, store, slot in held.get((lay.index, j), []):
                 box = _Box(engine, e, local_form)
@@ -240,12 +233,12 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
                     )
                 if pending:
                     pend = engine.pending_for(store)
-                    pend.bases[slot].copy_(box.view(_local(entry[f"pending_basis_{j}"])))
-                    pend.perm[slot].copy_(box.rows(_local(entry[f"pending_perm_{j}"])).round().long())
-                    ok_rows = box.rows(_local(entry[f"pending_ok_{j}"]).reshape(-1))
+                    pend.bases[slot].copy_(box.view(local(entry[f"pending_basis_{j}"])))
+                    pend.perm[slot].copy_(box.rows(local(entry[f"pending_perm_{j}"])).round().long())
+                    ok_rows = box.rows(local(entry[f"pending_ok_{j}"]).reshape(-1))
                     pend.ok[slot] = bool(ok_rows[0] > 0.5)
         if engine.refresh_delay and "install_step" in entry:
-            step = int(_local(entry["install_step"]).item())
+            step = int(local(entry["install_step"]).item())
             if step >= 0:
                 engine.install_step[lay.index] = step
             else:
@@ -258,6 +251,3 @@ def _expect(tensor: Tensor, shape: tuple[int, ...], lay: ParamLayout, key: str) 
             f"SOAP.load_state_dict: {key} of {lay.name} has shape {tuple(tensor.shape)}, "
             f"expected {tuple(shape)}"
         )
-
-
-__all__ = ["load_engine_state", "save_engine_state", "shard_rows"]

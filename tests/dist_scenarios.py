@@ -292,16 +292,14 @@ def refresh_failure(world):
         kept = [key for key in after if owners[key] == 0 and torch.equal(after[key], before[key])]
         moved = [key for key in after if owners[key] != 0 and not torch.equal(after[key], before[key])]
         finite = all(torch.isfinite(v).all() for v in after.values())
-        digest = torch.stack([p.detach().double().sum() for p in params])
-        everyone = [torch.zeros_like(digest) for _ in range(world)]
-        dist.all_gather(everyone, digest)
+        same_everywhere = _same_on_every_rank([p.detach() for p in params])
         return {
             "owned_by_0": sum(1 for v in owners.values() if v == 0),
             "kept": len(kept),
             "moved": len(moved),
             "others": sum(1 for v in owners.values() if v != 0),
             "finite": finite,
-            "same_params_everywhere": all(torch.equal(everyone[0], t) for t in everyone),
+            "same_params_everywhere": same_everywhere,
             "failures": opt.stats()["refresh_failures"],
         }
     finally:

@@ -20,7 +20,7 @@ from torch import Tensor
 from soap_dist.bench.floor import Floor
 from soap_dist.bench.param_sets import MODELS, ParamSpec, count_factors, gpt2_specs
 from soap_dist.bench.plain_soap import PlainSOAP
-from soap_dist.bench.report import LABELS, comparisons, table
+from soap_dist.bench.report import LABELS, comparisons, describe_cpu, table
 from soap_dist.bench.timing import MemoryProbe, Result, release_host_memory, time_optimizer
 
 ORDER = ("floor", "adamw", "plain", "soap_dist")
@@ -129,13 +129,7 @@ def factory(
 def describe_device(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"CPU: {name}, {threads} threads (os.cpu_count()={os.cpu_count()})"
+    return f"CPU: {describe_cpu()}, {threads} threads (os.cpu_count()={os.cpu_count()})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 from soap_dist.bench.timing import Result
 
@@ -12,6 +13,17 @@ LABELS = {
     "soap_dist": "soap_dist.SOAP",
     "floor": "floor (6 matmuls/block + AdamW)",
 }
+
+
+def describe_cpu() -> str:
+    """The CPU model, so that CPU timings can be matched to the machine they came from."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return name
 
 
 def fmt_time(s: float | None) -> str:

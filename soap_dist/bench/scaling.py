@@ -28,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from soap_dist.bench.param_sets import MODELS, count_factors
-from soap_dist.bench.report import fmt_bytes, fmt_ratio, fmt_time
+from soap_dist.bench.report import describe_cpu, fmt_bytes, fmt_ratio, fmt_time
 from soap_dist.bench.scaling_worker import scaled_specs, worker
 
 PLACEMENTS = ("replicated", "fsdp-local")
@@ -399,17 +399,6 @@ def describe_source() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"commit {head}" + (f" with uncommitted edits to {', '.join(dirty)}" if dirty else "")
-
-
-def describe_cpu() -> str:
-    """The CPU model, so that CPU timings can be matched to the machine they came from."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from soap_dist.bench.param_sets import CONTEXT, MODELS, VOCAB, ParamSpec, gpt2_specs
+from soap_dist.bench.timing import sync
+from soap_dist.plan import shard_rows
 
 HYPER: dict[str, Any] = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01)
 NUMERIC_STATS = (
@@ -65,11 +67,6 @@ def scaled_specs(model: str, layers: int | None, width: int | None, vocab: int |
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _global_params(specs: Sequence[ParamSpec], device: torch.device, seed: int) -> list[Tensor]:
     gen = torch.Generator(device=device).manual_seed(seed)
     return [torch.randn(s.shape, device=device, generator=gen) * 0.02 for s in specs]
@@ -79,12 +76,6 @@ def _grads_at(specs: Sequence[ParamSpec], device: torch.device, seed: int, t: in
     """The global gradients of call t: the same on every rank and at every world size."""
     gen = torch.Generator(device=device).manual_seed(seed * 100_003 + 7919 * (t + 1))
     return [torch.randn(s.shape, device=device, generator=gen) for s in specs]
-
-
-def _rows(rows: int, shards: int, shard: int) -> tuple[int, int]:
-    from soap_dist.plan import shard_rows
-
-    return shard_rows(rows, shards, shard)
 
 
 class Setup:
@@ -112,7 +103,7 @@ class Setup:
         from torch.distributed.tensor import DTensor, Shard
 
         for p, g in zip(self.params, grads, strict=True):
-            start, count = _rows(g.shape[0], self.world, self.rank)
+            start, count = shard_rows(g.shape[0], self.world, self.rank)
             part = g.narrow(0, start, count).contiguous()
             p.grad = DTensor.from_local(
                 part, self.mesh, [Shard(0)], run_check=False, shape=g.shape, stride=g.stride()
@@ -143,10 +134,10 @@ def _pending_bytes(pending: dict[int, Any]) -> int:
 def _timed(step: Callable[[], Any], device: torch.device, barrier: bool) -> float:
     if barrier:
         dist.barrier()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     step()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

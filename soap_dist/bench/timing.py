@@ -154,7 +154,8 @@ class MemoryProbe:
         return self.peak, max(0, self.peak - self.baseline)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -183,10 +184,10 @@ def time_optimizer(
 
     def timed_step(opt: Any) -> float:
         fresh_grads()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         opt.step()
-        _sync(device)
+        sync(device)
         dt = time.perf_counter() - t0
         probe.sample()
         return dt
