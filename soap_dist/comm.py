@@ -232,6 +232,16 @@ class Exchange:
                 self.traffic.broadcast_calls += 1
         return flight
 
+    # ----- placement "zero": rows that straddle DeepSpeed partitions -----
+    def swap_pieces(self, send: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+        """One all_to_all of uneven runs: pieces of flat partitions to their home ranks, or back."""
+        received = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
+        dist.all_to_all_single(received, send, recv_counts, send_counts, group=self.groups.shard)
+        self.traffic.sent += self._bytes(send)
+        self.traffic.received += self._bytes(received)
+        self.traffic.small_calls += 1
+        return received
+
     # ----- checkpoints -----
     def all_reduce_sum(self, buffer: Tensor) -> Tensor:
         dist.all_reduce(buffer, group=self.groups.world)

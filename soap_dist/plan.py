@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 from .layout import ParamLayout, restrict_rows
 
 PLACEMENTS = ("single", "replicated", "fsdp-local", "hsdp")
+# Picked by soap_dist.deepspeed under ZeRO stages 1-3, never by a user: shard s holds the "home"
+# rows that zero_layout assigns it, not torch.chunk's.
+ZERO = "zero"
+Splits = dict[int, list[tuple[int, int]]]  # param -> (first row, row count) of every shard
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,11 @@ class Plan:
     entries: list[FactorEntry]
     holders: dict[int, list[int]] = field(default_factory=dict)  # param -> shards with rows
     layouts: list[ParamLayout] = field(default_factory=list)  # the full parameters'
+    splits: Splits | None = None  # rows of each shard when not torch.chunk's (placement "zero")
+
+    def shard_range(self, param: int, shard: int) -> tuple[int, int]:
+        """(first row, row count) of a parameter that a shard holds."""
+        return _shard_range(self.layouts[param], self.topology, shard, self.splits)
 
     def row_width(self, param: int) -> int:
         """Width of a parameter's compact row-factor tensor: its largest row block, over all shards."""
@@ -106,7 +115,7 @@ class Plan:
         full = self.layouts[entry.param]
         rows = rows_of(full)
         per_row = full.block_shape[0] // rows if rows else 1
-        start, count = shard_rows(rows, self.topology.shards, entry.shard)
+        start, count = self.shard_range(entry.param, entry.shard)
         local = restrict_rows(full, count)
         return start * per_row + local.row_offsets[entry.block]
 
@@ -185,6 +194,7 @@ class Plan:
                     lay.preconditioned,
                     [(e.dim, e.shard, e.block, e.size, e.owner) for e in per.get(lay.index, [])],
                     extras[lay.index] if extras else None,
+                    self.splits[lay.index] if self.splits is not None else None,
                 )
             )
             digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
@@ -196,19 +206,30 @@ def rows_of(lay: ParamLayout) -> int:
     return lay.shape[0] if lay.shape else 1
 
 
-def local_layouts(full: Sequence[ParamLayout], topology: Topology) -> list[ParamLayout]:
+def _shard_range(lay: ParamLayout, topology: Topology, shard: int, splits: Splits | None) -> tuple[int, int]:
+    if splits is not None:
+        return splits[lay.index][shard]
+    return shard_rows(rows_of(lay), topology.shards, shard)
+
+
+def local_layouts(
+    full: Sequence[ParamLayout], topology: Topology, splits: Splits | None = None
+) -> list[ParamLayout]:
     """This rank's layouts: the full parameters' decisions on the rows of its own shard."""
-    return [restrict_rows(lay, shard_rows(rows_of(lay), topology.shards, topology.shard)[1]) for lay in full]
+    return [restrict_rows(lay, _shard_range(lay, topology, topology.shard, splits)[1]) for lay in full]
 
 
-def build_plan(full: Sequence[ParamLayout], topology: Topology) -> Plan:
-    """Every factor of every shard, with owners by longest-processing-time on cost."""
+def build_plan(full: Sequence[ParamLayout], topology: Topology, splits: Splits | None = None) -> Plan:
+    """Every factor of every shard, with owners by longest-processing-time on cost.
+
+    ``splits`` replaces torch.chunk's rows per shard (placement "zero"); each shard's rows must be
+    contiguous, and together the shards must hold every row once.
+    """
     entries: list[FactorEntry] = []
     holders: dict[int, list[int]] = {}
     for lay in full:
-        rows = rows_of(lay)
         for s in range(topology.shards):
-            count = shard_rows(rows, topology.shards, s)[1]
+            count = _shard_range(lay, topology, s, splits)[1]
             if count == 0:
                 continue
             holders.setdefault(lay.index, []).append(s)
@@ -221,7 +242,7 @@ def build_plan(full: Sequence[ParamLayout], topology: Topology) -> Plan:
                 if lay.preconditioned[j]:
                     entries.append(FactorEntry(lay.index, j, -1, -1, lay.block_shape[j]))
     owned = _assign_owners(entries, topology)
-    return Plan(topology, owned, holders, list(full))
+    return Plan(topology, owned, holders, list(full), splits)
 
 
 def _assign_owners(entries: list[FactorEntry], topo: Topology) -> list[FactorEntry]:
