@@ -9,6 +9,7 @@ bookkeeping in ``engine``.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,7 @@ from .layout import ParamLayout, plan_param
 from .placement import Placement, local, resolve, wrapper
 from .plan import PLACEMENTS, build_plan, local_layouts
 from .state_io import load_engine_state, save_engine_state
+from .zero_runner import ZeroRunner
 
 Tensor = torch.Tensor
 LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "block_size")
@@ -169,6 +171,10 @@ class SOAP(torch.optim.Optimizer):
         self._exchange: Exchange | None = None
         self._engine: SoapEngine | None = None
         self._carried_state: dict[int, dict[str, Tensor]] = {}
+        self._zero_owner: Any = None  # DeepSpeed's ZeRO stage 1-3 optimizer, when it drives this one
+        self._zero: ZeroRunner | None = None
+        self._declared_groups: list[dict[str, Any]] = []  # the group dicts as given (DeepSpeed edits them)
+        self._declared_shapes: list[tuple[int, ...]] = []
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -183,6 +189,8 @@ class SOAP(torch.optim.Optimizer):
             self.refresh_delay,
             f"an integer < precondition_frequency ({group['precondition_frequency']})",
         )
+        self._declared_groups.append(group)
+        self._declared_shapes += [tuple(getattr(p, "ds_shape", p.shape)) for p in group["params"]]
         for p in group["params"]:
             if p.is_complex():
                 raise TypeError("SOAP: complex parameters are not supported; use torch.view_as_real on them")
@@ -228,6 +236,13 @@ class SOAP(torch.optim.Optimizer):
             )
         full = self._layouts()
         names = [lay.name for lay in full]
+        if self._looks_like_zero_partitions(full):
+            raise RuntimeError(
+                "SOAP: the parameters it is stepping are not the ones it was built with (DeepSpeed ZeRO "
+                "stages 1-3 hand over flat partitions), and no ZeRO optimizer was found driving it. Create "
+                "it through soap_dist.deepspeed.initialize (docs/deepspeed.md), with deepspeed=="
+                "0.19.8, or use ZeRO stage 0."
+            )
         self._placement = resolve(params, names, self.placement, self.process_group, self.device_mesh)
         topology = self._placement.topology
         plan = build_plan(full, topology)
@@ -256,8 +271,7 @@ class SOAP(torch.optim.Optimizer):
             exchange=self._exchange,
         )
         self._engine_params = [id(p) for p in params]
-        for p in params:  # torch.optim/DCP read a non-empty ``state`` as "already initialised"
-            self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
+        self._stateful_markers(params)
         if self._carried_state:
             load_engine_state(self._engine, self._carried_state, partial=True)
             self._carried_state = {}
@@ -270,6 +284,12 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        zero = self._zero_mode()
+        if zero is not None:
+            for f in zero.flats_in(self.param_groups):
+                validate_group(zero.groups[zero.part.flat_group[f]])
+                zero.step(f)
+            return loss
         params = self._params()
         for p in params:
             if p.grad is not None and p.grad.is_sparse:
@@ -281,8 +301,52 @@ class SOAP(torch.optim.Optimizer):
         engine.step(self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active)
         return loss
 
+    # ----- DeepSpeed ZeRO stages 1-3 (soap_dist.deepspeed) -----
+    def _looks_like_zero_partitions(self, full: list[ParamLayout]) -> bool:
+        """One flat 1-D tensor per group where other shapes were declared: ZeRO's signature."""
+        return (
+            "deepspeed" in sys.modules
+            and [lay.shape for lay in full] != self._declared_shapes
+            and all(len(g["params"]) <= 1 for g in self.param_groups)
+            and all(len(lay.shape) == 1 for lay in full)
+        )
+
+    def bind_zero(self, zero_optimizer: Any) -> None:
+        """Tie this optimizer to the DeepSpeed ZeRO optimizer that drives it (None: stage 0)."""
+        self._zero_owner = zero_optimizer
+
+    def _zero_mode(self) -> ZeroRunner | None:
+        """The runner for ZeRO's flat partitions, built at the first call from DeepSpeed; else None."""
+        if self._zero is not None:
+            return self._zero
+        if self._zero_owner is None:
+            if self._engine is not None or "deepspeed" not in sys.modules:
+                return None
+            from .deepspeed import find_zero_optimizer
+
+            self._zero_owner = find_zero_optimizer(self)
+            if self._zero_owner is None:
+                return None
+        from .deepspeed import partitioning
+
+        part = partitioning(self._zero_owner)
+        if self.placement not in ("auto", "zero"):
+            raise ValueError(
+                f"SOAP: placement={self.placement!r}, but DeepSpeed ZeRO partitions the parameters; use "
+                "placement='auto'"
+            )
+        self._zero = ZeroRunner(self, part, list(self._declared_groups))
+        self._stateful_markers(part.flats)
+        return self._zero
+
+    def _stateful_markers(self, params: list[Tensor]) -> None:
+        for p in params:  # torch.optim/DCP read a non-empty ``state`` as "already initialised"
+            self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
+
     def stats(self) -> dict[str, Any]:
         """Counters of what the optimizer did: refreshes, installs, failures, time spent."""
+        if self._zero is not None:
+            self._engine, self._exchange = self._zero.engine, self._zero.exchange
         if self._engine is None:
             return {"built": False}
         c = self._engine.counters
@@ -322,6 +386,13 @@ class SOAP(torch.optim.Optimizer):
         }
 
     def state_dict(self) -> dict[str, Any]:
+        zero = self._zero_mode()
+        if zero is not None:  # each rank saves its own rows, as DeepSpeed saves each rank's partition
+            return {
+                "state": zero.state_dict(),
+                "param_groups": self._packed_groups(self._declared_groups, zero.param_counts()),
+                "zero_world": zero.part.world,
+            }
         groups = []
         index = 0
         for group in self.param_groups:
@@ -336,7 +407,46 @@ class SOAP(torch.optim.Optimizer):
         )
         return {"state": state, "param_groups": groups}
 
+    @staticmethod
+    def _packed_groups(groups: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+        out, index = [], 0
+        for group, n in zip(groups, counts, strict=True):
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(index, index + n))
+            index += n
+            out.append(packed)
+        return out
+
+    def _load_zero_state(self, zero: ZeroRunner, state_dict: dict[str, Any]) -> None:
+        saved_world = state_dict.get("zero_world")
+        if saved_world != zero.part.world:
+            raise ValueError(
+                f"SOAP.load_state_dict: this state was saved under DeepSpeed ZeRO at world {saved_world}; "
+                f"loading it at world {zero.part.world} is not supported (SOAP's row-block state follows "
+                "the partition boundaries). Resume at the same data-parallel size."
+            )
+        for group, saved in zip(self._declared_groups, state_dict["param_groups"], strict=True):
+            for key in LAYOUT_KEYS:
+                if key in saved and saved[key] != group[key]:
+                    raise ValueError(
+                        f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
+                        f"{group[key]!r}; the state layout depends on it"
+                    )
+            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+            group["betas"] = tuple(group["betas"])
+        if state_dict["state"]:
+            zero.load_state_dict(state_dict["state"])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        zero = self._zero_mode()
+        if zero is not None or "zero_world" in state_dict:
+            if zero is None:
+                raise ValueError(
+                    "SOAP.load_state_dict: this state was saved under DeepSpeed ZeRO stages 1-3; load it "
+                    "through the DeepSpeed engine (engine.load_checkpoint) of the same configuration"
+                )
+            self._load_zero_state(zero, state_dict)
+            return
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -372,3 +482,9 @@ class SOAP(torch.optim.Optimizer):
         self.__dict__.setdefault("_carried_state", {})
         self.__dict__.setdefault("_exchange", None)
         self.__dict__.setdefault("_placement", None)
+        self.__dict__.setdefault("_zero_owner", None)
+        self.__dict__.setdefault("_zero", None)
+        self.__dict__.setdefault("_declared_groups", list(self.param_groups))
+        self.__dict__.setdefault(
+            "_declared_shapes", [tuple(p.shape) for g in self.param_groups for p in g["params"]]
+        )

@@ -1,0 +1,223 @@
+"""SOAP on DeepSpeed ZeRO's flat partitions (placement "zero").
+
+DeepSpeed stages 1-3 call the client optimizer once per flat partition (a param group under
+stages 1/2, a sub-group under stage 3), with that flat slice as its only parameter. This runner
+turns each call into a SOAP step on whole row blocks: pieces of the slice travel to the rank that
+updates them (``zero_layout``), the engine steps the home rows like any shard, and the updated
+values travel back into every rank's slice. Which rank updates what is decided from shapes and
+offsets alone (DESIGN.md, "Placements: zero"), so the result equals one process with the same
+``block_size`` at every world size and every partition boundary.
+
+What DeepSpeed exposes is read in ``soap_dist.deepspeed`` and arrives here as a ``Partitioning``;
+nothing here imports deepspeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .comm import Exchange, Groups
+from .engine import SoapEngine
+from .layout import ParamLayout, plan_param
+from .plan import ZERO, Topology, build_plan, local_layouts
+from .state_io import load_engine_state, save_engine_state
+from .zero_layout import Fragment, homes, routes, unit_rows
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Partitioning:
+    """What a ZeRO optimizer holds, in plain terms: every parameter and every rank's slice of it."""
+
+    world: int
+    rank: int
+    process_group: Any
+    ranks: list[int]  # global rank of each data-parallel rank
+    flats: list[Tensor]  # this rank's flat fp32 slices, in DeepSpeed's order
+    flat_group: list[int]  # the param group of each flat slice
+    shapes: list[tuple[int, ...]]  # every parameter's real shape (ds_shape under zero.Init)
+    names: list[str]
+    param_flat: list[int]  # parameter -> its flat slice
+    fragments: list[list[Fragment]]  # rank -> the fragments of its slices, one per parameter at most
+
+
+class ZeroRunner:
+    """The engine, the plan and the home buffers of one SOAP optimizer under ZeRO stages 1-3."""
+
+    def __init__(self, soap: Any, part: Partitioning, groups: list[dict]) -> None:
+        self.part = part
+        self.groups = groups
+        self.layouts = [
+            self._layout(i, groups[part.flat_group[part.param_flat[i]]]) for i in range(len(part.shapes))
+        ]
+        held = self._held()
+        self.splits = {
+            lay.index: homes(lay, unit_rows(lay, groups[lay.group]["normalize_grads"]), held[lay.index])
+            for lay in self.layouts
+        }
+        topology = Topology(ZERO, 1, part.world, part.rank)
+        plan = build_plan(self.layouts, topology, self.splits)
+        device = part.flats[0].device if part.flats else torch.device("cpu")
+        grid = Groups(world=part.process_group, shard=part.process_group, replicate=None, ranks=part.ranks)
+        self.exchange = Exchange(plan, grid, soap.factor_dtype, device)
+        extras = [
+            (groups[lay.group]["precondition_frequency"], soap.refresh_delay, str(soap.factor_dtype))
+            for lay in self.layouts
+        ]
+        self.exchange.check_plan(plan.param_hashes(self.layouts, extras), [lay.name for lay in self.layouts])
+        dtype = part.flats[0].dtype if part.flats else torch.float32
+        self.home_params = [self._home(lay, dtype, device) for lay in self.layouts]
+        self.home_grads = [torch.zeros_like(t) for t in self.home_params]
+        self.engine = SoapEngine(
+            local_layouts(self.layouts, topology, self.splits),
+            self.home_params,
+            factor_dtype=soap.factor_dtype,
+            refresh_delay=soap.refresh_delay,
+            qr_method=soap.qr_method,
+            fused=soap.fused,
+            plan=plan,
+            exchange=self.exchange,
+        )
+        self.flat_index = {id(t): f for f, t in enumerate(part.flats)}
+        self.flat_params = [
+            [i for i, f in enumerate(part.param_flat) if f == k] for k in range(len(part.flats))
+        ]
+        self.routes = [
+            routes(self.layouts, params, part.fragments, self.splits, part.rank)
+            for params in self.flat_params
+        ]
+
+    # ----- construction -----
+    def _layout(self, index: int, group: dict) -> ParamLayout:
+        shape = self.part.shapes[index] or (1,)  # a scalar is one row
+        return plan_param(
+            index,
+            self.part.flat_group[self.part.param_flat[index]],
+            self.part.names[index],
+            shape,
+            max_precond_dim=group["max_precond_dim"],
+            merge=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            data_format=group["data_format"],
+            block_size=group["block_size"],
+        )
+
+    def _held(self) -> list[list[tuple[int, int]]]:
+        """param -> rank -> (start, numel) of the flattened parameter that rank's slice holds."""
+        held = [[(0, 0)] * self.part.world for _ in self.layouts]
+        for r, frags in enumerate(self.part.fragments):
+            for frag in frags:
+                held[frag.param][r] = (frag.start, frag.numel)
+        return held
+
+    def _home(self, lay: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
+        count = self.splits[lay.index][self.part.rank][1]
+        return torch.zeros((count, *lay.shape[1:]), dtype=dtype, device=device)
+
+    # ----- the step -----
+    def flats_in(self, param_groups: list[dict]) -> list[int]:
+        """The flat slices DeepSpeed hands over in this call, with the live group of each."""
+        found = []
+        for group in param_groups:
+            for p in group["params"]:
+                f = self.flat_index.get(id(p))
+                if f is None:
+                    raise RuntimeError(
+                        "SOAP under DeepSpeed ZeRO: got a parameter that is none of the ZeRO optimizer's "
+                        f"flat partitions (shape {tuple(p.shape)}); the optimizer was rebuilt or re-bound"
+                    )
+                self.groups[self.part.flat_group[f]] = group
+                found.append(f)
+        return found
+
+    @torch.no_grad()
+    def step(self, flat: int) -> None:
+        """One SOAP step of every parameter in one flat slice."""
+        slice_ = self.part.flats[flat]
+        grad = slice_.grad
+        if grad is None:
+            return
+        self._gather(flat, slice_.detach().reshape(-1), grad.reshape(-1))
+        params = self.flat_params[flat]
+        active = [False] * len(self.layouts)
+        grads: list[Tensor | None] = [None] * len(self.layouts)
+        for i in params:
+            active[i] = True
+            grads[i] = self.home_grads[i]
+        self.engine.step(self.groups, self.home_params, grads, active)
+        self._scatter(flat, slice_.detach().reshape(-1))
+
+    def _gather(self, flat: int, values: Tensor, grad: Tensor) -> None:
+        route, crossing = self.routes[flat]
+        me = self.part.rank
+        for p in route.send[me]:
+            self._home_run(p.param, self.home_params, p).copy_(
+                values[p.flat_offset : p.flat_offset + p.numel]
+            )
+            self._home_run(p.param, self.home_grads, p).copy_(grad[p.flat_offset : p.flat_offset + p.numel])
+        if not crossing:
+            return
+        send_counts, recv_counts = route.counts(me)
+        parts = []
+        for d, pieces in enumerate(route.send):
+            if d != me:
+                parts += [grad[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
+                parts += [values[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
+        send = torch.cat(parts) if parts else values.new_empty(0)
+        received = self.exchange.swap_pieces(send, [2 * n for n in send_counts], [2 * n for n in recv_counts])
+        at = 0
+        for s, pieces in enumerate(route.recv):
+            if s == me:
+                continue
+            for target in (self.home_grads, self.home_params):
+                for p in pieces:
+                    self._home_run(p.param, target, p).copy_(received[at : at + p.numel])
+                    at += p.numel
+
+    def _scatter(self, flat: int, values: Tensor) -> None:
+        route, crossing = self.routes[flat]
+        me = self.part.rank
+        for p in route.send[me]:
+            values[p.flat_offset : p.flat_offset + p.numel].copy_(
+                self._home_run(p.param, self.home_params, p)
+            )
+        if not crossing:
+            return
+        send_counts, recv_counts = route.counts(me)
+        parts = [
+            self._home_run(p.param, self.home_params, p)
+            for s, pieces in enumerate(route.recv)
+            if s != me
+            for p in pieces
+        ]
+        send = torch.cat(parts) if parts else values.new_empty(0)
+        received = self.exchange.swap_pieces(send, recv_counts, send_counts)
+        at = 0
+        for d, pieces in enumerate(route.send):
+            if d == me:
+                continue
+            for p in pieces:
+                values[p.flat_offset : p.flat_offset + p.numel].copy_(received[at : at + p.numel])
+                at += p.numel
+
+    @staticmethod
+    def _home_run(param: int, buffers: list[Tensor], p: Any) -> Tensor:
+        return buffers[param].view(-1)[p.home_offset : p.home_offset + p.numel]
+
+    # ----- checkpoints (each rank saves and loads its own file, as DeepSpeed does) -----
+    def state_dict(self) -> dict[int, dict]:
+        return save_engine_state(self.engine, self.exchange)
+
+    def load_state_dict(self, state: dict[Any, dict]) -> None:
+        load_engine_state(self.engine, state)
+
+    def param_counts(self) -> list[int]:
+        """Parameters per param group, in plan order (for the saved param_groups)."""
+        counts = [0] * (max(self.part.flat_group, default=-1) + 1)
+        for lay in self.layouts:
+            counts[lay.group] += 1
+        return counts

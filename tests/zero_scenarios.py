@@ -1,0 +1,263 @@
+"""DeepSpeed ZeRO scenarios, run inside one spawned 2-rank gloo group (start-up is the cost).
+
+The model's loss is sum_i <W_i, C_i>, so each gradient is exactly C_i: the C_i are small
+multiples of 1/8, and every sum DeepSpeed forms of them (across ranks, across micro-batches, in
+any order) is exact in fp32 and bf16. The one-process reference therefore sees bitwise the same
+global gradient, and any difference left is SOAP's own (the order partial statistics are summed
+in). Rank r's micro-batch k of step t uses C from a seeded stream, so the global batch is known.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# (30, 7) is an "embedding" whose 30 rows exceed max_precond_dim=20 (no row factor, single-row
+# units); (6,) is a bias (AdamW path); (17, 7) and (9, 5) have row factors in 4-row blocks; two
+# (5, 5) share a stack. At world 2 the flat partitions cut (17, 7) mid-row inside a row block under
+# stages 1/2, and most matrices under stage 3 (the tests check that they do).
+SHAPES = [(30, 7), (6,), (17, 7), (9, 5), (16, 4), (5, 5), (5, 5)]
+SOAP_PARAMS = dict(
+    lr=0.02, precondition_frequency=3, max_precond_dim=20, weight_decay=0.01, block_size=4, fused=False
+)
+STEPS = 7
+WORLD = 2
+
+
+class Sum(torch.nn.Module):
+    """loss = sum_i <W_i, C_i>: the gradient of W_i is exactly C_i. Parameters sit on the module
+    itself so that ZeRO-3's forward hooks gather them."""
+
+    def __init__(self, shapes=SHAPES, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.names = []
+        for i, s in enumerate(shapes):
+            name = f"w{i}"
+            setattr(self, name, torch.nn.Parameter(torch.randn(s, generator=gen)))
+            self.names.append(name)
+
+    def forward(self, cs: list[torch.Tensor]) -> torch.Tensor:
+        ws = [getattr(self, n) for n in self.names]
+        return sum((w * c.to(w.dtype)).sum() for w, c in zip(ws, cs, strict=True))
+
+
+def coefficients(step: int, rank: int, micro: int, shapes=SHAPES) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + 10 * rank + micro + 1)
+    return [torch.randint(-8, 9, s, generator=gen).float() / 8 for s in shapes]
+
+
+def global_grads(step: int, gas: int, shapes=SHAPES) -> list[torch.Tensor]:
+    """Mean over ranks and micro-batches of the C's: exact in fp32 (sums of multiples of 1/8)."""
+    total = [torch.zeros(s) for s in shapes]
+    for r in range(WORLD):
+        for k in range(gas):
+            for t, c in zip(total, coefficients(step, r, k, shapes), strict=True):
+                t += c
+    return [t / (WORLD * gas) for t in total]
+
+
+def reference(steps: int, gas: int, shapes=SHAPES, bf16: bool = False, **kw) -> list[torch.Tensor]:
+    """One process, fp32, on the global gradients; under bf16 from the bf16-rounded initial weights
+    (DeepSpeed's fp32 master weights start from the bf16 model)."""
+    from soap_dist import SOAP
+
+    model = Sum(shapes)
+    if bf16:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+    opt = SOAP(model.parameters(), **{**SOAP_PARAMS, **kw})
+    for t in range(steps):
+        for p, g in zip(model.parameters(), global_grads(t, gas, shapes), strict=True):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def ds_config(stage: int, gas: int = 1, bf16: bool = False, **zero) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": stage, **zero},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "SOAP", "params": dict(SOAP_PARAMS)},
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0: the reference does not clip
+    }
+
+
+def build(stage: int, gas: int = 1, bf16: bool = False, zero_init: bool = False, **zero):
+    import deepspeed
+
+    import soap_dist.deepspeed as sdd
+
+    cfg = ds_config(stage, gas, bf16, **zero)
+    if zero_init:
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = Sum()
+    else:
+        model = Sum()
+    engine, opt, _, _ = sdd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine, model
+
+
+def train(engine, rank: int, first: int, steps: int, gas: int) -> None:
+    for t in range(first, first + steps):
+        for k in range(gas):
+            loss = engine(coefficients(t, rank, k))
+            engine.backward(loss)
+            engine.step()
+
+
+def full_params(engine, model) -> list[torch.Tensor]:
+    """The fp32 master weights, whole (ZeRO-0: the parameters themselves)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        return [p.detach().clone().float() for p in model.parameters()]
+    return [safe_get_full_fp32_param(p).detach().clone() for p in model.parameters()]
+
+
+def soap_of(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def mid_row_splits(soap) -> list[str]:
+    """Names of preconditioned-row matrices whose partitions cut them mid-row (placement 'zero')."""
+    zero = soap._zero
+    if zero is None:
+        return []
+    out = []
+    for frags in zero.part.fragments:
+        for f in frags:
+            lay = zero.layouts[f.param]
+            width = lay.shape[1] if len(lay.shape) > 1 else 1
+            cut = f.start % width or (f.start + f.numel) % width
+            if len(lay.shape) > 1 and cut and f.numel < lay.shape[0] * width:
+                out.append(f"{lay.name}{'(row factor)' if lay.preconditioned[0] else ''}")
+    return sorted(set(out))
+
+
+def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b, strict=True))
+
+
+# ----- scenarios -----
+def scenario_stage(rank: int, stage: int, gas: int, bf16: bool = False, zero_init: bool = False, **zero):
+    engine, model = build(stage, gas, bf16, zero_init, **zero)
+    train(engine, rank, 0, STEPS, gas)
+    got = full_params(engine, model)
+    soap = soap_of(engine)
+    stats = soap.stats()
+    return {
+        "fragments": [[(f.param, f.start, f.numel) for f in fr] for fr in soap._zero.part.fragments]
+        if soap._zero
+        else [],
+        "error": rel(got, reference(STEPS, gas, bf16=bf16)),
+        "placement": stats.get("placement"),
+        "mid_row": mid_row_splits(soap),
+        "global_steps": engine.global_steps,
+        "engine_steps_seen": [int(s) for s in (soap._zero.engine.steps if soap._zero else [])],
+        "flats": len(soap._zero.part.flats) if soap._zero else 0,
+    }
+
+
+def scenario_checkpoint(rank: int, stage: int, directory: str):
+    engine, model = build(stage)
+    train(engine, rank, 0, 4, 1)  # past the refresh at step 3
+    engine.save_checkpoint(directory, tag="t4")
+    train(engine, rank, 4, 4, 1)
+    straight = full_params(engine, model)
+    again, model2 = build(stage)
+    again.load_checkpoint(directory, tag="t4")
+    train(again, rank, 4, 4, 1)
+    resumed = full_params(again, model2)
+    return {"bitwise": all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))}
+
+
+def scenario_bad_configs(rank: int):
+    import soap_dist.deepspeed as sdd
+
+    out = {}
+    for key, cfg in {
+        "unknown": {**ds_config(2), "optimizer": {"type": "SOAP", "params": {"lr": 0.1, "momentum": 0.9}}},
+        "offload": ds_config(2, offload_optimizer={"device": "cpu"}),
+        "elastic": ds_config(1, elastic_checkpoint=True),
+    }.items():
+        model = Sum()
+        try:
+            sdd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+            out[key] = "no error"
+        except (ValueError, TypeError) as err:
+            out[key] = str(err)
+    return out
+
+
+def _worker(rank: int, init: str, jobs, queue) -> None:
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", DS_ACCELERATOR="cpu",
+        )  # fmt: skip
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+        results = {}
+        for name, fn, kwargs in jobs:
+            results[name] = globals()[fn](rank, **kwargs)
+        queue.put((rank, results, None))
+    except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
+        queue.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(jobs: list[tuple[str, str, dict]]) -> list[dict]:
+    """Run named scenarios on 2 ranks; returns each rank's {name: result}."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init = "file://" + os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, init, jobs, queue)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        out: dict[int, dict] = {}
+        errors = []
+        for _ in procs:
+            rank, results, error = queue.get(timeout=600)
+            if error:
+                errors.append(f"rank {rank}:\n{error}")
+            out[rank] = results
+        for p in procs:
+            p.join(timeout=60)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [out[r] for r in range(WORLD)]
+
+
+def scenario_client_instance(rank: int, stage: int):
+    """A SOAP instance handed to deepspeed.initialize directly (as Accelerate and the HF Trainer do):
+    found at its first call, no soap_dist.deepspeed.initialize involved."""
+    import deepspeed
+
+    import soap_dist.deepspeed as sdd
+    from soap_dist import SOAP
+
+    sdd.disable_shm_comm()
+    model = Sum()
+    cfg = {k: v for k, v in ds_config(stage).items() if k != "optimizer"}
+    cfg["zero_allow_untested_optimizer"] = True
+    opt = SOAP(model.parameters(), **SOAP_PARAMS)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    train(engine, rank, 0, STEPS, 1)
+    return {
+        "error": rel(full_params(engine, model), reference(STEPS, 1)),
+        "placement": opt.stats()["placement"],
+    }
