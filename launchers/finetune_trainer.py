@@ -1,0 +1,25 @@
+"""The HF Trainer route: the same fine-tuning as launchers/finetune.py, with SOAP handed to
+``transformers.Trainer`` as ``optimizer_cls_and_kwargs=(soap_dist.SOAP, {...})`` (docs/accelerate.md).
+
+Usage: ``python launchers/finetune_trainer.py --steps 200`` (same flags as launchers/finetune.py;
+``--resume latest`` resumes from the newest ``checkpoint-N`` the Trainer wrote in --output-dir).
+"""
+
+from __future__ import annotations
+
+from soap_dist.finetune.config import parse_args
+from soap_dist.finetune.hf import build_trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    trainer = build_trainer(cfg)
+    resume = True if cfg.resume == "latest" else cfg.resume
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.evaluate()  # on every rank: evaluation gathers across them
+    if trainer.is_world_process_zero():
+        print(f"held-out loss: {metrics['eval_loss']:.4f} nats/byte")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The fine-tuning run's settings: one dataclass, its command line, and its checks.
+
+Every field is one ``--flag`` (underscores become dashes); ``parse_args`` builds the parser from the
+dataclass so the two cannot drift apart. Bad values fail here, before any process group or model
+exists, with a message naming the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTIMIZERS = ("soap", "adamw")
+MODELS = ("gpt2-tiny",)
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class FinetuneConfig:
+    """What to train, on what, with which optimizer, and where to write. Defaults: a 2-minute CPU run."""
+
+    # model and data
+    model: str = field(default="gpt2-tiny", metadata={"help": f"model preset, one of {MODELS}"})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "a pre-training export dir (runs/X/final) to start from instead of --model"},
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "a text file or a directory of .txt/.py files, read as bytes "
+            "(default: the Python standard library's own source)"
+        },
+    )
+    max_bytes: int = field(default=1_000_000, metadata={"help": "read at most this many bytes of --data"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "held-out tail of the data, in (0, 0.5]"})
+    context: int = field(default=128, metadata={"help": "bytes per training window"})
+    # schedule
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "windows per process per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * this"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: no clipping)"})
+    # optimizer
+    optimizer: str = field(default="soap", metadata={"help": f"one of {OPTIMIZERS}"})
+    beta1: float = field(default=0.95, metadata={"help": "Adam beta1 (SOAP's default 0.95)"})
+    beta2: float = field(default=0.95, metadata={"help": "Adam beta2 (SOAP's default 0.95)"})
+    eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay"})
+    shampoo_beta: float = field(default=-1.0, metadata={"help": "SOAP: factor EMA rate (<0: beta2)"})
+    precondition_frequency: int = field(default=10, metadata={"help": "SOAP: refresh bases every k steps"})
+    max_precond_dim: int = field(default=10000, metadata={"help": "SOAP: larger dims get no factor"})
+    block_size: int | None = field(default=None, metadata={"help": "SOAP: row-block size (FSDP2)"})
+    refresh_delay: int = field(default=0, metadata={"help": "SOAP: install bases this many steps late"})
+    merge_dims: bool = field(default=False, metadata={"help": "SOAP: merge small dims"})
+    precondition_1d: bool = field(default=False, metadata={"help": "SOAP: full factors for 1-D tensors"})
+    normalize_grads: bool = field(default=False, metadata={"help": "SOAP: RMS-normalize updates"})
+    fused: str = field(default="auto", metadata={"help": "SOAP: torch.compile the Adam work: auto|on|off"})
+    # bookkeeping
+    seed: int = field(default=0, metadata={"help": "seed for weights and data order"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": f"one of {MIXED_PRECISION} (default: the accelerate config's)"}
+    )
+    eval_every: int = field(default=50, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    eval_windows: int = field(default=256, metadata={"help": "held-out windows per evaluation"})
+    save_every: int = field(
+        default=0, metadata={"help": "accelerator.save_state every N steps (0: end only)"}
+    )
+    output_dir: str = field(default="runs/finetune", metadata={"help": "metrics.jsonl and checkpoints/"})
+    resume: str | None = field(
+        default=None, metadata={"help": "a checkpoint dir to load_state from, or 'latest' in --output-dir"}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads per process"})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad flag and what it accepts."""
+
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag}={getattr(self, name)!r} is invalid: expected {allowed}")
+
+        need(self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS))
+        need(self.model in MODELS, "model", " or ".join(MODELS) + " (or --init-from DIR)")
+        need(self.fused in ("auto", "on", "off"), "fused", "auto, on or off")
+        need(
+            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
+            "mixed_precision",
+            " or ".join(MIXED_PRECISION),
+        )
+        for name in ("steps", "batch_size", "grad_accum", "context", "eval_windows", "max_bytes"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "refresh_delay"):
+            need(getattr(self, name) >= 0, name, "an integer >= 0")
+        need(self.context >= 2, "context", "an integer >= 2 (a window predicts its bytes 2..context)")
+        need(0 < self.eval_fraction <= 0.5, "eval_fraction", "a number in (0, 0.5]")
+        need(self.lr > 0, "lr", "a number > 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+        need(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
+        need(self.threads is None or self.threads >= 1, "threads", "an integer >= 1")
+        need(self.block_size is None or self.block_size >= 1, "block_size", "an integer >= 1")
+        need(
+            self.refresh_delay < self.precondition_frequency,
+            "refresh_delay",
+            f"an integer < --precondition-frequency ({self.precondition_frequency})",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_type(f: dataclasses.Field) -> Any:
+    """The argparse type of a field from its annotation string (``from __future__`` keeps them strings)."""
+    base = str(f.type).replace(" | None", "")
+    return {"int": int, "float": float, "str": str}[base]
+
+
+def build_parser(prog: str = "launchers/finetune.py") -> argparse.ArgumentParser:
+    """One flag per FinetuneConfig field, with its default in the help."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune a byte-level causal LM with SOAP (or AdamW) under Accelerate "
+        "(DDP, FSDP2 or DeepSpeed; see docs/accelerate.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
+            )
+        else:
+            p.add_argument(flag, type=_parse_type(f), default=f.default, help=f.metadata["help"])
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+    """Flags -> a validated FinetuneConfig; a bad value exits with argparse's usage and the reason."""
+    parser = build_parser()
+    cfg = FinetuneConfig(**vars(parser.parse_args(argv)))
+    try:
+        cfg.validate()
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg

@@ -1,0 +1,100 @@
+"""The HF Trainer route: ``transformers.Trainer(..., optimizer_cls_and_kwargs=(SOAP, kwargs))``.
+
+The Trainer builds the optimizer itself, after it has placed (and, under FSDP2, sharded) the model:
+that is why SOAP goes in as a class plus keyword arguments rather than as an instance. Two things
+the Trainer does with it that a user should know (docs/accelerate.md):
+
+- it passes two param groups, ``weight_decay=args.weight_decay`` for matrices and 0.0 for biases
+  and norms, which override the ``weight_decay`` in the kwargs;
+- its learning-rate schedule scales the kwargs' ``lr`` (``args.learning_rate`` is not used for
+  the optimizer), so both are set to the same ``--lr`` here.
+
+Only transformers models fit this route (the Trainer calls ``model(input_ids=..., labels=...)``
+and reads ``.loss``); ``--init-from`` exports go through ``launchers/finetune.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from soap_dist import SOAP
+from soap_dist.finetune.config import FinetuneConfig
+from soap_dist.finetune.data import Windows, eval_windows, load_bytes, split
+from soap_dist.finetune.model import build_gpt2
+from soap_dist.finetune.train import skip_deepspeed_shm_build, soap_kwargs
+
+
+def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
+    """TrainingArguments equivalent to the launcher's flags (same schedule, clipping, evaluation)."""
+    from transformers import TrainingArguments
+
+    args: dict[str, Any] = dict(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.beta1,
+        adam_beta2=cfg.beta2,
+        adam_epsilon=cfg.eps,
+        max_grad_norm=cfg.grad_clip,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        logging_steps=1,
+        eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or None,
+        seed=cfg.seed,
+        report_to=[],
+        # like launchers/finetune.py: never use_cpu under DeepSpeed (Accelerate would drop its plugin)
+        use_cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true",
+    )
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args["ddp_backend"] = "gloo"  # only when launched: a backend without a launcher has no group
+    if cfg.mixed_precision in ("bf16", "fp16"):
+        args[cfg.mixed_precision] = True
+    args.update(overrides)
+    return TrainingArguments(**args)
+
+
+def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
+    """A Trainer for ``cfg``: gpt2-tiny on the byte windows, SOAP through ``optimizer_cls_and_kwargs``
+    (``--optimizer adamw``: the Trainer's own torch AdamW). ``overrides`` go to TrainingArguments."""
+    from transformers import Trainer
+
+    cfg.validate()
+    if cfg.init_from:
+        raise ValueError(
+            "--init-from is not supported by the Trainer route (the export is not a transformers model); "
+            "use launchers/finetune.py --init-from DIR"
+        )
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        skip_deepspeed_shm_build()
+    torch.manual_seed(cfg.seed)
+    model = build_gpt2(cfg.model, cfg.context)
+    train_ids, eval_ids = split(load_bytes(cfg.data, cfg.max_bytes), cfg.eval_fraction)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    length = cfg.steps * cfg.batch_size * cfg.grad_accum * world
+    train_ds = Windows(train_ids, cfg.context, length, cfg.seed, as_dict=True)
+    eval_ds = eval_windows(eval_ids, cfg.context, cfg.eval_windows, as_dict=True)
+    optimizer: dict[str, Any] = {}
+    if cfg.optimizer == "soap":
+        optimizer["optimizer_cls_and_kwargs"] = (SOAP, soap_kwargs(cfg))
+    else:
+        overrides.setdefault("optim", "adamw_torch")
+    return Trainer(
+        model=model,
+        args=training_arguments(cfg, **overrides),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        **optimizer,
+    )

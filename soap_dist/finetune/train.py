@@ -1,0 +1,355 @@
+"""The Accelerate fine-tuning loop: one code path for DDP, FSDP2 and DeepSpeed.
+
+``make_accelerator`` turns what ``accelerate launch`` put in the environment into an Accelerator
+(refusing the combinations that would silently train the wrong thing). ``prepare`` builds the data,
+the model and the optimizer and hands them to ``accelerator.prepare`` in one call (under FSDP2
+Accelerate swaps the optimizer's parameters for sharded DTensors, which SOAP picks up at its first
+step). ``train`` runs the loop: ``accumulate`` / ``backward`` / ``clip_grad_norm_`` / ``step`` /
+``zero_grad``, with periodic evaluation, ``save_state`` checkpoints and exact ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from soap_dist import SOAP
+from soap_dist.finetune.config import FinetuneConfig, parse_args
+from soap_dist.finetune.data import Windows, eval_windows, load_bytes, split
+from soap_dist.finetune.model import build_model, window_losses
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def check_launch(cfg: FinetuneConfig, cuda: bool | None = None) -> None:
+    """Refuse, before any work, the Accelerate setups under which this run would be wrong.
+
+    ``accelerate launch`` describes the setup in environment variables (ACCELERATE_USE_FSDP,
+    FSDP_VERSION, ACCELERATE_USE_DEEPSPEED); they are read here, before an Accelerator exists.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not _env_flag("ACCELERATE_USE_FSDP"):
+        return
+    if os.environ.get("FSDP_VERSION", "1") != "2" and cfg.optimizer == "soap":
+        raise ValueError(
+            "the accelerate config selects FSDP version 1 (fsdp_config.fsdp_version: 1), which hands the "
+            "optimizer flattened 1-D shards that SOAP cannot precondition: set fsdp_version: 2 "
+            "(see configs/accelerate/fsdp2.yaml)"
+        )
+    if not cuda:
+        raise RuntimeError(
+            "the accelerate config selects FSDP, but no CUDA device is visible: on CPU Accelerate 1.15 "
+            "ignores the FSDP plugin (with cpu=True it runs DDP; without it every process trains alone). "
+            "On CPU use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml, or launchers/pretrain.py "
+            "(torchrun + fully_shard) for FSDP2"
+        )
+
+
+def make_accelerator(cfg: FinetuneConfig, **kwargs: Any) -> Any:
+    """The Accelerator for what ``accelerate launch`` set up; ``kwargs`` go to Accelerator as given.
+
+    Without CUDA, when launched with several processes: a gloo process group; ``cpu=True`` for DDP
+    (without it Accelerate treats every process as a run of its own); never ``cpu=True`` under
+    DeepSpeed (Accelerate would drop the DeepSpeed plugin), whose shm op build is skipped too (it
+    serves only inference).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    check_launch(cfg)
+    cuda = torch.cuda.is_available()
+    deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    options: dict[str, Any] = dict(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by accelerate launch / torchrun
+    if not cuda and launched:
+        options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        options["cpu"] = not deepspeed
+        if deepspeed:
+            skip_deepspeed_shm_build()
+    if deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        # reads the JSON the accelerate config names; fills its "gradient_clipping": "auto" with ours
+        # (0.0 turns clipping off; left to Accelerate, "auto" would become 1.0)
+        options["deepspeed_plugin"] = DeepSpeedPlugin(gradient_clipping=float(cfg.grad_clip))
+    options.update(kwargs)
+    return Accelerator(**options)
+
+
+def skip_deepspeed_shm_build() -> None:
+    """On CPU, skip DeepSpeed's one-time shm-op JIT build (tens of seconds; it serves only inference)."""
+    try:
+        from soap_dist.deepspeed import disable_shm_comm
+    except ImportError:  # the DeepSpeed plugin module is optional
+        return
+    disable_shm_comm()
+
+
+def soap_kwargs(cfg: FinetuneConfig) -> dict[str, Any]:
+    """SOAP's keyword arguments from the flags (also what the HF Trainer route passes)."""
+    return dict(
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        shampoo_beta=cfg.shampoo_beta,
+        precondition_frequency=cfg.precondition_frequency,
+        max_precond_dim=cfg.max_precond_dim,
+        merge_dims=cfg.merge_dims,
+        precondition_1d=cfg.precondition_1d,
+        normalize_grads=cfg.normalize_grads,
+        block_size=cfg.block_size,
+        refresh_delay=cfg.refresh_delay,
+        fused={"auto": None, "on": True, "off": False}[cfg.fused],
+    )
+
+
+def make_optimizer(cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SOAP or AdamW over two groups: matrices with weight decay, vectors (biases, norms) without.
+
+    Plain parameter lists (not named ones): DeepSpeed replaces a group's params with one flat
+    partition, which a per-parameter name list would no longer match.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return SOAP(groups, **soap_kwargs(cfg))
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The user's optimizer inside Accelerate's (and DeepSpeed's) wrappers."""
+    for _ in range(8):
+        if isinstance(optimizer, (SOAP, torch.optim.AdamW)) or not hasattr(optimizer, "optimizer"):
+            return optimizer
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def lr_at(cfg: FinetuneConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio``.
+
+    A pure function of the step, set on the param groups before each step: nothing to checkpoint,
+    and no scheduler for Accelerate to step once per process.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Progress:
+    """Steps done and bytes seen, saved by ``accelerator.save_state`` (register_for_checkpointing)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.tokens = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+def resume_dir(cfg: FinetuneConfig) -> Path | None:
+    """``--resume DIR``, or with ``--resume latest`` the newest ``checkpoints/step_N`` in --output-dir."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {cfg.resume!r} is not a directory written by save_state")
+        return path
+    root = Path(cfg.output_dir) / CHECKPOINTS
+    found = sorted(
+        (int(m.group(1)), p) for p in root.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name))
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"--resume latest: no checkpoints/step_N under --output-dir {cfg.output_dir!r}"
+        )
+    return found[-1][1]
+
+
+def _as_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    if hasattr(x, "full_tensor"):  # a DTensor norm (FSDP2)
+        x = x.full_tensor()
+    return float(x)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
+    """Mean held-out loss over every eval window (each rank scores its share; duplicates dropped)."""
+    model.eval()
+    losses = [accelerator.gather_for_metrics(window_losses(model, ids)) for ids in loader]
+    model.train()
+    return torch.cat(losses).mean().item()
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON object per line; the other ranks write nothing."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, DataLoader, DataLoader]:
+    """Data, model and optimizer, through ``accelerator.prepare`` in one call (FSDP2 needs model and
+    optimizer together; DeepSpeed reads its micro-batch size from the DataLoader)."""
+    from accelerate.utils import set_seed
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    train_ids, eval_ids = split(load_bytes(cfg.data, cfg.max_bytes), cfg.eval_fraction)
+    samples = cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    train_dl = DataLoader(Windows(train_ids, cfg.context, samples, cfg.seed), batch_size=cfg.batch_size)
+    eval_dl = DataLoader(eval_windows(eval_ids, cfg.context, cfg.eval_windows), batch_size=cfg.batch_size)
+    model = build_model(cfg)  # same seed on every rank, so the same initial weights
+    optimizer = make_optimizer(cfg, model)
+    return accelerator.prepare(model, optimizer, train_dl, eval_dl)
+
+
+def train(
+    cfg: FinetuneConfig,
+    accelerator: Any,
+    on_prepared: Callable[[nn.Module, torch.optim.Optimizer], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune under ``accelerator``; returns the metric rows (the same on every rank).
+
+    ``on_prepared(model, optimizer)`` is called once after ``accelerator.prepare`` (tests use it to
+    look at what the optimizer was handed).
+    """
+    cfg.validate()
+    model, optimizer, train_dl, eval_dl = prepare(cfg, accelerator)
+    if on_prepared is not None:
+        on_prepared(model, optimizer)
+
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    start = resume_dir(cfg)
+    if start is not None:
+        accelerator.load_state(str(start))
+    out = Path(cfg.output_dir)
+    log = MetricsLog(out / METRICS, accelerator.is_main_process)
+    rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        log.write(row)
+
+    record(
+        {
+            "event": "start",
+            "step": progress.step,
+            "resumed_from": str(start) if start else None,
+            "world": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "config": cfg.to_dict(),
+        }
+    )
+    batches = (
+        accelerator.skip_first_batches(train_dl, progress.step * cfg.grad_accum)
+        if progress.step
+        else train_dl
+    )
+    bar = tqdm(
+        total=cfg.steps,
+        initial=progress.step,
+        disable=not accelerator.is_main_process,
+        desc=f"{cfg.optimizer} x{accelerator.num_processes}",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    model.train()
+    micro: list[torch.Tensor] = []
+    tick = time.perf_counter()
+    for ids in batches:
+        for group in optimizer.param_groups:  # before backward: DeepSpeed steps inside it
+            group["lr"] = lr_at(cfg, progress.step)
+        with accelerator.accumulate(model):
+            loss = window_losses(model, ids).mean()
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients and cfg.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro.append(loss.detach())
+        if not accelerator.sync_gradients:
+            continue
+        step_loss = accelerator.reduce(torch.stack(micro).mean(), reduction="mean").item()
+        micro = []
+        progress.step += 1
+        progress.tokens += cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.context
+        now = time.perf_counter()
+        row = {
+            "step": progress.step,
+            "loss": step_loss,
+            "lr": lr_at(cfg, progress.step - 1),
+            "grad_norm": _as_float(grad_norm),
+            "tokens": progress.tokens,
+            "step_s": now - tick,
+        }
+        if progress.step == 1 and isinstance(unwrap_optimizer(optimizer), SOAP):
+            row["soap_placement"] = unwrap_optimizer(optimizer).stats().get("placement")
+        record(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+        last = progress.step == cfg.steps
+        if (cfg.eval_every and progress.step % cfg.eval_every == 0) or last:
+            record({"step": progress.step, "eval_loss": evaluate(model, eval_dl, accelerator)})
+        if (cfg.save_every and progress.step % cfg.save_every == 0) or last:
+            accelerator.save_state(str(out / CHECKPOINTS / f"step_{progress.step}"))
+        tick = time.perf_counter()
+    bar.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """``launchers/finetune.py``: parse flags, build the Accelerator, train, report."""
+    cfg = parse_args(argv)
+    accelerator = make_accelerator(cfg)
+    rows = train(cfg, accelerator)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    curve = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if accelerator.is_main_process and curve:
+        print(
+            f"done: steps {curve[0][0]}-{curve[-1][0]}, train loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}, "
+            f"held-out loss {evals[-1]:.4f} nats/byte; metrics in {Path(cfg.output_dir) / METRICS}"
+        )
+    accelerator.end_training()
+    return rows
