@@ -24,82 +24,35 @@ from torch import nn
 from tqdm import tqdm
 
 from soap_dist import SOAP
+from soap_dist.pretrain.config import ModelConfig
+from soap_dist.pretrain.data import stdlib_files, stdlib_root
+from soap_dist.pretrain.model import GPT
 
 CORPUS_BYTES = 2_000_000  # about 2 MB of text
 HELD_OUT_FRACTION = 0.1  # the last 10% of the corpus is never trained on
 EVAL_WINDOWS = 512  # held-out windows scored at the end
 LOG_EVERY = 10
-SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 256  # bytes
-    context: int = 64
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 2
-    mlp_ratio: int = 4
+# the pretraining launcher's GPT (soap_dist.pretrain.model), at a demo size: about 0.47M parameters
+MODEL = ModelConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=2, n_heads=4, mlp_ratio=4)
 
 
 def load_corpus(limit: int = CORPUS_BYTES) -> torch.Tensor:
     """The standard library's .py files (sorted by path, installed packages excluded), first `limit` bytes."""
-    root = os.path.dirname(os.path.abspath(os.__file__))
-    paths: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
-        paths.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
     chunks: list[bytes] = []
-    for path in sorted(paths):
-        with open(path, "rb") as fh:
-            chunks.append(fh.read())
+    for path in stdlib_files():
+        chunks.append(path.read_bytes())
         if sum(map(len, chunks)) >= limit:
             break
     blob = b"".join(chunks)[:limit]
     if len(blob) < 100_000:
-        raise RuntimeError(f"found only {len(blob)} bytes of Python source under {root}; need >= 100000")
+        raise RuntimeError(
+            f"found only {len(blob)} bytes of Python source under {stdlib_root()}; need >= 100000"
+        )
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8).long()
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: causal multi-head self-attention, then a GELU MLP."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        d = cfg.d_model
-        self.n_heads = cfg.n_heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.ln2(x))
-
-
-class ByteLM(nn.Module):
-    """A small causal language model over bytes (about 0.47M parameters at the defaults)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Parameter(0.02 * torch.randn(cfg.context, cfg.d_model))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
 
 
 def windows(data: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,10 +69,10 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, data: torch.Tensor, cfg: ModelConfig, batch_size: int) -> float:
     """Mean next-byte loss (nats) over EVAL_WINDOWS evenly spaced held-out windows."""
     model.eval()
-    starts = torch.linspace(0, len(data) - cfg.context - 1, EVAL_WINDOWS).long()
+    starts = torch.linspace(0, len(data) - cfg.seq_len - 1, EVAL_WINDOWS).long()
     total = 0.0
     for batch in starts.split(batch_size):
-        total += lm_loss(model, *windows(data, batch, cfg.context)).item() * len(batch)
+        total += lm_loss(model, *windows(data, batch, cfg.seq_len)).item() * len(batch)
     model.train()
     return total / len(starts)
 
@@ -141,15 +94,15 @@ def train(
 ) -> RunResult:
     """Train a fresh model (same seed, so same weights and batches for every optimizer)."""
     torch.manual_seed(args.seed)
-    model = ByteLM(cfg)
+    model = GPT(cfg)
     opt = make_opt(model.parameters())
     batches = torch.Generator().manual_seed(args.seed + 1)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc=f"{name:>5}", unit="step", dynamic_ncols=True)
     for _ in bar:
-        starts = torch.randint(0, len(train_data) - cfg.context - 1, (args.batch_size,), generator=batches)
-        loss = lm_loss(model, *windows(train_data, starts, cfg.context))
+        starts = torch.randint(0, len(train_data) - cfg.seq_len - 1, (args.batch_size,), generator=batches)
+        loss = lm_loss(model, *windows(train_data, starts, cfg.seq_len))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -184,15 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    cfg = ModelConfig()
+    cfg = MODEL
     data = load_corpus()
     split = int(len(data) * (1 - HELD_OUT_FRACTION))
     train_data, eval_data = data[:split], data[split:]
-    n_params = sum(p.numel() for p in ByteLM(cfg).parameters())
+    n_params = sum(p.numel() for p in GPT(cfg).parameters())
     print(
         f"corpus: {len(data):,} bytes of the standard library's source ({len(train_data):,} train, "
         f"{len(eval_data):,} held out); model: {n_params:,} parameters; "
-        f"{args.steps} steps x {args.batch_size} x {cfg.context} bytes; {args.threads} threads"
+        f"{args.steps} steps x {args.batch_size} x {cfg.seq_len} bytes; {args.threads} threads"
     )
     # Same betas and weight decay for both, for a fair comparison (SOAP's reference defaults).
     common = {"lr": 3e-3, "betas": (0.95, 0.95), "weight_decay": 0.01}

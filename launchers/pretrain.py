@@ -1,0 +1,92 @@
+"""Pre-train a small GPT with SOAP (or AdamW): one process, torchrun (FSDP2/DDP/HSDP) or DeepSpeed.
+
+    torchrun --standalone --nproc_per_node=2 launchers/pretrain.py          # tiny-cpu, FSDP2, gloo
+    python launchers/pretrain.py --config configs/pretrain/tiny-cpu.yaml    # one process
+    torchrun --standalone --nproc_per_node=8 launchers/pretrain.py --config configs/pretrain/gpt2-small.yaml
+    torchrun --standalone --nproc_per_node=2 launchers/pretrain.py --deepspeed configs/deepspeed/zero2.json
+
+Everything else (flags, config keys, outputs, multi-node, resume) is in docs/pretrain.md. This file
+only parses arguments; the work is in soap_dist.pretrain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from soap_dist.pretrain.config import ConfigError, load_config
+from soap_dist.pretrain.trainer import run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
+
+# explicit flags: each is a shortcut for one --set override
+SHORTCUTS = {
+    "steps": ("train.steps", int, "optimizer steps"),
+    "optimizer": ("optim.name", str, "soap or adamw"),
+    "parallel": ("parallel.mode", str, "fsdp2, ddp, hsdp or single"),
+    "data": ("data.path", str, "a directory of text files or a uint16 .bin"),
+    "seed": ("train.seed", int, "seed of the weights and the data order"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launchers/pretrain.py",
+        description="Pre-train a GPT-style language model with SOAP or AdamW (see docs/pretrain.md).",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="YAML config (default: configs/pretrain/tiny-cpu.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key, e.g. --set train.steps=20 (repeatable; value parsed as YAML)",
+    )
+    for flag, (key, kind, what) in SHORTCUTS.items():
+        p.add_argument(f"--{flag}", type=kind, help=f"{what} (same as --set {key}=...)")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/pretrain-<config name>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the run directory"
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="stop after this step with a checkpoint, as if interrupted (the schedule spans train.steps)",
+    )
+    p.add_argument(
+        "--deepspeed", metavar="JSON", help="train through DeepSpeed with this config (configs/deepspeed/)"
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # the deepspeed launcher's
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides: list[str | tuple[str, object]] = list(args.overrides)
+    overrides += [
+        (key, getattr(args, flag))
+        for flag, (key, _, _) in SHORTCUTS.items()
+        if getattr(args, flag) is not None
+    ]
+    out = args.out or Path("runs") / f"pretrain-{args.config.stem}"
+    try:
+        cfg = load_config(args.config, overrides)
+        run(cfg, run_dir=out, resume=args.resume, stop_after=args.stop_after, deepspeed_config=args.deepspeed)
+    except ConfigError as error:  # bad input: a one-line message naming the key, not a traceback
+        print(f"launchers/pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP): model, optimizer, step, data position, RNG.
+
+Layout: ``<run>/checkpoints/step_<N>/`` is one DCP checkpoint, complete once its ``.metadata``
+exists (DCP writes it last). Model and optimizer state go through ``get_state_dict`` /
+``set_state_dict``, so they are keyed by parameter name and sharded DTensor state is resharded on
+load. ``train`` holds the step and the data sampler's position (identical on every rank);
+``rng_rank<r>`` holds each rank's RNG states under its own key, so DCP does not mistake them for
+replicated values and keep one rank's copy.
+
+A checkpoint is loaded into a freshly built model and optimizer whose parameters have no ``.grad``:
+``get_state_dict`` then creates the optimizer's state with one zero-lr step (for SOAP: the DCP trap
+documented in docs/design.md section 5).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from soap_dist.pretrain.parallel import DistEnv
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step_{step}"
+
+
+def checkpoint_steps(run_dir: Path, marker: str = ".metadata") -> list[int]:
+    """Steps of the complete checkpoints under ``run_dir`` (those whose ``marker`` file exists), ascending."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    steps = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / marker).exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def prune(run_dir: Path, keep: int | None, env: DistEnv) -> None:
+    """Delete all but the newest ``keep`` step directories (rank 0; after every rank finished saving)."""
+    if keep is None or not env.is_main:
+        return
+    root = run_dir / CHECKPOINTS
+    steps = sorted(int(m.group(1)) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)))
+    for step in steps[:-keep]:
+        shutil.rmtree(step_dir(run_dir, step), ignore_errors=True)
+
+
+def _rng_state(env: DistEnv) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    return state
+
+
+def save(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], env: DistEnv
+) -> None:
+    """Write one checkpoint (a collective: every rank calls it with the same ``path``)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {
+        "model": model_sd,
+        "optim": optim_sd,
+        "train": train_state,
+        f"rng_rank{env.rank}": _rng_state(env),
+    }
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_template: dict[str, Any],
+    env: DistEnv,
+) -> dict[str, Any]:
+    """Load ``path`` into ``model`` and ``optimizer`` (a collective); returns the saved ``train`` state.
+
+    ``train_template`` has the keys (and value types) of the saved train state. RNG states are
+    restored when the checkpoint has this rank's (it does when the world size is unchanged).
+    """
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train": train_template}
+    rng_key = f"rng_rank{env.rank}"
+    saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    has_rng = any(k == rng_key or k.startswith(rng_key + ".") for k in saved_keys)
+    if has_rng:
+        state[rng_key] = _rng_state(env)
+    else:
+        warnings.warn(
+            f"{path} has no RNG state for rank {env.rank} (saved at another world size); "
+            "this rank keeps its seeded RNG",
+            stacklevel=2,
+        )
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if has_rng:
+        torch.set_rng_state(state[rng_key]["cpu"])
+        if "cuda" in state[rng_key]:
+            torch.cuda.set_rng_state(state[rng_key]["cuda"], env.device)
+    return state["train"]

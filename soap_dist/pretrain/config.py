@@ -1,0 +1,261 @@
+"""The pre-training configuration: dataclasses that map one-to-one onto the YAML files.
+
+Why dataclasses: every key has one place where its type, default and meaning are written, so a
+typo in a YAML file or a ``--set`` override is an error that names the key, never a silently
+ignored setting. ``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value``
+overrides (values parsed as YAML: ``train.steps=20``, ``optim.betas=[0.9,0.95]``,
+``optim.block_size=null``) and validates the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OPTIMIZERS = ("soap", "adamw")
+PARALLEL_MODES = ("fsdp2", "ddp", "hsdp", "single")
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what it accepts."""
+
+
+@dataclass
+class ModelConfig:
+    """The GPT decoder (soap_dist.pretrain.model.GPT)."""
+
+    vocab_size: int = 256  # 256 for byte-level data; the tokenizer's size for a pre-tokenized .bin
+    seq_len: int = 128  # context length in tokens
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    bias: bool = True  # biases in the linear layers and LayerNorms
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. path: null = the Python standard library's .py files, byte-level."""
+
+    path: str | None = None  # a directory of text files (byte-level) or a uint16 .bin of token ids
+    eval_fraction: float = 0.02  # the last this-fraction of the tokens is held out for eval
+    cache_dir: str | None = None  # prepared .bin files (default: $SOAP_DIST_CACHE or ~/.cache/soap_dist)
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer. Weight decay applies to 2-D weights only (optim.param_groups)."""
+
+    name: str = "soap"  # "soap" or "adamw"
+    lr: float = 3e-3  # peak learning rate (after warmup)
+    betas: tuple[float, float] = (0.95, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0  # max global gradient norm; null = no clipping
+    # SOAP only (ignored by adamw):
+    precondition_frequency: int = 10
+    block_size: int | None = None  # see docs/design.md section 6: set it under fsdp2/hsdp
+    refresh_delay: int = 0
+    fused: bool | None = None  # SOAP's torch.compile'd elementwise step (null: try it, false: eager)
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate: linear warmup from 0, then cosine decay to min_lr_ratio * lr at train.steps."""
+
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """The loop. Global batch = micro_batch * grad_accum * world size sequences of model.seq_len."""
+
+    steps: int = 300  # optimizer steps
+    micro_batch: int = 16  # sequences per rank per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # weights and data order
+    log_every: int = 10  # steps between metrics records (loss averaged over them)
+    eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
+    eval_batches: int = 8  # micro-batches per rank per evaluation
+    checkpoint_every: int = 100  # steps between DCP checkpoints (0: only at the end)
+    keep_checkpoints: int | None = 2  # newest checkpoints kept (null: keep all)
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU, which always runs fp32)
+    threads: int | None = None  # torch threads per process (null: CPU cores / processes on this node)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over ranks (ignored with one process or under --deepspeed)."""
+
+    mode: str = "fsdp2"  # "fsdp2", "ddp", "hsdp" or "single" (single needs world size 1)
+    hsdp_shard_size: int | None = None  # ranks per shard group under hsdp (null: ranks per node)
+    sync_every_micro_batch: bool = False  # true: all-reduce gradients on every micro-batch
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain YAML-able dict (tuples as lists)."""
+        out = dataclasses.asdict(self)
+        for section in out.values():
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
+        return out
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (int, float, bool, str, tuple[float, float], X | None), or ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise ConfigError(f"{key} must be a list of {len(items)} numbers, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module, not in the input
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _set(config: Config, key: str, value: Any, where: str) -> None:
+    section_name, _, name = key.partition(".")
+    sections = _sections()
+    if section_name not in sections or not name:
+        raise ConfigError(
+            f"unknown config key {key!r} ({where}); keys are section.name with section one of "
+            f"{', '.join(sections)}"
+        )
+    section = getattr(config, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise ConfigError(
+            f"unknown config key {key!r} ({where}); the keys of {section_name!r} are: {', '.join(hints)}"
+        )
+    setattr(section, name, _coerce(value, hints[name], key))
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+    m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
+    for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+        need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
+    need(m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"a multiple of model.n_heads ({m.n_heads})")
+    need(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "in (0, 1)")
+    need(o.name in OPTIMIZERS, "optim.name", o.name, " or ".join(map(repr, OPTIMIZERS)))
+    need(o.lr > 0, "optim.lr", o.lr, "> 0")
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")
+    need(o.precondition_frequency >= 1, "optim.precondition_frequency", o.precondition_frequency, ">= 1")
+    need(o.block_size is None or o.block_size >= 1, "optim.block_size", o.block_size, ">= 1 or null")
+    need(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, ">= 0")
+    need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "in [0, 1]")
+    for key in ("steps", "micro_batch", "grad_accum", "log_every", "eval_batches"):
+        need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
+    for key in ("eval_every", "checkpoint_every"):
+        need(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0 (0: only at the end)")
+    need(
+        t.keep_checkpoints is None or t.keep_checkpoints >= 1,
+        "train.keep_checkpoints",
+        t.keep_checkpoints,
+        ">= 1 or null",
+    )
+    need(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
+    need(
+        cfg.parallel.mode in PARALLEL_MODES,
+        "parallel.mode",
+        cfg.parallel.mode,
+        " or ".join(map(repr, PARALLEL_MODES)),
+    )
+    shard = cfg.parallel.hsdp_shard_size
+    need(shard is None or shard >= 1, "parallel.hsdp_shard_size", shard, ">= 1 or null")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.steps=20"`` -> ``("train.steps", 20)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"an override must look like section.key=value (e.g. train.steps=20), got {text!r}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str | tuple[str, Any]] | None = None
+) -> Config:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by ``overrides``; validated.
+
+    An override is ``"section.key=value"`` (value parsed as YAML) or a ``(key, value)`` pair taken as is.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist (see configs/pretrain/ for examples)"
+            )
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"
+            )
+        for section_name, section in raw.items():
+            if not isinstance(section, dict):
+                raise ConfigError(f"{path}: section {section_name!r} must be a mapping, got {section!r}")
+            for name, value in section.items():
+                _set(cfg, f"{section_name}.{name}", value, f"in {path}")
+    for item in overrides or []:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        _set(cfg, key, value, f"from the override {item!r}")
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration (defaults, file and overrides merged) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,148 @@
+"""What a run reports: a progress bar with tokens/s (rank 0), ``metrics.jsonl``, and ``loss.png``.
+
+``metrics.jsonl`` has one JSON object per line: training records
+``{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}`` (loss averaged over the
+steps since the previous record and over ranks) and evaluation records ``{"step", "eval_loss"}``.
+A resumed run first drops the records past its checkpoint's step, then appends, so the file always
+describes one trajectory. Only rank 0 writes; the other ranks join the loss all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from soap_dist.pretrain.parallel import DistEnv, all_reduce_mean
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl file, in order."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Metrics:
+    """Per-step bookkeeping for the training loop; ``log_train`` is called by every rank every step."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        env: DistEnv,
+        *,
+        start_step: int,
+        total_steps: int,
+        tokens_per_step: int,
+        log_every: int,
+    ) -> None:
+        self.env, self.log_every, self.tokens_per_step = env, log_every, tokens_per_step
+        self.path = run_dir / METRICS_FILE
+        self.plot_path = run_dir / PLOT_FILE
+        self.last_train_loss = math.nan
+        self.last_eval_loss = math.nan
+        self._loss_sum: torch.Tensor | None = None
+        self._count = 0
+        self._start = self._mark = time.perf_counter()
+        self._file = None
+        self._bar = None
+        if env.is_main:
+            kept = [r for r in read_records(self.path) if r["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._file = self.path.open("a")
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0
+            )
+
+    def log_train(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, *, force: bool
+    ) -> None:
+        """Accumulate this step's loss; every ``log_every`` steps (or when ``force``) write a record.
+
+        The record costs one all-reduce and one host sync, so none happens between records.
+        """
+        loss = loss.detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._count += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        if not (force or step % self.log_every == 0):
+            return
+        mean = all_reduce_mean(self._loss_sum / self._count, self.env).item()
+        now = time.perf_counter()
+        tokens_per_s = self._count * self.tokens_per_step / max(now - self._mark, 1e-9)
+        self.last_train_loss = mean
+        record = {
+            "step": step,
+            "loss": mean,
+            "lr": lr,
+            "grad_norm": None if math.isnan(norm := float(grad_norm)) else norm,
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+            "elapsed_s": now - self._start,
+        }
+        self._loss_sum, self._count, self._mark = None, 0, now
+        self._write(record)
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
+            )
+
+    def log_eval(self, step: int, eval_loss: float, *, record: bool = True) -> None:
+        """Report a held-out loss (all ranks pass the same value); ``record=False`` only shows it."""
+        self.last_eval_loss = eval_loss
+        if record:
+            self._write({"step": step, "eval_loss": eval_loss})
+        if self._bar is not None:
+            self._bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def close(self, *, plot: bool = True) -> None:
+        """Close the bar and the file; on rank 0 draw loss.png from the whole metrics.jsonl."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if plot:
+                plot_losses(read_records(self.path), self.plot_path)
+
+
+def plot_losses(records: list[dict[str, Any]], out: Path) -> None:
+    """Training and held-out loss against step, written as a PNG (matplotlib's Agg backend: no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out", markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

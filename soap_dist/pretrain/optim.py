@@ -1,0 +1,58 @@
+"""Parameter groups and the optimizer (SOAP or AdamW) from ``OptimConfig``.
+
+Weight decay goes to matrices only (2-D weights: linear layers and embeddings); biases and
+LayerNorm gains get none, for both optimizers, so the two differ only in the update rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from soap_dist import SOAP
+from soap_dist.pretrain.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: the 2-D (or higher) weights with ``weight_decay``, every other parameter without.
+
+    Call it on the wrapped model (FSDP2 replaces parameters by DTensors in place; the groups must
+    hold the objects the optimizer will step). Names go along (``param_names``) for SOAP's messages.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append((name, p))
+    return [
+        {"params": [p for _, p in group], "param_names": [n for n, _ in group], "weight_decay": wd}
+        for group, wd in ((decay, weight_decay), (no_decay, 0.0))
+        if group
+    ]
+
+
+def soap_kwargs(cfg: OptimConfig) -> dict[str, Any]:
+    """SOAP's keyword arguments from the config (shared with the DeepSpeed JSON's optimizer params)."""
+    return {
+        "lr": cfg.lr,
+        "betas": tuple(cfg.betas),
+        "eps": cfg.eps,
+        "weight_decay": cfg.weight_decay,
+        "precondition_frequency": cfg.precondition_frequency,
+        "block_size": cfg.block_size,
+        "refresh_delay": cfg.refresh_delay,
+        "fused": cfg.fused,
+    }
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """SOAP or torch AdamW over ``groups`` (the lr is set every step by the schedule)."""
+    if cfg.name == "soap":
+        return SOAP(groups, **soap_kwargs(cfg))
+    fused = True if device.type == "cuda" else None  # torch's default (foreach) elsewhere
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
+    )

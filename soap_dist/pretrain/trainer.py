@@ -1,0 +1,310 @@
+"""The pre-training loop, and the torch backend it drives (FSDP2, DDP, HSDP or one process).
+
+One step reads top to bottom: set the scheduled lr, run the micro-batches (gradients synchronised
+on the last one only), clip, step, zero the gradients. The loop itself knows nothing of the
+parallelism: a backend (``TorchBackend`` here, ``ds_backend.DeepSpeedBackend`` under --deepspeed)
+does the steps, evaluation, checkpoints and the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from soap_dist.pretrain import checkpoint, data, parallel
+from soap_dist.pretrain.config import Config, ConfigError, save_config
+from soap_dist.pretrain.metrics import Metrics
+from soap_dist.pretrain.model import GPT, export, lm_loss
+from soap_dist.pretrain.optim import build_optimizer, param_groups
+from soap_dist.pretrain.parallel import DistEnv
+from soap_dist.pretrain.schedule import lr_at
+
+
+class Backend(Protocol):
+    """What the loop needs from a parallelism backend; every method is called on every rank."""
+
+    def train_step(self, batches: list[data.Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches: (mean loss on this rank, global grad norm)."""
+        ...
+
+    def eval_loss(self, batches: list[data.Batch]) -> torch.Tensor: ...
+
+    def latest_checkpoint(self, run_dir: Path) -> int | None: ...
+
+    def save(self, run_dir: Path, step: int, train_state: dict[str, Any]) -> None: ...
+
+    def load(self, run_dir: Path, step: int, train_template: dict[str, Any]) -> dict[str, Any]: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unwrapped GPT's full state_dict on rank 0 (empty elsewhere)."""
+        ...
+
+
+def _autocast(env: DistEnv, bf16: bool) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on CUDA when asked; CPU always runs fp32."""
+    if env.device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: data.Batch, device: torch.device) -> data.Batch:
+    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+
+class TorchBackend:
+    """FSDP2 / DDP / HSDP / one process, with SOAP or AdamW; checkpoints through DCP."""
+
+    def __init__(self, model: GPT, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.model = parallel.wrap_model(
+            model.to(env.device), cfg.parallel.mode, env, cfg.parallel.hsdp_shard_size
+        )
+        groups = param_groups(self.model, cfg.optim.weight_decay)
+        self.optimizer = build_optimizer(groups, cfg.optim, env.device)
+
+    def _loss(self, batch: data.Batch) -> torch.Tensor:
+        x, y = _to(batch, self.env.device)
+        with _autocast(self.env, self.cfg.train.bf16):
+            logits = self.model(x)
+        return lm_loss(logits, y)
+
+    def train_step(self, batches: list[data.Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.env.device)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1 or self.cfg.parallel.sync_every_micro_batch
+            with parallel.gradient_sync(self.model, sync):
+                loss = self._loss(batch)
+                (loss / len(batches)).backward()
+            total += loss.detach()
+        norm = parallel.clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(batches), norm
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[data.Batch]) -> torch.Tensor:
+        self.model.eval()
+        total = sum(self._loss(b) for b in batches)
+        self.model.train()
+        return total / len(batches)
+
+    def latest_checkpoint(self, run_dir: Path) -> int | None:
+        steps = checkpoint.checkpoint_steps(run_dir)
+        return steps[-1] if steps else None
+
+    def save(self, run_dir: Path, step: int, train_state: dict[str, Any]) -> None:
+        checkpoint.save(checkpoint.step_dir(run_dir, step), self.model, self.optimizer, train_state, self.env)
+
+    def load(self, run_dir: Path, step: int, train_template: dict[str, Any]) -> dict[str, Any]:
+        path = checkpoint.step_dir(run_dir, step)
+        return checkpoint.load(path, self.model, self.optimizer, train_template, self.env)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+
+@dataclass
+class RunResult:
+    """What a run ended with (rank 0's view; the losses are averaged over ranks)."""
+
+    step: int
+    train_loss: float
+    eval_loss: float
+    seconds: float
+    run_dir: Path
+    exported: Path | None
+
+
+def _set_threads(cfg: Config, env: DistEnv) -> None:
+    """Share the node's cores between its processes (2 processes on 2 cores: 1 thread each)."""
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, env.local_world))
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class _Data:
+    splits: data.TokenSplits
+    byte_level: bool
+    sampler: data.BatchSampler
+    eval_set: list[data.Batch]
+
+
+def _load_data(cfg: Config, env: DistEnv) -> _Data:
+    """Prepare (once per node) and map the tokens; this rank's sampler and evaluation batches."""
+    t, seq_len = cfg.train, cfg.model.seq_len
+    token_file, byte_level = data.prepare_tokens(
+        cfg.data, writer=env.local_rank == 0, barrier=lambda: parallel.barrier(env)
+    )
+    splits = data.load_splits(
+        token_file,
+        eval_fraction=cfg.data.eval_fraction,
+        seq_len=seq_len,
+        vocab_size=cfg.model.vocab_size,
+        byte_level=byte_level,
+    )
+    sampler = data.BatchSampler(
+        splits.train,
+        seq_len=seq_len,
+        micro_batch=t.micro_batch,
+        grad_accum=t.grad_accum,
+        rank=env.rank,
+        world=env.world,
+        seed=t.seed,
+    )
+    eval_set = data.eval_batches(
+        splits.eval,
+        seq_len=seq_len,
+        micro_batch=t.micro_batch,
+        n_batches=t.eval_batches,
+        rank=env.rank,
+        world=env.world,
+    )
+    return _Data(splits, byte_level, sampler, eval_set)
+
+
+def _resume(backend: Backend, run_dir: Path, resume: bool, sampler: data.BatchSampler) -> int:
+    """The step to start from: the newest checkpoint's under ``resume`` (0 without one); refuses to start
+    a fresh run over a directory that holds checkpoints."""
+    latest = backend.latest_checkpoint(run_dir)
+    if latest is None:
+        return 0
+    if not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a checkpoint (step {latest}); pass --resume to continue "
+            "that run, or --out another directory to start a new one"
+        )
+    state = backend.load(run_dir, latest, {"step": 0, "data": sampler.state_dict()})
+    sampler.load_state_dict(state["data"])
+    return int(state["step"])
+
+
+def run(
+    cfg: Config,
+    *,
+    run_dir: str | Path,
+    resume: bool = False,
+    stop_after: int | None = None,
+    deepspeed_config: str | None = None,
+) -> RunResult:
+    """Train ``cfg`` into ``run_dir`` (see docs/pretrain.md); every rank calls it.
+
+    ``resume``: continue from the newest checkpoint in ``run_dir`` (from scratch if there is none).
+    ``stop_after``: end after that step with a checkpoint, as if interrupted (the lr schedule still
+    spans ``train.steps``). ``deepspeed_config``: a DeepSpeed JSON; the DeepSpeed backend replaces
+    the torch one (and ``parallel`` is ignored).
+    """
+    if stop_after is not None and not 1 <= stop_after <= cfg.train.steps:
+        raise ConfigError(f"--stop-after must be in [1, train.steps={cfg.train.steps}], got {stop_after}")
+    env = parallel.init_distributed()
+    try:
+        return _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config)
+    finally:
+        parallel.shutdown(env)
+
+
+def _run(
+    cfg: Config,
+    env: DistEnv,
+    run_dir: Path,
+    resume: bool,
+    stop_after: int | None,
+    deepspeed_config: str | None,
+) -> RunResult:
+    t = cfg.train
+    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // env.local_world))  # share the node
+    d = _load_data(cfg, env)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank, before any sharding
+    model = GPT(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    backend: Backend
+    if deepspeed_config is not None:
+        from soap_dist.pretrain.ds_backend import DeepSpeedBackend
+
+        backend = DeepSpeedBackend(model, cfg, env, deepspeed_config, run_dir)
+        mode = f"deepspeed ({deepspeed_config})"
+    else:
+        backend = TorchBackend(model, cfg, env)
+        mode = cfg.parallel.mode if env.distributed else "single process"
+    start_step = _resume(backend, run_dir, resume, d.sampler)
+    global_batch = t.micro_batch * t.grad_accum * env.world
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(
+            f"pretrain: {n_params:,} parameters, {cfg.optim.name}, {mode}, world {env.world} on "
+            f"{env.device.type}; global batch {global_batch} x {cfg.model.seq_len} tokens; "
+            f"data {d.splits.path} ({len(d.splits.train):,} train / {len(d.splits.eval):,} held-out tokens); "
+            + (f"resuming at step {start_step}" if start_step else f"starting at step 0 in {run_dir}"),
+            flush=True,
+        )
+    metrics = Metrics(
+        run_dir,
+        env,
+        start_step=start_step,
+        total_steps=t.steps,
+        tokens_per_step=global_batch * cfg.model.seq_len,
+        log_every=t.log_every,
+    )
+
+    def evaluate(step: int, *, record: bool = True) -> None:
+        metrics.log_eval(
+            step, parallel.all_reduce_mean(backend.eval_loss(d.eval_set), env).item(), record=record
+        )
+
+    last = stop_after or t.steps
+    for step in range(start_step + 1, last + 1):
+        lr = lr_at(
+            step,
+            lr=cfg.optim.lr,
+            warmup_steps=cfg.schedule.warmup_steps,
+            total_steps=t.steps,
+            min_lr_ratio=cfg.schedule.min_lr_ratio,
+        )
+        loss, norm = backend.train_step(d.sampler.next_step(), lr)
+        metrics.log_train(step, loss, norm, lr, force=step == last)
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            evaluate(step)
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last:
+            backend.save(run_dir, step, {"step": step, "data": d.sampler.state_dict()})
+            checkpoint.prune(run_dir, t.keep_checkpoints, env)
+    final_step = max(last, start_step)
+    exported = None
+    if final_step == t.steps:
+        if start_step == t.steps:  # resumed a finished run: report its held-out loss (already recorded)
+            evaluate(final_step, record=False)
+        state_dict = backend.full_state_dict()
+        if env.is_main:
+            exported = export(
+                state_dict,
+                cfg.model,
+                run_dir / "final",
+                step=final_step,
+                optimizer=cfg.optim.name,
+                data=str(d.splits.path),
+                byte_level=d.byte_level,
+                config=cfg.to_dict(),
+            )
+    metrics.close()
+    result = RunResult(
+        final_step, metrics.last_train_loss, metrics.last_eval_loss, metrics.elapsed, run_dir, exported
+    )
+    if env.is_main:
+        held_out = f", eval loss {result.eval_loss:.4f}" if math.isfinite(result.eval_loss) else ""
+        print(
+            f"pretrain: done at step {result.step}: train loss {result.train_loss:.4f}{held_out} "
+            f"(nats/token), {result.seconds:.1f} s in the loop; outputs in {run_dir}"
+            + (f", model exported to {exported}" if exported else ""),
+            flush=True,
+        )
+    return result
