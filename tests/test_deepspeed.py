@@ -22,11 +22,14 @@ from soap_dist.zero_layout import Fragment, homes, routes, unit_rows  # noqa: E4
 
 TOL = 1e-4  # the bound, fp32; measured ~1e-7
 
+DELAY1 = {"refresh_delay": 1}
 JOBS = [
     ("stage0", "scenario_stage", dict(stage=0, gas=1)),
     ("stage1", "scenario_stage", dict(stage=1, gas=1)),
     ("stage2_gas2", "scenario_stage", dict(stage=2, gas=2)),
     ("stage3_init_gas2", "scenario_stage", dict(stage=3, gas=2, zero_init=True, sub_group_size=100)),
+    # a refreshed basis installed one step late; several sub-groups, so several calls per engine step
+    ("stage3_delay1", "scenario_stage", dict(stage=3, gas=1, sub_group_size=100, soap_kw=DELAY1)),
     ("stage1_bf16", "scenario_stage", dict(stage=1, gas=1, bf16=True)),
     ("stage2_bf16", "scenario_stage", dict(stage=2, gas=2, bf16=True)),
     ("stage3_bf16", "scenario_stage", dict(stage=3, gas=1, bf16=True, zero_init=True)),

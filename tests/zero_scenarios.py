@@ -80,24 +80,24 @@ def reference(steps: int, gas: int, shapes=SHAPES, bf16: bool = False, **kw) -> 
     return [p.detach().clone() for p in model.parameters()]
 
 
-def ds_config(stage: int, gas: int = 1, bf16: bool = False, **zero) -> dict:
+def ds_config(stage: int, gas: int = 1, bf16: bool = False, soap: dict | None = None, **zero) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": gas,
         "zero_optimization": {"stage": stage, **zero},
         "bf16": {"enabled": bf16},
-        "optimizer": {"type": "SOAP", "params": dict(SOAP_PARAMS)},
+        "optimizer": {"type": "SOAP", "params": {**SOAP_PARAMS, **(soap or {})}},
         "steps_per_print": 10**9,
         "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0: the reference does not clip
     }
 
 
-def build(stage: int, gas: int = 1, bf16: bool = False, zero_init: bool = False, **zero):
+def build(stage: int, gas: int = 1, bf16: bool = False, zero_init: bool = False, soap=None, **zero):
     import deepspeed
 
     import soap_dist.deepspeed as sdd
 
-    cfg = ds_config(stage, gas, bf16, **zero)
+    cfg = ds_config(stage, gas, bf16, soap, **zero)
     if zero_init:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = Sum()
@@ -150,8 +150,10 @@ def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 # ----- scenarios -----
-def scenario_stage(rank: int, stage: int, gas: int, bf16: bool = False, zero_init: bool = False, **zero):
-    engine, model = build(stage, gas, bf16, zero_init, **zero)
+def scenario_stage(
+    rank: int, stage: int, gas: int, bf16: bool = False, zero_init: bool = False, soap_kw=None, **zero
+):
+    engine, model = build(stage, gas, bf16, zero_init, soap_kw, **zero)
     train(engine, rank, 0, STEPS, gas)
     got = full_params(engine, model)
     soap = soap_of(engine)
@@ -160,7 +162,7 @@ def scenario_stage(rank: int, stage: int, gas: int, bf16: bool = False, zero_ini
         "fragments": [[(f.param, f.start, f.numel) for f in fr] for fr in soap._zero.part.fragments]
         if soap._zero
         else [],
-        "error": rel(got, reference(STEPS, gas, bf16=bf16)),
+        "error": rel(got, reference(STEPS, gas, bf16=bf16, **(soap_kw or {}))),
         "placement": stats.get("placement"),
         "mid_row": mid_row_splits(soap),
         "global_steps": engine.global_steps,
