@@ -1,0 +1,34 @@
+"""Loss curves of finished pre-training runs in one plot, and a markdown table with tokens/s.
+
+    python launchers/compare_runs.py runs/pretrain-gpt2-small runs/gpt2-small-adamw \
+        --names SOAP AdamW --out docs/bench_results/pretrain_gpt2_small.png
+
+Ratios in the table are against the first run. See docs/benchmarks.md ("Pre-training").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from soap_dist.pretrain.compare import compare  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    parser.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    parser.add_argument("--names", nargs="+", help="one label per run (default: the directory names)")
+    parser.add_argument("--out", default="loss_comparison.png", help="where to write the plot")
+    parser.add_argument("--title", default="", help="plot title")
+    args = parser.parse_args(argv)
+    result = compare(args.runs, args.out, args.names, args.title)
+    print(result["table"])
+    print(f"\nplot: {result['plot']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""launchers/compare_runs.py: the SOAP-vs-AdamW table and plot from finished runs' metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from soap_dist.pretrain.compare import compare, summarize
+
+
+def _run(tmp_path, name, losses, speeds, evals):
+    d = tmp_path / name
+    d.mkdir()
+    lines = [
+        {"step": 10 * (i + 1), "loss": v, "lr": 1e-3, "grad_norm": 1.0, "tokens": 1000 * (i + 1),
+         "tokens_per_s": s, "elapsed_s": float(i)}
+        for i, (v, s) in enumerate(zip(losses, speeds, strict=True))
+    ]  # fmt: skip
+    lines += [{"step": st, "eval_loss": e} for st, e in evals]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return str(d)
+
+
+def test_table_and_plot(tmp_path):
+    soap = _run(tmp_path, "soap", [3.0, 2.0, 1.5], [90.0, 100.0, 110.0], [(30, 1.6), (30, 1.6)])
+    adamw = _run(tmp_path, "adamw", [3.0, 2.5, 2.2], [200.0, 190.0, 210.0], [(30, 2.3)])
+    out = tmp_path / "cmp.png"
+    result = compare([soap, adamw], str(out), ["SOAP", "AdamW"])
+    rows = result["table"].splitlines()
+    assert rows[2] == "| SOAP | 30 | 3,000 | 1.5000 | 1.6000 | 100 | 1.00x |"
+    assert rows[3] == "| AdamW | 30 | 3,000 | 2.2000 | 2.3000 | 200 | 2.00x |"
+    assert out.stat().st_size > 1000
+    assert summarize(soap).evals == [(30, 1.6)]  # a duplicated final eval counts once
+
+
+def test_missing_run_and_bad_names_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="finished pretrain run directory"):
+        summarize(tmp_path)
+    run = _run(tmp_path, "a", [1.0], [1.0], [])
+    with pytest.raises(ValueError, match="--names has 2 entries for 1 run"):
+        compare([run], str(tmp_path / "x.png"), ["a", "b"])
