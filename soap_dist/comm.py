@@ -145,7 +145,8 @@ class Exchange:
 
     # ----- every step -----
     def all_finite(self, flags: Tensor) -> Tensor:
-        """A parameter is skipped on every shard if any shard saw a non-finite gradient."""
+        """Logical AND of per-parameter flags over the shards: a parameter is skipped on every shard if
+        any shard saw a non-finite gradient (also: a first gradient is zero only if zero on every shard)."""
         if self.topology.shards == 1:
             return flags
         as_int = flags.to(torch.int32)

@@ -296,6 +296,7 @@ class SoapEngine:
         while self._inflight and self._inflight[0][0] <= self.calls:
             _, flight, ids = self._inflight.pop(0)
             self._receive(flight, ids, first=False)
+        active = self._skip_zero_first_gradients(list(active), grads)
         active_ids = [i for i, a in enumerate(active) if a]
         if not active_ids:
             return
@@ -345,6 +346,25 @@ class SoapEngine:
         ]
         if due:
             self._refresh(due)
+
+    def _skip_zero_first_gradients(self, active: list[bool], grads: list[Tensor | None]) -> list[bool]:
+        """A parameter is started by its first gradient that is not exactly zero everywhere.
+
+        DeepSpeed's fp16/bf16 stage-0 wrappers and DCP call ``step`` once with all-zero gradients to
+        create optimizer state; a preconditioner built from zeros would hold an arbitrary basis until
+        the first refresh. This costs one host sync per step, and only while a parameter is unstarted.
+        """
+        fresh = [i for i, a in enumerate(active) if a and not self.started[i]]
+        if not fresh:
+            return active
+        empty = torch.ones((), dtype=torch.bool, device=self.device)  # an empty shard holds no non-zero
+        zero = torch.stack([(grads[i] == 0).all() if grads[i].numel() else empty for i in fresh])
+        if self.exchange is not None:  # every shard must be zero: the same decision on every rank
+            zero = self.exchange.all_finite(zero)
+        for i, z in zip(fresh, zero.tolist(), strict=True):
+            if z:
+                active[i] = False
+        return active
 
     def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> Tensor:
         """One flag per parameter: its gradient's norm is finite (no NaN/Inf, no overflow)."""

@@ -30,6 +30,7 @@ JOBS = [
     ("stage3_init_gas2", "scenario_stage", dict(stage=3, gas=2, zero_init=True, sub_group_size=100)),
     # a refreshed basis installed one step late; several sub-groups, so several calls per engine step
     ("stage3_delay1", "scenario_stage", dict(stage=3, gas=1, sub_group_size=100, soap_kw=DELAY1)),
+    ("stage0_bf16", "scenario_stage", dict(stage=0, gas=2, bf16=True)),
     ("stage1_bf16", "scenario_stage", dict(stage=1, gas=1, bf16=True)),
     ("stage2_bf16", "scenario_stage", dict(stage=2, gas=2, bf16=True)),
     ("stage3_bf16", "scenario_stage", dict(stage=3, gas=1, bf16=True, zero_init=True)),

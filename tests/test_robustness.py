@@ -193,3 +193,27 @@ def test_parameters_swapped_before_the_first_step_are_used():
         opt.step()
     assert not torch.equal(replacement, before)
     assert opt.state_dict()["state"][0]["exp_avg"].shape == (6, 6)
+
+
+def test_an_all_zero_first_gradient_does_not_start_the_preconditioner():
+    """DeepSpeed's fp16/bf16 stage-0 wrappers (and DCP) call step once with zero gradients to create
+    state; the run must then equal one that never saw that call."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(6, 4, generator=gen), torch.randn(5, generator=gen)]
+    grads = [[torch.randn(w.shape, generator=gen) for w in init] for _ in range(7)]
+
+    def run(zero_first: bool):
+        ps = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = SOAP(ps, lr=0.01, precondition_frequency=3, fused=False)
+        if zero_first:
+            for p in ps:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+        for gs in grads:
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert torch.equal(a, b)

@@ -119,8 +119,11 @@ def full_params(engine, model) -> list[torch.Tensor]:
     """The fp32 master weights, whole (ZeRO-0: the parameters themselves)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-        return [p.detach().clone().float() for p in model.parameters()]
+    if engine.zero_optimization_stage() == 0:
+        if not engine.bfloat16_enabled():
+            return [p.detach().clone().float() for p in model.parameters()]
+        # bf16 stage 0: SOAP steps DeepSpeed's fp32 master copies (full shapes, in model order)
+        return [p.detach().clone() for g in soap_of(engine).param_groups for p in g["params"]]
     return [safe_get_full_fp32_param(p).detach().clone() for p in model.parameters()]
 
 
