@@ -49,6 +49,27 @@ def results(tmp_path_factory):
     return zs.run(jobs)
 
 
+WHOLE = {"block_size": None}  # a unit is a whole matrix: it can span three or four ranks' slices
+JOBS4 = [
+    ("stage2_whole_matrices", "scenario_stage", dict(stage=2, gas=1, soap_kw=WHOLE)),
+    ("stage3_blocks", "scenario_stage", dict(stage=3, gas=1)),
+]
+
+
+@pytest.fixture(scope="module")
+def results4():
+    return zs.run(JOBS4, world=4)
+
+
+@pytest.mark.parametrize("name", [j[0] for j in JOBS4])
+def test_zero_at_world_4_equals_one_process(results4, name):
+    for rank, res in enumerate(results4):
+        r = res[name]
+        assert r["error"] <= TOL, (rank, name, r["error"])
+        assert r["placement"] == "zero" and r["engine_steps_seen"] == [zs.STEPS - 1] * len(zs.SHAPES)
+        assert r["mid_row"], r["fragments"]
+
+
 @pytest.mark.parametrize("name", [j[0] for j in JOBS if j[1] == "scenario_stage"])
 def test_zero_stage_equals_one_process(results, name):
     for rank, res in enumerate(results):

@@ -205,7 +205,9 @@ def scenario_bad_configs(rank: int):
     return out
 
 
-def _worker(rank: int, init: str, jobs, queue) -> None:
+def _worker(rank: int, world: int, init: str, jobs, queue) -> None:
+    global WORLD
+    WORLD = world  # global_grads and the reference average over this many ranks
     try:
         torch.set_num_threads(1)
         os.environ.update(
@@ -224,13 +226,13 @@ def _worker(rank: int, init: str, jobs, queue) -> None:
             dist.destroy_process_group()
 
 
-def run(jobs: list[tuple[str, str, dict]]) -> list[dict]:
-    """Run named scenarios on 2 ranks; returns each rank's {name: result}."""
+def run(jobs: list[tuple[str, str, dict]], world: int = WORLD) -> list[dict]:
+    """Run named scenarios on ``world`` ranks; returns each rank's {name: result}."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init = "file://" + os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, init, jobs, queue)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_worker, args=(r, world, init, jobs, queue)) for r in range(world)]
         for p in procs:
             p.start()
         out: dict[int, dict] = {}
@@ -244,7 +246,7 @@ def run(jobs: list[tuple[str, str, dict]]) -> list[dict]:
             p.join(timeout=60)
     if errors:
         raise RuntimeError("\n".join(errors))
-    return [out[r] for r in range(WORLD)]
+    return [out[r] for r in range(world)]
 
 
 def scenario_client_instance(rank: int, stage: int):
