@@ -14,6 +14,7 @@ nothing here imports deepspeed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,19 @@ class ZeroRunner:
         ]
         self.exchange.check_plan(plan.param_hashes(self.layouts, extras), [lay.name for lay in self.layouts])
         dtype = part.flats[0].dtype if part.flats else torch.float32
-        self.home_params = [self._home(lay, dtype, device) for lay in self.layouts]
-        self.home_grads = [torch.zeros_like(t) for t in self.home_params]
+        # A parameter whose home rows all lie in this rank's own slice is stepped in place, on a view
+        # of the slice; only the others get home buffers (and pieces to gather and scatter).
+        self.in_place = self._in_place()
+        self.home_params = [
+            self._view(lay.index, part.flats[part.param_flat[lay.index]].detach().reshape(-1))
+            if lay.index in self.in_place
+            else self._home(lay, dtype, device)
+            for lay in self.layouts
+        ]
+        self.home_grads = [
+            None if lay.index in self.in_place else torch.zeros_like(t)
+            for lay, t in zip(self.layouts, self.home_params, strict=True)
+        ]
         self.engine = SoapEngine(
             local_layouts(self.layouts, topology, self.splits),
             self.home_params,
@@ -114,6 +126,25 @@ class ZeroRunner:
                 held[frag.param][r] = (frag.start, frag.numel)
         return held
 
+    def _in_place(self) -> dict[int, int]:
+        """param -> offset in this rank's slice of its home rows, when they lie entirely in the slice."""
+        out = {}
+        me = self.part.rank
+        for frag in self.part.fragments[me]:
+            first, count = self.splits[frag.param][me]
+            lay = self.layouts[frag.param]
+            width = math.prod(lay.shape[1:]) if len(lay.shape) > 1 else 1
+            lo, hi = first * width, (first + count) * width
+            if count and frag.start <= lo and hi <= frag.start + frag.numel:
+                out[frag.param] = frag.offset + lo - frag.start
+        return out
+
+    def _view(self, param: int, flat: Tensor) -> Tensor:
+        lay = self.layouts[param]
+        count = self.splits[param][self.part.rank][1]
+        width = math.prod(lay.shape[1:]) if len(lay.shape) > 1 else 1
+        return flat.narrow(0, self.in_place[param], count * width).view(count, *lay.shape[1:])
+
     def _home(self, lay: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
         count = self.splits[lay.index][self.part.rank][1]
         return torch.zeros((count, *lay.shape[1:]), dtype=dtype, device=device)
@@ -141,20 +172,26 @@ class ZeroRunner:
         grad = slice_.grad
         if grad is None:
             return
-        self._gather(flat, slice_.detach().reshape(-1), grad.reshape(-1))
-        params = self.flat_params[flat]
+        values, grad = slice_.detach().reshape(-1), grad.reshape(-1)
+        self._gather(flat, values, grad)
         active = [False] * len(self.layouts)
         grads: list[Tensor | None] = [None] * len(self.layouts)
-        for i in params:
+        params = list(self.home_params)
+        for i in self.flat_params[flat]:
             active[i] = True
-            grads[i] = self.home_grads[i]
-        self.engine.step(self.groups, self.home_params, grads, active)
-        self._scatter(flat, slice_.detach().reshape(-1))
+            if i in self.in_place:  # fresh views: DeepSpeed hands over a new gradient every step
+                params[i], grads[i] = self._view(i, values), self._view(i, grad)
+            else:
+                grads[i] = self.home_grads[i]
+        self.engine.step(self.groups, params, grads, active)
+        self._scatter(flat, values)
 
     def _gather(self, flat: int, values: Tensor, grad: Tensor) -> None:
         route, crossing = self.routes[flat]
         me = self.part.rank
         for p in route.send[me]:
+            if p.param in self.in_place:
+                continue
             self._home_run(p.param, self.home_params, p).copy_(
                 values[p.flat_offset : p.flat_offset + p.numel]
             )
@@ -182,6 +219,8 @@ class ZeroRunner:
         route, crossing = self.routes[flat]
         me = self.part.rank
         for p in route.send[me]:
+            if p.param in self.in_place:
+                continue
             values[p.flat_offset : p.flat_offset + p.numel].copy_(
                 self._home_run(p.param, self.home_params, p)
             )
