@@ -109,6 +109,23 @@ def plan_param(
     )
 
 
+def plan_in_group(
+    index: int, group_index: int, name: str, shape: tuple[int, ...], group: dict
+) -> ParamLayout:
+    """``plan_param`` with the layout options of a torch.optim param group."""
+    return plan_param(
+        index,
+        group_index,
+        name,
+        shape,
+        max_precond_dim=group["max_precond_dim"],
+        merge=group["merge_dims"],
+        precondition_1d=group["precondition_1d"],
+        data_format=group["data_format"],
+        block_size=group["block_size"],
+    )
+
+
 def _cut(rows: int, block_size: int | None) -> tuple[int, ...]:
     cut = rows if block_size is None or rows == 0 else min(block_size, rows)
     return tuple(min(cut, rows - start) for start in range(0, rows, cut)) if rows else ()

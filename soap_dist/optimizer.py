@@ -17,7 +17,7 @@ import torch
 
 from .comm import Exchange
 from .engine import SoapEngine
-from .layout import ParamLayout, plan_param
+from .layout import ParamLayout, plan_in_group
 from .placement import Placement, local, resolve, wrapper
 from .plan import PLACEMENTS, build_plan, local_layouts
 from .state_io import load_engine_state, save_engine_state
@@ -60,6 +60,18 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(df in DATA_FORMATS, "data_format", df, "'channels_first' or 'channels_last'")
     bs = group["block_size"]
     _check(bs is None or (isinstance(bs, int) and bs >= 1), "block_size", bs, "None or an integer >= 1")
+
+
+def _adopt_saved_group(group: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Take a saved group's hyperparameters; its layout options must equal ours (state depends on them)."""
+    for key in LAYOUT_KEYS:
+        if key in saved and saved[key] != group[key]:
+            raise ValueError(
+                f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
+                f"{group[key]!r}; the state layout depends on it"
+            )
+    group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+    group["betas"] = tuple(group["betas"])
 
 
 class SOAP(torch.optim.Optimizer):
@@ -209,19 +221,8 @@ class SOAP(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             names = group.get("param_names") or [None] * len(group["params"])
             for p, name in zip(group["params"], names, strict=True):
-                layouts.append(
-                    plan_param(
-                        index,
-                        g,
-                        name or f"param_groups[{g}].params[{index}]",
-                        tuple(p.shape),
-                        max_precond_dim=group["max_precond_dim"],
-                        merge=group["merge_dims"],
-                        precondition_1d=group["precondition_1d"],
-                        data_format=group["data_format"],
-                        block_size=group["block_size"],
-                    )
-                )
+                name = name or f"param_groups[{g}].params[{index}]"
+                layouts.append(plan_in_group(index, g, name, tuple(p.shape), group))
                 index += 1
         return layouts
 
@@ -251,31 +252,36 @@ class SOAP(torch.optim.Optimizer):
         if topology.world > 1:
             device = local_params[0].device if local_params else torch.device("cpu")
             self._exchange = Exchange(plan, self._placement.groups, self.factor_dtype, device)
-            extras = [
-                (
-                    self.param_groups[lay.group]["precondition_frequency"],
-                    self.refresh_delay,
-                    str(self.factor_dtype),
-                )
-                for lay in full
-            ]
-            self._exchange.check_plan(plan.param_hashes(full, extras), names)
-        self._engine = SoapEngine(
-            local_layouts(full, topology),
-            local_params,
-            factor_dtype=self.factor_dtype,
-            refresh_delay=self.refresh_delay,
-            qr_method=self.qr_method,
-            fused=self.fused,
-            plan=plan,
-            exchange=self._exchange,
-        )
+            self._check_plan(self._exchange, full, self.param_groups)
+        self._engine = self._new_engine(local_layouts(full, topology), local_params, plan, self._exchange)
         self._engine_params = [id(p) for p in params]
         self._stateful_markers(params)
         if self._carried_state:
             load_engine_state(self._engine, self._carried_state, partial=True)
             self._carried_state = {}
         return self._engine
+
+    def _check_plan(self, exchange: Exchange, full: list[ParamLayout], groups: list[dict]) -> None:
+        """Every rank must agree on the plan and on what else sets the collectives' order."""
+        extras = [
+            (groups[lay.group]["precondition_frequency"], self.refresh_delay, str(self.factor_dtype))
+            for lay in full
+        ]
+        exchange.check_plan(exchange.plan.param_hashes(full, extras), [lay.name for lay in full])
+
+    def _new_engine(
+        self, layouts: list[ParamLayout], params: list[Tensor], plan: Any, exchange: Exchange | None
+    ) -> SoapEngine:
+        return SoapEngine(
+            layouts,
+            params,
+            factor_dtype=self.factor_dtype,
+            refresh_delay=self.refresh_delay,
+            qr_method=self.qr_method,
+            fused=self.fused,
+            plan=plan,
+            exchange=exchange,
+        )
 
     # ----- torch.optim contract -----
     @torch.no_grad()
@@ -345,16 +351,16 @@ class SOAP(torch.optim.Optimizer):
 
     def stats(self) -> dict[str, Any]:
         """Counters of what the optimizer did: refreshes, installs, failures, time spent."""
-        if self._zero is not None:
-            self._engine, self._exchange = self._zero.engine, self._zero.exchange
-        if self._engine is None:
+        zero = self._zero
+        engine, exchange = (zero.engine, zero.exchange) if zero else (self._engine, self._exchange)
+        if engine is None:
             return {"built": False}
-        c = self._engine.counters
-        plan = self._engine.plan
+        c = engine.counters
+        plan = engine.plan
         me = plan.topology.rank
         owned = [e for e in plan.entries if e.owner == me]
-        stores = list(self._engine.stores.values())
-        traffic = self._exchange.traffic if self._exchange is not None else None
+        stores = list(engine.stores.values())
+        traffic = exchange.traffic if exchange is not None else None
         return {
             "built": True,
             "refreshes": c.refreshes,
@@ -368,15 +374,13 @@ class SOAP(torch.optim.Optimizer):
             "eigh_seconds": c.eigh_seconds,
             "installed_at": list(c.installed_at),
             "owner_seconds": c.owner_seconds,
-            "placement": self._engine.plan.topology.placement,
-            "world": self._engine.plan.topology.world,
-            "rank": self._engine.plan.topology.rank,
+            "placement": engine.plan.topology.placement,
+            "world": engine.plan.topology.world,
+            "rank": engine.plan.topology.rank,
             "factor_bytes": sum(s.factors.numel() * s.factors.element_size() for s in stores),
             "basis_bytes": sum(s.bases.numel() * s.bases.element_size() for s in stores),
             "moment_bytes": sum(
-                t.numel() * t.element_size()
-                for st in self._engine.stacks
-                for t in (st.exp_avg, st.exp_avg_sq)
+                t.numel() * t.element_size() for st in engine.stacks for t in (st.exp_avg, st.exp_avg_sq)
             ),
             "bytes_sent": traffic.sent if traffic else 0,
             "bytes_received": traffic.received if traffic else 0,
@@ -393,13 +397,7 @@ class SOAP(torch.optim.Optimizer):
                 "param_groups": self._packed_groups(self._declared_groups, zero.param_counts()),
                 "zero_world": zero.part.world,
             }
-        groups = []
-        index = 0
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = list(range(index, index + len(group["params"])))
-            index += len(group["params"])
-            groups.append(packed)
+        groups = self._packed_groups(self.param_groups, [len(g["params"]) for g in self.param_groups])
         state = (
             save_engine_state(self._engine, self._exchange, wrapper(self._placement))
             if self._engine is not None
@@ -426,14 +424,7 @@ class SOAP(torch.optim.Optimizer):
                 "the partition boundaries). Resume at the same data-parallel size."
             )
         for group, saved in zip(self._declared_groups, state_dict["param_groups"], strict=True):
-            for key in LAYOUT_KEYS:
-                if key in saved and saved[key] != group[key]:
-                    raise ValueError(
-                        f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
-                        f"{group[key]!r}; the state layout depends on it"
-                    )
-            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-            group["betas"] = tuple(group["betas"])
+            _adopt_saved_group(group, saved)
         if state_dict["state"]:
             zero.load_state_dict(state_dict["state"])
 
@@ -456,14 +447,7 @@ class SOAP(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError("SOAP.load_state_dict: a param group's size differs from the saved one")
-            for key in LAYOUT_KEYS:
-                if key in saved and saved[key] != group[key]:
-                    raise ValueError(
-                        f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
-                        f"{group[key]!r}; the state layout depends on it"
-                    )
-            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-            group["betas"] = tuple(group["betas"])
+            _adopt_saved_group(group, saved)
         # Saved params are ids (torch.optim) or FQNs (DCP's set_optimizer_state_dict): map by position.
         by_saved_id: dict[Any, int] = {}
         index = 0

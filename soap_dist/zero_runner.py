@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from .comm import Exchange, Groups
-from .engine import SoapEngine
-from .layout import ParamLayout, plan_param
+from .layout import ParamLayout, plan_in_group
 from .plan import ZERO, Topology, build_plan, local_layouts
 from .state_io import load_engine_state, save_engine_state
 from .zero_layout import Fragment, homes, routes, unit_rows
@@ -65,11 +64,7 @@ class ZeroRunner:
         device = part.flats[0].device if part.flats else torch.device("cpu")
         grid = Groups(world=part.process_group, shard=part.process_group, replicate=None, ranks=part.ranks)
         self.exchange = Exchange(plan, grid, soap.factor_dtype, device)
-        extras = [
-            (groups[lay.group]["precondition_frequency"], soap.refresh_delay, str(soap.factor_dtype))
-            for lay in self.layouts
-        ]
-        self.exchange.check_plan(plan.param_hashes(self.layouts, extras), [lay.name for lay in self.layouts])
+        soap._check_plan(self.exchange, self.layouts, groups)
         dtype = part.flats[0].dtype if part.flats else torch.float32
         # A parameter whose home rows all lie in this rank's own slice is stepped in place, on a view
         # of the slice; only the others get home buffers (and pieces to gather and scatter).
@@ -84,15 +79,8 @@ class ZeroRunner:
             None if lay.index in self.in_place else torch.zeros_like(t)
             for lay, t in zip(self.layouts, self.home_params, strict=True)
         ]
-        self.engine = SoapEngine(
-            local_layouts(self.layouts, topology, self.splits),
-            self.home_params,
-            factor_dtype=soap.factor_dtype,
-            refresh_delay=soap.refresh_delay,
-            qr_method=soap.qr_method,
-            fused=soap.fused,
-            plan=plan,
-            exchange=self.exchange,
+        self.engine = soap._new_engine(
+            local_layouts(self.layouts, topology, self.splits), self.home_params, plan, self.exchange
         )
         self.flat_index = {id(t): f for f, t in enumerate(part.flats)}
         self.flat_params = [
@@ -106,17 +94,8 @@ class ZeroRunner:
     # ----- construction -----
     def _layout(self, index: int, group: dict) -> ParamLayout:
         shape = self.part.shapes[index] or (1,)  # a scalar is one row
-        return plan_param(
-            index,
-            self.part.flat_group[self.part.param_flat[index]],
-            self.part.names[index],
-            shape,
-            max_precond_dim=group["max_precond_dim"],
-            merge=group["merge_dims"],
-            precondition_1d=group["precondition_1d"],
-            data_format=group["data_format"],
-            block_size=group["block_size"],
-        )
+        group_index = self.part.flat_group[self.part.param_flat[index]]
+        return plan_in_group(index, group_index, self.part.names[index], shape, group)
 
     def _held(self) -> list[list[tuple[int, int]]]:
         """param -> rank -> (start, numel) of the flattened parameter that rank's slice holds."""
