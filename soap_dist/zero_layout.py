@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .layout import ParamLayout
+from .plan import rows_of
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,15 @@ class Piece:
     numel: int
 
 
+def row_elements(lay: ParamLayout) -> int:
+    """Elements in one row of dim 0 (of the parameter's own shape, before any merge)."""
+    return math.prod(lay.shape[1:])
+
+
 def unit_rows(lay: ParamLayout, normalize_grads: bool) -> int:
     """Rows that must be updated together: a row block when dim 0 has a factor (or the update is
     normalized per block), else a single row (rows are then independent)."""
-    rows = lay.shape[0] if lay.shape else 1
+    rows = rows_of(lay)
     if not (lay.preconditioned[0] or normalize_grads) or rows == 0:
         return 1
     per_row = lay.block_shape[0] // rows
@@ -64,8 +70,8 @@ def homes(lay: ParamLayout, unit: int, held: Sequence[tuple[int, int]]) -> list[
     ``held[r]`` is rank r's range of the flattened parameter; the ranges are ordered by rank and
     together cover it once.
     """
-    rows = lay.shape[0] if lay.shape else 1
-    width = math.prod(lay.shape[1:]) if len(lay.shape) > 1 else 1
+    rows = rows_of(lay)
+    width = row_elements(lay)
     size = unit * width
     units = math.ceil(rows / unit) if rows else 0
     owner: list[int] = [-1] * units
@@ -139,7 +145,7 @@ def routes(
             if frag.param not in wanted or frag.numel == 0:
                 continue
             lay = layouts[frag.param]
-            width = math.prod(lay.shape[1:]) if len(lay.shape) > 1 else 1
+            width = row_elements(lay)
             for home in range(world):
                 run = piece(frag, splits[frag.param][home], width)
                 if run is None:

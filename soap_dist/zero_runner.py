@@ -14,7 +14,6 @@ nothing here imports deepspeed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from .comm import Exchange, Groups
 from .layout import ParamLayout, plan_in_group
 from .plan import ZERO, Topology, build_plan, local_layouts
 from .state_io import load_engine_state, save_engine_state
-from .zero_layout import Fragment, homes, routes, unit_rows
+from .zero_layout import Fragment, homes, routes, row_elements, unit_rows
 
 Tensor = torch.Tensor
 
@@ -112,7 +111,7 @@ class ZeroRunner:
         for frag in self.part.fragments[me]:
             first, count = self.splits[frag.param][me]
             lay = self.layouts[frag.param]
-            width = math.prod(lay.shape[1:]) if len(lay.shape) > 1 else 1
+            width = row_elements(lay)
             lo, hi = first * width, (first + count) * width
             if count and frag.start <= lo and hi <= frag.start + frag.numel:
                 out[frag.param] = frag.offset + lo - frag.start
@@ -121,7 +120,7 @@ class ZeroRunner:
     def _view(self, param: int, flat: Tensor) -> Tensor:
         lay = self.layouts[param]
         count = self.splits[param][self.part.rank][1]
-        width = math.prod(lay.shape[1:]) if len(lay.shape) > 1 else 1
+        width = row_elements(lay)
         return flat.narrow(0, self.in_place[param], count * width).view(count, *lay.shape[1:])
 
     def _home(self, lay: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
