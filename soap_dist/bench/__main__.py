@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
-import json
 import math
 import os
 import platform
@@ -20,7 +19,7 @@ from torch import Tensor
 from soap_dist.bench.floor import Floor
 from soap_dist.bench.param_sets import MODELS, ParamSpec, count_factors, gpt2_specs
 from soap_dist.bench.plain_soap import PlainSOAP
-from soap_dist.bench.report import LABELS, comparisons, describe_cpu, table
+from soap_dist.bench.report import LABELS, comparisons, describe_cpu, table, write_json
 from soap_dist.bench.timing import MemoryProbe, Result, release_host_memory, time_optimizer
 
 ORDER = ("floor", "adamw", "plain", "soap_dist")
@@ -207,16 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results, k, labels) + "\n")
     print("\n".join(notes), flush=True)
     if args.json:
-        payload = {
-            "command": command,
-            "header": header,
-            "config": {k_: v for k_, v in vars(args).items()},
-            "factors": fc,
-            "results": [r.as_dict(k) for r in results],
-            "notes": notes,
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
+        results_json = [r.as_dict(k) for r in results]
+        write_json(args.json, command, header, vars(args), fc, results=results_json, notes=notes)
         log(f"wrote {args.json}")
     return 0
 

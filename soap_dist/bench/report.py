@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
+from typing import Any
 
 from soap_dist.bench.timing import Result
 
@@ -13,6 +15,15 @@ LABELS = {
     "soap_dist": "soap_dist.SOAP",
     "floor": "floor (6 matmuls/block + AdamW)",
 }
+
+
+def write_json(
+    path: str, command: str, header: list[str], config: dict, factors: Any, **sections: Any
+) -> None:
+    """The machine-readable copy of a benchmark run: the same envelope for every bench entry point."""
+    payload = {"command": command, "header": header, "config": dict(config), "factors": factors, **sections}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
 
 
 def describe_cpu() -> str:

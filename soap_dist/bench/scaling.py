@@ -28,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from soap_dist.bench.param_sets import MODELS, count_factors
-from soap_dist.bench.report import describe_cpu, fmt_bytes, fmt_ratio, fmt_time
+from soap_dist.bench.report import describe_cpu, fmt_bytes, fmt_ratio, fmt_time, write_json
 from soap_dist.bench.scaling_worker import scaled_specs, worker
 
 PLACEMENTS = ("replicated", "fsdp-local")
@@ -517,17 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print("\n".join(lines), flush=True)
     if args.json:
-        payload = {
-            "command": command,
-            "header": header,
-            "config": {k: v for k, v in vars(args).items()},
-            "factors": fc,
-            "summaries": summaries,
-            "references": ref_sum,
-            "raw": raw,
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
+        write_json(
+            args.json, command, header, vars(args), fc, summaries=summaries, references=ref_sum, raw=raw
+        )
         log(f"wrote {args.json}")
     return 0
 
