@@ -66,10 +66,33 @@ def _unfold(x: Tensor, dim: int) -> Tensor:
     return x.movedim(dim + 1, 1).reshape(x.shape[0], x.shape[dim + 1], -1)
 
 
+SYMMETRIC_SPLIT_MIN = 512  # a factor at least this large is accumulated as two row halves
+
+
+def _gram_into_(out: Tensor, rows: Tensor, beta: float, alpha: float) -> Tensor:
+    """out <- beta * out + alpha * rows rows^T in place, using the symmetry of the product.
+
+    A factor of size d >= SYMMETRIC_SPLIT_MIN is cut into row halves: the two diagonal blocks and the
+    upper off-diagonal block are GEMMs (3/4 of the full product's work), the lower block is the
+    transposed copy of the upper one. beta = 0 ignores out's old contents, as baddbmm does.
+    """
+    d = rows.shape[1]
+    if d < SYMMETRIC_SPLIT_MIN:
+        return out.baddbmm_(rows, rows.mT, beta=beta, alpha=alpha)
+    h = d // 2
+    top, bottom = rows[:, :h], rows[:, h:]
+    out[:, :h, :h].baddbmm_(top, top.mT, beta=beta, alpha=alpha)
+    out[:, :h, h:].baddbmm_(top, bottom.mT, beta=beta, alpha=alpha)
+    out[:, h:, h:].baddbmm_(bottom, bottom.mT, beta=beta, alpha=alpha)
+    out[:, h:, :h].copy_(out[:, :h, h:].mT)
+    return out
+
+
 def statistic(x: Tensor, dim: int) -> Tensor:
     """C_j(x): x contracted with itself over every block dim except ``dim``: ``[B, d_j, d_j]``."""
     rows = _unfold(x, dim)
-    return torch.bmm(rows, rows.mT)
+    out = torch.empty((rows.shape[0], rows.shape[1], rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    return _gram_into_(out, rows, beta=0.0, alpha=1.0)
 
 
 def adam_direction(
@@ -129,6 +152,6 @@ def bias_corrected_step(lr: float, beta1: float, beta2: float, step: int, correc
 
 
 def accumulate_statistic(factors: Tensor, x: Tensor, dim: int, beta: float) -> Tensor:
-    """factors <- beta * factors + (1 - beta) * C_j(x), in place, as one batched GEMM per call."""
+    """factors <- beta * factors + (1 - beta) * C_j(x), in place, in batched GEMMs over the stack."""
     rows = _unfold(x, dim).to(factors.dtype)
-    return factors.baddbmm_(rows, rows.mT, beta=beta, alpha=1.0 - beta)
+    return _gram_into_(factors, rows, beta=beta, alpha=1.0 - beta)

@@ -127,3 +127,17 @@ def test_oracle_detects_a_wrong_optimizer():
         p.grad = g
         opt.step()
     assert ((p.detach() - oracle.params[0]).norm() / oracle.params[0].norm()).item() > 1e-6
+
+
+SPLIT_CASES = ["defaults", "conv", "merge_channels_last", "row_blocks", "groups"]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_float64_matches_oracle_with_split_statistics(case, monkeypatch):
+    """Factors of every size take the symmetric two-halves statistic path (normally d >= 512 only)."""
+    from soap_dist import kernels
+
+    monkeypatch.setattr(kernels, "SYMMETRIC_SPLIT_MIN", 2)
+    groups, options = CASES[case]
+    err = run_against_oracle(groups, steps=50, precondition_frequency=3, **options)
+    assert err <= 1e-9, f"{case}: relative error {err:.3e}"
