@@ -20,7 +20,7 @@ def eigh_descending(factors: Tensor) -> tuple[Tensor, Tensor]:
     """
     n, d = factors.shape[0], factors.shape[-1]
     eye = torch.eye(d, dtype=factors.dtype, device=factors.device)
-    finite = torch.isfinite(factors).flatten(1).all(1)
+    finite = _all_finite(factors)
     safe = torch.where(finite[:, None, None], factors, eye) + 1e-30 * eye
     try:
         _, vectors = torch.linalg.eigh(safe)
@@ -35,7 +35,7 @@ def eigh_descending(factors: Tensor) -> tuple[Tensor, Tensor]:
                 continue
             vectors[i] = v.to(factors.dtype)
             ok[i] = finite[i]
-    ok &= torch.isfinite(vectors).flatten(1).all(1)
+    ok &= _all_finite(vectors)
     return vectors.flip(-1), ok
 
 
@@ -97,14 +97,15 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Te
     same Q as QR(X) for a positive diagonal D, and the power iterate is ill-conditioned mostly by
     column scale). It is all batched matmuls and triangular solves; a matrix whose first pass is
     not accurate enough (Cholesky breakdown, or a second Gram matrix far from I) is redone with
-    Householder QR (``torch.linalg.qr``), so the result is the QR factor either way.
+    Householder QR (LAPACK/cuSOLVER geqrf), so the result is the QR factor either way.
     """
     if method not in ("cholesky_qr2", "householder"):
         raise ValueError(f"qr_method must be 'cholesky_qr2' or 'householder', got {method!r}")
-    finite = torch.isfinite(x).flatten(1).all(1)
+    finite = _all_finite(x)
     x.masked_fill_(~finite[:, None, None], 0.0)
     if method == "householder":
-        q, ok = _householder(x), finite
+        q = _householder(x)
+        q_finite = _all_finite(q)
     else:
         norms = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
         # x itself is kept for the Householder fallback: on a rank-deficient x, QR(x) and QR(x D)
@@ -116,23 +117,33 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Te
         torch.diagonal(gram, dim1=-2, dim2=-1).sub_(1.0)
         close = gram.abs_().flatten(1).amax(1) < 0.5
         del gram
-        ok = ok_first & ok_second & close & torch.isfinite(q).flatten(1).all(1) & finite
-        bad = (~ok & finite).nonzero().flatten()
+        q_finite = _all_finite(q)
+        bad = (finite & ~(ok_first & ok_second & close & q_finite)).nonzero().flatten()
         if bad.numel():  # a host sync, but only in the refresh
             q[bad] = _householder(x[bad])
-            ok = finite.clone()
-    retry = (finite & ~torch.isfinite(q).flatten(1).all(1)).nonzero().flatten()
+            q_finite[bad] = _all_finite(q[bad])
+    retry = (finite & ~q_finite).nonzero().flatten()
     if retry.numel():  # a finite input whose QR came out non-finite: once more in float64
         q[retry] = _householder(x[retry].double()).to(q.dtype)
-    ok = finite & torch.isfinite(q).flatten(1).all(1)
-    return q, ok
+        q_finite[retry] = _all_finite(q[retry])
+    return q, finite & q_finite
+
+
+def _all_finite(x: Tensor) -> Tensor:
+    """One flag per matrix of the batch: no NaN or Inf in it."""
+    return torch.isfinite(x).flatten(1).all(1)
 
 
 def _householder(x: Tensor) -> Tensor:
-    q, r = torch.linalg.qr(x)
-    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return q * signs[..., None, :]
+    """Householder QR's Q with R's diagonal made positive.
+
+    geqrf + householder_product rather than linalg.qr: R's diagonal is read off geqrf's output, so
+    R is never copied out of it (linalg.qr's triu pass).
+    """
+    reflectors, tau = torch.geqrf(x)
+    signs = torch.sign(torch.diagonal(reflectors, dim1=-2, dim2=-1))
+    signs.masked_fill_(signs == 0, 1.0)
+    return torch.linalg.householder_product(reflectors, tau).mul_(signs[..., None, :])
 
 
 def power_iteration_refresh(
@@ -148,6 +159,7 @@ def power_iteration_refresh(
     estimated = (bases * power).sum(dim=-2)
     perm = torch.argsort(estimated, dim=-1, descending=True)
     power = power.gather(-1, perm[:, None, :].expand_as(power))
+    # A NaN or Inf anywhere in a factor reaches the power iterate (its row of F Q; the bases are
+    # finite), so orthonormalize_'s check of the iterate covers the factor too.
     new_bases, ok = orthonormalize_(power, method)
-    ok = ok & torch.isfinite(factors).flatten(1).all(1)
     return new_bases, perm, ok
