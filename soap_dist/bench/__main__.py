@@ -19,7 +19,7 @@ from torch import Tensor
 from soap_dist.bench.floor import Floor
 from soap_dist.bench.param_sets import MODELS, ParamSpec, count_factors, gpt2_specs
 from soap_dist.bench.plain_soap import PlainSOAP
-from soap_dist.bench.report import LABELS, comparisons, describe_cpu, table, write_json
+from soap_dist.bench.report import LABELS, across_rounds, comparisons, describe_cpu, table, write_json
 from soap_dist.bench.timing import MemoryProbe, Result, release_host_memory, time_optimizer
 
 ORDER = ("floor", "adamw", "plain", "soap_dist")
@@ -54,6 +54,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="time PlainSOAP in the soap_dist slot (to test the harness while SOAP is missing)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the chosen optimizers this many times, alternating, and report the median of each "
+        "round's ratios (a shared machine's load then falls on every optimizer alike)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
@@ -66,8 +73,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad = [n for n in args.only if n not in ORDER]
     if bad:
         p.error(f"--only: unknown {bad}; choose among {','.join(ORDER)}")
-    if args.steps < 1 or args.precondition_frequency < 1:
-        p.error("--steps and --precondition-frequency must be >= 1")
+    if args.steps < 1 or args.precondition_frequency < 1 or args.rounds < 1:
+        p.error("--steps, --precondition-frequency and --rounds must be >= 1")
     return args
 
 
@@ -125,6 +132,42 @@ def factory(
     return lambda: soap_cls(params, precondition_frequency=k, max_precond_dim=maxd, **HYPER, **extra)
 
 
+def run_round(
+    args: argparse.Namespace,
+    specs: Sequence[ParamSpec],
+    device: torch.device,
+    soap_cls: type | None,
+    probe: MemoryProbe,
+    log: Callable[[str], None],
+) -> list[Result]:
+    """Each chosen optimizer in turn, on freshly built parameters and the same seeded gradients."""
+    k = args.precondition_frequency
+    results: list[Result] = []
+    for name in [n for n in ORDER if n in args.only]:
+        if name == "soap_dist" and soap_cls is None:
+            continue
+        refreshes = name in ("plain", "soap_dist")
+        n_steps = args.warmup + args.steps
+        if refreshes:
+            n_steps = max(n_steps, k * math.ceil((args.warmup + 1) / k))
+        log(f"[{name}] building {len(specs)} params on {device}; first call + {n_steps} steps")
+        params = build_params(specs, device, args.seed)
+        gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        make = factory(name, params, specs, args, soap_cls)
+        res = time_optimizer(name, make, params, n_steps, args.warmup, k, refreshes, probe, gen, log)
+        results.append(res)
+        log(
+            f"[{name}] median {res.median:.4f} s, refresh {res.refresh}, worst {res.worst:.4f} s, "
+            f"peak {res.peak_bytes / 2**20:.0f} MiB (+{res.extra_bytes / 2**20:.0f} MiB)"
+        )
+        del params, make, gen
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        release_host_memory()
+    return results
+
+
 def describe_device(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
@@ -175,38 +218,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = dict(LABELS)
     if args.stand_in:
         labels["soap_dist"] = "soap_dist slot (stand-in: PlainSOAP)"
-    results: list[Result] = []
-    for name in [n for n in ORDER if n in args.only]:
-        if name == "soap_dist" and soap_cls is None:
-            continue
-        refreshes = name in ("plain", "soap_dist")
-        n_steps = args.warmup + args.steps
-        if refreshes:
-            n_steps = max(n_steps, k * math.ceil((args.warmup + 1) / k))
-        log(f"[{name}] building {len(specs)} params on {device}; first call + {n_steps} steps")
-        params = build_params(specs, device, args.seed)
-        gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-        make = factory(name, params, specs, args, soap_cls)
-        res = time_optimizer(name, make, params, n_steps, args.warmup, k, refreshes, probe, gen, log)
-        results.append(res)
-        log(
-            f"[{name}] median {res.median:.4f} s, refresh {res.refresh}, worst {res.worst:.4f} s, "
-            f"peak {res.peak_bytes / 2**20:.0f} MiB (+{res.extra_bytes / 2**20:.0f} MiB)"
-        )
-        del params, make, gen
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        release_host_memory()
+    rounds: list[list[Result]] = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            log(f"== round {r + 1} of {args.rounds}")
+        rounds.append(run_round(args, specs, device, soap_cls, probe, log))
 
     full_medium = args.model == "gpt2-medium" and n_layer == MODELS["gpt2-medium"][1]
-    notes = comparisons(results, k, cuda, full_medium)
     print("\n## Step time: " + f"{args.model}, {n_layer} layers, {'GPU' if cuda else 'CPU'}\n")
     print("\n".join(header) + "\n")
-    print(table(results, k, labels) + "\n")
-    print("\n".join(notes), flush=True)
+    notes: list[str] = []
+    for r, results in enumerate(rounds):
+        if args.rounds > 1:
+            print(f"### Round {r + 1} of {args.rounds}\n")
+        notes = comparisons(results, k, cuda, full_medium)
+        print(table(results, k, labels) + "\n")
+        print("\n".join(notes) + "\n", flush=True)
+    if args.rounds > 1:
+        notes = across_rounds(rounds, k, cuda, full_medium)
+        print(f"### Across the {args.rounds} rounds (median of the per-round ratios)\n")
+        print("\n".join(notes), flush=True)
     if args.json:
-        results_json = [r.as_dict(k) for r in results]
+        results_json = [[res.as_dict(k) for res in results] for results in rounds]
+        if args.rounds == 1:
+            results_json = results_json[0]
         write_json(args.json, command, header, vars(args), fc, results=results_json, notes=notes)
         log(f"wrote {args.json}")
     return 0
