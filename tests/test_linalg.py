@@ -58,3 +58,23 @@ def test_split_tf32_is_exact():
     hi, lo = linalg._split_tf32(x)
     assert torch.equal(hi + lo, x)
     assert ((hi.view(torch.int32) & 8191) == 0).all()
+
+
+@pytest.mark.parametrize("method", ["cholesky_qr2", "householder"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_refresh_flags_a_nonfinite_factor(method, bad):
+    """One bad entry anywhere in a factor (here off the diagonal, last row) marks only that factor."""
+    factor, basis = _factor_and_nearby_basis(3, 12, 1e3, torch.float32)
+    factor[1, -1, 3] = bad
+    new, _, ok = linalg.power_iteration_refresh(factor, basis, method)
+    assert ok.tolist() == [True, False, True]
+    assert torch.isfinite(new[0]).all() and torch.isfinite(new[2]).all()
+
+
+def test_householder_gives_positive_r_diagonal():
+    x = torch.randn(4, 9, 9, dtype=torch.float64)
+    q = linalg._householder(x.clone())
+    r = q.mT @ x
+    assert torch.allclose(torch.tril(r, -1), torch.zeros_like(r), atol=1e-12)
+    assert (torch.diagonal(r, dim1=-2, dim2=-1) > 0).all()
+    assert torch.allclose(q.mT @ q, torch.eye(9, dtype=torch.float64).expand(4, 9, 9), atol=1e-12)
