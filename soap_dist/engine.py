@@ -442,7 +442,7 @@ class SoapEngine:
                 kernels.accumulate_statistic(factors, picked, j, hyper.shampoo_beta)
                 bd.store.factors.index_copy_(0, rows, factors)
                 continue
-            stat = kernels.statistic(picked, j).mul_(1.0 - hyper.shampoo_beta)
+            stat = kernels.statistic(picked, j, scale=1.0 - hyper.shampoo_beta)
             shared_updates.append(
                 (bd.store, self._index(kept), kept, stat.to(self.factor_dtype), hyper.shampoo_beta)
             )

@@ -88,11 +88,14 @@ def _gram_into_(out: Tensor, rows: Tensor, beta: float, alpha: float) -> Tensor:
     return out
 
 
-def statistic(x: Tensor, dim: int) -> Tensor:
-    """C_j(x): x contracted with itself over every block dim except ``dim``: ``[B, d_j, d_j]``."""
+def statistic(x: Tensor, dim: int, scale: float = 1.0) -> Tensor:
+    """scale * C_j(x): x contracted with itself over every block dim except ``dim``: ``[B, d_j, d_j]``.
+
+    The scale rides in the GEMMs' alpha, so it costs no extra pass.
+    """
     rows = _unfold(x, dim)
     out = torch.empty((rows.shape[0], rows.shape[1], rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    return _gram_into_(out, rows, beta=0.0, alpha=1.0)
+    return _gram_into_(out, rows, beta=0.0, alpha=scale)
 
 
 def adam_direction(
