@@ -208,7 +208,11 @@ def run(
         raise ConfigError(f"--stop-after must be in [1, train.steps={cfg.train.steps}], got {stop_after}")
     env = parallel.init_distributed()
     try:
-        return _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config)
+        result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config)
+        # Every rank past its last collective before any rank tears the groups down: a gloo rank
+        # that destroyed its groups while its peer was still finishing once aborted at exit.
+        parallel.barrier(env)
+        return result
     finally:
         parallel.shutdown(env)
 
