@@ -97,15 +97,15 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Te
     same Q as QR(X) for a positive diagonal D, and the power iterate is ill-conditioned mostly by
     column scale). It is all batched matmuls and triangular solves; a matrix whose first pass is
     not accurate enough (Cholesky breakdown, or a second Gram matrix far from I) is redone with
-    Householder QR (LAPACK/cuSOLVER geqrf), so the result is the QR factor either way.
+    Householder QR (LAPACK/cuSOLVER geqrf), so the result is the QR factor either way. A
+    Householder QR that raises reports its matrices not ok (the old bases stay), never escapes.
     """
     if method not in ("cholesky_qr2", "householder"):
         raise ValueError(f"qr_method must be 'cholesky_qr2' or 'householder', got {method!r}")
     finite = _all_finite(x)
     x.masked_fill_(~finite[:, None, None], 0.0)
     if method == "householder":
-        q = _householder(x)
-        q_finite = _all_finite(q)
+        q, q_finite = _safe_householder(x)
     else:
         norms = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
         # x itself is kept for the Householder fallback: on a rank-deficient x, QR(x) and QR(x D)
@@ -120,12 +120,12 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2") -> tuple[Tensor, Te
         q_finite = _all_finite(q)
         bad = (finite & ~(ok_first & ok_second & close & q_finite)).nonzero().flatten()
         if bad.numel():  # a host sync, but only in the refresh
-            q[bad] = _householder(x[bad])
-            q_finite[bad] = _all_finite(q[bad])
+            q[bad], q_finite[bad] = _safe_householder(x[bad])
     retry = (finite & ~q_finite).nonzero().flatten()
-    if retry.numel():  # a finite input whose QR came out non-finite: once more in float64
-        q[retry] = _householder(x[retry].double()).to(q.dtype)
-        q_finite[retry] = _all_finite(q[retry])
+    if retry.numel():  # a finite input whose QR failed or came out non-finite: once more in float64
+        redone, good = _safe_householder(x[retry].double())
+        q[retry] = redone.to(q.dtype)
+        q_finite[retry] = good & _all_finite(q[retry])
     return q, finite & q_finite
 
 
@@ -144,6 +144,29 @@ def _householder(x: Tensor) -> Tensor:
     signs = torch.sign(torch.diagonal(reflectors, dim1=-2, dim2=-1))
     signs.masked_fill_(signs == 0, 1.0)
     return torch.linalg.householder_product(reflectors, tau).mul_(signs[..., None, :])
+
+
+def _safe_householder(x: Tensor) -> tuple[Tensor, Tensor]:
+    """_householder and a finite flag per matrix; a LAPACK/cuSOLVER error flags matrices, never escapes.
+
+    A batch that raises is redone one matrix at a time, so only the matrices that fail get
+    ``ok = False`` (with an identity Q the caller must not install), as eigh_descending does.
+    """
+    try:
+        q = _householder(x)
+        return q, _all_finite(q)
+    except RuntimeError:
+        pass
+    eye = torch.eye(x.shape[-2], x.shape[-1], dtype=x.dtype, device=x.device)
+    q = eye.expand_as(x).clone()
+    ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for i in range(x.shape[0]):
+        try:
+            q[i] = _householder(x[i : i + 1])[0]
+        except RuntimeError:
+            continue
+        ok[i] = _all_finite(q[i : i + 1])[0]
+    return q, ok
 
 
 def power_iteration_refresh(
