@@ -12,11 +12,12 @@ only parses arguments; the work is in soap_dist.pretrain.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from soap_dist.pretrain.config import ConfigError, load_config
-from soap_dist.pretrain.trainer import run
+from soap_dist.pretrain.trainer import backend_name, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
 
@@ -51,7 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for flag, (key, kind, what) in SHORTCUTS.items():
         p.add_argument(f"--{flag}", type=kind, help=f"{what} (same as --set {key}=...)")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/pretrain-<config name>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="run directory, new or empty unless --resume (default: runs/pretrain-<config name>-<backend>, "
+        "backend fsdp2, ddp, hsdp, single or deepspeed-<JSON name>)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the run directory"
     )
@@ -78,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         for flag, (key, _, _) in SHORTCUTS.items()
         if getattr(args, flag) is not None
     ]
-    out = args.out or Path("runs") / f"pretrain-{args.config.stem}"
     try:
         cfg = load_config(args.config, overrides)
+        world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun and the deepspeed launcher
+        backend = backend_name(cfg, world, args.deepspeed)
+        out = args.out or Path("runs") / f"pretrain-{args.config.stem}-{backend}"
         run(cfg, run_dir=out, resume=args.resume, stop_after=args.stop_after, deepspeed_config=args.deepspeed)
     except ConfigError as error:  # bad input: a one-line message naming the key, not a traceback
         print(f"launchers/pretrain.py: error: {error}", file=sys.stderr)

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -302,8 +303,62 @@ def test_clip_grad_norm_under_fsdp2_equals_the_unsharded_norm():
             assert r["norm"] > 0.05 and r["grad_err"] < 1e-7, mode  # clipping happened, the same way
 
 
+# ----- run directories -----
+def _no_torchrun(monkeypatch) -> None:
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_every_backend_refuses_another_runs_directory(tmp_path, monkeypatch):
+    """A fresh run into a non-empty directory is refused whatever the backend, and --resume refuses
+    checkpoints only the other backend can load; both before anything is written (issue 13)."""
+    _no_torchrun(monkeypatch)
+    cfg = load_config(TINY, [*SMALL, "train.steps=2"])
+    zero2 = str(REPO / "configs" / "deepspeed" / "zero2.json")
+    ds_run = tmp_path / "ds"  # what a --deepspeed run leaves
+    (ds_run / "checkpoints" / "step_2").mkdir(parents=True)
+    (ds_run / "checkpoints" / "latest").write_text("step_2")
+    (ds_run / "metrics.jsonl").write_text('{"step": 2, "eval_loss": 3.0}\n')
+    dcp_run = tmp_path / "dcp"  # what a torchrun run leaves
+    (dcp_run / "checkpoints" / "step_2").mkdir(parents=True)
+    (dcp_run / "checkpoints" / "step_2" / ".metadata").write_bytes(b"")
+    (dcp_run / "loss.png").write_bytes(b"")
+    for run_dir, deepspeed in ((ds_run, None), (dcp_run, zero2), (ds_run, zero2), (dcp_run, None)):
+        held = rf"{re.escape(str(run_dir))} already holds a run \(checkpoints/, .*\); pass --resume"
+        with pytest.raises(ConfigError, match=held):
+            run(cfg, run_dir=run_dir, deepspeed_config=deepspeed)
+    with pytest.raises(ConfigError, match=r"holds DeepSpeed checkpoints, which this backend \(single\)"):
+        run(cfg, run_dir=ds_run, resume=True)
+    with pytest.raises(ConfigError, match=r"holds DCP checkpoints, which this backend \(deepspeed-zero2\)"):
+        run(cfg, run_dir=dcp_run, resume=True, deepspeed_config=zero2)
+    assert sorted(p.name for p in ds_run.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in dcp_run.iterdir()) == ["checkpoints", "loss.png"]
+
+
+def test_default_run_directory_names_the_backend(monkeypatch):
+    sys.path.insert(0, str(LAUNCHER.parent))
+    try:
+        import pretrain as launcher
+    finally:
+        sys.path.pop(0)
+    seen = []
+    monkeypatch.setattr(launcher, "run", lambda cfg, run_dir, **kw: seen.append(str(run_dir)))
+    _no_torchrun(monkeypatch)
+    zero3 = ["--deepspeed", "configs/deepspeed/zero3.json"]
+    for argv in ([], ["--parallel", "ddp"], zero3):
+        assert launcher.main(argv) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in ([], ["--parallel", "ddp"], ["--parallel", "hsdp"], zero3):
+        assert launcher.main(argv) == 0
+    assert launcher.main(["--out", "elsewhere"]) == 0
+    backends = ["single", "single", "deepspeed-zero3", "fsdp2", "ddp", "hsdp", "deepspeed-zero3"]
+    assert seen == [*(f"runs/pretrain-tiny-cpu-{b}" for b in backends), "elsewhere"]
+
+
 # ----- the launcher end to end -----
-def _torchrun(args: list[str], cache: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def _torchrun(
+    args: list[str], cache: Path, timeout: float = 180, expect_rc: int = 0
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -317,7 +372,7 @@ def _torchrun(args: list[str], cache: Path, timeout: float = 180) -> subprocess.
     ]
     env = {**os.environ, data.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == expect_rc, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
@@ -383,7 +438,7 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
     finished = run(cfg, run_dir=tmp_path / "split", resume=True)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
     assert finished.eval_loss == whole.eval_loss
-    with pytest.raises(ConfigError, match="already holds a checkpoint .step 4.; pass --resume"):
+    with pytest.raises(ConfigError, match=r"whole already holds a run \(checkpoints/, config.yaml, final/"):
         run(cfg, run_dir=tmp_path / "whole")
     again = run(cfg, run_dir=tmp_path / "whole", resume=True)  # nothing left to train
     assert again.step == 4 and again.eval_loss == whole.eval_loss and len(_losses(tmp_path / "whole")) == 4
@@ -399,16 +454,12 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
 
 def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     out = tmp_path / "ds"
-    proc = _torchrun(
-        [
-            *_sets("train.steps=4", "train.grad_accum=2"),
-            "--deepspeed",
-            str(REPO / "configs" / "deepspeed" / "zero2.json"),
-            "--out",
-            str(out),
-        ],
-        cache,
-    )
+    args = [
+        *_sets("train.steps=4", "train.grad_accum=2"),
+        "--deepspeed",
+        str(REPO / "configs" / "deepspeed" / "zero2.json"),
+    ]
+    proc = _torchrun([*args, "--out", str(out)], cache)
     assert "deepspeed" in proc.stdout and "done at step 4" in proc.stdout
     resolved = json.loads((out / "ds_config.json").read_text())
     assert resolved["train_micro_batch_size_per_gpu"] == 4 and resolved["gradient_accumulation_steps"] == 2
@@ -420,3 +471,11 @@ def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     assert all(r["grad_norm"] > 0 for r in records if "loss" in r)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_4"
     assert load_exported(out / "final").cfg.d_model == 32
+
+    # a second fresh run into the same directory is refused before it writes anything (issue 13:
+    # it used to replace metrics.jsonl, loss.png and final/)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    proc = _torchrun([*args, "--out", str(out)], cache, expect_rc=1)  # torchrun: a rank exited with 2
+    assert f"{out} already holds a run (checkpoints/, config.yaml, ds_config.json" in proc.stderr
+    assert "pass --resume to continue that run, or --out another directory" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -48,6 +48,13 @@ def checkpoint_steps(run_dir: Path, marker: str = ".metadata") -> list[int]:
     return sorted(steps)
 
 
+def formats_present(run_dir: Path) -> list[str]:
+    """The checkpoint formats found under ``run_dir``: "DCP" (a complete step_N/.metadata) and/or
+    "DeepSpeed" (its ``latest`` file); lets a backend tell another backend's checkpoints from none."""
+    found = ["DCP"] if checkpoint_steps(run_dir) else []
+    return found + (["DeepSpeed"] if (run_dir / CHECKPOINTS / "latest").is_file() else [])
+
+
 def prune(run_dir: Path, keep: int | None, env: DistEnv) -> None:
     """Delete all but the newest ``keep`` step directories (rank 0; after every rank finished saving)."""
     if keep is None or not env.is_main:

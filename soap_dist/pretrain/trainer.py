@@ -173,17 +173,44 @@ def _load_data(cfg: Config, env: DistEnv) -> _Data:
     return _Data(splits, byte_level, sampler, eval_set)
 
 
-def _resume(backend: Backend, run_dir: Path, resume: bool, sampler: data.BatchSampler) -> int:
-    """The step to start from: the newest checkpoint's under ``resume`` (0 without one); refuses to start
-    a fresh run over a directory that holds checkpoints."""
+def backend_name(cfg: Config, world: int, deepspeed_config: str | None = None) -> str:
+    """What trains the run, as it appears in default run directories and the plot title: the
+    parallel mode (``single`` with one process), or ``deepspeed-<JSON name>`` under --deepspeed."""
+    if deepspeed_config is not None:
+        return f"deepspeed-{Path(deepspeed_config).stem}"
+    return cfg.parallel.mode if world > 1 else "single"
+
+
+def check_run_dir(run_dir: Path, resume: bool, backend: str) -> None:
+    """Refuse to start a fresh run in a non-empty directory, whatever the backend (the new run would
+    replace the old one's metrics.jsonl, loss.png and final/, and mix its checkpoints with the old
+    ones), and to resume from checkpoints only another backend can load (they would be overwritten)."""
+    if not run_dir.is_dir():
+        return
+    if not resume:
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+        if held:
+            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+            raise ConfigError(
+                f"{run_dir} already holds a run ({shown}); pass --resume to continue that run, "
+                "or --out another directory to start a new one"
+            )
+        return
+    own = "DeepSpeed" if backend.startswith("deepspeed") else "DCP"
+    present = checkpoint.formats_present(run_dir)
+    if present and own not in present:
+        raise ConfigError(
+            f"--resume: {run_dir / checkpoint.CHECKPOINTS} holds {' and '.join(present)} checkpoints, "
+            f"which this backend ({backend}) cannot load; resume with the backend that wrote them, "
+            "or pass --out another directory to start a new run"
+        )
+
+
+def _resume(backend: Backend, run_dir: Path, sampler: data.BatchSampler) -> int:
+    """The step to start from: the newest checkpoint's (0 without one); called only under ``resume``."""
     latest = backend.latest_checkpoint(run_dir)
     if latest is None:
         return 0
-    if not resume:
-        raise ConfigError(
-            f"{run_dir} already holds a checkpoint (step {latest}); pass --resume to continue "
-            "that run, or --out another directory to start a new one"
-        )
     state = backend.load(run_dir, latest, {"step": 0, "data": sampler.state_dict()})
     sampler.load_state_dict(state["data"])
     return int(state["step"])
@@ -199,7 +226,8 @@ def run(
 ) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (see docs/pretrain.md); every rank calls it.
 
-    ``resume``: continue from the newest checkpoint in ``run_dir`` (from scratch if there is none).
+    ``resume``: continue from the newest checkpoint in ``run_dir`` (from scratch if there is none);
+    without it a non-empty ``run_dir`` is refused.
     ``stop_after``: end after that step with a checkpoint, as if interrupted (the lr schedule still
     spans ``train.steps``). ``deepspeed_config``: a DeepSpeed JSON; the DeepSpeed backend replaces
     the torch one (and ``parallel`` is ignored).
@@ -226,6 +254,8 @@ def _run(
     deepspeed_config: str | None,
 ) -> RunResult:
     t = cfg.train
+    check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
+    parallel.barrier(env)  # every rank has looked before rank 0 writes anything into run_dir
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // env.local_world))  # share the node
     d = _load_data(cfg, env)
     torch.manual_seed(t.seed)  # the same initial weights on every rank, before any sharding
@@ -240,7 +270,7 @@ def _run(
     else:
         backend = TorchBackend(model, cfg, env)
         mode = cfg.parallel.mode if env.distributed else "single process"
-    start_step = _resume(backend, run_dir, resume, d.sampler)
+    start_step = _resume(backend, run_dir, d.sampler) if resume else 0
     global_batch = t.micro_batch * t.grad_accum * env.world
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
