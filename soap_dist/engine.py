@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +56,9 @@ class Hyper:
         )
 
 
+INSTALLED_AT_KEPT = 4096  # installed_at keeps the most recent entries only: state must not grow with steps
+
+
 @dataclass
 class Counters:
     """What the optimizer did, for ``SOAP.stats()``."""
@@ -68,7 +71,9 @@ class Counters:
     refresh_seconds: float = 0.0
     owner_seconds: float = 0.0  # refresh time spent before the broadcasts start (stats in, owned work)
     eigh_seconds: float = 0.0
-    installed_at: list[tuple[int, int]] = field(default_factory=list)  # (param, first step using it)
+    installed_at: deque[tuple[int, int]] = field(  # (param, first step using it), the most recent only
+        default_factory=lambda: deque(maxlen=INSTALLED_AT_KEPT)
+    )
 
 
 def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float) -> None:
