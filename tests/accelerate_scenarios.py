@@ -110,8 +110,12 @@ def _full_and_resumed(workdir: Path, make_accelerator, **overrides) -> dict:
     from soap_dist.finetune.train import train
 
     seen: dict = {}
+    from soap_dist.finetune.train import backend_name
+
     cfg = small_config(str(workdir / "full"), **overrides)
-    full = train(cfg, make_accelerator(cfg), on_prepared=_observer(seen))
+    accelerator = make_accelerator(cfg)
+    seen["backend"] = backend_name(accelerator)  # the default --output-dir's runs/finetune-<backend>
+    full = train(cfg, accelerator, on_prepared=_observer(seen))
     soap = seen.pop("soap")
     stats = soap.stats()
     checkpoint = workdir / "full" / "checkpoints" / f"step_{SAVE_AT}"

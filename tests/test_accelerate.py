@@ -174,6 +174,11 @@ def test_ddp_trains_with_replicated_soap(ddp):
         assert_trains(rank["full"])
 
 
+def test_each_accelerate_backend_has_its_own_default_output_dir(ddp, fsdp2, zero2):
+    for ranks, name in ((ddp, "ddp"), (fsdp2, "fsdp2"), (zero2, "deepspeed-zero2")):
+        assert all(rank["backend"] == name for rank in ranks), [rank["backend"] for rank in ranks]
+
+
 def test_ddp_save_state_load_state_continues_identically(ddp):
     for rank in ddp:
         assert_resume_identical(rank["full"], rank["resumed"])
@@ -241,8 +246,49 @@ def test_init_from_a_pretraining_export(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     rows = train(cfg, Accelerator(cpu=True))
     assert sorted(losses(rows)) == [1, 2, 3, 4] and losses(rows)[4] < losses(rows)[1]
+    longer = FinetuneConfig(**{**cfg.to_dict(), "context": 128, "output_dir": str(tmp_path / "ft2")})
     with pytest.raises(ValueError, match="--context=128 exceeds the exported model's context of 64"):
-        train(FinetuneConfig(**{**cfg.to_dict(), "context": 128}), Accelerator(cpu=True))
+        train(longer, Accelerator(cpu=True))
+
+
+def test_a_used_output_dir_is_refused_and_the_default_names_the_backend(tmp_path, monkeypatch):
+    """A fresh run never writes into another run's --output-dir (issue 13: a ZeRO-2 run appended to a
+    DDP run's metrics.jsonl); the default directory is runs/finetune-<backend>."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from soap_dist.finetune.hf import build_trainer
+    from soap_dist.finetune.train import backend_name, train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = FinetuneConfig(
+        steps=1, batch_size=2, context=32, max_bytes=20_000, eval_every=0, eval_windows=2, fused="off",
+        precondition_frequency=2, threads=1,
+    )  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    rows = train(cfg, Accelerator(cpu=True))
+    used = tmp_path / "runs" / "finetune-single"
+    assert start(rows)["config"]["output_dir"] == "runs/finetune-single"
+    assert sorted(p.name for p in used.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    before = (used / "metrics.jsonl").read_text()
+    message = (
+        r"--output-dir 'runs/finetune-single' already holds a run \(checkpoints/, metrics.jsonl\); "
+        r"pass --resume latest \(or --resume DIR\) to continue that run, or another --output-dir"
+    )
+    with pytest.raises(FileExistsError, match=message):
+        train(cfg, Accelerator(cpu=True))
+    assert (used / "metrics.jsonl").read_text() == before
+    with pytest.raises(FileExistsError, match="already holds a run"):  # the Trainer route too
+        build_trainer(FinetuneConfig(output_dir=str(used)))
+    assert build_trainer(cfg, disable_tqdm=True).args.output_dir == "runs/finetune-trainer-single"
+    (used.parent / "empty").mkdir()  # an empty directory is fine
+    train(FinetuneConfig(**{**cfg.to_dict(), "output_dir": "runs/empty"}), Accelerator(cpu=True))
+    # what accelerate launch sets up maps to the name (the Trainer route reads it before any Accelerator)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert backend_name() == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert backend_name() == "deepspeed-zero2"
 
 
 # ----- bad input -----

@@ -70,9 +70,20 @@ class FinetuneConfig:
     save_every: int = field(
         default=0, metadata={"help": "accelerator.save_state every N steps (0: end only)"}
     )
-    output_dir: str = field(default="runs/finetune", metadata={"help": "metrics.jsonl and checkpoints/"})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "metrics.jsonl and checkpoints/; new or empty unless --resume (default: "
+            "runs/finetune-<backend>, backend single, ddp, fsdp2 or deepspeed-zero<stage>; "
+            "runs/finetune-trainer-<backend> for the Trainer route)"
+        },
+    )
     resume: str | None = field(
-        default=None, metadata={"help": "a checkpoint dir to load_state from, or 'latest' in --output-dir"}
+        default=None,
+        metadata={
+            "help": "a checkpoint dir to load_state from, or 'latest' in --output-dir; "
+            "needed to write into a non-empty --output-dir"
+        },
     )
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads per process"})
 

@@ -16,6 +16,7 @@ and reads ``.loss``); ``--init-from`` exports go through ``launchers/finetune.py
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,12 @@ from soap_dist import SOAP
 from soap_dist.finetune.config import FinetuneConfig
 from soap_dist.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_dist.finetune.model import build_gpt2
-from soap_dist.finetune.train import skip_deepspeed_shm_build, soap_kwargs
+from soap_dist.finetune.train import backend_name, check_output_dir, skip_deepspeed_shm_build, soap_kwargs
+
+
+def output_dir(cfg: FinetuneConfig) -> str:
+    """--output-dir, by default runs/finetune-trainer-<backend> (apart from launchers/finetune.py's)."""
+    return cfg.output_dir or f"runs/finetune-trainer-{backend_name()}"
 
 
 def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
@@ -32,7 +38,7 @@ def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
     from transformers import TrainingArguments
 
     args: dict[str, Any] = dict(
-        output_dir=cfg.output_dir,
+        output_dir=output_dir(cfg),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -75,6 +81,7 @@ def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
             "--init-from is not supported by the Trainer route (the export is not a transformers model); "
             "use launchers/finetune.py --init-from DIR"
         )
+    check_output_dir(Path(overrides.get("output_dir") or output_dir(cfg)), cfg.resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":

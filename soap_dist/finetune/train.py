@@ -10,6 +10,7 @@ step). ``train`` runs the loop: ``accumulate`` / ``backward`` / ``clip_grad_norm
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -175,6 +176,37 @@ class Progress:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
 
 
+def backend_name(accelerator: Any | None = None) -> str:
+    """What runs the fine-tuning, for the default --output-dir: ``single``, ``ddp``, ``fsdp2`` (or
+    ``fsdp1``), ``deepspeed-zero<stage>``; from the Accelerator's distributed type, or without one
+    (the Trainer route, before the Trainer builds its own) from what ``accelerate launch`` set."""
+    if accelerator is None:
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+            return f"deepspeed-zero{stage}" if stage else "deepspeed"
+        if _env_flag("ACCELERATE_USE_FSDP"):
+            return f"fsdp{os.environ.get('FSDP_VERSION', '1')}"
+        return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    state = accelerator.state
+    if kind == "DEEPSPEED":
+        return f"deepspeed-zero{state.deepspeed_plugin.zero_stage}"
+    if kind == "FSDP":
+        return f"fsdp{getattr(state.fsdp_plugin, 'fsdp_version', 1)}"
+    return {"NO": "single", "MULTI_CPU": "ddp", "MULTI_GPU": "ddp"}.get(kind, kind.lower())
+
+
+def check_output_dir(out: Path, resume: str | None) -> None:
+    """Refuse to start a fresh run in a non-empty --output-dir: its metrics.jsonl would hold two runs
+    and its checkpoints/ would mix them (a ZeRO-2 run once wrote into a DDP run's directory)."""
+    if resume is None and out.is_dir() and any(out.iterdir()):
+        held = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())[:6])
+        raise FileExistsError(
+            f"--output-dir {str(out)!r} already holds a run ({held}); pass --resume latest (or "
+            "--resume DIR) to continue that run, or another --output-dir to start a new one"
+        )
+
+
 def resume_dir(cfg: FinetuneConfig) -> Path | None:
     """``--resume DIR``, or with ``--resume latest`` the newest ``checkpoints/step_N`` in --output-dir."""
     if cfg.resume is None:
@@ -254,6 +286,10 @@ def train(
     look at what the optimizer was handed).
     """
     cfg.validate()
+    out = Path(cfg.output_dir or f"runs/finetune-{backend_name(accelerator)}")
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    check_output_dir(out, cfg.resume)
+    accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
     model, optimizer, train_dl, eval_dl = prepare(cfg, accelerator)
     if on_prepared is not None:
         on_prepared(model, optimizer)
@@ -263,7 +299,6 @@ def train(
     start = resume_dir(cfg)
     if start is not None:
         accelerator.load_state(str(start))
-    out = Path(cfg.output_dir)
     log = MetricsLog(out / METRICS, accelerator.is_main_process)
     rows: list[dict[str, Any]] = []
 
@@ -343,13 +378,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``launchers/finetune.py``: parse flags, build the Accelerator, train, report."""
     cfg = parse_args(argv)
     accelerator = make_accelerator(cfg)
-    rows = train(cfg, accelerator)
+    try:
+        rows = train(cfg, accelerator)
+    except FileExistsError as error:  # a used --output-dir: the message says what to do, no traceback
+        raise SystemExit(f"launchers/finetune.py: error: {error}") from None
+    metrics = Path(rows[0]["config"]["output_dir"]) / METRICS  # the start row has the resolved dir
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     curve = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     if accelerator.is_main_process and curve:
         print(
             f"done: steps {curve[0][0]}-{curve[-1][0]}, train loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}, "
-            f"held-out loss {evals[-1]:.4f} nats/byte; metrics in {Path(cfg.output_dir) / METRICS}"
+            f"held-out loss {evals[-1]:.4f} nats/byte; metrics in {metrics}"
         )
     accelerator.end_training()
     return rows
