@@ -303,6 +303,46 @@ def test_clip_grad_norm_under_fsdp2_equals_the_unsharded_norm():
             assert r["norm"] > 0.05 and r["grad_err"] < 1e-7, mode  # clipping happened, the same way
 
 
+# ----- the DeepSpeed JSON's optimizer params -----
+def _ds_json(tmp_path: Path, params: dict, kind: str = "SOAP") -> Path:
+    ds = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
+    ds["optimizer"] = {"type": kind, "params": params}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def test_deepspeed_json_optimizer_params_win_over_the_config_and_are_checked(tmp_path):
+    """Issue 13: the JSON's optimizer.params used to be replaced by the YAML's without a word."""
+    from soap_dist.pretrain.ds_backend import resolve_config
+
+    env = parallel.DistEnv(rank=0, world=2, local_rank=0, local_world=2, device=torch.device("cpu"))
+    cfg = load_config(TINY, ["optim.lr=1e-3", "optim.refresh_delay=1"])
+    params = {"lr": 0.002, "betas": "auto", "max_precond_dim": 64, "precondition_frequency": 5}
+    ds, merged, notes = resolve_config(_ds_json(tmp_path, params), cfg, env)
+    got = ds["optimizer"]["params"]
+    assert got["lr"] == 0.002 and got["precondition_frequency"] == 5 and got["max_precond_dim"] == 64
+    assert got["betas"] == [0.95, 0.95] and got["refresh_delay"] == 1 and got["block_size"] == 64
+    # the merged config drives the schedule, the weight-decay groups and config.yaml
+    assert merged.optim.lr == 0.002 and merged.optim.precondition_frequency == 5 and cfg.optim.lr == 1e-3
+    assert "optim.lr: 0.001 -> 0.002 (the JSON's optimizer.params)" in notes
+    assert (
+        "SOAP params from the JSON: lr, max_precond_dim, precondition_frequency; from the config (optim.*): "
+        "betas, eps, weight_decay, block_size, refresh_delay, fused"
+    ) in notes
+    with pytest.raises(ConfigError, match=r"unknown SOAP key 'precondition_freq' in optimizer.params; .*lr,"):
+        resolve_config(_ds_json(tmp_path, {"precondition_freq": 5}), cfg, env)
+    with pytest.raises(ConfigError, match=r"optim.lr must be a number, got 'fast'"):
+        resolve_config(_ds_json(tmp_path, {"lr": "fast"}), cfg, env)
+    adamw = load_config(TINY, ["optim.name=adamw"])
+    with pytest.raises(ConfigError, match=r"unknown AdamW key 'max_precond_dim'.*: lr, betas, eps, weight"):
+        resolve_config(_ds_json(tmp_path, {"max_precond_dim": 64}, "AdamW"), adamw, env)
+    ds, merged, notes = resolve_config(_ds_json(tmp_path, params), adamw, env)  # the shipped JSONs are SOAP's
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-3, "eps": 1e-8, "weight_decay": 0.01,
+                                                           "betas": [0.95, 0.95]}}  # fmt: skip
+    assert notes[0].startswith("optimizer.params (lr, betas, max_precond_dim, precondition_frequency) not")
+
+
 # ----- run directories -----
 def _no_torchrun(monkeypatch) -> None:
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -454,16 +494,20 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
 
 def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     out = tmp_path / "ds"
-    args = [
-        *_sets("train.steps=4", "train.grad_accum=2"),
-        "--deepspeed",
-        str(REPO / "configs" / "deepspeed" / "zero2.json"),
-    ]
+    # the JSON's optimizer params win over the config's (warmup is 20 steps: lr = 0.002 * step / 20)
+    ds_json = _ds_json(tmp_path, {"lr": 0.002, "betas": [0.95, 0.95], "max_precond_dim": 64})
+    args = [*_sets("train.steps=4", "train.grad_accum=2"), "--deepspeed", str(ds_json)]
     proc = _torchrun([*args, "--out", str(out)], cache)
     assert "deepspeed" in proc.stdout and "done at step 4" in proc.stdout
+    assert "optim.lr: 0.003 -> 0.002 (the JSON's optimizer.params)" in proc.stdout
+    assert [r["lr"] for r in read_records(out / "metrics.jsonl") if "lr" in r] == pytest.approx(
+        [0.002 * s / 20 for s in (1, 2, 3, 4)]
+    )
     resolved = json.loads((out / "ds_config.json").read_text())
     assert resolved["train_micro_batch_size_per_gpu"] == 4 and resolved["gradient_accumulation_steps"] == 2
     assert resolved["train_batch_size"] == 16 and resolved["optimizer"]["type"] == "SOAP"
+    assert resolved["optimizer"]["params"]["lr"] == 0.002 == load_config(out / "config.yaml").optim.lr
+    assert resolved["optimizer"]["params"]["max_precond_dim"] == 64
     assert resolved["zero_optimization"]["stage"] == 2 and not resolved["bf16"]["enabled"]
     records = read_records(out / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]

@@ -9,6 +9,7 @@ overrides (values parsed as YAML: ``train.steps=20``, ``optim.betas=[0.9,0.95]``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -254,6 +255,15 @@ def load_config(
         _set(cfg, key, value, f"from the override {item!r}")
     _validate(cfg)
     return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[tuple[str, Any]], where: str) -> Config:
+    """A validated copy of ``cfg`` with the ``(key, value)`` pairs set; errors name the key and ``where``."""
+    out = copy.deepcopy(cfg)
+    for key, value in overrides:
+        _set(out, key, value, where)
+    _validate(out)
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

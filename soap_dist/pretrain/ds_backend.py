@@ -5,12 +5,14 @@ signature and builds SOAP from the JSON's ``"optimizer": {"type": "SOAP", ...}``
 owns gradient accumulation (``engine.backward`` scales by 1/gradient_accumulation_steps and
 ``engine.step`` steps only at the boundary), clipping (``gradient_clipping``) and bf16.
 
-The YAML config is the single source of the values both files could give. ``resolve_config`` fills
-them into the JSON before the engine sees it: ``train_micro_batch_size_per_gpu`` (train.micro_batch),
+``resolve_config`` settles the values both files could give before the engine sees the JSON. The
+YAML config decides ``train_micro_batch_size_per_gpu`` (train.micro_batch),
 ``gradient_accumulation_steps`` (train.grad_accum), ``train_batch_size`` (their product times the
-world size), ``gradient_clipping`` (optim.grad_clip, 0 = none), the optimizer type (optim.name) and its
-hyper-parameters (optim.*), and ``bf16.enabled`` on CUDA when train.bf16 (never on CPU). A JSON value
-it replaces is named on rank 0; the resolved JSON is written to ``<run>/ds_config.json``.
+world size), ``gradient_clipping`` (optim.grad_clip, 0 = none), the optimizer type (optim.name) and
+``bf16.enabled`` on CUDA when train.bf16 (never on CPU). The optimizer's hyper-parameters merge the
+other way: a key given in the JSON's ``optimizer.params`` wins over optim.* (unknown keys are an
+error), the rest come from the config (``merge_optimizer_params``). Rank 0 prints which value came
+from where; the resolved JSON is written to ``<run>/ds_config.json``.
 
 The lr schedule is applied by setting ``lr`` in ``engine.optimizer.param_groups`` before each
 optimizer step. Checkpoints: ``engine.save_checkpoint(<run>/checkpoints, tag="step_N")`` with the
@@ -20,6 +22,7 @@ the data order is a function of the seed and the position).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -27,18 +30,89 @@ from typing import Any
 import torch
 
 from soap_dist.pretrain import checkpoint, data
-from soap_dist.pretrain.config import Config, ConfigError
+from soap_dist.pretrain.config import Config, ConfigError, apply_overrides
 from soap_dist.pretrain.model import GPT, lm_loss
 from soap_dist.pretrain.optim import param_groups, soap_kwargs
 from soap_dist.pretrain.parallel import DistEnv
 
 DS_OPTIMIZER_TYPES = {"soap": "SOAP", "adamw": "AdamW"}
+ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
+# optimizer params that are also keys of the pretrain config's optim section
+OPTIM_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "precondition_frequency",
+    "block_size",
+    "refresh_delay",
+    "fused",
+)
+# SOAP arguments the launcher decides (DeepSpeed's partitions pick the placement): not JSON params
+LAUNCHER_OWNED = ("self", "params", "placement", "process_group", "device_mesh")
 
 
-def resolve_config(path: str | Path, cfg: Config, env: DistEnv) -> tuple[dict[str, Any], list[str]]:
-    """The DeepSpeed JSON at ``path`` with the values the YAML config decides filled in (module docstring).
+def allowed_params(optimizer: str) -> list[str]:
+    """The keys ``optimizer.params`` may hold for ``optimizer`` ("SOAP" or "AdamW")."""
+    if optimizer != "SOAP":
+        return list(ADAMW_PARAMS)
+    from soap_dist import SOAP
 
-    Returns the config dict and one line per JSON value that was replaced by a different one.
+    return [n for n in inspect.signature(SOAP.__init__).parameters if n not in LAUNCHER_OWNED]
+
+
+def merge_optimizer_params(
+    block: dict[str, Any], cfg: Config, where: str
+) -> tuple[Config, dict[str, Any], list[str]]:
+    """The JSON's ``optimizer.params`` over the config's ``optim`` section (docs/pretrain.md, DeepSpeed).
+
+    A key given in the JSON wins, unless its value is "auto"; the others come from the config. Keys
+    that are ``optim.*`` keys go into the returned config (so the lr schedule, the weight-decay
+    groups and config.yaml use them too); other SOAP arguments (``max_precond_dim``, ...) are
+    returned as extra keyword arguments. Unknown keys are an error naming the allowed ones. Params
+    written for another optimizer type than ``optim.name`` builds are not used (and said so).
+    Returns (config, extra kwargs, lines saying which value came from where).
+    """
+    want = DS_OPTIMIZER_TYPES[cfg.optim.name]
+    given = block.get("params") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where}: optimizer.params must be a mapping, got {given!r}")
+    json_type = block.get("type")
+    if json_type is not None and str(json_type).lower() != want.lower():
+        note = (
+            f"optimizer.params ({', '.join(given)}) not used: they are {json_type}'s, and "
+            f"optim.name={cfg.optim.name!r} builds {want} from the config"
+        )
+        return cfg, {}, [note] if given else []
+    allowed = allowed_params(want)
+    unknown = [k for k in given if k not in allowed]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown {want} key {unknown[0]!r} in optimizer.params; the keys it takes are: "
+            f"{', '.join(allowed)}"
+        )
+    taken = {k: v for k, v in given.items() if v != "auto"}
+    merged = apply_overrides(cfg, [(f"optim.{k}", v) for k, v in taken.items() if k in OPTIM_KEYS], where)
+    notes = [
+        f"optim.{k}: {getattr(cfg.optim, k)!r} -> {getattr(merged.optim, k)!r} (the JSON's optimizer.params)"
+        for k in OPTIM_KEYS
+        if k in taken and getattr(cfg.optim, k) != getattr(merged.optim, k)
+    ]
+    from_json = [k for k in given if k in taken]
+    from_config = [k for k in (OPTIM_KEYS if want == "SOAP" else ADAMW_PARAMS) if k not in taken]
+    notes.append(
+        f"{want} params from the JSON: {', '.join(from_json) or 'none'}; "
+        f"from the config (optim.*): {', '.join(from_config) or 'none'}"
+    )
+    return merged, {k: v for k, v in taken.items() if k not in OPTIM_KEYS}, notes
+
+
+def resolve_config(path: str | Path, cfg: Config, env: DistEnv) -> tuple[dict[str, Any], Config, list[str]]:
+    """The DeepSpeed JSON at ``path`` with the values the config decides filled in, and the config
+    with the JSON's optimizer params merged in (module docstring; ``merge_optimizer_params``).
+
+    Returns the DeepSpeed config dict, the merged config, and one line per value taken from one file
+    over the other.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,48 +123,49 @@ def resolve_config(path: str | Path, cfg: Config, env: DistEnv) -> tuple[dict[st
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"--deepspeed {path}: not valid JSON ({error})") from error
+    block = ds.setdefault("optimizer", {})
+    cfg, extra, notes = merge_optimizer_params(block, cfg, f"--deepspeed {path}")
     t, o = cfg.train, cfg.optim
     params = (
-        soap_kwargs(o) if o.name == "soap" else {"lr": o.lr, "eps": o.eps, "weight_decay": o.weight_decay}
+        {**soap_kwargs(o), **extra}
+        if o.name == "soap"
+        else {"lr": o.lr, "eps": o.eps, "weight_decay": o.weight_decay}
     )
-    params["betas"] = list(o.betas)  # as JSON has it, so an equal JSON value is not reported as replaced
+    params["betas"] = list(o.betas)  # as JSON has it
     filled: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * env.world,
         "gradient_clipping": o.grad_clip or 0.0,
     }
-    replaced = [f"{k}: {ds[k]!r} -> {v!r}" for k, v in filled.items() if k in ds and ds[k] not in ("auto", v)]
+    notes += [
+        f"{k}: {ds[k]!r} -> {v!r} (from the pretrain config)"
+        for k, v in filled.items()
+        if k in ds and ds[k] not in ("auto", v)
+    ]
     ds.update(filled)
-    block = ds.setdefault("optimizer", {})
     old_type, block["type"] = block.get("type"), DS_OPTIMIZER_TYPES[o.name]
     if old_type not in (None, block["type"]):
-        replaced.append(f"optimizer.type: {old_type!r} -> {block['type']!r} (optim.name)")
-    old_params = block.get("params", {})
-    replaced += [
-        f"optimizer.params.{k}: {old_params[k]!r} -> {v!r}"
-        for k, v in params.items()
-        if k in old_params and old_params[k] not in ("auto", v)
-    ]
+        notes.append(f"optimizer.type: {old_type!r} -> {block['type']!r} (optim.name)")
     block["params"] = params
     if env.device.type == "cuda" and t.bf16:
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
-    return ds, replaced
+    return ds, cfg, notes
 
 
 class DeepSpeedBackend:
     """Steps, evaluation, checkpoints and export through a DeepSpeed engine (ZeRO stage from the JSON)."""
 
-    def __init__(self, model: GPT, cfg: Config, env: DistEnv, config_path: str, run_dir: Path) -> None:
+    def __init__(
+        self, model: GPT, cfg: Config, env: DistEnv, ds_config: dict[str, Any], run_dir: Path
+    ) -> None:
+        """``cfg`` and ``ds_config``: what ``resolve_config`` returned (the config already merged)."""
         from soap_dist.deepspeed import initialize  # imported here: DeepSpeed is an optional dependency
 
         self.cfg, self.env = cfg, env
-        ds_config, replaced = resolve_config(config_path, cfg, env)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-            for line in replaced:
-                print(f"pretrain: {config_path}: {line} (from the pretrain config)", flush=True)
         # without names: ZeRO swaps each group's params for flat partitions, which names would not match
         groups = [
             {k: v for k, v in g.items() if k != "param_names"}

@@ -256,6 +256,13 @@ def _run(
     t = cfg.train
     check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
     parallel.barrier(env)  # every rank has looked before rank 0 writes anything into run_dir
+    if deepspeed_config is not None:
+        from soap_dist.pretrain.ds_backend import resolve_config
+
+        ds_config, cfg, notes = resolve_config(deepspeed_config, cfg, env)  # cfg: the JSON's params merged
+        for line in notes if env.is_main else []:
+            print(f"pretrain: {deepspeed_config}: {line}", flush=True)
+        t = cfg.train
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // env.local_world))  # share the node
     d = _load_data(cfg, env)
     torch.manual_seed(t.seed)  # the same initial weights on every rank, before any sharding
@@ -265,7 +272,7 @@ def _run(
     if deepspeed_config is not None:
         from soap_dist.pretrain.ds_backend import DeepSpeedBackend
 
-        backend = DeepSpeedBackend(model, cfg, env, deepspeed_config, run_dir)
+        backend = DeepSpeedBackend(model, cfg, env, ds_config, run_dir)
         mode = f"deepspeed ({deepspeed_config})"
     else:
         backend = TorchBackend(model, cfg, env)
