@@ -303,6 +303,24 @@ def test_clip_grad_norm_under_fsdp2_equals_the_unsharded_norm():
             assert r["norm"] > 0.05 and r["grad_err"] < 1e-7, mode  # clipping happened, the same way
 
 
+# ----- metrics -----
+def test_elapsed_s_continues_across_a_resume(tmp_path):
+    """Issue 13: a resumed run's elapsed_s restarted from 0, so time plots of split runs went backwards."""
+    from soap_dist.pretrain.metrics import Metrics
+
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    records = [
+        {"step": s, "loss": 3.0, "lr": 0.1, "grad_norm": 1.0, "tokens": s, "tokens_per_s": 1, "elapsed_s": e}
+        for s, e in ((1, 40.0), (2, 100.0), (3, 160.0))
+    ]  # step 3 is past the checkpoint: dropped
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics = Metrics(tmp_path, env, start_step=2, total_steps=4, tokens_per_step=1, log_every=1)
+    metrics.log_train(3, torch.tensor(2.0), torch.tensor(1.0), 1e-3, force=False)
+    metrics.close(plot=False)
+    elapsed = [r["elapsed_s"] for r in read_records(tmp_path / "metrics.jsonl")]
+    assert elapsed[:2] == [40.0, 100.0] and 100.0 < elapsed[2] < 130.0, elapsed
+
+
 # ----- the DeepSpeed JSON's optimizer params -----
 def _ds_json(tmp_path: Path, params: dict, kind: str = "SOAP") -> Path:
     ds = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
@@ -477,6 +495,8 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
     assert stopped.step == 2 and stopped.exported is None
     finished = run(cfg, run_dir=tmp_path / "split", resume=True)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    elapsed = [r["elapsed_s"] for r in read_records(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
+    assert elapsed == sorted(elapsed), elapsed  # the resumed part continues the clock
     assert finished.eval_loss == whole.eval_loss
     with pytest.raises(ConfigError, match=r"whole already holds a run \(checkpoints/, config.yaml, final/"):
         run(cfg, run_dir=tmp_path / "whole")

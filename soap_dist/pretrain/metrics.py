@@ -4,7 +4,9 @@
 ``{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}`` (loss averaged over the
 steps since the previous record and over ranks) and evaluation records ``{"step", "eval_loss"}``.
 A resumed run first drops the records past its checkpoint's step, then appends, so the file always
-describes one trajectory. Only rank 0 writes; the other ranks join the loss all-reduce.
+describes one trajectory; its ``elapsed_s`` (seconds in the training loop) continues from the last
+kept record, so the wall-clock axis of a split run is the sum of its parts (start-ups excluded).
+Only rank 0 writes; the other ranks join the loss all-reduce.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ class Metrics:
         self._loss_sum: torch.Tensor | None = None
         self._count = 0
         self._start = self._mark = time.perf_counter()
+        self._elapsed_before = 0.0  # a resumed run's elapsed_s continues from its last kept record
         self._file = None
         self._bar = None
         if env.is_main:
             kept = [r for r in read_records(self.path) if r["step"] <= start_step]
+            self._elapsed_before = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self._file = self.path.open("a")
             self._bar = tqdm(
@@ -88,7 +92,7 @@ class Metrics:
             "grad_norm": None if math.isnan(norm := float(grad_norm)) else norm,
             "tokens": step * self.tokens_per_step,
             "tokens_per_s": tokens_per_s,
-            "elapsed_s": now - self._start,
+            "elapsed_s": self._elapsed_before + now - self._start,
         }
         self._loss_sum, self._count, self._mark = None, 0, now
         self._write(record)
