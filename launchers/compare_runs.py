@@ -1,7 +1,9 @@
 """Loss curves of finished pre-training runs in one plot, and a markdown table with tokens/s.
 
-    python launchers/compare_runs.py runs/pretrain-gpt2-small runs/gpt2-small-adamw \
+    python launchers/compare_runs.py runs/pretrain-gpt2-small-fsdp2 runs/gpt2-small-adamw \
         --names SOAP AdamW --out docs/bench_results/pretrain_gpt2_small.png
+
+    python launchers/compare_runs.py runs/a runs/b --x time --out loss_vs_time.png   # against wall-clock
 
 Ratios in the table are against the first run. See docs/benchmarks.md ("Pre-training").
 """
@@ -24,8 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--names", nargs="+", help="one label per run (default: the directory names)")
     parser.add_argument("--out", default="loss_comparison.png", help="where to write the plot")
     parser.add_argument("--title", default="", help="plot title")
+    parser.add_argument(
+        "--x",
+        choices=("tokens", "step", "time"),
+        default="tokens",
+        help="the plot's x axis: tokens seen, optimizer steps, or wall-clock seconds in the loop (elapsed_s)",
+    )
     args = parser.parse_args(argv)
-    result = compare(args.runs, args.out, args.names, args.title)
+    result = compare(args.runs, args.out, args.names, args.title, args.x)
     print(result["table"])
     print(f"\nplot: {result['plot']}")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -40,3 +43,31 @@ def test_missing_run_and_bad_names_say_what_is_wrong(tmp_path):
     run = _run(tmp_path, "a", [1.0], [1.0], [])
     with pytest.raises(ValueError, match="--names has 2 entries for 1 run"):
         compare([run], str(tmp_path / "x.png"), ["a", "b"])
+
+
+def _png_text(path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def test_plot_against_steps_or_wall_clock(tmp_path):
+    """Issue 13: compare_runs plots against elapsed_s (--x time) or steps as well as tokens."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
+    try:
+        import compare_runs
+    finally:
+        sys.path.pop(0)
+    soap = _run(tmp_path, "soap", [3.0, 2.0, 1.5], [90.0, 100.0, 110.0], [(20, 1.9), (30, 1.6)])
+    adamw = _run(tmp_path, "adamw", [3.0, 2.5, 2.2], [200.0, 190.0, 210.0], [(30, 2.3)])
+    (tmp_path / "adamw" / "config.yaml").write_text("data:\n  path: /data/owt/train.bin\n")
+    for x, axis in (("time", "seconds in the training loop (elapsed_s)"), ("step", "optimizer step")):
+        out = tmp_path / f"{x}.png"
+        compare_runs.main([soap, adamw, "--x", x, "--out", str(out), "--title", "tiny"])
+        assert _png_text(out) == {"Title": "tiny", "Description": f"loss against {axis}", "Software": ANY}
+    run = summarize(soap)
+    assert run.elapsed == [0.0, 1.0, 2.0] and run.seconds_at(25) == 1.5  # evaluations: interpolated
+    assert run.unit == "nats/byte" and summarize(adamw).unit == "nats/token"  # a .bin holds token ids
+    with pytest.raises(ValueError, match="--x must be one of tokens, step, time, got 'bytes'"):
+        compare([soap], str(tmp_path / "x.png"), x="bytes")

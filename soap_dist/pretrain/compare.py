@@ -2,7 +2,9 @@
 
 Why: the benchmark that matters for SOAP is loss against AdamW at the same token budget and the
 throughput it costs. Each run writes ``metrics.jsonl``; this reads several, so SOAP and AdamW runs
-of the same config (``--optimizer soap|adamw``) become one figure and one table in docs/.
+of the same config (``--optimizer soap|adamw``) become one figure and one table in docs/. The plot's
+x axis is tokens seen, optimizer steps, or wall-clock (``elapsed_s``): SOAP's steps cost more than
+AdamW's, so loss against time is the fair comparison of the two at equal compute.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+
+from soap_dist.pretrain.data import is_byte_level, loss_unit
 from soap_dist.pretrain.metrics import METRICS_FILE, read_records
 
 
@@ -25,6 +31,13 @@ class RunSummary:
     tokens_per_s: float  # median over the run's records (start-up excluded by construction)
     train: list[tuple[int, float]]
     evals: list[tuple[int, float]]
+    elapsed: list[float]  # elapsed_s of each training record (seconds in the training loop)
+    unit: str  # the loss's: nats/byte on a byte-level corpus, else nats/token
+
+    def seconds_at(self, step: int) -> float:
+        """Wall-clock at ``step``, interpolated between training records (evaluations have none)."""
+        steps = [s for s, _ in self.train]
+        return float(np.interp(step, steps, self.elapsed))
 
 
 def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
@@ -48,7 +61,16 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
         tokens_per_s=statistics.median(float(r["tokens_per_s"]) for r in train),
         train=[(int(r["step"]), float(r["loss"])) for r in train],
         evals=evals,
+        elapsed=[float(r["elapsed_s"]) for r in train],
+        unit=_unit(Path(run_dir)),
     )
+
+
+def _unit(run_dir: Path) -> str:
+    """The loss unit of a run, from the data.path in its config.yaml (nats/byte when there is none)."""
+    path = run_dir / "config.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return loss_unit(is_byte_level(((raw or {}).get("data") or {}).get("path")))
 
 
 def table(runs: list[RunSummary]) -> str:
@@ -68,42 +90,55 @@ def table(runs: list[RunSummary]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[RunSummary], out: str | Path, title: str = "") -> Path:
-    """Training (lines) and held-out (markers) loss of every run against tokens seen."""
+X_AXES = {"tokens": "tokens", "step": "optimizer step", "time": "seconds in the training loop (elapsed_s)"}
+
+
+def plot(runs: list[RunSummary], out: str | Path, title: str = "", x: str = "tokens") -> Path:
+    """Training (lines) and held-out (markers) loss of every run against ``x``: tokens seen,
+    optimizer steps, or wall-clock ("time": elapsed_s, what the loss costs in seconds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if x not in X_AXES:
+        raise ValueError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}")
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in runs:
-        per_step = r.tokens / r.steps
-        xs, ys = [s * per_step for s, _ in r.train], [v for _, v in r.train]
+
+        def at(step: int, r: RunSummary = r) -> float:
+            return {"tokens": step * r.tokens / r.steps, "step": step, "time": r.seconds_at(step)}[x]
+
+        xs, ys = [at(s) for s, _ in r.train], [v for _, v in r.train]
         (line,) = ax.plot(xs, ys, label=f"{r.name} train")
         if r.evals:
             ax.plot(
-                [s * per_step for s, _ in r.evals],
+                [at(s) for s, _ in r.evals],
                 [v for _, v in r.evals],
                 "o--",
                 color=line.get_color(),
                 markersize=4,
                 label=f"{r.name} held-out",
             )
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_xlabel(X_AXES[x])
+    units = sorted({r.unit for r in runs})
+    ax.set_ylabel(f"loss ({' or '.join(units)})")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, metadata={"Title": title, "Description": f"loss against {X_AXES[x]}"})
     plt.close(fig)
     return out
 
 
-def compare(run_dirs: list[str], out: str, names: list[str] | None = None, title: str = "") -> dict[str, Any]:
+def compare(
+    run_dirs: list[str], out: str, names: list[str] | None = None, title: str = "", x: str = "tokens"
+) -> dict[str, Any]:
+    """The table and the plot (against ``x``: tokens, step or time) of ``run_dirs``."""
     if names is not None and len(names) != len(run_dirs):
         raise ValueError(f"--names has {len(names)} entries for {len(run_dirs)} run directories")
     runs = [summarize(d, n) for d, n in zip(run_dirs, names or [None] * len(run_dirs), strict=True)]
-    return {"table": table(runs), "plot": str(plot(runs, out, title)), "runs": runs}
+    return {"table": table(runs), "plot": str(plot(runs, out, title, x)), "runs": runs}

@@ -42,6 +42,16 @@ VOCAB_CHECK_TOKENS = 1 << 24  # ids checked against model.vocab_size: the first 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, next-token targets), each (micro_batch, seq_len)
 
 
+def loss_unit(byte_level: bool) -> str:
+    """The unit of a cross-entropy on these tokens: a byte-level corpus's tokens are its bytes."""
+    return "nats/byte" if byte_level else "nats/token"
+
+
+def is_byte_level(path: str | None) -> bool:
+    """Whether ``data.path`` is read as bytes (null or a directory) rather than as a .bin of token ids."""
+    return path is None or not str(path).endswith(".bin")
+
+
 def cache_dir(configured: str | None = None) -> Path:
     """``data.cache_dir``, else ``$SOAP_DIST_CACHE``, else ``~/.cache/soap_dist``."""
     if configured:
