@@ -89,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun and the deepspeed launcher
         backend = backend_name(cfg, world, args.deepspeed)
         out = args.out or Path("runs") / f"pretrain-{args.config.stem}-{backend}"
-        run(cfg, run_dir=out, resume=args.resume, stop_after=args.stop_after, deepspeed_config=args.deepspeed)
+        run(
+            cfg,
+            run_dir=out,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            deepspeed_config=args.deepspeed,
+            name=args.config.stem,
+        )
     except ConfigError as error:  # bad input: a one-line message naming the key, not a traceback
         print(f"launchers/pretrain.py: error: {error}", file=sys.stderr)
         return 2

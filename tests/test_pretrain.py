@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -434,6 +435,13 @@ def _torchrun(
     return proc
 
 
+def _png_text(path: Path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
 def _sets(*overrides: str) -> list[str]:
     return [arg for o in (*SMALL, *overrides) for arg in ("--set", o)]
 
@@ -453,6 +461,8 @@ def test_launcher_fsdp2_world2_and_resume_reproduces_the_run(tmp_path, cache):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     proc = _torchrun([*common, "--out", str(whole)], cache)
     assert "soap, fsdp2, world 2 on cpu" in proc.stdout and "done at step 8" in proc.stdout
+    assert "(nats/byte)" in proc.stdout and "loss in nats/byte" in proc.stderr  # the summary, the bar
+    assert _png_text(whole / "loss.png")["Title"] == "tiny-cpu: soap, fsdp2, world 2"
     for name in (
         "config.yaml",
         "metrics.jsonl",
@@ -491,6 +501,12 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
     cfg = load_config(TINY, [*SMALL, "train.steps=4", f"data.path={texts}", "data.eval_fraction=0.1"])
     whole = run(cfg, run_dir=tmp_path / "whole")
     assert whole.step == 4 and math.isfinite(whole.eval_loss) and whole.exported is not None
+    # loss.png names the run (the config's name defaults to the directory's) and the loss's unit
+    assert _png_text(tmp_path / "whole" / "loss.png") == {
+        "Title": "whole: soap, single, world 1",
+        "Description": "loss in nats/byte against step",
+        "Software": ANY,
+    }
     stopped = run(cfg, run_dir=tmp_path / "split", stop_after=2)
     assert stopped.step == 2 and stopped.exported is None
     finished = run(cfg, run_dir=tmp_path / "split", resume=True)

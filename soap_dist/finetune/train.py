@@ -325,7 +325,7 @@ def train(
         total=cfg.steps,
         initial=progress.step,
         disable=not accelerator.is_main_process,
-        desc=f"{cfg.optimizer} x{accelerator.num_processes}",
+        desc=f"{cfg.optimizer} x{accelerator.num_processes}, loss in nats/byte",
         unit="step",
         dynamic_ncols=True,
     )

@@ -46,8 +46,13 @@ class Metrics:
         total_steps: int,
         tokens_per_step: int,
         log_every: int,
+        title: str = "",
+        unit: str = "nats/token",
     ) -> None:
+        """``title``: loss.png's (config, optimizer, backend, world size); ``unit``: the loss's, as
+        ``data.loss_unit`` gives it (nats/byte on a byte-level corpus)."""
         self.env, self.log_every, self.tokens_per_step = env, log_every, tokens_per_step
+        self.title, self.unit = title, unit
         self.path = run_dir / METRICS_FILE
         self.plot_path = run_dir / PLOT_FILE
         self.last_train_loss = math.nan
@@ -64,7 +69,12 @@ class Metrics:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self._file = self.path.open("a")
             self._bar = tqdm(
-                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0
+                total=total_steps,
+                initial=start_step,
+                desc=f"loss in {unit}",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
             )
 
     def log_train(
@@ -107,7 +117,7 @@ class Metrics:
         if record:
             self._write({"step": step, "eval_loss": eval_loss})
         if self._bar is not None:
-            self._bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+            self._bar.write(f"step {step}: eval loss {eval_loss:.4f} {self.unit}")
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
@@ -126,11 +136,16 @@ class Metrics:
             self._file.close()
             self._file = None
             if plot:
-                plot_losses(read_records(self.path), self.plot_path)
+                plot_losses(read_records(self.path), self.plot_path, title=self.title, unit=self.unit)
 
 
-def plot_losses(records: list[dict[str, Any]], out: Path) -> None:
-    """Training and held-out loss against step, written as a PNG (matplotlib's Agg backend: no display)."""
+def plot_losses(
+    records: list[dict[str, Any]], out: Path, *, title: str = "", unit: str = "nats/token"
+) -> None:
+    """Training and held-out loss against step, written as a PNG (matplotlib's Agg backend: no display).
+
+    The title also goes into the PNG's metadata ("Title"), so a file says which run it shows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,9 +159,11 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="held-out", markersize=4)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel(f"loss ({unit})")
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, metadata={"Title": title, "Description": f"loss in {unit} against step"})
     plt.close(fig)

@@ -223,6 +223,7 @@ def run(
     resume: bool = False,
     stop_after: int | None = None,
     deepspeed_config: str | None = None,
+    name: str | None = None,
 ) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (see docs/pretrain.md); every rank calls it.
 
@@ -230,13 +231,14 @@ def run(
     without it a non-empty ``run_dir`` is refused.
     ``stop_after``: end after that step with a checkpoint, as if interrupted (the lr schedule still
     spans ``train.steps``). ``deepspeed_config``: a DeepSpeed JSON; the DeepSpeed backend replaces
-    the torch one (and ``parallel`` is ignored).
+    the torch one (and ``parallel`` is ignored). ``name``: the config's, for loss.png's title
+    (default: the run directory's).
     """
     if stop_after is not None and not 1 <= stop_after <= cfg.train.steps:
         raise ConfigError(f"--stop-after must be in [1, train.steps={cfg.train.steps}], got {stop_after}")
     env = parallel.init_distributed()
     try:
-        result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config)
+        result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config, name)
         # Every rank past its last collective before any rank tears the groups down: a gloo rank
         # that destroyed its groups while its peer was still finishing once aborted at exit.
         parallel.barrier(env)
@@ -252,6 +254,7 @@ def _run(
     resume: bool,
     stop_after: int | None,
     deepspeed_config: str | None,
+    name: str | None,
 ) -> RunResult:
     t = cfg.train
     check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
@@ -289,6 +292,7 @@ def _run(
             + (f"resuming at step {start_step}" if start_step else f"starting at step 0 in {run_dir}"),
             flush=True,
         )
+    unit = data.loss_unit(d.byte_level)
     metrics = Metrics(
         run_dir,
         env,
@@ -296,6 +300,9 @@ def _run(
         total_steps=t.steps,
         tokens_per_step=global_batch * cfg.model.seq_len,
         log_every=t.log_every,
+        title=f"{name or run_dir.name}: {cfg.optim.name}, {backend_name(cfg, env.world, deepspeed_config)}, "
+        f"world {env.world}",
+        unit=unit,
     )
 
     def evaluate(step: int, *, record: bool = True) -> None:
@@ -344,7 +351,7 @@ def _run(
         held_out = f", eval loss {result.eval_loss:.4f}" if math.isfinite(result.eval_loss) else ""
         print(
             f"pretrain: done at step {result.step}: train loss {result.train_loss:.4f}{held_out} "
-            f"(nats/token), {result.seconds:.1f} s in the loop; outputs in {run_dir}"
+            f"({unit}), {result.seconds:.1f} s in the loop; outputs in {run_dir}"
             + (f", model exported to {exported}" if exported else ""),
             flush=True,
         )
