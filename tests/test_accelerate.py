@@ -287,8 +287,10 @@ def test_a_used_output_dir_is_refused_and_the_default_names_the_backend(tmp_path
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert backend_name() == "ddp"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    assert backend_name() == "deepspeed-zero2"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "configs/accelerate/ds_zero2.json"))
+    assert backend_name() == "deepspeed-zero2"  # from the JSON
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert backend_name() == "deepspeed-zero3"
 
 
 # ----- bad input -----

@@ -183,7 +183,11 @@ def backend_name(accelerator: Any | None = None) -> str:
     if accelerator is None:
         if _env_flag("ACCELERATE_USE_DEEPSPEED"):
             stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-            return f"deepspeed-zero{stage}" if stage else "deepspeed"
+            config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+            if stage is None and config_file and os.path.isfile(config_file):
+                with open(config_file) as fh:  # the stage is often only in the JSON the YAML names
+                    stage = json.load(fh).get("zero_optimization", {}).get("stage")
+            return f"deepspeed-zero{stage}" if stage is not None else "deepspeed"
         if _env_flag("ACCELERATE_USE_FSDP"):
             return f"fsdp{os.environ.get('FSDP_VERSION', '1')}"
         return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
