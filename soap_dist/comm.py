@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,13 +111,20 @@ class Exchange:
         self.traffic.small_calls += 1
 
     # ----- first step -----
-    def check_plan(self, hashes: list[int], names: list[str]) -> None:
-        """One small all_gather of (count, plan hash); a second one only to name a mismatch."""
-        world = self.topology.world
+    def check_plan(
+        self, hashes: list[int], names: list[str], across: tuple[Any, int, int] | None = None
+    ) -> None:
+        """One small all_gather of (count, plan hash); a second one only to name a mismatch.
+
+        ``across`` = (group, size, rank) checks over another group than the grid's (the replicas of
+        an owner grid, which each build their own plan).
+        """
+        group, world, me = across if across is not None else (self.groups.world, self.topology.world, None)
+        me = self.topology.rank if me is None else me
         total = hash(tuple(hashes)) & ((1 << 63) - 1)
         mine = torch.tensor([len(hashes), total], dtype=torch.int64, device=self.device)
         every = torch.empty(world * 2, dtype=torch.int64, device=self.device)
-        _all_gather(every, mine, group=self.groups.world)
+        _all_gather(every, mine, group=group)
         self._count_small(mine, every)
         every = every.view(world, 2)
         if bool((every == every[0]).all()):
@@ -126,16 +134,25 @@ class Exchange:
         padded[0] = len(hashes)
         padded[1 : len(hashes) + 1] = torch.tensor(hashes, dtype=torch.int64)
         table = torch.empty(world * (width + 1), dtype=torch.int64, device=self.device)
-        _all_gather(table, padded, group=self.groups.world)
+        _all_gather(table, padded, group=group)
         table = table.view(world, width + 1).cpu()
+        counts = table[:, 0].tolist()
+        if len(set(counts)) > 1:
+            first = min(counts)
+            name = names[first] if first < len(names) else f"parameter {first}"
+            raise PlanMismatchError(
+                f"SOAP: ranks have different parameter counts {counts} (this rank: {len(hashes)}); "
+                f"{name} is missing on ranks {[r for r in range(world) if counts[r] <= first]}. Every "
+                "rank must pass the same parameters in the same order."
+            )
         for i in range(width):
             column = table[:, i + 1]
             if not bool((column == column[0]).all()):
                 name = names[i] if i < len(names) else f"parameter {i} (absent on this rank)"
-                ranks = [r for r in range(world) if table[r, i + 1] != table[self.topology.rank, i + 1]]
+                ranks = [r for r in range(world) if table[r, i + 1] != table[me, i + 1]]
                 raise PlanMismatchError(
                     f"SOAP: ranks disagree on the block/factor plan at parameter {i} ({name}); this rank "
-                    f"({self.topology.rank}) differs from ranks {ranks}. Every rank must build the optimizer "
+                    f"({me}) differs from ranks {ranks}. Every rank must build the optimizer "
                     "from the same model, parameter order and options."
                 )
         raise PlanMismatchError(

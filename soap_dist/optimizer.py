@@ -19,6 +19,7 @@ from .comm import Exchange
 from .engine import SoapEngine
 from .layout import ParamLayout, plan_in_group
 from .placement import Placement, local, resolve, wrapper
+from .placements.owner import OwnerRunner
 from .plan import PLACEMENTS, build_plan, local_layouts
 from .state_io import load_engine_state, save_engine_state
 from .zero_runner import ZeroRunner
@@ -174,7 +175,7 @@ class SOAP(torch.optim.Optimizer):
             placement in ("auto", *PLACEMENTS),
             "placement",
             placement,
-            "'auto', 'single', 'replicated', 'fsdp-local' or 'hsdp'",
+            "'auto', 'single', 'replicated', 'fsdp-local', 'hsdp' or 'owner'",
         )
         self.placement = placement
         self.process_group = process_group
@@ -182,6 +183,7 @@ class SOAP(torch.optim.Optimizer):
         self._placement: Placement | None = None
         self._exchange: Exchange | None = None
         self._engine: SoapEngine | None = None
+        self._owner: OwnerRunner | None = None  # placement "owner": the runner around the engine
         self._carried_state: dict[int, dict[str, Tensor]] = {}
         self._zero_owner: Any = None  # DeepSpeed's ZeRO stage 1-3 optimizer, when it drives this one
         self._zero: ZeroRunner | None = None
@@ -209,8 +211,12 @@ class SOAP(torch.optim.Optimizer):
             if p.layout != torch.strided:
                 raise TypeError(f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}")
         if self._engine is not None:  # rebuilt lazily with the new group; the existing state carries over
-            self._carried_state = save_engine_state(self._engine, self._exchange)
-            self._engine = None
+            self._carried_state = (
+                self._owner.state_dict()
+                if self._owner is not None
+                else save_engine_state(self._engine, self._exchange)
+            )
+            self._engine, self._owner = None, None
 
     # ----- layout and engine -----
     def _params(self) -> list[Tensor]:
@@ -246,6 +252,8 @@ class SOAP(torch.optim.Optimizer):
             )
         self._placement = resolve(params, names, self.placement, self.process_group, self.device_mesh)
         topology = self._placement.topology
+        if self.placement == "owner":
+            return self._build_owner(full, params)
         plan = build_plan(full, topology)
         self._exchange = None
         local_params = [local(p) for p in params]
@@ -261,13 +269,29 @@ class SOAP(torch.optim.Optimizer):
             self._carried_state = {}
         return self._engine
 
-    def _check_plan(self, exchange: Exchange, full: list[ParamLayout], groups: list[dict]) -> None:
-        """Every rank must agree on the plan and on what else sets the collectives' order."""
+    def _build_owner(self, full: list[ParamLayout], params: list[Tensor]) -> SoapEngine:
+        self._owner = OwnerRunner(self, full, params, self._placement)
+        self._engine, self._exchange = self._owner.engine, self._owner.exchange
+        self._engine_params = [id(p) for p in params]
+        self._stateful_markers(params)
+        if self._carried_state:
+            self._owner.load_state_dict(self._carried_state, partial=True)
+            self._carried_state = {}
+        return self._engine
+
+    def _check_plan(
+        self, exchange: Exchange, full: list[ParamLayout], groups: list[dict], across: Any = None
+    ) -> None:
+        """Every rank must agree on the plan and on what else sets the collectives' order.
+
+        ``across`` = (process group, grid): check over the grid's replicas instead (placement owner).
+        """
         extras = [
             (groups[lay.group]["precondition_frequency"], self.refresh_delay, str(self.factor_dtype))
             for lay in full
         ]
-        exchange.check_plan(exchange.plan.param_hashes(full, extras), [lay.name for lay in full])
+        scope = None if across is None else (across[0], across[1].replicas, across[1].replica)
+        exchange.check_plan(exchange.plan.param_hashes(full, extras), [lay.name for lay in full], scope)
 
     def _new_engine(
         self, layouts: list[ParamLayout], params: list[Tensor], plan: Any, exchange: Exchange | None
@@ -304,7 +328,8 @@ class SOAP(torch.optim.Optimizer):
             validate_group(group)
         engine = self._ensure_engine()
         active = [p.grad is not None and p.numel() > 0 for p in params]
-        engine.step(self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active)
+        runner = self._owner if self._owner is not None else engine
+        runner.step(self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active)
         return loss
 
     # ----- DeepSpeed ZeRO stages 1-3 (soap_dist.deepspeed) -----
@@ -350,7 +375,11 @@ class SOAP(torch.optim.Optimizer):
             self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
 
     def stats(self) -> dict[str, Any]:
-        """Counters of what the optimizer did: refreshes, installs, failures, time spent."""
+        """Counters of what the optimizer did: refreshes, installs, failures, time spent.
+
+        ``installed_at`` lists (param, first step using the new basis) for the most recent
+        ``engine.INSTALLED_AT_KEPT`` (4096) installs only, so nothing grows with the step count.
+        """
         zero = self._zero
         engine, exchange = (zero.engine, zero.exchange) if zero else (self._engine, self._exchange)
         if engine is None:
@@ -398,11 +427,12 @@ class SOAP(torch.optim.Optimizer):
                 "zero_world": zero.part.world,
             }
         groups = self._packed_groups(self.param_groups, [len(g["params"]) for g in self.param_groups])
-        state = (
-            save_engine_state(self._engine, self._exchange, wrapper(self._placement))
-            if self._engine is not None
-            else {}
-        )
+        if self._owner is not None:
+            state = self._owner.state_dict()
+        elif self._engine is not None:
+            state = save_engine_state(self._engine, self._exchange, wrapper(self._placement))
+        else:
+            state = {}
         return {"state": state, "param_groups": groups}
 
     @staticmethod
@@ -456,13 +486,18 @@ class SOAP(torch.optim.Optimizer):
                 by_saved_id[saved_id] = index
                 index += 1
         state = {by_saved_id.get(k, k): v for k, v in state_dict["state"].items()}
-        self._engine = None
+        self._engine, self._owner = None, None
         if state:
-            load_engine_state(self._ensure_engine(), state)
+            engine = self._ensure_engine()
+            if self._owner is not None:
+                self._owner.load_state_dict(state)
+            else:
+                load_engine_state(engine, state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_engine", None)
+        self.__dict__.setdefault("_owner", None)
         self.__dict__.setdefault("_carried_state", {})
         self.__dict__.setdefault("_exchange", None)
         self.__dict__.setdefault("_placement", None)

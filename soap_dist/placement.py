@@ -3,7 +3,9 @@
 - single: no process group (or world size 1), or asked for;
 - replicated: plain tensors with an initialized process group of size > 1 (DDP, ZeRO-0);
 - fsdp-local: FSDP2 ``fully_shard`` DTensors, placements (Shard(0),) on a 1-D mesh;
-- hsdp: DTensors with (Replicate(), Shard(0)) on a 2-D mesh.
+- hsdp: DTensors with (Replicate(), Shard(0)) on a 2-D mesh;
+- owner: asked for (or chosen by "auto"'s cost model) on fsdp-local or hsdp parameters; the returned
+  placement then describes the mesh (fsdp-local or hsdp) and ``placements.owner`` runs on it.
 
 Anything else fails at the first step with a message saying what is supported.
 """
@@ -69,6 +71,12 @@ def resolve(
                 "(torch.distributed.fsdp.fully_shard). " + SUPPORTED
             )
     dtensors = [is_dtensor(p) for p in params]
+    if placement == "owner" and not all(dtensors):
+        raise ValueError(
+            "SOAP: placement='owner' needs FSDP2 fully_shard DTensor parameters (placements (Shard(0),)) or "
+            "HSDP ones ((Replicate(), Shard(0))), but the parameters are plain tensors; under DDP use "
+            "placement='replicated' (or 'auto')"
+        )
     if any(dtensors):
         if not all(dtensors):
             plain = names[dtensors.index(False)]
@@ -76,7 +84,14 @@ def resolve(
                 f"SOAP: {plain} is a plain tensor while other parameters are DTensors; shard every "
                 "parameter with fully_shard (or give the plain ones to another optimizer). " + SUPPORTED
             )
-        return _from_dtensors(params, names, placement, device_mesh)
+        try:
+            return _from_dtensors(params, names, "auto" if placement == "owner" else placement, device_mesh)
+        except ValueError as error:
+            if placement == "owner":
+                raise ValueError(
+                    f"{error} (placement='owner' moves whole rows to each parameter's owner)"
+                ) from None
+            raise
     if placement == "single":
         return Placement(SINGLE, None)
     if placement in ("fsdp-local", "hsdp"):

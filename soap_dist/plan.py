@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 
 from .layout import ParamLayout, restrict_rows
 
-PLACEMENTS = ("single", "replicated", "fsdp-local", "hsdp")
+PLACEMENTS = ("single", "replicated", "fsdp-local", "hsdp", "owner")
 # Picked by soap_dist.deepspeed under ZeRO stages 1-3, never by a user: shard s holds the "home"
 # rows that zero_layout assigns it, not torch.chunk's.
 ZERO = "zero"
+# The engine grid of placement "owner": shard s holds every row of the parameters it owns and none of
+# the others (``owner_splits``), so every factor of a parameter lives at its owner alone.
+OWNER = "owner"
 Splits = dict[int, list[tuple[int, int]]]  # param -> (first row, row count) of every shard
 
 
@@ -151,11 +154,14 @@ class Plan:
         return topo.shard in self.holders.get(entry.param, [])
 
     def needs_reduce(self, entry: FactorEntry) -> bool:
-        return entry.shared and self.topology.shards > 1
+        """Whether partial statistics on several ranks must be summed at the owner (never under owner)."""
+        return entry.shared and self.topology.shards > 1 and self.topology.placement != OWNER
 
     def broadcast_ranks(self, entry: FactorEntry) -> list[int]:
         """Who receives the entry's new basis from its owner (the owner included)."""
         topo = self.topology
+        if topo.placement == OWNER:  # the owner holds every row: nobody else rotates with the basis
+            return [entry.owner]
         return topo.replica_group(entry.shard) if not entry.shared else list(range(topo.world))
 
     def owned_cost(self) -> list[int]:
@@ -241,16 +247,20 @@ def build_plan(full: Sequence[ParamLayout], topology: Topology, splits: Splits |
             for j in range(1, len(lay.block_shape)):
                 if lay.preconditioned[j]:
                     entries.append(FactorEntry(lay.index, j, -1, -1, lay.block_shape[j]))
-    owned = _assign_owners(entries, topology)
+    owned = _assign_owners(entries, topology, holders)
     return Plan(topology, owned, holders, list(full), splits)
 
 
-def _assign_owners(entries: list[FactorEntry], topo: Topology) -> list[FactorEntry]:
+def _assign_owners(
+    entries: list[FactorEntry], topo: Topology, holders: dict[int, list[int]]
+) -> list[FactorEntry]:
     """Longest-processing-time: fixed owners first, then the largest factor to the least loaded rank."""
     loads = [0] * topo.world
     owners: dict[int, int] = {}
 
     def eligible(e: FactorEntry) -> list[int]:
+        if topo.placement == OWNER:  # the one shard holding the parameter owns all of its factors
+            return [holders[e.param][0]]
         return topo.replica_group(e.shard) if not e.shared else list(range(topo.world))
 
     order = sorted(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,3 +64,30 @@ def run_against_oracle(
         for p, w in zip(ps, oracle.params, strict=True)
     ]
     return max(errors)
+
+
+# ----- the spawned gloo worlds of tests/dist_scenarios.py, shared by every test module -----
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dcp"))
+
+
+@pytest.fixture(scope="session")
+def world2(checkpoint_dir):
+    import dist_scenarios
+
+    return dist_scenarios.run_world(2, checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def world4(checkpoint_dir, world2):  # loads the checkpoints world 2 wrote
+    import dist_scenarios
+
+    return dist_scenarios.run_world(4, checkpoint_dir)
+
+
+def result(ranks, name):
+    """A scenario's result on rank 0, after checking that no rank raised."""
+    for r, res in enumerate(ranks):
+        assert "exception" not in res[name], f"rank {r} raised:\n{res[name]['exception']}"
+    return ranks[0][name]

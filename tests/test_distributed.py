@@ -4,31 +4,10 @@ all world-4 checks another (start-up dominates their cost)."""
 
 from __future__ import annotations
 
-import dist_scenarios
 import pytest
+from conftest import result
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("dcp"))
-
-
-@pytest.fixture(scope="module")
-def world2(checkpoint_dir):
-    return dist_scenarios.run_world(2, checkpoint_dir)
-
-
-@pytest.fixture(scope="module")
-def world4(checkpoint_dir, world2):  # loads the checkpoint world 2 wrote
-    return dist_scenarios.run_world(4, checkpoint_dir)
-
-
-def result(ranks, name):
-    for r, res in enumerate(ranks):
-        assert "exception" not in res[name], f"rank {r} raised:\n{res[name]['exception']}"
-    return ranks[0][name]
 
 
 @pytest.mark.parametrize("world", [2, 4])

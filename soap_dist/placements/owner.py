@@ -1,0 +1,284 @@
+"""Placement "owner" for FSDP2 and HSDP: exact (equals one process at any world size, any block_size).
+
+Each parameter has one owner rank in its shard group (``owner_layout.assign_owners``). Every step:
+
+1. one all_to_all per dtype brings every shard's rows of a parameter (gradient and values) to its
+   owner, which then holds the whole matrix;
+2. the owner runs the one-process SOAP step on it: statistics, bases and moments exist there only,
+   and its refresh is local (no statistics reduce, no basis broadcast);
+3. a second all_to_all returns the updated rows to the shards that hold them.
+
+Under HSDP each replica's shard group does the same, independently: replicas see the same
+gradients, so they compute the same owners' updates and no traffic crosses replicas.
+
+Checkpoints: the state of a parameter is the one-process state. Tensors indexed by rows (moments,
+row factors, their bases) are handed out as DTensors sharded like the parameter (torch.chunk rows),
+the rest as full tensors, identical on every rank. So a checkpoint loads at any world size, under
+owner, one process, or fsdp-local with the same ``block_size`` (when that placement's blocks match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..comm import Exchange, Groups
+from ..layout import ParamLayout
+from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_splits, row_elements
+from ..placement import Placement, is_dtensor, local, wrapper
+from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
+from ..state_io import load_engine_state, save_engine_state
+from ..stores import moment_dtype
+
+Tensor = torch.Tensor
+ROW_KEYS = ("exp_avg", "exp_avg_sq")  # plus every "*_0" key of a parameter whose dim 0 has a factor
+
+
+class OwnerRunner:
+    """The engine of one shard group's owners, its home buffers, and the two exchanges of a step."""
+
+    def __init__(self, soap: Any, layouts: list[ParamLayout], params: Sequence[Tensor], where: Placement):
+        grid = where.topology
+        self.layouts = layouts
+        self.shards, self.shard = grid.shards, grid.shard
+        self.mesh_placement = where
+        factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
+        moment_bytes = [torch.empty((), dtype=moment_dtype(p.dtype)).element_size() for p in params]
+        self.owners = assign_owners(layouts, self.shards, factor_bytes, moment_bytes)
+        splits = owner_splits(layouts, self.owners, self.shards)
+        self.topology = Topology(OWNER, 1, self.shards, self.shard)
+        plan = build_plan(layouts, self.topology, splits)
+        groups = where.groups
+        shard_ranks = groups.ranks[grid.replica * self.shards : (grid.replica + 1) * self.shards]
+        device = local(params[0]).device if params else torch.device("cpu")
+        self.exchange = Exchange(
+            plan,
+            Groups(world=groups.shard, shard=groups.shard, replicate=None, ranks=shard_ranks),
+            soap.factor_dtype,
+            device,
+        )
+        soap._check_plan(self.exchange, layouts, soap.param_groups)
+        if grid.replicas > 1:  # the replicas' shard groups must have built the same plan too
+            soap._check_plan(self.exchange, layouts, soap.param_groups, across=(groups.replicate, grid))
+        self.owned = [k for k, o in enumerate(self.owners) if o == self.shard]
+        self.home_params = [self._home(lay, p) for lay, p in zip(layouts, params, strict=True)]
+        self.home_grads = [torch.zeros_like(t) for t in self.home_params]
+        self.engine = soap._new_engine(
+            local_layouts(layouts, self.topology, splits), self.home_params, plan, self.exchange
+        )
+        self._crossing: dict[tuple[bool, ...], int] = {}
+
+    def _home(self, lay: ParamLayout, p: Tensor) -> Tensor:
+        rows = rows_of(lay) if self.owners[lay.index] == self.shard else 0
+        shape = (rows, *lay.shape[1:]) if lay.shape else (() if rows else (0,))
+        return torch.zeros(shape, dtype=p.dtype, device=local(p).device)
+
+    # ----- the step -----
+    @torch.no_grad()
+    def step(
+        self, groups: list[dict], params: list[Tensor], grads: list[Tensor | None], active: list[bool]
+    ) -> None:
+        """``params``/``grads``: this rank's local rows (FSDP2 shards); ``active``: the same on every rank."""
+        crossing = self._crossing_of(active)
+        self._gather(params, grads, active, crossing)
+        home_grads = [g if a else None for g, a in zip(self.home_grads, active, strict=True)]
+        self.engine.step(groups, self.home_params, home_grads, active)
+        self._scatter(params, active, crossing)
+
+    def _crossing_of(self, active: list[bool]) -> int:
+        key = tuple(active)
+        if key not in self._crossing:
+            self._crossing[key] = crossing_elements(self.layouts, self.owners, self.shards, active)
+        return self._crossing[key]
+
+    def _rows_at(self, lay: ParamLayout, shard: int) -> tuple[int, int]:
+        """(first element, elements) of the flattened parameter that a shard holds."""
+        first, count = held_rows(lay, self.shards, shard)
+        width = row_elements(lay)
+        return first * width, count * width
+
+    def _home_run(self, buffer: Tensor, lay: ParamLayout, shard: int) -> Tensor:
+        start, n = self._rows_at(lay, shard)
+        return buffer.view(-1)[start : start + n]
+
+    def _gather(self, params: list[Tensor], grads: list, active: list[bool], crossing: int) -> None:
+        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
+        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        for lay in self.layouts:
+            i = lay.index
+            if not active[i]:
+                continue
+            owner = self.owners[i]
+            mine_n = self._rows_at(lay, self.shard)[1]
+            if owner == self.shard:
+                if mine_n:
+                    self._home_run(self.home_grads[i], lay, self.shard).copy_(grads[i].reshape(-1))
+                    self._home_run(self.home_params[i], lay, self.shard).copy_(params[i].reshape(-1))
+                for s in range(self.shards):
+                    if s != self.shard and self._rows_at(lay, s)[1]:
+                        incoming[s] += [
+                            self._home_run(self.home_grads[i], lay, s),
+                            self._home_run(self.home_params[i], lay, s),
+                        ]
+            elif mine_n:
+                outgoing[owner] += [grads[i].reshape(-1), params[i].reshape(-1)]
+        if crossing:
+            self._swap(outgoing, incoming)
+
+    def _scatter(self, params: list[Tensor], active: list[bool], crossing: int) -> None:
+        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
+        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        for lay in self.layouts:
+            i = lay.index
+            if not active[i]:
+                continue
+            owner = self.owners[i]
+            mine_n = self._rows_at(lay, self.shard)[1]
+            if owner == self.shard:
+                if mine_n:
+                    params[i].view(-1).copy_(self._home_run(self.home_params[i], lay, self.shard))
+                for d in range(self.shards):
+                    if d != self.shard and self._rows_at(lay, d)[1]:
+                        outgoing[d].append(self._home_run(self.home_params[i], lay, d))
+            elif mine_n:
+                incoming[owner].append(params[i].view(-1))
+        if crossing:
+            self._swap(outgoing, incoming)
+
+    def _swap(
+        self,
+        outgoing: dict[int, list[Tensor]],
+        incoming: dict[int, list[Tensor]],
+        dtypes: Sequence[torch.dtype] | None = None,
+    ) -> None:
+        """One all_to_all per dtype, in an order every rank derives alike; copies into ``incoming``.
+
+        ``dtypes`` must be the same on every rank (default: the parameters' dtypes, known everywhere).
+        """
+        if dtypes is None:
+            dtypes = sorted({p.dtype for p in self.home_params}, key=str)
+            stray = {t.dtype for ts in outgoing.values() for t in ts} - set(dtypes)
+            if stray:
+                raise RuntimeError(
+                    f"SOAP placement 'owner': a gradient has dtype {stray.pop()}, unlike every parameter; "
+                    "cast the gradients to their parameters' dtype before step()"
+                )
+        device = self.exchange.device
+        for dtype in dtypes:
+            send_parts = [t for d in range(self.shards) for t in outgoing[d] if t.dtype == dtype]
+            send_counts = [
+                sum(t.numel() for t in outgoing[d] if t.dtype == dtype) for d in range(self.shards)
+            ]
+            recv_counts = [
+                sum(t.numel() for t in incoming[s] if t.dtype == dtype) for s in range(self.shards)
+            ]
+            send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
+            received = self.exchange.swap_pieces(send, send_counts, recv_counts)
+            at = 0
+            for s in range(self.shards):
+                for t in incoming[s]:
+                    if t.dtype == dtype:
+                        t.copy_(received[at : at + t.numel()])
+                        at += t.numel()
+
+    # ----- checkpoints -----
+    def state_dict(self) -> dict[int, dict]:
+        """The one-process state of every parameter; row-indexed tensors sharded like the parameters."""
+        state = save_engine_state(self.engine, self.exchange)
+        moves = self._row_keys(state)
+        pieces: dict[tuple[int, str], Tensor] = {}
+        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
+        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        for i, key in moves:
+            lay, t = self.layouts[i], state[i][key]
+            per_row = _per_row(lay)
+            start, count = held_rows(lay, self.shards, self.shard)
+            mine = t.new_empty((count * per_row, *t.shape[1:]))
+            pieces[(i, key)] = mine
+            if self.owners[i] == self.shard:
+                for d in range(self.shards):
+                    first, n = held_rows(lay, self.shards, d)
+                    rows = t[first * per_row : (first + n) * per_row]
+                    if d == self.shard:
+                        mine.copy_(rows)
+                    elif n:
+                        outgoing[d].append(rows.reshape(-1))
+            elif count:
+                incoming[self.owners[i]].append(mine.view(-1))
+        self._swap(outgoing, incoming, _dtypes(state[i][k] for i, k in moves))
+        wrap = wrapper(self.mesh_placement)
+        for (i, key), mine in pieces.items():
+            lay = self.layouts[i]
+            shape = (rows_of(lay) * _per_row(lay), *mine.shape[1:]) if lay.shape else mine.shape
+            state[i][key] = wrap(mine, tuple(shape)) if wrap is not None else mine
+        return state
+
+    def load_state_dict(self, state: dict[Any, dict], partial: bool = False) -> None:
+        """Row-indexed tensors (DTensors or full tensors) travel to the owners, which load them."""
+        full: dict[int, dict] = {}
+        moved: list[tuple[int, str]] = []
+        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
+        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        for lay in self.layouts:
+            i = lay.index
+            entry = state_of(state, i)
+            if entry is None:
+                continue
+            mine = self.owners[i] == self.shard
+            out = {k: local(v) for k, v in entry.items() if k not in self._keys_of(lay, entry)}
+            for key in self._keys_of(lay, entry):
+                value = entry[key]
+                if not is_dtensor(value):  # a full tensor: the owner takes it, nothing moves
+                    if mine:
+                        out[key] = value
+                    continue
+                moved.append((i, key))
+                part = local(value)
+                per_row = _per_row(lay)
+                whole = part.new_zeros((rows_of(lay) * per_row, *part.shape[1:])) if mine else None
+                if mine:
+                    out[key] = whole
+                for s in range(self.shards):
+                    first, n = held_rows(lay, self.shards, s)
+                    if not n:
+                        continue
+                    if s == self.shard and mine:
+                        whole[first * per_row : (first + n) * per_row].copy_(part)
+                    elif s == self.shard:
+                        outgoing[self.owners[i]].append(part.reshape(-1))
+                    elif mine:
+                        incoming[s].append(whole[first * per_row : (first + n) * per_row].view(-1))
+            if not mine:  # this rank holds none of it: empty rows, as its engine expects
+                for key in self._keys_of(lay, entry):
+                    t = local(entry[key])
+                    out[key] = t.new_empty((0, *t.shape[1:]))
+            full[i] = out
+        self._swap(outgoing, incoming, _dtypes(local(state_of(state, i)[k]) for i, k in moved))
+        load_engine_state(self.engine, full, partial=partial)
+
+    @staticmethod
+    def _keys_of(lay: ParamLayout, entry: dict) -> list[str]:
+        keys = [k for k in ROW_KEYS if k in entry]
+        if lay.preconditioned[0]:
+            keys += sorted(k for k in entry if k.endswith("_0"))
+        return keys
+
+    def _row_keys(self, state: dict[int, dict]) -> list[tuple[int, str]]:
+        return [(lay.index, k) for lay in self.layouts for k in self._keys_of(lay, state[lay.index])]
+
+
+def _per_row(lay: ParamLayout) -> int:
+    """Block-space rows per parameter row (merged dims make one parameter row several block rows)."""
+    rows = rows_of(lay)
+    return lay.block_shape[0] // rows if rows and lay.shape else 1
+
+
+def _dtypes(tensors) -> list[torch.dtype]:
+    return sorted({t.dtype for t in tensors}, key=str)
+
+
+def state_of(state: dict[Any, dict], index: int) -> dict:
+    """A parameter's saved entry, keyed by its index (torch.optim) or the index as text."""
+    return state.get(index, state.get(str(index)))

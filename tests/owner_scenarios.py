@@ -1,0 +1,218 @@
+"""Placement "owner" on spawned gloo ranks, against one process on the same global batch (float64).
+
+Run inside dist_scenarios' worker (one process group per world size); each scenario returns plain
+numbers and strings for tests/test_owner.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dist_scenarios as ds
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from soap_dist import SOAP
+from soap_dist.owner_layout import param_state, step_traffic
+
+# No block_size requirement: 17 rows over 2 or 4 shards, a (3, 2) smaller than world 4, an
+# "embedding" with no row factor, a bias, and blocks that straddle shard boundaries.
+VARIANTS = {
+    "b_none": dict(block_size=None),
+    "b_none_delay1": dict(block_size=None, refresh_delay=1),
+    "b3": dict(block_size=3),
+    "b3_delay1": dict(block_size=3, refresh_delay=1),
+}
+
+
+def _gather_objects(value):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def owner_exact(world):
+    """owner equals one process with the same options, at any world size and block size."""
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name, kw in VARIANTS.items():
+        got, opt = ds._distributed(mesh, [Shard(0)], placement="owner", **kw)
+        out[f"rel_{name}"] = ds._rel(got, ds.one_process(**kw))
+        out["placement"] = opt.stats()["placement"]
+    return out
+
+
+def owner_state_and_traffic(world):
+    """Per-rank state from stats() against the bound, and the per-step traffic against the formula."""
+    mesh = init_device_mesh("cpu", (world,))
+    steps = 5  # the refresh at 3 is not between 4 and 5
+    got, opt = ds._distributed(mesh, [Shard(0)], placement="owner", steps=steps - 1)
+    before = opt.stats()
+    params = opt._params()
+    for p, g in zip(params, ds._grads(ds.SHAPES, steps, seed=9)[-1], strict=True):
+        p.grad = distribute_tensor(g, mesh, [Shard(0)])
+    opt.step()
+    after = opt.stats()
+    stats = after
+    runner = opt._owner
+    sizes = [p.element_size() for p in params]
+    formula = step_traffic(runner.layouts, runner.owners, world, runner.shard, sizes, sizes)
+    flags = 4 * len(params)  # the per-step all_reduce(MIN) of the finite flags
+    _, single = ds._distributed(None, None, placement="single")
+    s = single.stats()
+    single_total = s["factor_bytes"] + s["basis_bytes"] + s["moment_bytes"]
+    largest = max(
+        (st.statistics + st.bases) * 8 + st.moments * 8 for st in (param_state(lay) for lay in runner.layouts)
+    )
+    mine = stats["factor_bytes"] + stats["basis_bytes"] + stats["moment_bytes"]
+    return {
+        "state": _gather_objects(mine),
+        "single_total": single_total,
+        "largest": largest,
+        "sent": after["bytes_sent"] - before["bytes_sent"],
+        "received": after["bytes_received"] - before["bytes_received"],
+        "formula_sent": formula[0] + flags,
+        "formula_received": formula[1] + flags,
+        "owned_params": len(runner.owned),
+    }
+
+
+def owner_hsdp(world):
+    """HSDP 2 x (world/2): owners inside each shard group, replicas identical, equal to one process."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    out = {}
+    for name in ("b_none", "b3_delay1"):
+        kw = VARIANTS[name]
+        got, opt = ds._distributed(mesh, [Replicate(), Shard(0)], placement="owner", **kw)
+        out[f"rel_{name}"] = ds._rel(got, ds.one_process(**kw))
+        out["placement"] = opt.stats()["placement"]
+        out[f"same_{name}"] = ds._same_on_every_rank(got)
+    return out
+
+
+def owner_errors(world):
+    """Bad input fails on every rank with a message, never a hang."""
+    mesh = init_device_mesh("cpu", (world,))
+    rank = dist.get_rank()
+    out = {}
+
+    def attempt(key, params, **kw):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        try:
+            SOAP(params, placement="owner", **kw).step()
+            out[key] = ""
+        except (ValueError, RuntimeError) as error:
+            out[key] = f"{type(error).__name__}: {error}"
+
+    attempt("plain", [torch.nn.Parameter(torch.randn(4, 8))])
+    attempt("shard1", [torch.nn.Parameter(distribute_tensor(torch.randn(4, 8), mesh, [Shard(1)]))])
+
+    def sharded(shape):  # from_local: no collective, so ranks may build different lists
+        rows = -(-shape[0] // world)
+        return torch.nn.Parameter(
+            DTensor.from_local(torch.randn(rows, *shape[1:]), mesh, [Shard(0)], run_check=False)
+        )
+
+    width = 3 if rank == 0 else 4  # different shapes: different plans
+    attempt("mismatch", [sharded((4 * world, width))])
+    shapes = [(4 * world, 4), (2 * world, 3)] if rank == 0 else [(4 * world, 4)]  # missing elsewhere
+    attempt("missing", [sharded(s) for s in shapes])
+    return out
+
+
+def owner_checkpoint(world, directory):
+    """FSDP2 model under owner: DCP save at world 2 continues bitwise; world 4 and one process load it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    path = os.path.join(directory, "owner")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(16, 7, generator=gen, dtype=torch.float64)
+    rank = dist.get_rank()
+    kw = {**ds.COMMON, "block_size": 3}
+
+    def model_of():
+        torch.manual_seed(2)
+        return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7)).double()
+
+    def build():
+        model = model_of()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, SOAP(model.parameters(), placement="owner", refresh_delay=1, **kw)
+
+    def train(model, opt, steps, xs, ys):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(xs), ys).backward()
+            opt.step()
+        return [
+            p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()
+        ]
+
+    per = 16 // world
+    xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+    out = {}
+    if world == 2:
+        model, opt = build()
+        train(model, opt, 7, xs, ys)  # saved between a refresh (step 6) and its install (step 8)
+        dcp.save(
+            {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path
+        )
+        straight = train(model, opt, 6, xs, ys)
+        torch.save(straight, os.path.join(path, "straight.pt"))
+        model2, opt2 = build()
+        out["restored_steps"] = ds._load(
+            model2, opt2, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
+        )
+        out["bitwise"] = all(
+            torch.equal(a, b) for a, b in zip(train(model2, opt2, 6, xs, ys), straight, strict=True)
+        )
+        out["placement"] = opt.stats()["placement"]
+        return out
+    straight = torch.load(os.path.join(path, "straight.pt"))
+    model, opt = build()
+    out["restored_steps"] = ds._load(
+        model, opt, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
+    )
+    out["rel_world4"] = ds._rel(train(model, opt, 6, xs, ys), straight)
+    # one process (no sharding, placement "single") loads the same checkpoint: a plain-tensor template
+    if rank == 0:
+        single = model_of()
+        sopt = SOAP(single.parameters(), placement="single", refresh_delay=1, **kw)
+        for p in single.parameters():
+            p.grad = None
+        sopt.step()  # builds zero state (first call with no gradients does nothing) -> use DCP's template
+        template = {"model": single.state_dict(), "optim": _single_template(single, sopt)}
+        dcp.load(template, checkpoint_id=path, no_dist=True)
+        single.load_state_dict(template["model"])
+        sopt.load_state_dict(template["optim"])
+        out["rel_single"] = ds._rel(train(single, sopt, 6, x, y), straight)
+    return out
+
+
+def _single_template(model, opt):
+    """The optimizer's state_dict keyed by parameter name, as DCP's get_optimizer_state_dict gives."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # a zero gradient builds the state without moving anything
+    for p in model.parameters():
+        p.grad = None
+    sd = opt.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    state = {names[i]: v for i, v in sd["state"].items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+SCENARIOS = {
+    2: [owner_exact, owner_state_and_traffic, owner_errors, owner_checkpoint],
+    4: [owner_exact, owner_state_and_traffic, owner_hsdp, owner_checkpoint],
+}

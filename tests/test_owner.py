@@ -1,0 +1,71 @@
+"""Placement "owner" (FSDP2 and HSDP) against one process on the same global batch, in float64.
+
+The scenarios run in the spawned gloo worlds of dist_scenarios (tests/owner_scenarios.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import result
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_owner_equals_one_process_without_a_block_size_requirement(world, world2, world4):
+    res = result(world2 if world == 2 else world4, "owner_exact")
+    assert res["placement"] == "owner"
+    for name in ("b_none", "b_none_delay1", "b3", "b3_delay1"):  # delay 1 against one process with delay 1
+        assert res[f"rel_{name}"] <= 1e-10, (name, res)
+
+
+def test_owner_under_hsdp_2x2_equals_one_process_and_replicas_agree(world4):
+    res = result(world4, "owner_hsdp")
+    assert res["placement"] == "owner"
+    for name in ("b_none", "b3_delay1"):
+        assert res[f"rel_{name}"] <= 1e-10 and res[f"same_{name}"], (name, res)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_owner_state_per_rank_shrinks_as_one_over_w(world, world2, world4):
+    ranks = world2 if world == 2 else world4
+    res = result(ranks, "owner_state_and_traffic")
+    assert sum(res["state"]) == res["single_total"]  # every byte of state exists exactly once
+    assert max(res["state"]) <= 1.25 * res["single_total"] / world + res["largest"]
+    assert all(r["owner_state_and_traffic"]["owned_params"] > 0 for r in ranks)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_owner_step_traffic_equals_the_formula(world, world2, world4):
+    for rank in world2 if world == 2 else world4:
+        res = rank["owner_state_and_traffic"]
+        assert "exception" not in res, res.get("exception")
+        assert res["sent"] == res["formula_sent"]
+        assert res["received"] == res["formula_received"]
+
+
+def test_owner_bad_input_fails_with_a_message_on_every_rank(world2):
+    for rank in world2:
+        res = rank["owner_errors"]
+        assert "exception" not in res, res.get("exception")
+        assert "placement='owner' needs FSDP2" in res["plain"]
+        assert "Shard(dim=1)" in res["shard1"] and "owner" in res["shard1"]
+        assert res["mismatch"].startswith("PlanMismatchError"), res["mismatch"]
+        assert res["missing"].startswith("PlanMismatchError"), res["missing"]
+        assert (
+            "different parameter counts [2, 1]" in res["missing"] and "missing on ranks [1]" in res["missing"]
+        )
+
+
+def test_owner_dcp_round_trip_continues_bitwise_at_world_2(world2):
+    res = result(world2, "owner_checkpoint")
+    assert res["placement"] == "owner"
+    assert res["restored_steps"] == [6]
+    assert res["bitwise"]
+
+
+def test_owner_checkpoint_reshards_to_world_4_and_to_one_process(world4):
+    res = result(world4, "owner_checkpoint")
+    assert res["restored_steps"] == [6]
+    assert res["rel_world4"] <= 1e-10
+    assert res["rel_single"] <= 1e-10
