@@ -216,3 +216,57 @@ SCENARIOS = {
     2: [owner_exact, owner_state_and_traffic, owner_errors, owner_checkpoint],
     4: [owner_exact, owner_state_and_traffic, owner_hsdp, owner_checkpoint],
 }
+
+
+def planner_counts(world):
+    """plan.costs.rank_costs (what python -m soap_dist.plan prints) equals stats() on every rank."""
+    from soap_dist.owner_layout import assign_owners, owner_splits
+    from soap_dist.plan import OWNER, Topology, build_plan
+    from soap_dist.plan.costs import rank_costs
+
+    rank, k = dist.get_rank(), ds.COMMON["precondition_frequency"]
+    flat = init_device_mesh("cpu", (world,))
+    cases = {
+        "replicated": (None, None, "replicated", Topology("replicated", world, 1, 0)),
+        "fsdp-local": (flat, [Shard(0)], "fsdp-local", Topology("fsdp-local", 1, world, 0)),
+        "owner": (flat, [Shard(0)], "owner", None),
+    }
+    if world == 4:
+        square = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        cases["hsdp"] = (square, [Replicate(), Shard(0)], "hsdp", Topology("hsdp", 2, 2, 0))
+    out = {}
+    for name, (mesh, placements, placement, topology) in cases.items():
+        _, opt = ds._distributed(mesh, placements, steps=1, placement=placement)
+        before = opt.stats()
+        params = opt._params()
+        for gs in ds._grads(ds.SHAPES, k, seed=7):  # calls 2 .. k + 1: k steps, one refresh
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g if mesh is None else distribute_tensor(g, mesh, placements)
+            opt.step()
+        after = opt.stats()
+        layouts = opt._layouts()
+        eight = [8] * len(layouts)  # float64 parameters, moments and factors
+        if placement == "owner":
+            owners = assign_owners(layouts, world, 8, eight)
+            plan = build_plan(layouts, Topology(OWNER, 1, world, 0), owner_splits(layouts, owners, world))
+            mine = rank_costs(plan, 8, eight, eight, owners)[rank]
+        else:
+            mine = rank_costs(build_plan(layouts, topology), 8, eight, eight)[rank]
+        out[name] = {
+            "stats": [after["factor_bytes"], after["basis_bytes"], after["moment_bytes"]],
+            "counted": [mine.statistics, mine.bases, mine.moments],
+            "traffic": [
+                after["bytes_sent"] - before["bytes_sent"],
+                after["bytes_received"] - before["bytes_received"],
+            ],
+            "counted_traffic": [
+                k * mine.step_sent + mine.refresh_sent,
+                k * mine.step_received + mine.refresh_received,
+            ],
+            "placement": after["placement"],
+        }
+    return out
+
+
+SCENARIOS[2].append(planner_counts)
+SCENARIOS[4].append(planner_counts)

@@ -69,3 +69,17 @@ def test_owner_checkpoint_reshards_to_world_4_and_to_one_process(world4):
     assert res["restored_steps"] == [6]
     assert res["rel_world4"] <= 1e-10
     assert res["rel_single"] <= 1e-10
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_planner_counts_equal_stats_on_every_rank(world, world2, world4):
+    ranks = world2 if world == 2 else world4
+    result(ranks, "planner_counts")
+    for r, rank in enumerate(ranks):
+        for name, res in rank["planner_counts"].items():
+            assert res["placement"] == name
+            assert res["stats"] == res["counted"], (r, name, res)
+            assert res["traffic"] == res["counted_traffic"], (r, name, res)
+    assert set(ranks[0]["planner_counts"]) == (
+        {"replicated", "fsdp-local", "owner"} | ({"hsdp"} if world == 4 else set())
+    )

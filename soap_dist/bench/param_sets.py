@@ -77,3 +77,44 @@ def count_factors(specs: list[ParamSpec], max_precond_dim: int = 10000) -> dict[
         key = "two_sided" if k == len(s.shape) else "one_sided" if k else "unpreconditioned"
         out[key] += 1
     return out
+
+
+# Llama-3 shapes (d, layers, MLP width, KV width, vocab, tied embeddings): grouped-query attention
+# with 8 KV heads; RMSNorm weights only (no biases).
+LLAMA: dict[str, tuple[int, int, int, int, int, bool]] = {
+    "llama-1b": (2048, 16, 8192, 512, 128256, True),
+    "llama-8b": (4096, 32, 14336, 1024, 128256, False),
+    "llama-70b": (8192, 80, 28672, 1024, 128256, False),
+}
+
+
+def llama_specs(model: str = "llama-8b") -> list[ParamSpec]:
+    """The parameters of a Llama-3-shaped decoder (nn.Linear weights are (out, in))."""
+    d, n_layer, mlp, kv, vocab, tied = LLAMA[model]
+    specs = [ParamSpec("embed_tokens.weight", (vocab, d))]
+    for i in range(n_layer):
+        h = f"layers.{i}."
+        specs += [
+            ParamSpec(h + "input_layernorm.weight", (d,)),
+            ParamSpec(h + "self_attn.q_proj.weight", (d, d)),
+            ParamSpec(h + "self_attn.k_proj.weight", (kv, d)),
+            ParamSpec(h + "self_attn.v_proj.weight", (kv, d)),
+            ParamSpec(h + "self_attn.o_proj.weight", (d, d)),
+            ParamSpec(h + "post_attention_layernorm.weight", (d,)),
+            ParamSpec(h + "mlp.gate_proj.weight", (mlp, d)),
+            ParamSpec(h + "mlp.up_proj.weight", (mlp, d)),
+            ParamSpec(h + "mlp.down_proj.weight", (d, mlp)),
+        ]
+    specs.append(ParamSpec("norm.weight", (d,)))
+    if not tied:
+        specs.append(ParamSpec("lm_head.weight", (vocab, d)))
+    return specs
+
+
+def model_specs(model: str) -> list[ParamSpec]:
+    """Parameter shapes of any model the benchmark and planner know by name."""
+    if model in MODELS:
+        return gpt2_specs(model)
+    if model in LLAMA:
+        return llama_specs(model)
+    raise ValueError(f"unknown model {model!r}; known: {', '.join([*MODELS, *LLAMA])}")

@@ -21,7 +21,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .layout import ParamLayout, restrict_rows
+from ..layout import ParamLayout, restrict_rows
 
 PLACEMENTS = ("single", "replicated", "fsdp-local", "hsdp", "owner")
 # Picked by soap_dist.deepspeed under ZeRO stages 1-3, never by a user: shard s holds the "home"

@@ -1,0 +1,139 @@
+"""``python -m soap_dist.plan``: per-rank SOAP state, traffic and refresh work for model shapes.
+
+For scales we cannot run: it needs shapes only (no GPU, no process group). The counts are
+``plan.costs.rank_costs``, the same that ``SOAP.stats()`` reports on runs we can make.
+
+    python -m soap_dist.plan --model llama-8b --world 64
+    python -m soap_dist.plan --model llama-70b --world 512 --shard 8 --block-size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..bench.param_sets import LLAMA, MODELS, model_specs
+from ..layout import ParamLayout, plan_param
+from ..owner_layout import assign_owners, owner_splits
+from . import OWNER, Topology, build_plan
+from .costs import RankCosts, prefers_owner, rank_costs
+
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@dataclass
+class Row:
+    name: str
+    grid: str
+    costs: list[RankCosts]
+
+
+def layouts_of(model: str, block_size: int | None, max_precond_dim: int) -> list[ParamLayout]:
+    specs = model_specs(model)
+    return [
+        plan_param(
+            i,
+            0,
+            s.name,
+            s.shape,
+            max_precond_dim=max_precond_dim,
+            merge=False,
+            precondition_1d=False,
+            data_format="channels_first",
+            block_size=block_size,
+        )
+        for i, s in enumerate(specs)
+    ]
+
+
+def placements(
+    layouts: list[ParamLayout], world: int, shard: int | None, factor_bytes: int, moment_bytes: int
+) -> list[Row]:
+    """The costs of every placement that fits the world (and the HSDP shard size, if given)."""
+    n = len(layouts)
+    mb, pb = [moment_bytes] * n, [moment_bytes] * n
+
+    def costs(topology: Topology, splits=None, owners=None) -> list[RankCosts]:
+        return rank_costs(build_plan(layouts, topology, splits), factor_bytes, mb, pb, owners)
+
+    rows = [Row("single", "1 process", costs(Topology("single", 1, 1, 0)))]
+    if world == 1:
+        return rows
+    rows.append(Row("replicated", f"{world} x 1", costs(Topology("replicated", world, 1, 0))))
+    rows.append(Row("fsdp-local", f"1 x {world}", costs(Topology("fsdp-local", 1, world, 0))))
+    groups = [(1, world)]
+    if shard is not None and shard < world:
+        replicas = world // shard
+        rows.append(Row("hsdp", f"{replicas} x {shard}", costs(Topology("hsdp", replicas, shard, 0))))
+        groups.append((replicas, shard))
+    for replicas, size in groups:
+        owners = assign_owners(layouts, size, factor_bytes, mb)
+        own = costs(Topology(OWNER, 1, size, 0), owner_splits(layouts, owners, size), owners)
+        rows.append(Row("owner", f"{replicas} x {size}", own * replicas))
+    return rows
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:9.3f}"
+
+
+def report(rows: Sequence[Row], k: int) -> str:
+    head = (
+        f"{'placement':<11} {'grid':<10} {'stats GiB':>9} {'bases GiB':>9} {'moments':>9} {'state':>9} "
+        f"{'out MiB/st':>10} {'in MiB/st':>10} {'work max':>9} {'max/mean':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        c = row.costs
+        work = [x.refresh_work for x in c]
+        mean = sum(work) / len(work)
+        steps = [x.per_step(k) for x in c]
+        lines.append(
+            f"{row.name:<11} {row.grid:<10} {_gib(max(x.statistics for x in c))} "
+            f"{_gib(max(x.bases for x in c))} {_gib(max(x.moments for x in c))} "
+            f"{_gib(max(x.state for x in c))} "
+            f"{max(s for s, _ in steps) / MiB:10.1f} {max(r for _, r in steps) / MiB:10.1f} "
+            f"{max(work):9.2e} {max(work) / mean if mean else 1.0:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m soap_dist.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, choices=[*MODELS, *LLAMA])
+    p.add_argument("--world", type=int, required=True, help="data-parallel ranks W")
+    p.add_argument("--shard", type=int, default=None, help="HSDP shard-group size S (W must divide by it)")
+    p.add_argument("--block-size", type=int, default=None, help="SOAP's block_size (row blocks)")
+    p.add_argument("--precondition-frequency", "-k", type=int, default=10, help="refresh every k steps")
+    p.add_argument("--max-precond-dim", type=int, default=10000)
+    p.add_argument("--factor-dtype", choices=[d for d in DTYPE_BYTES if d != "bfloat16"], default="float32")
+    args = p.parse_args(argv)
+    if args.world < 1:
+        p.error("--world must be >= 1")
+    if args.shard is not None and (args.shard < 1 or args.world % args.shard):
+        p.error(f"--shard {args.shard} must divide --world {args.world}")
+    if args.block_size is not None and args.block_size < 1:
+        p.error("--block-size must be >= 1")
+    layouts = layouts_of(args.model, args.block_size, args.max_precond_dim)
+    fb = DTYPE_BYTES[args.factor_dtype]
+    params = sum(spec.numel for spec in model_specs(args.model))
+    print(
+        f"{args.model}: {len(layouts)} tensors, {params / 1e9:.2f} B parameters; W = {args.world}, "
+        f"block_size {args.block_size}, k = {args.precondition_frequency}, {args.factor_dtype} factors, "
+        "float32 moments and values. Per rank, the largest rank's figure; traffic averaged per step.",
+        flush=True,
+    )
+    rows = placements(layouts, args.world, args.shard, fb, 4)
+    print(report(rows, args.precondition_frequency))
+    if args.world > 1:
+        fsdp = build_plan(layouts, Topology("fsdp-local", 1, args.world, 0))
+        choice = "owner" if prefers_owner(fsdp, fb, [4] * len(layouts)) else "fsdp-local"
+        print(f'placement="auto" under FSDP2 at W = {args.world} picks {choice} (docs/design.md, section 6)')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

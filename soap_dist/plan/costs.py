@@ -1,0 +1,145 @@
+"""What a plan costs each rank: state bytes, refresh work and traffic, counted from shapes alone.
+
+The counts follow the code exactly (``SOAP.stats()`` reports the same numbers on the runs we can
+make here, tests/test_planner.py), so they can be trusted for shapes and world sizes we cannot run:
+``python -m soap_dist.plan`` prints them, and ``placement="auto"`` decides with them.
+
+Per rank, in bytes:
+- statistics: the factor statistics it keeps (``factor_bytes`` in stats());
+- bases: the bases it holds, owned or consumed (``basis_bytes``);
+- moments: exp_avg and exp_avg_sq of its rows (``moment_bytes``);
+- refresh_work: sum of d^3 over the factors it owns;
+- per refresh: statistics reduced to owners and bases broadcast from them (sent, received);
+- per step: the finite-flag all_reduce when parameters are sharded, and under owner the two
+  row exchanges (gradients and values in, updated values out).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..layout import ParamLayout, restrict_rows
+from ..owner_layout import step_traffic
+from . import OWNER, FactorEntry, Plan
+
+FLAG_BYTES = 4  # one int32 finite flag per parameter
+
+
+@dataclass
+class RankCosts:
+    """One rank's share of a plan (bytes, except refresh_work)."""
+
+    statistics: int = 0
+    bases: int = 0
+    moments: int = 0
+    column_state: int = 0  # statistics and bases of shared (non-row) factors, part of the two above
+    refresh_work: int = 0
+    refresh_sent: int = 0
+    refresh_received: int = 0
+    step_sent: int = 0
+    step_received: int = 0
+
+    @property
+    def state(self) -> int:
+        return self.statistics + self.bases + self.moments
+
+    def per_step(self, k: int) -> tuple[float, float]:
+        """Average bytes (sent, received) per step with a refresh every k steps."""
+        return self.step_sent + self.refresh_sent / k, self.step_received + self.refresh_received / k
+
+
+def rank_costs(
+    plan: Plan,
+    factor_bytes: int,
+    moment_bytes: Sequence[int],
+    param_bytes: Sequence[int],
+    owners: Sequence[int] | None = None,
+) -> list[RankCosts]:
+    """Every rank's costs (index = grid rank) under ``plan``; ``owners`` for placement owner.
+
+    ``moment_bytes[i]``/``param_bytes[i]``: parameter i's bytes per moment and per value element.
+    """
+    topo = plan.topology
+    R, S, W = topo.replicas, topo.shards, topo.world
+    out = [RankCosts() for _ in range(W)]
+    for e in plan.entries:
+        square = e.size * e.size * factor_bytes
+        holders = plan.holders.get(e.param, [])
+        if e.shared:
+            keepers = [(e.owner // S) * S + s for s in holders]
+            users = {rep * S + s for rep in range(R) for s in holders} | {e.owner}
+        else:
+            keepers = [e.owner]
+            users = {rep * S + e.shard for rep in range(R)} | {e.owner}
+        for r in keepers:
+            out[r].statistics += square
+        for r in users:
+            out[r].bases += square
+        if e.shared:
+            for r in set(keepers) | users:
+                out[r].column_state += square * ((r in keepers) + (r in users))
+        out[e.owner].refresh_work += e.cost
+        _refresh_traffic(plan, e, factor_bytes, out)
+    for lay in plan.layouts:
+        for s in range(S):
+            count = plan.shard_range(lay.index, s)[1]
+            if not count:
+                continue
+            numel = math.prod(restrict_rows(lay, count).block_shape)
+            for rep in range(R):
+                out[rep * S + s].moments += 2 * numel * moment_bytes[lay.index]
+    if S > 1:
+        for c in out:
+            c.step_sent += FLAG_BYTES * len(plan.layouts)
+            c.step_received += FLAG_BYTES * len(plan.layouts)
+    if topo.placement == OWNER:
+        for r, c in enumerate(out):
+            sent, received = step_traffic(plan.layouts, owners, S, r % S, param_bytes, param_bytes)
+            c.step_sent += sent
+            c.step_received += received
+    return out
+
+
+def _refresh_traffic(plan: Plan, e: FactorEntry, factor_bytes: int, out: list[RankCosts]) -> None:
+    """comm.Exchange's reduce_to_owners and broadcast_bases, as bytes per rank."""
+    topo = plan.topology
+    square = e.size * e.size * factor_bytes
+    R, S, W = topo.replicas, topo.shards, topo.world
+    if plan.needs_reduce(e):
+        replica = e.owner // S
+        for s in range(S):
+            r = replica * S + s
+            if r == e.owner:
+                out[r].refresh_received += square * (S - 1)
+            else:
+                out[r].refresh_sent += square
+    if len(plan.broadcast_ranks(e)) == 1:
+        return
+    piece = (e.size * e.size + e.size + 1) * factor_bytes
+    receivers = list(range(W)) if e.shared or S == 1 else [rep * S + e.shard for rep in range(R)]
+    for r in receivers:
+        if r == e.owner:
+            out[r].refresh_sent += piece * (len(receivers) - 1)
+        else:
+            out[r].refresh_received += piece
+
+
+def shard_bytes(layouts: Sequence[ParamLayout], shards: int, param_bytes: Sequence[int]) -> list[int]:
+    """Bytes of parameter values each shard holds (torch.chunk rows, as FSDP2 cuts)."""
+    from ..owner_layout import held_rows, row_elements
+
+    return [
+        sum(held_rows(lay, shards, s)[1] * row_elements(lay) * param_bytes[lay.index] for lay in layouts)
+        for s in range(shards)
+    ]
+
+
+def prefers_owner(fsdp_plan: Plan, factor_bytes: int, param_bytes: Sequence[int]) -> bool:
+    """``placement="auto"`` under FSDP2/HSDP: owner when fsdp-local's per-rank column state (the
+    shared factors' statistics and bases, which do not shrink with W) exceeds the parameter shard."""
+    costs = rank_costs(fsdp_plan, factor_bytes, [4] * len(fsdp_plan.layouts), param_bytes)
+    column = max(c.column_state for c in costs)
+    shard = max(shard_bytes(fsdp_plan.layouts, fsdp_plan.topology.shards, param_bytes))
+    return column > shard
