@@ -21,6 +21,7 @@ from .layout import ParamLayout, plan_in_group
 from .placement import Placement, local, resolve, wrapper
 from .placements.owner import OwnerRunner
 from .plan import PLACEMENTS, build_plan, local_layouts
+from .plan.costs import prefers_owner
 from .state_io import load_engine_state, save_engine_state
 from .zero_runner import ZeroRunner
 
@@ -255,6 +256,9 @@ class SOAP(torch.optim.Optimizer):
         if self.placement == "owner":
             return self._build_owner(full, params)
         plan = build_plan(full, topology)
+        sharded = topology.placement in ("fsdp-local", "hsdp")
+        if self.placement == "auto" and sharded and self._owner_pays(plan):
+            return self._build_owner(full, params)
         self._exchange = None
         local_params = [local(p) for p in params]
         if topology.world > 1:
@@ -268,6 +272,12 @@ class SOAP(torch.optim.Optimizer):
             load_engine_state(self._engine, self._carried_state, partial=True)
             self._carried_state = {}
         return self._engine
+
+    def _owner_pays(self, sharded_plan: Any) -> bool:
+        """The cost model of ``placement="auto"`` (docs/design.md, section 6): owner when fsdp-local's
+        column statistics and bases on one rank would exceed its shard of the parameters."""
+        factor_bytes = torch.empty((), dtype=self.factor_dtype).element_size()
+        return prefers_owner(sharded_plan, factor_bytes, [p.element_size() for p in self._params()])
 
     def _build_owner(self, full: list[ParamLayout], params: list[Tensor]) -> SoapEngine:
         self._owner = OwnerRunner(self, full, params, self._placement)

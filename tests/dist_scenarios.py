@@ -126,7 +126,8 @@ def nonfinite_shard(world):
     shapes = [(16, 6), (8, 4)]
     params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in _inits(shapes)]
     reference = [torch.nn.Parameter(w.clone()) for w in _inits(shapes)]
-    opt, ref = SOAP(params, **COMMON, block_size=1), SOAP(reference, **COMMON, block_size=1)
+    opt = SOAP(params, **COMMON, block_size=1, placement="fsdp-local")
+    ref = SOAP(reference, **COMMON, block_size=1)
     for step, gs in enumerate(_grads(shapes, 8)):
         if step == 4:
             gs[0][-1, 0] = float("nan")  # the last rank's rows only
@@ -188,7 +189,7 @@ def fsdp_aligned(world):
     out = {}
     for block in (1, 2):
         shapes = SHAPES if block == 1 else [(16, 6), (8, 4), (8,)]
-        got, opt = _distributed(mesh, [Shard(0)], shapes=shapes, block_size=block)
+        got, opt = _distributed(mesh, [Shard(0)], shapes=shapes, block_size=block, placement="fsdp-local")
         want = one_process(shapes=shapes, block_size=block)
         out[f"rel_b{block}"] = _rel(got, want)
         out["placement"] = opt.stats()["placement"]
@@ -199,7 +200,7 @@ def fsdp_unblocked(world):
     """block_size=None: the row blocks are the shards, so the result depends on the world size."""
     mesh = init_device_mesh("cpu", (world,))
     shapes = [(16, 12), (16, 10)]  # a shard's rows <= columns <= all rows: every factor full rank
-    got, _ = _distributed(mesh, [Shard(0)], shapes=shapes, block_size=None)
+    got, _ = _distributed(mesh, [Shard(0)], shapes=shapes, block_size=None, placement="fsdp-local")
     return {
         "rel_to_shard_blocks": _rel(got, one_process(shapes=shapes, block_size=16 // world)),
         "rel_to_unblocked": _rel(got, one_process(shapes=shapes, block_size=None)),
@@ -210,8 +211,8 @@ def hsdp(world):
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     out = {}
     for block in (1, None):
-        got, opt = _distributed(mesh, [Replicate(), Shard(0)], block_size=block)
-        fsdp_got, _ = _distributed(mesh["shard"], [Shard(0)], block_size=block)
+        got, opt = _distributed(mesh, [Replicate(), Shard(0)], block_size=block, placement="hsdp")
+        fsdp_got, _ = _distributed(mesh["shard"], [Shard(0)], block_size=block, placement="fsdp-local")
         out[f"rel_b{block}"] = _rel(got, fsdp_got)
         out["placement"] = opt.stats()["placement"]
     return out
@@ -228,7 +229,9 @@ def delayed(world):
 
     def run(delay):
         w = torch.nn.Parameter(distribute_tensor(torch.zeros(10, 6, dtype=torch.float64), mesh, [Shard(0)]))
-        opt = SOAP([w], **{**COMMON, "lr": 0.05, "block_size": 1}, refresh_delay=delay)
+        opt = SOAP(
+            [w], **{**COMMON, "lr": 0.05, "block_size": 1}, refresh_delay=delay, placement="fsdp-local"
+        )
         losses = []
         for _ in range(15):
             full = w.detach().full_tensor().requires_grad_()
@@ -336,7 +339,7 @@ def checkpoint(world, directory):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer)
         fully_shard(model)
-        opt = SOAP(model.parameters(), **{**COMMON, "block_size": 1}, refresh_delay=1)
+        opt = SOAP(model.parameters(), **{**COMMON, "block_size": 1}, refresh_delay=1, placement="fsdp-local")
         return model, opt
 
     def train(model, opt, steps):

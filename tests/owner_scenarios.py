@@ -270,3 +270,15 @@ def planner_counts(world):
 
 SCENARIOS[2].append(planner_counts)
 SCENARIOS[4].append(planner_counts)
+
+
+def auto_choice(world):
+    """placement="auto" under FSDP2: owner when fsdp-local's column state would exceed the shard."""
+    mesh = init_device_mesh("cpu", (world,))
+    _, wide = ds._distributed(mesh, [Shard(0)], steps=2)  # column factors as large as the shards
+    tall = [(64 * world, 3), (32 * world, 2)]  # 3 x 3 column factors against long shards
+    _, narrow = ds._distributed(mesh, [Shard(0)], shapes=tall, steps=2)
+    return {"wide": wide.stats()["placement"], "narrow": narrow.stats()["placement"]}
+
+
+SCENARIOS[2].append(auto_choice)

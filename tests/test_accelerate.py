@@ -153,7 +153,8 @@ def test_fsdp2_gives_soap_sharded_dtensors(fsdp2):
         assert rank["soap_type"] == "SOAP" and rank["n_params"] > 0
         assert rank["all_dtensor"] and rank["all_shard0"], "Accelerate did not swap in Shard(0) DTensors"
         assert rank["model_params_are_optimizer_params"]
-        assert rank["placement"] == "fsdp-local" and rank["world"] == 2
+        # "auto" picks owner here: the column factors are larger than the shards (docs/design.md)
+        assert rank["placement"] == "owner" and rank["world"] == 2
         assert start(rank["full"])["distributed_type"] == "DistributedType.FSDP"
         assert_trains(rank["full"])
     assert losses(fsdp2[0]["full"]) == losses(fsdp2[1]["full"])  # the logged loss is the global mean

@@ -83,3 +83,9 @@ def test_planner_counts_equal_stats_on_every_rank(world, world2, world4):
     assert set(ranks[0]["planner_counts"]) == (
         {"replicated", "fsdp-local", "owner"} | ({"hsdp"} if world == 4 else set())
     )
+
+
+def test_auto_picks_owner_when_the_column_state_exceeds_the_shard(world2):
+    res = result(world2, "auto_choice")
+    assert res["wide"] == "owner"
+    assert res["narrow"] == "fsdp-local"

@@ -31,7 +31,7 @@ from soap_dist.bench.param_sets import MODELS, count_factors
 from soap_dist.bench.report import describe_cpu, fmt_bytes, fmt_ratio, fmt_time, write_json
 from soap_dist.bench.scaling_worker import scaled_specs, worker
 
-PLACEMENTS = ("replicated", "fsdp-local")
+PLACEMENTS = ("replicated", "fsdp-local", "owner")
 DELAYS = (0, 1)
 
 
@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--placement",
         default=",".join(PLACEMENTS),
-        help="comma list among replicated,fsdp-local (default both)",
+        help="comma list among replicated,fsdp-local,owner (default all three)",
     )
     p.add_argument("--delays", default="0,1", help="comma list of refresh_delay values (default 0,1)")
     p.add_argument("--steps", type=int, default=None, help="steps after the first call (default 2k)")

@@ -85,7 +85,7 @@ class Setup:
         self.placement, self.specs, self.device = placement, specs, device
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         full = _global_params(specs, device, seed)
-        if placement == "fsdp-local":
+        if placement in ("fsdp-local", "owner"):  # FSDP2's layout: Shard(0) DTensors
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Shard, distribute_tensor
 
