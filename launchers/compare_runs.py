@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from soap_dist.pretrain.compare import compare  # noqa: E402
+from soap_apps.pretrain.compare import compare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ Plain ``python launchers/finetune.py`` trains in one process. ``--help`` lists t
 
 from __future__ import annotations
 
-from soap_dist.finetune.train import main
+from soap_apps.finetune.train import main
 
 if __name__ == "__main__":
     main()

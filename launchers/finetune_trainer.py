@@ -7,8 +7,8 @@ Usage: ``python launchers/finetune_trainer.py --steps 200`` (same flags as launc
 
 from __future__ import annotations
 
-from soap_dist.finetune.config import parse_args
-from soap_dist.finetune.hf import build_trainer
+from soap_apps.finetune.config import parse_args
+from soap_apps.finetune.hf import build_trainer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node=2 launchers/pretrain.py --deepspeed configs/deepspeed/zero2.json
 
 Everything else (flags, config keys, outputs, multi-node, resume) is in docs/pretrain.md. This file
-only parses arguments; the work is in soap_dist.pretrain.
+only parses arguments; the work is in soap_apps.pretrain.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from soap_dist.pretrain.config import ConfigError, load_config
-from soap_dist.pretrain.trainer import backend_name, run
+from soap_apps.pretrain.config import ConfigError, load_config
+from soap_apps.pretrain.trainer import backend_name, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(output_dir: str, **overrides):
-    from soap_dist.finetune.config import FinetuneConfig
+    from soap_apps.finetune.config import FinetuneConfig
 
     base = dict(
         steps=STEPS,
@@ -55,7 +55,7 @@ def ddp_accelerator(cfg):
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
 
-    from soap_dist.finetune.train import make_accelerator
+    from soap_apps.finetune.train import make_accelerator
 
     AcceleratorState._reset_state(reset_partial_state=True)
     # the first Accelerator creates the process group: a short timeout turns a hang into an error
@@ -89,7 +89,7 @@ def _observer(seen: dict):
     def look(model, optimizer) -> None:
         from torch.distributed.tensor import DTensor, Shard
 
-        from soap_dist.finetune.train import unwrap_optimizer
+        from soap_apps.finetune.train import unwrap_optimizer
 
         params = [p for g in optimizer.param_groups for p in g["params"]]
         seen["n_params"] = len(params)
@@ -107,10 +107,10 @@ def _observer(seen: dict):
 
 def _full_and_resumed(workdir: Path, make_accelerator, **overrides) -> dict:
     """STEPS steps saving at SAVE_AT, then a fresh run resumed from that checkpoint."""
-    from soap_dist.finetune.train import train
+    from soap_apps.finetune.train import train
 
     seen: dict = {}
-    from soap_dist.finetune.train import backend_name
+    from soap_apps.finetune.train import backend_name
 
     cfg = small_config(str(workdir / "full"), **overrides)
     accelerator = make_accelerator(cfg)
@@ -135,7 +135,7 @@ def zero2_accelerator(cfg):
     """What launchers/finetune.py builds under ``accelerate launch`` with deepspeed_zero2.yaml."""
     from accelerate.state import AcceleratorState
 
-    from soap_dist.finetune.train import make_accelerator
+    from soap_apps.finetune.train import make_accelerator
 
     AcceleratorState._reset_state(reset_partial_state=True)
     os.environ.pop("ACCELERATE_USE_FSDP", None)  # set by the FSDP2 scenario's Accelerator

@@ -1,4 +1,4 @@
-"""Shared helpers: the oracle on sys.path, seeded problems, and a driver for SOAP vs the oracle."""
+"""Shared helpers: the oracle and launchers/ on sys.path, seeded problems, a driver for SOAP vs the oracle."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# the applications (soap_apps: pre-training, fine-tuning) live in launchers/, outside the installed
+# library; launchers/*.py find them as their own directory, the tests through this line
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "launchers"))
 torch.set_num_threads(1)  # the test problems are tiny: threads only add contention on a 2-core CI machine
 
 from oracle import OracleSOAP  # noqa: E402

@@ -1,4 +1,4 @@
-"""Accelerate fine-tuning (launchers/finetune.py, soap_dist.finetune) and the HF Trainer route, on CPU.
+"""Accelerate fine-tuning (launchers/finetune.py, soap_apps.finetune) and the HF Trainer route, on CPU.
 
 - the real command, ``accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml
   launchers/finetune.py``, with 2 processes on gloo;
@@ -23,9 +23,9 @@ import accelerate_scenarios
 import pytest
 import torch
 
+from soap_apps.finetune.config import FinetuneConfig, parse_args
+from soap_apps.finetune.train import check_launch, resume_dir
 from soap_dist import SOAP
-from soap_dist.finetune.config import FinetuneConfig, parse_args
-from soap_dist.finetune.train import check_launch, resume_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_accelerate_configs_load(name, expected):
 
 # ----- one process -----
 def test_hf_trainer_route_trains_with_soap(tmp_path):
-    from soap_dist.finetune.hf import build_trainer
+    from soap_apps.finetune.hf import build_trainer
 
     cfg = FinetuneConfig(
         steps=STEPS, batch_size=8, context=64, max_bytes=200_000, eval_every=0, fused="off",
@@ -234,9 +234,9 @@ def test_init_from_a_pretraining_export(tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from soap_dist.finetune.train import train
-    from soap_dist.pretrain.config import ModelConfig
-    from soap_dist.pretrain.model import GPT, export
+    from soap_apps.finetune.train import train
+    from soap_apps.pretrain.config import ModelConfig
+    from soap_apps.pretrain.model import GPT, export
 
     mcfg = ModelConfig(vocab_size=256, seq_len=64, d_model=32, n_layers=1, n_heads=2)
     export(GPT(mcfg).state_dict(), mcfg, tmp_path / "final")
@@ -258,8 +258,8 @@ def test_a_used_output_dir_is_refused_and_the_default_names_the_backend(tmp_path
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from soap_dist.finetune.hf import build_trainer
-    from soap_dist.finetune.train import backend_name, train
+    from soap_apps.finetune.hf import build_trainer
+    from soap_apps.finetune.train import backend_name, train
 
     monkeypatch.chdir(tmp_path)
     cfg = FinetuneConfig(
@@ -341,7 +341,7 @@ def test_fsdp_on_cpu_is_refused_instead_of_training_something_else(monkeypatch):
 
 
 def test_missing_data_and_checkpoints_are_named(tmp_path):
-    from soap_dist.finetune.data import load_bytes
+    from soap_apps.finetune.data import load_bytes
 
     with pytest.raises(FileNotFoundError, match="--data '/no/such/corpus' does not exist"):
         load_bytes("/no/such/corpus", 1000)

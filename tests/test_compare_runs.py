@@ -9,7 +9,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from soap_dist.pretrain.compare import compare, summarize
+from soap_apps.pretrain.compare import compare, summarize
 
 
 def _run(tmp_path, name, losses, speeds, evals):

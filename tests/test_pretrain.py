@@ -1,4 +1,4 @@
-"""The pre-training launcher (launchers/pretrain.py, soap_dist.pretrain): config, schedule, data,
+"""The pre-training launcher (launchers/pretrain.py, soap_apps.pretrain): config, schedule, data,
 model, gradient clipping under FSDP2, and the launcher end to end at world 2 (FSDP2 with a resume,
 and DeepSpeed ZeRO-2). Process start-up dominates the cost: the world-2 checks are few and tiny.
 Every test uses a temporary cache directory (SOAP_DIST_CACHE), never the home directory.
@@ -24,13 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from soap_dist.pretrain import data, parallel
-from soap_dist.pretrain.config import Config, ConfigError, DataConfig, ModelConfig, load_config
-from soap_dist.pretrain.metrics import read_records
-from soap_dist.pretrain.model import GPT, export, lm_loss, load_exported
-from soap_dist.pretrain.optim import param_groups
-from soap_dist.pretrain.schedule import lr_at
-from soap_dist.pretrain.trainer import run
+from soap_apps.pretrain import data, parallel
+from soap_apps.pretrain.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+from soap_apps.pretrain.metrics import read_records
+from soap_apps.pretrain.model import GPT, export, lm_loss, load_exported
+from soap_apps.pretrain.optim import param_groups
+from soap_apps.pretrain.schedule import lr_at
+from soap_apps.pretrain.trainer import run
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -307,7 +307,7 @@ def test_clip_grad_norm_under_fsdp2_equals_the_unsharded_norm():
 # ----- metrics -----
 def test_elapsed_s_continues_across_a_resume(tmp_path):
     """Issue 13: a resumed run's elapsed_s restarted from 0, so time plots of split runs went backwards."""
-    from soap_dist.pretrain.metrics import Metrics
+    from soap_apps.pretrain.metrics import Metrics
 
     env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
     records = [
@@ -333,7 +333,7 @@ def _ds_json(tmp_path: Path, params: dict, kind: str = "SOAP") -> Path:
 
 def test_deepspeed_json_optimizer_params_win_over_the_config_and_are_checked(tmp_path):
     """Issue 13: the JSON's optimizer.params used to be replaced by the YAML's without a word."""
-    from soap_dist.pretrain.ds_backend import resolve_config
+    from soap_apps.pretrain.ds_backend import resolve_config
 
     env = parallel.DistEnv(rank=0, world=2, local_rank=0, local_world=2, device=torch.device("cpu"))
     cfg = load_config(TINY, ["optim.lr=1e-3", "optim.refresh_delay=1"])

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from soap_dist.pretrain.config import ConfigError, DataConfig
+from soap_apps.pretrain.config import ConfigError, DataConfig
 
 CACHE_ENV = "SOAP_DIST_CACHE"
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}

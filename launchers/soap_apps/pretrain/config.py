@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The GPT decoder (soap_dist.pretrain.model.GPT)."""
+    """The GPT decoder (soap_apps.pretrain.model.GPT)."""
 
     vocab_size: int = 256  # 256 for byte-level data; the tokenizer's size for a pre-tokenized .bin
     seq_len: int = 128  # context length in tokens

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soap_dist.pretrain.config import ModelConfig
+from soap_apps.pretrain.config import ModelConfig
 
 EXPORT_FORMAT = "soap_dist.pretrain.GPT/1"
 

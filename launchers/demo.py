@@ -6,7 +6,7 @@ corpus is the Python standard library's own source code), no GPU and no process 
 start from the same weights and see the same batches, so the two loss curves differ only by the
 optimizer. It is a smoke test and an illustration, not a benchmark (see docs/benchmarks.md).
 
-Run: ``python -m soap_dist.demo [--steps 300] [--batch-size 16] [--seed 0] [--threads N]``.
+Run: ``python launchers/demo.py [--steps 300] [--batch-size 16] [--seed 0] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from soap_apps.pretrain.config import ModelConfig
+from soap_apps.pretrain.data import stdlib_files, stdlib_root
+from soap_apps.pretrain.model import GPT
 from soap_dist import SOAP
-from soap_dist.pretrain.config import ModelConfig
-from soap_dist.pretrain.data import stdlib_files, stdlib_root
-from soap_dist.pretrain.model import GPT
 
 CORPUS_BYTES = 2_000_000  # about 2 MB of text
 HELD_OUT_FRACTION = 0.1  # the last 10% of the corpus is never trained on
@@ -36,7 +36,7 @@ LOG_EVERY = 10
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-# the pretraining launcher's GPT (soap_dist.pretrain.model), at a demo size: about 0.47M parameters
+# the pretraining launcher's GPT (soap_apps.pretrain.model), at a demo size: about 0.47M parameters
 MODEL = ModelConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=2, n_heads=4, mlp_ratio=4)
 
 
@@ -114,7 +114,7 @@ def train(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m soap_dist.demo",
+        prog="python launchers/demo.py",
         description="Train a tiny byte-level LM with SOAP and with AdamW on CPU.",
     )
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from soap_dist.pretrain.config import ConfigError
+from soap_apps.pretrain.config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from soap_apps.finetune.config import FinetuneConfig, parse_args
+from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
+from soap_apps.finetune.model import build_model, window_losses
 from soap_dist import SOAP
-from soap_dist.finetune.config import FinetuneConfig, parse_args
-from soap_dist.finetune.data import Windows, eval_windows, load_bytes, split
-from soap_dist.finetune.model import build_model, window_losses
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"

@@ -2,7 +2,7 @@
 
 Two sources: a transformers GPT-2 built from a small config (vocabulary = the 256 byte values, so no
 tokenizer and no download), or a pre-training export (``launchers/pretrain.py`` writes
-``runs/X/final``; loaded through ``soap_dist.pretrain.model.load_exported``, imported only when
+``runs/X/final``; loaded through ``soap_apps.pretrain.model.load_exported``, imported only when
 asked for so that this package works without the pre-training one).
 """
 
@@ -55,10 +55,10 @@ def _config_value(model: nn.Module, names: tuple[str, ...]) -> int | None:
 def load_export(path: str, context: int) -> nn.Module:
     """A pre-training export as an nn.Module, checked against the fine-tuning window and byte vocabulary."""
     try:
-        from soap_dist.pretrain.model import load_exported
+        from soap_apps.pretrain.model import load_exported
     except ImportError as err:
         raise ImportError(
-            f"--init-from {path!r} needs soap_dist.pretrain.model.load_exported (the pre-training package, "
+            f"--init-from {path!r} needs soap_apps.pretrain.model.load_exported (the pre-training package, "
             f"launchers/pretrain.py); it could not be imported: {err}"
         ) from err
     model = load_exported(path)

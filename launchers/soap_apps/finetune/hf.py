@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from soap_apps.finetune.config import FinetuneConfig
+from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
+from soap_apps.finetune.model import build_gpt2
+from soap_apps.finetune.train import backend_name, check_output_dir, skip_deepspeed_shm_build, soap_kwargs
 from soap_dist import SOAP
-from soap_dist.finetune.config import FinetuneConfig
-from soap_dist.finetune.data import Windows, eval_windows, load_bytes, split
-from soap_dist.finetune.model import build_gpt2
-from soap_dist.finetune.train import backend_name, check_output_dir, skip_deepspeed_shm_build, soap_kwargs
 
 
 def output_dir(cfg: FinetuneConfig) -> str:

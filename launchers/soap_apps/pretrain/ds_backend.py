@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from soap_dist.pretrain import checkpoint, data
-from soap_dist.pretrain.config import Config, ConfigError, apply_overrides
-from soap_dist.pretrain.model import GPT, lm_loss
-from soap_dist.pretrain.optim import param_groups, soap_kwargs
-from soap_dist.pretrain.parallel import DistEnv
+from soap_apps.pretrain import checkpoint, data
+from soap_apps.pretrain.config import Config, ConfigError, apply_overrides
+from soap_apps.pretrain.model import GPT, lm_loss
+from soap_apps.pretrain.optim import param_groups, soap_kwargs
+from soap_apps.pretrain.parallel import DistEnv
 
 DS_OPTIMIZER_TYPES = {"soap": "SOAP", "adamw": "AdamW"}
 ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from soap_dist.pretrain.parallel import DistEnv, all_reduce_mean
+from soap_apps.pretrain.parallel import DistEnv, all_reduce_mean
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"

@@ -18,13 +18,13 @@ from typing import Any, Protocol
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from soap_dist.pretrain import checkpoint, data, parallel
-from soap_dist.pretrain.config import Config, ConfigError, save_config
-from soap_dist.pretrain.metrics import Metrics
-from soap_dist.pretrain.model import GPT, export, lm_loss
-from soap_dist.pretrain.optim import build_optimizer, param_groups
-from soap_dist.pretrain.parallel import DistEnv
-from soap_dist.pretrain.schedule import lr_at
+from soap_apps.pretrain import checkpoint, data, parallel
+from soap_apps.pretrain.config import Config, ConfigError, save_config
+from soap_apps.pretrain.metrics import Metrics
+from soap_apps.pretrain.model import GPT, export, lm_loss
+from soap_apps.pretrain.optim import build_optimizer, param_groups
+from soap_apps.pretrain.parallel import DistEnv
+from soap_apps.pretrain.schedule import lr_at
 
 
 class Backend(Protocol):
@@ -260,7 +260,7 @@ def _run(
     check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
     parallel.barrier(env)  # every rank has looked before rank 0 writes anything into run_dir
     if deepspeed_config is not None:
-        from soap_dist.pretrain.ds_backend import resolve_config
+        from soap_apps.pretrain.ds_backend import resolve_config
 
         ds_config, cfg, notes = resolve_config(deepspeed_config, cfg, env)  # cfg: the JSON's params merged
         for line in notes if env.is_main else []:
@@ -273,7 +273,7 @@ def _run(
     n_params = sum(p.numel() for p in model.parameters())
     backend: Backend
     if deepspeed_config is not None:
-        from soap_dist.pretrain.ds_backend import DeepSpeedBackend
+        from soap_apps.pretrain.ds_backend import DeepSpeedBackend
 
         backend = DeepSpeedBackend(model, cfg, env, ds_config, run_dir)
         mode = f"deepspeed ({deepspeed_config})"

@@ -5,6 +5,6 @@ models and the loss, ``train`` the Accelerate loop. Importing this package impor
 Accelerate nor transformers; the functions that need them import them when called.
 """
 
-from soap_dist.finetune.config import FinetuneConfig, parse_args
+from soap_apps.finetune.config import FinetuneConfig, parse_args
 
 __all__ = ["FinetuneConfig", "parse_args"]

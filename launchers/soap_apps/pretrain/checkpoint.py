@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from soap_dist.pretrain.parallel import DistEnv
+from soap_apps.pretrain.parallel import DistEnv
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)$")

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from soap_apps.pretrain.config import OptimConfig
 from soap_dist import SOAP
-from soap_dist.pretrain.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

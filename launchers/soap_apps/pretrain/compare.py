@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from soap_dist.pretrain.data import is_byte_level, loss_unit
-from soap_dist.pretrain.metrics import METRICS_FILE, read_records
+from soap_apps.pretrain.data import is_byte_level, loss_unit
+from soap_apps.pretrain.metrics import METRICS_FILE, read_records
 
 
 @dataclass
