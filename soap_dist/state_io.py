@@ -31,6 +31,7 @@ from .engine import SoapEngine
 from .layout import ParamLayout
 from .placement import is_dtensor, local
 from .plan import FactorEntry
+from .state_check import check_engine_state
 from .stores import FactorStore, moment_dtype
 
 Tensor = torch.Tensor
@@ -185,6 +186,7 @@ def _consolidate(engine: SoapEngine, state: dict[int, dict]) -> None:
 
 def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
     """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks."""
+    check_engine_state(engine, state)  # a corrupt checkpoint fails here, before anything is copied
     plan, me = engine.plan, engine.plan.topology.rank
     sharded_rows = _rows_sharded(engine)
     where, held = _locations(engine), _entries(engine)

@@ -1,0 +1,135 @@
+"""Checks of a loaded SOAP state, so a corrupt checkpoint fails at load instead of training on.
+
+A byte-corrupted shard can load without error and poison the run (an exp_avg off by 1e103 trained
+on). These are cheap necessary conditions of any state the optimizer writes: every value finite,
+``exp_avg_sq >= 0``, and every basis orthogonal. Pure functions on tensors (a DTensor is checked
+through its local shard); nothing here uses torch.distributed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .linalg import accurate_gram, accurate_matmul
+
+if TYPE_CHECKING:
+    from .engine import SoapEngine
+
+Tensor = torch.Tensor
+ORTHOGONALITY_TOL = 1e-2  # a QR/eigh basis is orthogonal to ~1e-5 even in float32; corruption is O(1)
+FULL_CHECK_DIM = 256  # up to this size Q^T Q is formed; above, Q^T Q v = v is probed
+PROBES = 4
+_BASIS = re.compile(r"(pending_)?basis_(\d+)$")
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _corrupt(label: str, key: str, problem: str) -> ValueError:
+    return ValueError(
+        f"SOAP.load_state_dict: the checkpoint is corrupt: {key} of {label} {problem}; "
+        "load an earlier checkpoint"
+    )
+
+
+def orthogonality_error(q: Tensor) -> Tensor:
+    """How far a square ``q`` is from orthogonal (NaN if it is not finite), as a 0-d tensor.
+
+    max |Q^T Q - I| for d <= FULL_CHECK_DIM. Above, O(d^2) work instead of d^3: every column's
+    |q_j^T q_j - 1|, and max |Q^T Q v - v| over a few fixed N(0, 1) probes v (an entry e of Q^T Q - I
+    shows as about e |v_k|, rounding as ~eps sqrt(d)).
+    """
+    d = q.shape[-1]
+    if d <= FULL_CHECK_DIM:
+        gram = accurate_gram(q[None])[0]
+        gram.diagonal().sub_(1.0)
+        return gram.abs().amax()
+    columns = (torch.linalg.vector_norm(q, dim=-2).square() - 1.0).abs().amax()
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    v = torch.randn(1, d, PROBES, generator=gen, dtype=q.dtype, device=q.device)
+    back = accurate_matmul(q.mT[None], accurate_matmul(q[None], v))
+    return torch.maximum(columns, (back - v).abs().amax())
+
+
+def _check_blocks(label: str, key: str, blocks: list[tuple[str, Tensor]]) -> None:
+    """Every block finite and orthogonal; exactly-zero blocks are absent (a rank holding nothing)."""
+    square = [(where, q) for where, q in blocks if q.numel() and q.shape[-2] == q.shape[-1]]
+    if not square:
+        return
+    held = torch.stack([q.any() for _, q in square]).tolist()
+    present = [block for block, keep in zip(square, held, strict=True) if keep]
+    if not present:
+        return
+    errors = torch.stack([orthogonality_error(q) for _, q in present]).float()
+    bad = (~(errors <= ORTHOGONALITY_TOL)).nonzero().flatten().tolist()  # one host sync per key
+    if bad:
+        where, q = present[bad[0]]
+        if not bool(torch.isfinite(q).all()):
+            raise _corrupt(label, key, f"holds NaN or Inf values{where}")
+        raise _corrupt(
+            label, key, f"is not an orthogonal basis{where} (|Q^T Q - I| ~ {errors[bad[0]].item():.3g})"
+        )
+
+
+def check_entry(entry: Mapping[str, Any], label: str, row_blocks: Sequence[tuple[int, int]] = ()) -> None:
+    """Raise ValueError naming ``label`` and the key if one parameter's saved state is corrupt.
+
+    ``row_blocks`` are the (first row, size) of the row blocks in ``basis_0``'s rows: block r sits in
+    rows [r0, r0 + n_r) and columns [0, n_r). A pending basis is checked only where its ok flag is
+    set: a failed refresh may leave any values there, and they are never installed.
+    """
+    for key, value in entry.items():
+        t = _local(value)
+        if not isinstance(t, Tensor) or _BASIS.match(key):
+            continue
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _corrupt(label, key, "holds NaN or Inf values")
+        if key == "exp_avg_sq" and bool((t < 0).any()):
+            raise _corrupt(label, key, "holds negative values (a second moment is never negative)")
+    for key, value in entry.items():
+        match = _BASIS.match(key)
+        t = _local(value)
+        if match is None or not isinstance(t, Tensor):
+            continue
+        pending, j = match.group(1) is not None, int(match.group(2))
+        ok = _local(entry.get(f"pending_ok_{j}")) if pending else None
+        flags = [f > 0.5 for f in ok.reshape(-1).tolist()] if isinstance(ok, Tensor) else []
+        if j >= 1:
+            if not pending or (flags and flags[0]):
+                _check_blocks(label, key, [("", t)])
+            continue
+        blocks = []
+        for r0, n in row_blocks:
+            if pending and not (r0 < len(flags) and flags[r0]):
+                continue
+            blocks.append((f" (row block at rows {r0}..{r0 + n - 1})", t[r0 : r0 + n, :n]))
+        _check_blocks(label, key, blocks)
+
+
+def check_engine_state(engine: SoapEngine, state: Mapping[Any, Mapping[str, Any]]) -> None:
+    """check_entry for every parameter of a SoapEngine that ``state`` holds, before anything is copied.
+
+    Row blocks are where load_engine_state reads them: the rank's own blocks when row factors stay
+    with their shard (one replica, several shards), else every block of the full tensor (identical on
+    every rank, so every rank reaches the same verdict).
+    """
+    plan = engine.plan
+    rows_sharded = plan.topology.replicas == 1 and plan.topology.shards > 1  # as state_io._rows_sharded
+    blocks: dict[int, list[tuple[int, int]]] = {}
+    if rows_sharded:
+        for e in engine.entry_slot:
+            if e.dim == 0:
+                blocks.setdefault(e.param, []).append((engine.layouts[e.param].row_offsets[e.block], e.size))
+    else:
+        for e in plan.entries:
+            if e.dim == 0:
+                blocks.setdefault(e.param, []).append((plan.row_start(e), e.size))
+    for lay in engine.layouts:
+        entry = state.get(lay.index, state.get(str(lay.index)))
+        if entry is not None:
+            check_entry(entry, f"parameter {lay.index} ({lay.name})", sorted(blocks.get(lay.index, [])))
