@@ -371,10 +371,11 @@ class SOAP(torch.optim.Optimizer):
         from .deepspeed import partitioning
 
         part = partitioning(self._zero_owner)
-        if self.placement not in ("auto", "zero"):
+        if self.placement not in ("auto", "zero", "owner"):
             raise ValueError(
                 f"SOAP: placement={self.placement!r}, but DeepSpeed ZeRO partitions the parameters; use "
-                "placement='auto'"
+                "placement='auto' (row blocks stay where ZeRO put most of them) or 'owner' (each matrix "
+                "whole at one rank: exact, state 1/W)"
             )
         self._zero = ZeroRunner(self, part, list(self._declared_groups))
         self._stateful_markers(part.flats)

@@ -1,4 +1,4 @@
-"""SOAP on DeepSpeed ZeRO's flat partitions (placement "zero").
+"""SOAP on DeepSpeed ZeRO's flat partitions (placement "zero", or "owner" when asked for).
 
 DeepSpeed stages 1-3 call the client optimizer once per flat partition (a param group under
 stages 1/2, a sub-group under stage 3), with that flat slice as its only parameter. This runner
@@ -6,7 +6,10 @@ turns each call into a SOAP step on whole row blocks: pieces of the slice travel
 updates them (``zero_layout``), the engine steps the home rows like any shard, and the updated
 values travel back into every rank's slice. Which rank updates what is decided from shapes and
 offsets alone (DESIGN.md, "Placements: zero"), so the result equals one process with the same
-``block_size`` at every world size and every partition boundary.
+``block_size`` at every world size and every partition boundary. With ``"placement": "owner"`` in
+the JSON's SOAP params, each whole parameter's rows go to one owner instead (``owner_layout``):
+the result equals one process whatever ``block_size``, and each rank keeps 1/W of the state,
+column factors included.
 
 What DeepSpeed exposes is read in ``soap_dist.deepspeed`` and arrives here as a ``Partitioning``;
 nothing here imports deepspeed.
@@ -21,7 +24,8 @@ import torch
 
 from .comm import Exchange, Groups
 from .layout import ParamLayout, plan_in_group
-from .plan import ZERO, Topology, build_plan, local_layouts
+from .owner_layout import assign_owners, owner_splits
+from .plan import OWNER, ZERO, Topology, build_plan, local_layouts
 from .state_io import load_engine_state, save_engine_state
 from .zero_layout import Fragment, homes, routes, row_elements, unit_rows
 
@@ -53,12 +57,17 @@ class ZeroRunner:
         self.layouts = [
             self._layout(i, groups[part.flat_group[part.param_flat[i]]]) for i in range(len(part.shapes))
         ]
-        held = self._held()
-        self.splits = {
-            lay.index: homes(lay, unit_rows(lay, groups[lay.group]["normalize_grads"]), held[lay.index])
-            for lay in self.layouts
-        }
-        topology = Topology(ZERO, 1, part.world, part.rank)
+        if soap.placement == OWNER:  # each whole matrix at one rank: exact, state 1/W (docs/design.md, 9)
+            factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
+            owners = assign_owners(self.layouts, part.world, factor_bytes, [4] * len(self.layouts))
+            self.splits = owner_splits(self.layouts, owners, part.world)
+        else:
+            held = self._held()
+            self.splits = {
+                lay.index: homes(lay, unit_rows(lay, groups[lay.group]["normalize_grads"]), held[lay.index])
+                for lay in self.layouts
+            }
+        topology = Topology(OWNER if soap.placement == OWNER else ZERO, 1, part.world, part.rank)
         plan = build_plan(self.layouts, topology, self.splits)
         device = part.flats[0].device if part.flats else torch.device("cpu")
         grid = Groups(world=part.process_group, shard=part.process_group, replicate=None, ranks=part.ranks)

@@ -23,6 +23,8 @@ from soap_dist.zero_layout import Fragment, homes, routes, unit_rows  # noqa: E4
 TOL = 1e-4  # the issue's bound, fp32; measured ~1e-7
 
 DELAY1 = {"refresh_delay": 1}
+OWNER = {"placement": "owner", "block_size": None}
+OWNER1 = {**OWNER, "refresh_delay": 1}
 JOBS = [
     ("stage0", "scenario_stage", dict(stage=0, gas=1)),
     ("stage1", "scenario_stage", dict(stage=1, gas=1)),
@@ -34,6 +36,9 @@ JOBS = [
     ("stage1_bf16", "scenario_stage", dict(stage=1, gas=1, bf16=True)),
     ("stage2_bf16", "scenario_stage", dict(stage=2, gas=2, bf16=True)),
     ("stage3_bf16", "scenario_stage", dict(stage=3, gas=1, bf16=True, zero_init=True)),
+    # "placement": "owner": each whole matrix at one rank; equals one process with no block_size
+    ("stage2_owner", "scenario_stage", dict(stage=2, gas=2, soap_kw=OWNER)),
+    ("stage3_owner_delay1", "scenario_stage", dict(stage=3, gas=1, sub_group_size=100, soap_kw=OWNER1)),
     ("client_instance", "scenario_client_instance", dict(stage=2)),
     ("bad", "scenario_bad_configs", dict()),
 ]
@@ -52,6 +57,7 @@ def results(tmp_path_factory):
 WHOLE = {"block_size": None}  # a unit is a whole matrix: it can span three or four ranks' slices
 JOBS4 = [
     ("stage2_whole_matrices", "scenario_stage", dict(stage=2, gas=1, soap_kw=WHOLE)),
+    ("stage1_owner", "scenario_stage", dict(stage=1, gas=1, soap_kw=OWNER)),
     ("stage3_blocks", "scenario_stage", dict(stage=3, gas=1)),
 ]
 
@@ -66,7 +72,8 @@ def test_zero_at_world_4_equals_one_process(results4, name):
     for rank, res in enumerate(results4):
         r = res[name]
         assert r["error"] <= TOL, (rank, name, r["error"])
-        assert r["placement"] == "zero" and r["engine_steps_seen"] == [zs.STEPS - 1] * len(zs.SHAPES)
+        expected = "owner" if "owner" in name else "zero"
+        assert r["placement"] == expected and r["engine_steps_seen"] == [zs.STEPS - 1] * len(zs.SHAPES)
         assert r["mid_row"], r["fragments"]
 
 
@@ -77,7 +84,7 @@ def test_zero_stage_equals_one_process(results, name):
         assert r["error"] <= TOL, (rank, name, r["error"])
         assert r["global_steps"] == zs.STEPS
         stage = dict((j[0], j[2]) for j in JOBS)[name]["stage"]
-        assert r["placement"] == ("replicated" if stage == 0 else "zero")
+        assert r["placement"] == ("replicated" if stage == 0 else "owner" if "owner" in name else "zero")
         if stage:
             # one update per optimizer step (not per micro-batch, not per group/sub-group call);
             # the first call only builds the preconditioner, as in the reference

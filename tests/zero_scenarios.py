@@ -72,6 +72,7 @@ def reference(steps: int, gas: int, shapes=SHAPES, bf16: bool = False, **kw) -> 
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())
+    kw = {k: v for k, v in kw.items() if k != "placement"}  # one process: placement "single"
     opt = SOAP(model.parameters(), **{**SOAP_PARAMS, **kw})
     for t in range(steps):
         for p, g in zip(model.parameters(), global_grads(t, gas, shapes), strict=True):
