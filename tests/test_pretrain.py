@@ -347,8 +347,10 @@ def test_deepspeed_json_optimizer_params_win_over_the_config_and_are_checked(tmp
     assert "optim.lr: 0.001 -> 0.002 (the JSON's optimizer.params)" in notes
     assert (
         "SOAP params from the JSON: lr, max_precond_dim, precondition_frequency; from the config (optim.*): "
-        "betas, eps, weight_decay, block_size, refresh_delay, fused"
+        "betas, eps, weight_decay, shampoo_beta, merge_dims, precondition_1d, normalize_grads, block_size, "
+        "refresh_delay, fused"
     ) in notes
+    assert merged.optim.max_precond_dim == 64  # an optim.* key too since the two apps share SOAP_KEYS
     with pytest.raises(ConfigError, match=r"unknown SOAP key 'precondition_freq' in optimizer.params; .*lr,"):
         resolve_config(_ds_json(tmp_path, {"precondition_freq": 5}), cfg, env)
     with pytest.raises(ConfigError, match=r"optim.lr must be a number, got 'fast'"):

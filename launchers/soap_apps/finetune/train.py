@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from soap_apps import soap_options
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
@@ -106,7 +107,7 @@ def skip_deepspeed_shm_build() -> None:
 
 def soap_kwargs(cfg: FinetuneConfig) -> dict[str, Any]:
     """SOAP's keyword arguments from the flags (also what the HF Trainer route passes)."""
-    return dict(
+    return soap_options.soap_kwargs(
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

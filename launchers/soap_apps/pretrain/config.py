@@ -59,8 +59,13 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0  # max global gradient norm; null = no clipping
-    # SOAP only (ignored by adamw):
+    # SOAP only (ignored by adamw); defaults are SOAP's. All of them reach SOAP (soap_apps.soap_options)
+    shampoo_beta: float = -1.0  # EMA rate of the factors; negative: betas[1]
     precondition_frequency: int = 10
+    max_precond_dim: int = 10000  # a dimension larger than this gets no factor
+    merge_dims: bool = False
+    precondition_1d: bool = False  # full factors for 1-D tensors (biases, norm gains)
+    normalize_grads: bool = False
     block_size: int | None = None  # see docs/design.md section 6: set it under fsdp2/hsdp
     refresh_delay: int = 0
     fused: bool | None = None  # SOAP's torch.compile'd elementwise step (null: try it, false: eager)
@@ -195,6 +200,7 @@ def _validate(cfg: Config) -> None:
     need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")
     need(o.precondition_frequency >= 1, "optim.precondition_frequency", o.precondition_frequency, ">= 1")
     need(o.block_size is None or o.block_size >= 1, "optim.block_size", o.block_size, ">= 1 or null")
+    need(o.max_precond_dim >= 1, "optim.max_precond_dim", o.max_precond_dim, ">= 1")
     need(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, ">= 0")
     need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "in [0, 1]")
     for key in ("steps", "micro_batch", "grad_accum", "log_every", "eval_batches"):

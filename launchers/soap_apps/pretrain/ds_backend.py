@@ -34,20 +34,12 @@ from soap_apps.pretrain.config import Config, ConfigError, apply_overrides
 from soap_apps.pretrain.model import GPT, lm_loss
 from soap_apps.pretrain.optim import param_groups, soap_kwargs
 from soap_apps.pretrain.parallel import DistEnv
+from soap_apps.soap_options import SOAP_KEYS
 
 DS_OPTIMIZER_TYPES = {"soap": "SOAP", "adamw": "AdamW"}
 ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
-# optimizer params that are also keys of the pretrain config's optim section
-OPTIM_KEYS = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "precondition_frequency",
-    "block_size",
-    "refresh_delay",
-    "fused",
-)
+# optimizer params that are also keys of the pretrain config's optim section: all SOAP_KEYS
+OPTIM_KEYS = SOAP_KEYS
 # SOAP arguments the launcher decides (DeepSpeed's partitions pick the placement): not JSON params
 LAUNCHER_OWNED = ("self", "params", "placement", "process_group", "device_mesh")
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from soap_apps import soap_options
 from soap_apps.pretrain.config import OptimConfig
 from soap_dist import SOAP
 
@@ -34,16 +35,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def soap_kwargs(cfg: OptimConfig) -> dict[str, Any]:
     """SOAP's keyword arguments from the config (shared with the DeepSpeed JSON's optimizer params)."""
-    return {
-        "lr": cfg.lr,
-        "betas": tuple(cfg.betas),
-        "eps": cfg.eps,
-        "weight_decay": cfg.weight_decay,
-        "precondition_frequency": cfg.precondition_frequency,
-        "block_size": cfg.block_size,
-        "refresh_delay": cfg.refresh_delay,
-        "fused": cfg.fused,
-    }
+    return soap_options.soap_kwargs(**{key: getattr(cfg, key) for key in soap_options.SOAP_KEYS})
 
 
 def build_optimizer(

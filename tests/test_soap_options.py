@@ -1,0 +1,45 @@
+"""Issue 13: pre-training and fine-tuning map their settings to SOAP through one function
+(soap_apps.soap_options), so both pass the same keys; pre-training used to drop shampoo_beta and
+max_precond_dim."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from soap_apps.finetune.config import FinetuneConfig
+from soap_apps.finetune.train import soap_kwargs as finetune_kwargs
+from soap_apps.pretrain.config import load_config
+from soap_apps.pretrain.optim import build_optimizer, param_groups
+from soap_apps.pretrain.optim import soap_kwargs as pretrain_kwargs
+from soap_apps.soap_options import SOAP_KEYS, soap_kwargs
+from soap_dist import SOAP
+
+SOAP_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(SOAP.__init__).parameters.items() if name != "self"
+}
+
+
+def test_both_applications_pass_the_same_soap_keys_with_soaps_defaults():
+    pre = pretrain_kwargs(load_config(None, []).optim)
+    fine = finetune_kwargs(FinetuneConfig())
+    assert tuple(pre) == tuple(fine) == SOAP_KEYS
+    assert set(SOAP_KEYS) <= set(SOAP_DEFAULTS)
+    for key in ("shampoo_beta", "max_precond_dim", "merge_dims", "precondition_1d", "normalize_grads"):
+        assert pre[key] == fine[key] == SOAP_DEFAULTS[key], key
+    with pytest.raises(TypeError, match="max_precond_dim"):  # no application can leave a key out
+        soap_kwargs(**{k: v for k, v in pre.items() if k != "max_precond_dim"})
+
+
+def test_pretrain_config_reaches_soap():
+    cfg = load_config(None, ["optim.shampoo_beta=0.9", "optim.max_precond_dim=16", "optim.merge_dims=true"])
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Linear(32, 4))
+    opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, torch.device("cpu"))
+    assert isinstance(opt, SOAP)
+    assert (opt.defaults["shampoo_beta"], opt.defaults["max_precond_dim"], opt.defaults["merge_dims"]) == (
+        0.9,
+        16,
+        True,
+    )
