@@ -5,3 +5,13 @@ extra (``pip install -e '.[train]'``; fine-tuning adds ``accelerate``, ``--deeps
 ``deepspeed``). ``launchers/*.py`` import this package from their own directory; tests/conftest.py
 puts launchers/ on sys.path.
 """
+
+from importlib.util import find_spec
+
+_TRAIN_EXTRA = {"numpy": "numpy", "tqdm": "tqdm", "yaml": "pyyaml", "matplotlib": "matplotlib"}
+_missing = [package for module, package in _TRAIN_EXTRA.items() if find_spec(module) is None]
+if _missing:
+    raise ModuleNotFoundError(
+        f"the applications in launchers/ need {', '.join(_missing)} (the train extra): "
+        "pip install -e '.[train]' from the repository root"
+    )
