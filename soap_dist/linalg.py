@@ -2,10 +2,14 @@
 
 Each function takes a batch of d x d matrices ``[N, d, d]`` and returns, beside its result, a
 boolean ``ok`` per matrix, so the caller can keep the old basis where a decomposition failed.
-Nothing here knows about parameters, ranks or torch.distributed.
+Nothing here knows about parameters, ranks or torch.distributed. ``Solver`` is the interface the
+engine calls (``EighPowerQR`` the default).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -186,3 +190,33 @@ def power_iteration_refresh(
     # finite), so orthonormalize_'s check of the iterate covers the factor too.
     new_bases, ok = orthonormalize_(power, method)
     return new_bases, perm, ok
+
+
+class Solver(Protocol):
+    """What the engine asks of a refresh, in one place: a faster or compiled solver replaces this.
+
+    Both take a batch ``[N, d, d]`` of symmetric factors and return per-matrix ``ok`` flags; the
+    engine never installs a basis whose flag is false, so a solver reports failure, never raises.
+    """
+
+    def first(self, factors: Tensor) -> tuple[Tensor, Tensor]:
+        """Orthonormal eigenbases, eigenvalues descending: (bases, ok)."""
+        ...
+
+    def refresh(self, factors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Updated bases from the current ones: (bases, sort permutation [N, d], ok)."""
+        ...
+
+
+@dataclass(frozen=True)
+class EighPowerQR:
+    """The reference's solver: eigh at the first call, then one power iteration + QR (``qr_method``)."""
+
+    qr_method: str = "householder"
+
+    def first(self, factors: Tensor) -> tuple[Tensor, Tensor]:
+        return eigh_descending(factors)
+
+    def refresh(self, factors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # looked up at call time, so that a test can substitute the module's function
+        return power_iteration_refresh(factors, bases, self.qr_method)

@@ -1,0 +1,331 @@
+"""The step: rotate the gradients into the eigenbases, Adam there, rotate back, update, accumulate.
+
+A mixin of ``SoapEngine`` (engine.core), split out so that each file holds one idea; it works on the
+engine's stacks and stores and calls the refresh (engine.refresh) when a parameter's step count
+reaches a multiple of its precondition frequency.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from ..layout import ParamLayout
+from ..stores import BlockStack, FactorStore, moment_dtype
+from .refresh import take
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Hyper:
+    """One param group's hyperparameters, read from the group at every step."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    shampoo_beta: float
+    eps: float
+    weight_decay: float
+    precondition_frequency: int
+    normalize_grads: bool
+    correct_bias: bool
+
+    @classmethod
+    def of(cls, group: dict) -> Hyper:
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        return cls(
+            float(group["lr"]),
+            float(beta1),
+            float(beta2),
+            float(shampoo_beta),
+            float(group["eps"]),
+            float(group["weight_decay"]),
+            int(group["precondition_frequency"]),
+            bool(group["normalize_grads"]),
+            bool(group["correct_bias"]),
+        )
+
+
+def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float) -> None:
+    """W <- lerp(W, piece, decay) (pieces pre-scaled, see StepMixin._adam_step), or W += piece."""
+    if not targets:
+        return
+    if decay <= 0:
+        torch._foreach_add_(targets, pieces)
+    elif targets[0].dtype == pieces[0].dtype:
+        torch._foreach_lerp_(targets, pieces, decay)
+    else:  # lerp needs one dtype (e.g. bf16 weights, float32 update): the same in two passes
+        torch._foreach_mul_(targets, 1.0 - decay)
+        torch._foreach_add_(targets, pieces, alpha=decay)
+
+
+class StepMixin:
+    """``SoapEngine.step`` and what it needs (see engine.core for the attributes)."""
+
+    # ----- the step -----
+    def step(
+        self,
+        groups: list[dict],
+        params: list[Tensor],
+        grads: list[Tensor | None] | None = None,
+        active: list[bool] | None = None,
+    ) -> None:
+        """One optimizer step on the local blocks.
+
+        ``params``/``grads`` are this rank's tensors (local shards under FSDP2); ``active`` says which
+        parameters have a gradient this step, decided on the global parameter so that every rank
+        counts the same steps (a rank with an empty shard still takes part in the refreshes).
+        """
+        if grads is None:
+            grads = [p.grad for p in params]
+        if active is None:
+            active = [g is not None and p.numel() > 0 for p, g in zip(params, grads, strict=True)]
+        self.calls += 1
+        while self._inflight and self._inflight[0][0] <= self.calls:
+            _, flight, ids = self._inflight.pop(0)
+            self._receive(flight, ids, first=False)
+        active = self._skip_zero_first_gradients(list(active), grads)
+        active_ids = [i for i, a in enumerate(active) if a]
+        if not active_ids:
+            return
+        self._grads = grads
+        hypers = [Hyper.of(g) for g in groups]
+        finite = self._finite_flags(grads, active_ids)
+        finite = self.exchange.all_finite(finite)
+        self.nonfinite_seen |= ~finite
+        upcoming = {i: self.steps[i] + 1 for i in active_ids if self.started[i]}
+        due = [i for i, t in upcoming.items() if self.install_step.get(i) == t]
+        if due:
+            self._install_pending(due)
+        grad_cache: dict[int, Tensor] = {}
+        deferred: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)
+        shared_updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]] = []
+        for stack in self.stacks:
+            subsets: dict[tuple[bool, int], list[int]] = defaultdict(list)
+            for pos, (lay, _) in enumerate(stack.members):
+                if active[lay.index]:
+                    subsets[(self.started[lay.index], upcoming.get(lay.index, 0))].append(pos)
+            for (started, t), positions in subsets.items():
+                self._run_subset(
+                    stack,
+                    positions,
+                    started,
+                    t,
+                    hypers[stack.group],
+                    params,
+                    finite,
+                    grad_cache,
+                    deferred,
+                    shared_updates,
+                )
+        self._apply_shared_updates(shared_updates)
+        self._apply_deferred(deferred, params, hypers)
+        first = [i for i in active_ids if not self.started[i]]
+        updated = [i for i in active_ids if self.started[i]]
+        for i in updated:
+            self.steps[i] += 1
+        if first:
+            self._refresh(first, first=True)
+            for i in first:
+                self.started[i] = True
+        due = [
+            i for i in updated if self.steps[i] % hypers[self.layouts[i].group].precondition_frequency == 0
+        ]
+        if due:
+            self._refresh(due, first=False)
+
+    def _skip_zero_first_gradients(self, active: list[bool], grads: list[Tensor | None]) -> list[bool]:
+        """A parameter is started by its first gradient that is not exactly zero everywhere.
+
+        DeepSpeed's fp16/bf16 stage-0 wrappers and DCP call ``step`` once with all-zero gradients to
+        create optimizer state; a preconditioner built from zeros would hold an arbitrary basis until
+        the first refresh. This costs one host sync per step, and only while a parameter is unstarted.
+        """
+        fresh = [i for i, a in enumerate(active) if a and not self.started[i]]
+        if not fresh:
+            return active
+        empty = torch.ones((), dtype=torch.bool, device=self.device)  # an empty shard holds no non-zero
+        zero = torch.stack([(grads[i] == 0).all() if grads[i].numel() else empty for i in fresh])
+        zero = self.exchange.all_finite(zero)  # every shard must be zero: the same decision on every rank
+        for i, z in zip(fresh, zero.tolist(), strict=True):
+            if z:
+                active[i] = False
+        return active
+
+    def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> Tensor:
+        """One flag per parameter: its gradient's norm is finite (no NaN/Inf, no overflow)."""
+        norms = torch._foreach_norm([grads[i] for i in active_ids])
+        flags = torch.stack(norms).isfinite()
+        if len(active_ids) == len(grads):
+            return flags
+        full = torch.ones(len(grads), dtype=torch.bool, device=self.device)
+        full[self._index(active_ids)] = flags
+        return full
+
+    def _grad_block(self, lay: ParamLayout, block: int, grad: Tensor, cache: dict[int, Tensor]) -> Tensor:
+        if lay.index not in cache:
+            g = grad if lay.permutation is None else grad.permute(lay.permutation)
+            cache[lay.index] = g.reshape(lay.block_shape)
+        start = lay.row_offsets[block]
+        return cache[lay.index][start : start + lay.row_counts[block]]
+
+    def _run_subset(
+        self,
+        stack: BlockStack,
+        positions: list[int],
+        started: bool,
+        step: int,
+        hyper: Hyper,
+        params: list[Tensor],
+        finite: Tensor,
+        grad_cache: dict[int, Tensor],
+        deferred: dict[int, list[tuple[int, Tensor]]],
+        shared_updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]],
+    ) -> None:
+        full = len(positions) == len(stack.members)
+        sel = None if full else self._index(positions)
+        members = [stack.members[k] for k in positions]
+        compute = torch.promote_types(moment_dtype(stack.param_dtype), self.factor_dtype)
+        grads = torch.empty((len(members), *stack.dims), dtype=compute, device=self.device)
+        sources = [self._grad_block(lay, b, self._grads[lay.index], grad_cache) for lay, b in members]
+        torch._foreach_copy_(list(grads.unbind(0)), sources)
+        param_index = stack.param_index if sel is None else stack.param_index.index_select(0, sel)
+        flags = finite.index_select(0, param_index)
+        grads.masked_fill_(~flags.view((-1,) + (1,) * len(stack.dims)), 0)
+        # Per block dim: the store slots of these blocks, as a slice (a view) where they are consecutive
+        # and unshared, else as a cached device index.
+        slots = [None if bd is None else [bd.slots[k] for k in positions] for bd in stack.block_dims]
+        rows = [
+            None if bd is None else (bd.contiguous if full and bd.contiguous is not None else self._index(sl))
+            for bd, sl in zip(stack.block_dims, slots, strict=True)
+        ]
+        if started:
+            bases = [
+                None if bd is None else take(bd.store.bases, r).to(compute)
+                for bd, r in zip(stack.block_dims, rows, strict=True)
+            ]
+            self._adam_step(stack, sel, members, grads, bases, flags, step, hyper, params, deferred, compute)
+        for j, bd in enumerate(stack.block_dims):
+            if bd is None:
+                continue
+            if full and bd.stat_contiguous is not None:
+                kernels.accumulate_statistic(
+                    bd.store.factors[bd.stat_contiguous], grads, j, hyper.shampoo_beta
+                )
+                continue
+            stat_rows = [bd.stat_rows[k] for k in positions]
+            keep = [n for n, r in enumerate(stat_rows) if r >= 0]
+            if not keep:  # another rank keeps these statistics
+                continue
+            picked = grads if len(keep) == len(positions) else grads.index_select(0, self._index(keep))
+            kept = [stat_rows[n] for n in keep]
+            if len(set(kept)) == len(kept) and all(
+                bd.store.contributors[bd.slots[positions[n]]] == 1 for n in keep
+            ):
+                # unshared factors (e.g. the ones this rank owns): the same fused update as one process
+                rows = self._index(kept)
+                factors = bd.store.factors.index_select(0, rows)
+                kernels.accumulate_statistic(factors, picked, j, hyper.shampoo_beta)
+                bd.store.factors.index_copy_(0, rows, factors)
+                continue
+            stat = kernels.statistic(picked, j, scale=1.0 - hyper.shampoo_beta)
+            shared_updates.append(
+                (bd.store, self._index(kept), kept, stat.to(self.factor_dtype), hyper.shampoo_beta)
+            )
+
+    def _adam_step(
+        self,
+        stack: BlockStack,
+        sel: Tensor | None,
+        members: list[tuple[ParamLayout, int]],
+        grads: Tensor,
+        bases: list[Tensor | None],
+        flags: Tensor,
+        step: int,
+        hyper: Hyper,
+        params: list[Tensor],
+        deferred: dict[int, list[tuple[int, Tensor]]],
+        compute: torch.dtype,
+    ) -> None:
+        mdtype = stack.exp_avg.dtype
+        exp_avg = stack.exp_avg if sel is None else stack.exp_avg.index_select(0, sel)
+        exp_avg_sq = stack.exp_avg_sq if sel is None else stack.exp_avg_sq.index_select(0, sel)
+        rotated = kernels.rotate(grads, bases).to(mdtype)
+        direction = self._adam_direction(rotated, exp_avg, exp_avg_sq, hyper, flags)
+        if sel is not None:
+            stack.exp_avg.index_copy_(0, sel, exp_avg)
+            stack.exp_avg_sq.index_copy_(0, sel, exp_avg_sq)
+        # The page: W <- (W - s U)(1 - c) with c = lr * wd, i.e. W <- lerp(W, a U, c) with
+        # a = -s (1 - c) / c: one pass over the weights, the scale a riding in the last GEMM.
+        step_size = kernels.bias_corrected_step(hyper.lr, hyper.beta1, hyper.beta2, step, hyper.correct_bias)
+        decay = hyper.lr * hyper.weight_decay
+        scale = -step_size * (1.0 - decay) / decay if decay > 0 else -step_size
+        if hyper.normalize_grads:
+            update = kernels.normalize_rms(kernels.rotate_back(direction.to(compute), bases)).mul_(scale)
+        else:
+            update = kernels.rotate_back(direction.to(compute), bases, scale)
+        targets, pieces = [], []
+        for (lay, b), piece in zip(members, update.unbind(0), strict=True):
+            p = params[lay.index]
+            if lay.permutation is None and p.is_contiguous():
+                start = lay.row_offsets[b]
+                targets.append(p.data.view(lay.block_shape)[start : start + lay.row_counts[b]])
+                pieces.append(piece)
+            else:
+                deferred[lay.index].append((b, piece))
+        apply_update(targets, pieces, decay)
+
+    def _adam_direction(
+        self, rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: Hyper, flags: Tensor
+    ) -> Tensor:
+        kw = dict(beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, weight=flags)
+        if self.fused:
+            try:
+                return kernels.fused_adam_direction()(rotated, exp_avg, exp_avg_sq, **kw)
+            except Exception as error:  # e.g. no C++ compiler for inductor: fails before touching inputs
+                if self._fused_requested:
+                    raise
+                self.fused = False
+                warnings.warn(
+                    f"SOAP: torch.compile of the fused elementwise step failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); using the eager path "
+                    "(pass fused=False to skip the attempt).",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return kernels.adam_direction(rotated, exp_avg, exp_avg_sq, **kw)
+
+    def _apply_deferred(
+        self, deferred: dict[int, list[tuple[int, Tensor]]], params: list[Tensor], hypers: list[Hyper]
+    ) -> None:
+        """Parameters whose block space is not a view of their storage get their update here."""
+        for index, pieces in deferred.items():
+            lay = self.layouts[index]
+            pieces.sort(key=lambda item: item[0])
+            delta = torch.cat([piece for _, piece in pieces], dim=0).reshape(lay.permuted_shape)
+            if lay.permutation is not None:
+                delta = delta.permute(tuple(sorted(range(4), key=lambda k: lay.permutation[k])))
+            h = hypers[lay.group]
+            apply_update([params[index].data], [delta.reshape(lay.shape)], h.lr * h.weight_decay)
+
+    def _apply_shared_updates(
+        self, updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]]
+    ) -> None:
+        """factor <- beta_s factor + (1 - beta_s) sum of its blocks' statistics, once per factor."""
+        decayed: dict[int, set[int]] = defaultdict(set)
+        for store, _, slots, _, beta in updates:
+            fresh = sorted(set(slots) - decayed[id(store)])
+            if fresh:
+                rows = self._index(fresh)
+                store.factors.index_copy_(0, rows, store.factors.index_select(0, rows).mul_(beta))
+                decayed[id(store)].update(fresh)
+        for store, index, _, stat, _ in updates:
+            store.factors.index_add_(0, index, stat)
+
+    # ----- bases -----
