@@ -31,7 +31,7 @@ from torch import nn
 
 from soap_apps.pretrain.config import ModelConfig
 
-EXPORT_FORMAT = "soap_dist.pretrain.GPT/1"
+EXPORT_FORMAT = "soap_dist.pretrain.GPT/1"  # the old package name, kept: earlier exports still load
 
 
 class CausalSelfAttention(nn.Module):
