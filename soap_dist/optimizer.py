@@ -8,7 +8,6 @@ bookkeeping in ``engine``.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,62 +17,15 @@ import torch
 from .comm import Exchange
 from .engine import SoapEngine
 from .layout import ParamLayout, plan_in_group
-from .placement import Placement, local, resolve, wrapper
+from .options import FACTOR_DTYPES, adopt_saved_group, check, validate_group
+from .placements import Placement, local, resolve, wrapper
 from .placements.owner import OwnerRunner
+from .placements.zero import ZeroRunner
 from .plan import PLACEMENTS, build_plan, local_layouts
 from .plan.costs import prefers_owner
 from .state_io import load_engine_state, save_engine_state
-from .zero_runner import ZeroRunner
 
 Tensor = torch.Tensor
-LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "block_size")
-DATA_FORMATS = ("channels_first", "channels_last")
-FACTOR_DTYPES = (torch.float32, torch.float64)
-
-
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"SOAP: invalid {name}={value!r}; expected {allowed}")
-
-
-def validate_group(group: dict[str, Any]) -> None:
-    """Raise a ValueError naming the argument and its allowed range."""
-    lr = group["lr"]
-    if torch.is_tensor(lr):  # torch.optim accepts a 1-element tensor lr (read with .item() at each step)
-        _check(lr.numel() == 1 and not lr.requires_grad, "lr", lr, "a number or a 1-element tensor")
-        lr = float(lr)
-    _check(isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
-    betas = group["betas"]
-    _check(
-        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
-        "betas",
-        betas,
-        "two numbers in [0, 1)",
-    )
-    sb = group["shampoo_beta"]
-    _check(sb < 1.0, "shampoo_beta", sb, "a number < 1 (negative means: use betas[1])")
-    _check(group["eps"] > 0, "eps", group["eps"], "a number > 0")
-    _check(group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], "a number >= 0")
-    pf = group["precondition_frequency"]
-    _check(isinstance(pf, int) and pf >= 1, "precondition_frequency", pf, "an integer >= 1")
-    mpd = group["max_precond_dim"]
-    _check(isinstance(mpd, int) and mpd >= 0, "max_precond_dim", mpd, "an integer >= 0")
-    df = group["data_format"]
-    _check(df in DATA_FORMATS, "data_format", df, "'channels_first' or 'channels_last'")
-    bs = group["block_size"]
-    _check(bs is None or (isinstance(bs, int) and bs >= 1), "block_size", bs, "None or an integer >= 1")
-
-
-def _adopt_saved_group(group: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Take a saved group's hyperparameters; its layout options must equal ours (state depends on them)."""
-    for key in LAYOUT_KEYS:
-        if key in saved and saved[key] != group[key]:
-            raise ValueError(
-                f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
-                f"{group[key]!r}; the state layout depends on it"
-            )
-    group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-    group["betas"] = tuple(group["betas"])
 
 
 class SOAP(torch.optim.Optimizer):
@@ -139,14 +91,14 @@ class SOAP(torch.optim.Optimizer):
         process_group: Any = None,
         device_mesh: Any = None,
     ) -> None:
-        _check(
+        check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
             "refresh_delay",
             refresh_delay,
             "an integer >= 0",
         )
-        _check(factor_dtype in FACTOR_DTYPES, "factor_dtype", factor_dtype, "torch.float32 or torch.float64")
-        _check(
+        check(factor_dtype in FACTOR_DTYPES, "factor_dtype", factor_dtype, "torch.float32 or torch.float64")
+        check(
             qr_method in ("auto", "cholesky_qr2", "householder"),
             "qr_method",
             qr_method,
@@ -172,7 +124,7 @@ class SOAP(torch.optim.Optimizer):
         self.factor_dtype = factor_dtype
         self.qr_method = qr_method
         self.fused = fused
-        _check(
+        check(
             placement in ("auto", *PLACEMENTS),
             "placement",
             placement,
@@ -198,7 +150,7 @@ class SOAP(torch.optim.Optimizer):
         group["betas"] = tuple(group["betas"])
         validate_group(group)
         delay_ok = self.refresh_delay < group["precondition_frequency"]
-        _check(
+        check(
             delay_ok,
             "refresh_delay",
             self.refresh_delay,
@@ -363,12 +315,12 @@ class SOAP(torch.optim.Optimizer):
         if self._zero_owner is None:
             if self._engine is not None or "deepspeed" not in sys.modules:
                 return None
-            from .deepspeed import find_zero_optimizer
+            from .integrations.deepspeed_zero import find_zero_optimizer
 
             self._zero_owner = find_zero_optimizer(self)
             if self._zero_owner is None:
                 return None
-        from .deepspeed import partitioning
+        from .integrations.deepspeed_zero import partitioning
 
         part = partitioning(self._zero_owner)
         if self.placement not in ("auto", "zero", "owner"):
@@ -465,7 +417,7 @@ class SOAP(torch.optim.Optimizer):
                 "the partition boundaries). Resume at the same data-parallel size."
             )
         for group, saved in zip(self._declared_groups, state_dict["param_groups"], strict=True):
-            _adopt_saved_group(group, saved)
+            adopt_saved_group(group, saved)
         if state_dict["state"]:
             zero.load_state_dict(state_dict["state"])
 
@@ -488,7 +440,7 @@ class SOAP(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError("SOAP.load_state_dict: a param group's size differs from the saved one")
-            _adopt_saved_group(group, saved)
+            adopt_saved_group(group, saved)
         # Saved params are ids (torch.optim) or FQNs (DCP's set_optimizer_state_dict): map by position.
         by_saved_id: dict[Any, int] = {}
         index = 0

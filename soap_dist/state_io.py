@@ -29,7 +29,7 @@ import torch
 
 from .engine import SoapEngine
 from .layout import ParamLayout
-from .placement import is_dtensor, local
+from .placements.tensors import is_dtensor, local
 from .plan import FactorEntry
 from .state_check import check_engine_state
 from .stores import FactorStore, moment_dtype

@@ -27,10 +27,10 @@ import torch
 from ..comm import Exchange, Groups
 from ..layout import ParamLayout
 from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_splits, row_elements
-from ..placement import Placement, is_dtensor, local, wrapper
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
+from .tensors import Placement, is_dtensor, local, wrapper
 
 Tensor = torch.Tensor
 ROW_KEYS = ("exp_avg", "exp_avg_sq")  # plus every "*_0" key of a parameter whose dim 0 has a factor

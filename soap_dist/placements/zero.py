@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from .comm import Exchange, Groups
-from .layout import ParamLayout, plan_in_group
-from .owner_layout import assign_owners, owner_splits
-from .plan import OWNER, ZERO, Topology, build_plan, local_layouts
-from .state_io import load_engine_state, save_engine_state
-from .zero_layout import Fragment, homes, routes, row_elements, unit_rows
+from ..comm import Exchange, Groups
+from ..layout import ParamLayout, plan_in_group
+from ..owner_layout import assign_owners, owner_splits
+from ..plan import OWNER, ZERO, Topology, build_plan, local_layouts
+from ..state_io import load_engine_state, save_engine_state
+from ..zero_layout import Fragment, homes, routes, row_elements, unit_rows
 
 Tensor = torch.Tensor
 
