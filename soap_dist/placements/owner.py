@@ -30,19 +30,21 @@ from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_sp
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
+from .rows import HomeRowsRunner
 from .tensors import Placement, is_dtensor, local, wrapper
 
 Tensor = torch.Tensor
 ROW_KEYS = ("exp_avg", "exp_avg_sq")  # plus every "*_0" key of a parameter whose dim 0 has a factor
 
 
-class OwnerRunner:
+class OwnerRunner(HomeRowsRunner):
     """The engine of one shard group's owners, its home buffers, and the two exchanges of a step."""
 
     def __init__(self, soap: Any, layouts: list[ParamLayout], params: Sequence[Tensor], where: Placement):
         grid = where.topology
         self.layouts = layouts
         self.shards, self.shard = grid.shards, grid.shard
+        self.world = self.shards  # the runs move inside one shard group
         self.mesh_placement = where
         factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
         moment_bytes = [torch.empty((), dtype=moment_dtype(p.dtype)).element_size() for p in params]
@@ -104,8 +106,7 @@ class OwnerRunner:
         return buffer.view(-1)[start : start + n]
 
     def _gather(self, params: list[Tensor], grads: list, active: list[bool], crossing: int) -> None:
-        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
-        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        outgoing, incoming = self.new_runs(self.shards)
         for lay in self.layouts:
             i = lay.index
             if not active[i]:
@@ -125,11 +126,10 @@ class OwnerRunner:
             elif mine_n:
                 outgoing[owner] += [grads[i].reshape(-1), params[i].reshape(-1)]
         if crossing:
-            self._swap(outgoing, incoming)
+            self.move(outgoing, incoming)
 
     def _scatter(self, params: list[Tensor], active: list[bool], crossing: int) -> None:
-        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
-        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        outgoing, incoming = self.new_runs(self.shards)
         for lay in self.layouts:
             i = lay.index
             if not active[i]:
@@ -145,43 +145,7 @@ class OwnerRunner:
             elif mine_n:
                 incoming[owner].append(params[i].view(-1))
         if crossing:
-            self._swap(outgoing, incoming)
-
-    def _swap(
-        self,
-        outgoing: dict[int, list[Tensor]],
-        incoming: dict[int, list[Tensor]],
-        dtypes: Sequence[torch.dtype] | None = None,
-    ) -> None:
-        """One all_to_all per dtype, in an order every rank derives alike; copies into ``incoming``.
-
-        ``dtypes`` must be the same on every rank (default: the parameters' dtypes, known everywhere).
-        """
-        if dtypes is None:
-            dtypes = sorted({p.dtype for p in self.home_params}, key=str)
-            stray = {t.dtype for ts in outgoing.values() for t in ts} - set(dtypes)
-            if stray:
-                raise RuntimeError(
-                    f"SOAP placement 'owner': a gradient has dtype {stray.pop()}, unlike every parameter; "
-                    "cast the gradients to their parameters' dtype before step()"
-                )
-        device = self.exchange.device
-        for dtype in dtypes:
-            send_parts = [t for d in range(self.shards) for t in outgoing[d] if t.dtype == dtype]
-            send_counts = [
-                sum(t.numel() for t in outgoing[d] if t.dtype == dtype) for d in range(self.shards)
-            ]
-            recv_counts = [
-                sum(t.numel() for t in incoming[s] if t.dtype == dtype) for s in range(self.shards)
-            ]
-            send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
-            received = self.exchange.swap_pieces(send, send_counts, recv_counts)
-            at = 0
-            for s in range(self.shards):
-                for t in incoming[s]:
-                    if t.dtype == dtype:
-                        t.copy_(received[at : at + t.numel()])
-                        at += t.numel()
+            self.move(outgoing, incoming)
 
     # ----- checkpoints -----
     def state_dict(self) -> dict[int, dict]:
@@ -189,8 +153,7 @@ class OwnerRunner:
         state = save_engine_state(self.engine, self.exchange)
         moves = self._row_keys(state)
         pieces: dict[tuple[int, str], Tensor] = {}
-        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
-        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        outgoing, incoming = self.new_runs(self.shards)
         for i, key in moves:
             lay, t = self.layouts[i], state[i][key]
             per_row = _per_row(lay)
@@ -207,7 +170,7 @@ class OwnerRunner:
                         outgoing[d].append(rows.reshape(-1))
             elif count:
                 incoming[self.owners[i]].append(mine.view(-1))
-        self._swap(outgoing, incoming, _dtypes(state[i][k] for i, k in moves))
+        self.move(outgoing, incoming, _dtypes(state[i][k] for i, k in moves))
         wrap = wrapper(self.mesh_placement)
         for (i, key), mine in pieces.items():
             lay = self.layouts[i]
@@ -219,8 +182,7 @@ class OwnerRunner:
         """Row-indexed tensors (DTensors or full tensors) travel to the owners, which load them."""
         full: dict[int, dict] = {}
         moved: list[tuple[int, str]] = []
-        outgoing: dict[int, list[Tensor]] = {d: [] for d in range(self.shards)}
-        incoming: dict[int, list[Tensor]] = {s: [] for s in range(self.shards)}
+        outgoing, incoming = self.new_runs(self.shards)
         for lay in self.layouts:
             i = lay.index
             entry = state_of(state, i)
@@ -255,7 +217,7 @@ class OwnerRunner:
                     t = local(entry[key])
                     out[key] = t.new_empty((0, *t.shape[1:]))
             full[i] = out
-        self._swap(outgoing, incoming, _dtypes(local(state_of(state, i)[k]) for i, k in moved))
+        self.move(outgoing, incoming, _dtypes(local(state_of(state, i)[k]) for i, k in moved))
         load_engine_state(self.engine, full, partial=partial)
 
     @staticmethod

@@ -28,6 +28,7 @@ from ..owner_layout import assign_owners, owner_splits
 from ..plan import OWNER, ZERO, Topology, build_plan, local_layouts
 from ..state_io import load_engine_state, save_engine_state
 from ..zero_layout import Fragment, homes, routes, row_elements, unit_rows
+from .rows import HomeRowsRunner
 
 Tensor = torch.Tensor
 
@@ -48,11 +49,12 @@ class Partitioning:
     fragments: list[list[Fragment]]  # rank -> the fragments of its slices, one per parameter at most
 
 
-class ZeroRunner:
+class ZeroRunner(HomeRowsRunner):
     """The engine, the plan and the home buffers of one SOAP optimizer under ZeRO stages 1-3."""
 
     def __init__(self, soap: Any, part: Partitioning, groups: list[dict]) -> None:
         self.part = part
+        self.world = part.world
         self.groups = groups
         self.layouts = [
             self._layout(i, groups[part.flat_group[part.param_flat[i]]]) for i in range(len(part.shapes))
@@ -183,24 +185,18 @@ class ZeroRunner:
                 values[p.flat_offset : p.flat_offset + p.numel]
             )
             self._home_run(p.param, self.home_grads, p).copy_(grad[p.flat_offset : p.flat_offset + p.numel])
-        if not crossing:
+        if not crossing:  # nothing crosses ranks anywhere in the job: every rank skips alike
             return
-        send_counts, recv_counts = route.counts(me)
-        parts = []
+        outgoing, incoming = self.new_runs(self.world)
         for d, pieces in enumerate(route.send):
             if d != me:
-                parts += [grad[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
-                parts += [values[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
-        send = torch.cat(parts) if parts else values.new_empty(0)
-        received = self.exchange.swap_pieces(send, [2 * n for n in send_counts], [2 * n for n in recv_counts])
-        at = 0
+                outgoing[d] += [grad[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
+                outgoing[d] += [values[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
         for s, pieces in enumerate(route.recv):
-            if s == me:
-                continue
-            for target in (self.home_grads, self.home_params):
-                for p in pieces:
-                    self._home_run(p.param, target, p).copy_(received[at : at + p.numel])
-                    at += p.numel
+            if s != me:
+                incoming[s] += [self._home_run(p.param, self.home_grads, p) for p in pieces]
+                incoming[s] += [self._home_run(p.param, self.home_params, p) for p in pieces]
+        self.move(outgoing, incoming, sorted({values.dtype, grad.dtype}, key=str))
 
     def _scatter(self, flat: int, values: Tensor) -> None:
         route, crossing = self.routes[flat]
@@ -213,22 +209,14 @@ class ZeroRunner:
             )
         if not crossing:
             return
-        send_counts, recv_counts = route.counts(me)
-        parts = [
-            self._home_run(p.param, self.home_params, p)
-            for s, pieces in enumerate(route.recv)
-            if s != me
-            for p in pieces
-        ]
-        send = torch.cat(parts) if parts else values.new_empty(0)
-        received = self.exchange.swap_pieces(send, recv_counts, send_counts)
-        at = 0
+        outgoing, incoming = self.new_runs(self.world)
+        for s, pieces in enumerate(route.recv):
+            if s != me:
+                outgoing[s] += [self._home_run(p.param, self.home_params, p) for p in pieces]
         for d, pieces in enumerate(route.send):
-            if d == me:
-                continue
-            for p in pieces:
-                values[p.flat_offset : p.flat_offset + p.numel].copy_(received[at : at + p.numel])
-                at += p.numel
+            if d != me:
+                incoming[d] += [values[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
+        self.move(outgoing, incoming, [values.dtype])
 
     @staticmethod
     def _home_run(param: int, buffers: list[Tensor], p: Any) -> Tensor:

@@ -1,0 +1,61 @@
+"""The gather -> step -> scatter runner shared by placements owner and zero.
+
+Both run the engine on *home rows*: the rows of each parameter that one rank updates (a whole
+matrix under owner, whole row blocks under zero). Rows held elsewhere (FSDP2 shards, ZeRO's flat
+slices) travel to their home with their gradient before the step, and the updated values travel
+back after it. The runners only say which runs of elements go where; this class moves them, one
+all_to_all per dtype in an order every rank derives alike, and steps the engine on the homes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..comm import Exchange
+
+Tensor = torch.Tensor
+Runs = dict[int, list[Tensor]]  # peer rank -> views to send to it (or to fill from it), in order
+
+
+class HomeRowsRunner:
+    """Home buffers, the engine that steps them, and the moves to and from the ranks holding rows."""
+
+    exchange: Exchange
+    engine: object
+    home_params: list[Tensor]
+    home_grads: list[Tensor | None]
+    world: int
+
+    @staticmethod
+    def new_runs(world: int) -> tuple[Runs, Runs]:
+        return {r: [] for r in range(world)}, {r: [] for r in range(world)}
+
+    def move(self, outgoing: Runs, incoming: Runs, dtypes: Sequence[torch.dtype] | None = None) -> None:
+        """Send ``outgoing[d]`` to every rank d and fill ``incoming[s]`` from every rank s.
+
+        ``dtypes`` must be the same on every rank (default: the home parameters' dtypes, which every
+        rank knows). A run of another dtype is an error, never a silent mismatch of the collectives.
+        """
+        if dtypes is None:
+            dtypes = sorted({p.dtype for p in self.home_params}, key=str)
+            stray = {t.dtype for ts in outgoing.values() for t in ts} - set(dtypes)
+            if stray:
+                raise RuntimeError(
+                    f"SOAP: a gradient has dtype {stray.pop()}, unlike every parameter; cast the gradients "
+                    "to their parameters' dtype before step()"
+                )
+        device = self.exchange.device
+        for dtype in dtypes:
+            send_parts = [t for d in range(self.world) for t in outgoing[d] if t.dtype == dtype]
+            send_counts = [sum(t.numel() for t in outgoing[d] if t.dtype == dtype) for d in range(self.world)]
+            recv_counts = [sum(t.numel() for t in incoming[s] if t.dtype == dtype) for s in range(self.world)]
+            send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
+            received = self.exchange.swap_pieces(send, send_counts, recv_counts)
+            at = 0
+            for s in range(self.world):
+                for t in incoming[s]:
+                    if t.dtype == dtype:
+                        t.copy_(received[at : at + t.numel()])
+                        at += t.numel()
