@@ -8,6 +8,7 @@ bookkeeping in ``engine``.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 import torch
 
 from .comm import Exchange
+from .comm.guard import DEFAULT_TIMEOUT_S
 from .engine import SoapEngine
 from .layout import ParamLayout, plan_in_group
-from .options import FACTOR_DTYPES, adopt_saved_group, check, validate_group
-from .placements import Placement, local, resolve, wrapper
+from .optimizer_state import StateMixin
+from .options import FACTOR_DTYPES, check, validate_group
+from .placements import Placement, local, resolve
 from .placements.owner import OwnerRunner
 from .placements.zero import ZeroRunner
 from .plan import PLACEMENTS, build_plan, local_layouts
@@ -28,7 +31,7 @@ from .state_io import load_engine_state, save_engine_state
 Tensor = torch.Tensor
 
 
-class SOAP(torch.optim.Optimizer):
+class SOAP(StateMixin, torch.optim.Optimizer):
     """SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., ICLR 2025).
 
     Same keyword names and defaults as the authors' single-GPU SOAP, so its users change one
@@ -90,6 +93,7 @@ class SOAP(torch.optim.Optimizer):
         placement: str = "auto",
         process_group: Any = None,
         device_mesh: Any = None,
+        collective_timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
@@ -124,6 +128,14 @@ class SOAP(torch.optim.Optimizer):
         self.factor_dtype = factor_dtype
         self.qr_method = qr_method
         self.fused = fused
+        check(
+            isinstance(collective_timeout, (int, float)) and collective_timeout > 0,
+            "collective_timeout",
+            collective_timeout,
+            "a number of seconds > 0",
+        )
+        self.collective_timeout = float(collective_timeout)
+        self._calls = 0  # step() calls, for messages that name a step
         check(
             placement in ("auto", *PLACEMENTS),
             "placement",
@@ -215,8 +227,8 @@ class SOAP(torch.optim.Optimizer):
         local_params = [local(p) for p in params]
         if topology.world > 1:
             device = local_params[0].device if local_params else torch.device("cpu")
-            self._exchange = Exchange(plan, self._placement.groups, self.factor_dtype, device)
-            self._check_plan(self._exchange, full, self.param_groups)
+            self._exchange = self._new_exchange(plan, self._placement.groups, device)
+            self._check_plan(self._exchange, full, self.param_groups, params=params)
         self._engine = self._new_engine(local_layouts(full, topology), local_params, plan, self._exchange)
         self._engine_params = [id(p) for p in params]
         self._stateful_markers(params)
@@ -241,19 +253,43 @@ class SOAP(torch.optim.Optimizer):
             self._carried_state = {}
         return self._engine
 
-    def _check_plan(
-        self, exchange: Exchange, full: list[ParamLayout], groups: list[dict], across: Any = None
-    ) -> None:
-        """Every rank must agree on the plan and on what else sets the collectives' order.
+    def _new_exchange(self, plan: Any, groups: Any, device: torch.device) -> Exchange:
+        exchange = Exchange(plan, groups, self.factor_dtype, device, self.collective_timeout)
+        exchange.step = self._calls
+        return exchange
 
-        ``across`` = (process group, grid): check over the grid's replicas instead (placement owner).
+    def _check_plan(
+        self,
+        exchange: Exchange,
+        full: list[ParamLayout],
+        groups: list[dict],
+        across: Any = None,
+        params: list[Tensor] | None = None,
+    ) -> None:
+        """Every rank must agree on the plan, on what else sets the collectives' order, and on which
+        tensor each parameter is: its name when given (named_parameters), and under replicated a
+        fingerprint of its values (DDP made them equal on every replica).
+
+        ``across`` = (process group, grid, global ranks): check over the grid's replicas instead.
         """
         extras = [
             (groups[lay.group]["precondition_frequency"], self.refresh_delay, str(self.factor_dtype))
             for lay in full
         ]
-        scope = None if across is None else (across[0], across[1].replicas, across[1].replica)
-        exchange.check_plan(exchange.plan.param_hashes(full, extras), [lay.name for lay in full], scope)
+        given = [n for g in groups for n in (g.get("param_names") or [None] * len(g["params"]))]
+        if len(given) != len(full):  # DeepSpeed's groups hold flat partitions, not the parameters
+            given = [None] * len(full)
+        fingerprints = [None] * len(full)
+        if params is not None and exchange.plan.topology.placement == "replicated" and params:
+            sums = torch.stack([p.detach().double().sum() for p in params])  # one host read, at build
+            fingerprints = sums.view(torch.int64).tolist()
+        identities = [
+            int.from_bytes(hashlib.blake2b(repr((n, f)).encode(), digest_size=8).digest(), "little") >> 1
+            for n, f in zip(given, fingerprints, strict=True)
+        ]
+        scope = None if across is None else (across[0], across[1].replicas, across[1].replica, across[2])
+        names = [lay.name for lay in full]
+        exchange.check_plan(exchange.plan.param_hashes(full, extras), names, scope, identities)
 
     def _new_engine(
         self, layouts: list[ParamLayout], params: list[Tensor], plan: Any, exchange: Exchange | None
@@ -276,8 +312,10 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._calls += 1
         zero = self._zero_mode()
         if zero is not None:
+            zero.exchange.step = self._calls
             for f in zero.flats_in(self.param_groups):
                 validate_group(zero.groups[zero.part.flat_group[f]])
                 zero.step(f)
@@ -289,6 +327,8 @@ class SOAP(torch.optim.Optimizer):
         for group in self.param_groups:
             validate_group(group)
         engine = self._ensure_engine()
+        if self._exchange is not None:
+            self._exchange.step = self._calls
         active = [p.grad is not None and p.numel() > 0 for p in params]
         runner = self._owner if self._owner is not None else engine
         runner.step(self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active)
@@ -336,126 +376,6 @@ class SOAP(torch.optim.Optimizer):
     def _stateful_markers(self, params: list[Tensor]) -> None:
         for p in params:  # torch.optim/DCP read a non-empty ``state`` as "already initialised"
             self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
-
-    def stats(self) -> dict[str, Any]:
-        """Counters of what the optimizer did: refreshes, installs, failures, time spent.
-
-        ``installed_at`` lists (param, first step using the new basis) for the most recent
-        ``engine.INSTALLED_AT_KEPT`` (4096) installs only, so nothing grows with the step count.
-        """
-        zero = self._zero
-        engine, exchange = (zero.engine, zero.exchange) if zero else (self._engine, self._exchange)
-        if engine is None:
-            return {"built": False}
-        c = engine.counters
-        plan = engine.plan
-        me = plan.topology.rank
-        owned = [e for e in plan.entries if e.owner == me]
-        stores = list(engine.stores.values())
-        traffic = exchange.traffic if exchange is not None else None
-        return {
-            "built": True,
-            "refreshes": c.refreshes,
-            "factors_refreshed": c.factors_refreshed,
-            "factors_owned": len(owned),
-            "owned_refresh_cost": sum(e.cost for e in owned),
-            "bases_installed": c.bases_installed,
-            "refresh_failures": c.refresh_failures,
-            "nonfinite_params_warned": c.nonfinite_params_warned,
-            "refresh_seconds": c.refresh_seconds,
-            "eigh_seconds": c.eigh_seconds,
-            "installed_at": list(c.installed_at),
-            "owner_seconds": c.owner_seconds,
-            "placement": engine.plan.topology.placement,
-            "world": engine.plan.topology.world,
-            "rank": engine.plan.topology.rank,
-            "factor_bytes": sum(s.factors.numel() * s.factors.element_size() for s in stores),
-            "basis_bytes": sum(s.bases.numel() * s.bases.element_size() for s in stores),
-            "moment_bytes": sum(
-                t.numel() * t.element_size() for st in engine.stacks for t in (st.exp_avg, st.exp_avg_sq)
-            ),
-            "bytes_sent": traffic.sent if traffic else 0,
-            "bytes_received": traffic.received if traffic else 0,
-            "collectives": (traffic.reduce_calls + traffic.broadcast_calls + traffic.small_calls)
-            if traffic
-            else 0,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        zero = self._zero_mode()
-        if zero is not None:  # each rank saves its own rows, as DeepSpeed saves each rank's partition
-            return {
-                "state": zero.state_dict(),
-                "param_groups": self._packed_groups(self._declared_groups, zero.param_counts()),
-                "zero_world": zero.part.world,
-            }
-        groups = self._packed_groups(self.param_groups, [len(g["params"]) for g in self.param_groups])
-        if self._owner is not None:
-            state = self._owner.state_dict()
-        elif self._engine is not None:
-            state = save_engine_state(self._engine, self._exchange, wrapper(self._placement))
-        else:
-            state = {}
-        return {"state": state, "param_groups": groups}
-
-    @staticmethod
-    def _packed_groups(groups: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
-        out, index = [], 0
-        for group, n in zip(groups, counts, strict=True):
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = list(range(index, index + n))
-            index += n
-            out.append(packed)
-        return out
-
-    def _load_zero_state(self, zero: ZeroRunner, state_dict: dict[str, Any]) -> None:
-        saved_world = state_dict.get("zero_world")
-        if saved_world != zero.part.world:
-            raise ValueError(
-                f"SOAP.load_state_dict: this state was saved under DeepSpeed ZeRO at world {saved_world}; "
-                f"loading it at world {zero.part.world} is not supported (SOAP's row-block state follows "
-                "the partition boundaries). Resume at the same data-parallel size."
-            )
-        for group, saved in zip(self._declared_groups, state_dict["param_groups"], strict=True):
-            adopt_saved_group(group, saved)
-        if state_dict["state"]:
-            zero.load_state_dict(state_dict["state"])
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        zero = self._zero_mode()
-        if zero is not None or "zero_world" in state_dict:
-            if zero is None:
-                raise ValueError(
-                    "SOAP.load_state_dict: this state was saved under DeepSpeed ZeRO stages 1-3; load it "
-                    "through the DeepSpeed engine (engine.load_checkpoint) of the same configuration"
-                )
-            self._load_zero_state(zero, state_dict)
-            return
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"SOAP.load_state_dict: the state has {len(saved_groups)} param groups, "
-                f"this optimizer has {len(self.param_groups)}"
-            )
-        for group, saved in zip(self.param_groups, saved_groups, strict=True):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError("SOAP.load_state_dict: a param group's size differs from the saved one")
-            adopt_saved_group(group, saved)
-        # Saved params are ids (torch.optim) or FQNs (DCP's set_optimizer_state_dict): map by position.
-        by_saved_id: dict[Any, int] = {}
-        index = 0
-        for saved in saved_groups:
-            for saved_id in saved["params"]:
-                by_saved_id[saved_id] = index
-                index += 1
-        state = {by_saved_id.get(k, k): v for k, v in state_dict["state"].items()}
-        self._engine, self._owner = None, None
-        if state:
-            engine = self._ensure_engine()
-            if self._owner is not None:
-                self._owner.load_state_dict(state)
-            else:
-                load_engine_state(engine, state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -59,7 +59,7 @@ def owner_state_and_traffic(world):
     runner = opt._owner
     sizes = [p.element_size() for p in params]
     formula = step_traffic(runner.layouts, runner.owners, world, runner.shard, sizes, sizes)
-    flags = 4 * len(params)  # the per-step all_reduce(MIN) of the finite flags
+    flags = 8 * (len(params) + 2)  # the per-step all_reduce(MIN): int64 flags and [w, -w] for one word
     _, single = ds._distributed(None, None, placement="single")
     s = single.stats()
     single_total = s["factor_bytes"] + s["basis_bytes"] + s["moment_bytes"]

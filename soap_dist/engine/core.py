@@ -100,6 +100,7 @@ class SoapEngine(StepMixin, RefreshMixin):
         self.entry_slot: dict[FactorEntry, tuple[FactorStore, int]] = {}
         self.slot_entries: dict[int, list[FactorEntry]] = {}
         self.calls = 0
+        self.broken: tuple[int, str] | None = None  # (step, error) when a refresh raised under several ranks
         self._inflight: list[tuple[int, Any, list[int]]] = []  # (wait at call, broadcasts, params)
         self._build(params)
         self.nonfinite_seen = torch.zeros(len(layouts), dtype=torch.bool, device=self.device)

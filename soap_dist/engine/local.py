@@ -29,8 +29,10 @@ class LocalFlight:
 class LocalExchange:
     """``comm.Exchange`` for one process: every call returns at once and moves nothing."""
 
-    def all_finite(self, flags: Tensor) -> Tensor:
-        return flags
+    step = 0  # the optimizer step, for messages (kept alike with comm.Exchange)
+
+    def all_finite(self, flags: Tensor, words: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        return flags, None
 
     def reduce_to_owners(
         self, entries: Sequence[FactorEntry], partial: Callable[[FactorEntry], Tensor | None]

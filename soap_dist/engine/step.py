@@ -7,9 +7,10 @@ reaches a multiple of its precondition frequency.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -86,6 +87,12 @@ class StepMixin:
             grads = [p.grad for p in params]
         if active is None:
             active = [g is not None and p.numel() > 0 for p, g in zip(params, grads, strict=True)]
+        if self.broken is not None:
+            raise RuntimeError(
+                f"SOAP: step() raised during the basis refresh of optimizer step {self.broken[0]} "
+                f"({self.broken[1]}); the ranks' optimizer state may differ since. Load it from a "
+                "checkpoint (load_state_dict) before stepping again."
+            )
         self.calls += 1
         while self._inflight and self._inflight[0][0] <= self.calls:
             _, flight, ids = self._inflight.pop(0)
@@ -96,8 +103,13 @@ class StepMixin:
             return
         self._grads = grads
         hypers = [Hyper.of(g) for g in groups]
-        finite = self._finite_flags(grads, active_ids)
-        finite = self.exchange.all_finite(finite)
+        finite, norms = self._finite_flags(grads, active_ids)
+        words = self._agreement_words(groups, hypers, active_ids, norms)
+        finite, agreed = self.exchange.all_finite(finite, words)
+        if agreed is not None and not bool(agreed.all()):  # one small host read per step, distributed only
+            # A gradient skipped as non-finite differs between replicas by nature; the decision is shared.
+            if not bool(agreed[0]) or bool(finite.all()):
+                self._disagree(groups, hypers, active_ids, agreed)
         self.nonfinite_seen |= ~finite
         upcoming = {i: self.steps[i] + 1 for i in active_ids if self.started[i]}
         due = [i for i, t in upcoming.items() if self.install_step.get(i) == t]
@@ -130,15 +142,79 @@ class StepMixin:
         updated = [i for i in active_ids if self.started[i]]
         for i in updated:
             self.steps[i] += 1
-        if first:
-            self._refresh(first, first=True)
-            for i in first:
-                self.started[i] = True
-        due = [
-            i for i in updated if self.steps[i] % hypers[self.layouts[i].group].precondition_frequency == 0
+        try:
+            if first:
+                self._refresh(first, first=True)
+                for i in first:
+                    self.started[i] = True
+            due = [
+                i
+                for i in updated
+                if self.steps[i] % hypers[self.layouts[i].group].precondition_frequency == 0
+            ]
+            if due:
+                self._refresh(due, first=False)
+        except BaseException as error:
+            if self.plan.topology.world > 1:  # other ranks may be inside the refresh's collectives now
+                self.broken = (self.calls, f"{type(error).__name__}: {error}")
+            raise
+
+    def _refreshing(self, hypers: list[Hyper], active_ids: list[int]) -> list[int]:
+        """Parameters whose refresh (or first bases) this step will run: the collectives ahead."""
+        return [
+            i
+            for i in active_ids
+            if not self.started[i]
+            or (self.steps[i] + 1) % hypers[self.layouts[i].group].precondition_frequency == 0
         ]
-        if due:
-            self._refresh(due, first=False)
+
+    def _agreement_words(
+        self, groups: list[dict], hypers: list[Hyper], active_ids: list[int], norms: Tensor
+    ) -> Tensor | None:
+        """What every rank must agree on at this step, as int64 words for the finite-flag all_reduce:
+        a hash of the step count, the refreshes ahead and the hyperparameters; under replicated also
+        the gradients' fingerprint (DDP's all-reduce makes them bitwise equal on every replica)."""
+        if self.plan.topology.world == 1:
+            return None
+        text = repr((self.calls, self._refreshing(hypers, active_ids), [astuple(h) for h in hypers]))
+        digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+        words = [torch.tensor([int.from_bytes(digest, "little") >> 2], dtype=torch.int64, device=self.device)]
+        if self.plan.topology.placement == "replicated":
+            words.append(norms.double().sum().reshape(1).view(torch.int64))
+        return torch.cat(words)
+
+    def _disagree(
+        self, groups: list[dict], hypers: list[Hyper], active_ids: list[int], agreed: Tensor
+    ) -> None:
+        """Every rank raises the same RanksDisagreeError, naming what differs (an error path only)."""
+        from ..comm import RanksDisagreeError
+
+        mine = {
+            "refreshing": [self._name(i) for i in self._refreshing(hypers, active_ids)],
+            "groups": [astuple(h) for h in hypers],
+            "calls": self.calls,
+        }
+        every = self.exchange.gather_objects(mine)
+        lines = []
+        for g, fields in enumerate(zip(*[m["groups"] for m in every], strict=True)):
+            for k, name in enumerate(Hyper.__dataclass_fields__):
+                values = [f[k] for f in fields]
+                if len(set(values)) > 1:
+                    lines.append(f"param group {g} {name}: {values} (by rank)")
+        if len({m["calls"] for m in every}) > 1:
+            lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
+        if len({tuple(m["refreshing"]) for m in every}) > 1:
+            lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
+        if agreed.numel() > 1 and not bool(agreed[1]):
+            lines.append(
+                "the gradients differ between replicas: step only after DDP's all-reduce (with no_sync, "
+                "on the synchronising pass), and keep every replica's data loader and model in step"
+            )
+        raise RanksDisagreeError(
+            f"SOAP: ranks disagree at optimizer step {self.calls} (checked in the finite-flag all_reduce): "
+            + "; ".join(lines or ["details differ in a way SOAP could not name"])
+            + ". Every rank must step the same parameters with the same options."
+        )
 
     def _skip_zero_first_gradients(self, active: list[bool], grads: list[Tensor | None]) -> list[bool]:
         """A parameter is started by its first gradient that is not exactly zero everywhere.
@@ -152,21 +228,21 @@ class StepMixin:
             return active
         empty = torch.ones((), dtype=torch.bool, device=self.device)  # an empty shard holds no non-zero
         zero = torch.stack([(grads[i] == 0).all() if grads[i].numel() else empty for i in fresh])
-        zero = self.exchange.all_finite(zero)  # every shard must be zero: the same decision on every rank
+        zero, _ = self.exchange.all_finite(zero)  # every shard must be zero: the same decision everywhere
         for i, z in zip(fresh, zero.tolist(), strict=True):
             if z:
                 active[i] = False
         return active
 
-    def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> Tensor:
-        """One flag per parameter: its gradient's norm is finite (no NaN/Inf, no overflow)."""
-        norms = torch._foreach_norm([grads[i] for i in active_ids])
-        flags = torch.stack(norms).isfinite()
+    def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> tuple[Tensor, Tensor]:
+        """One flag per parameter (its gradient's norm is finite: no NaN/Inf, no overflow), and the norms."""
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in active_ids]))
+        flags = norms.isfinite()
         if len(active_ids) == len(grads):
-            return flags
+            return flags, norms
         full = torch.ones(len(grads), dtype=torch.bool, device=self.device)
         full[self._index(active_ids)] = flags
-        return full
+        return full, norms
 
     def _grad_block(self, lay: ParamLayout, block: int, grad: Tensor, cache: dict[int, Tensor]) -> Tensor:
         if lay.index not in cache:

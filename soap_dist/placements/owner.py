@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..comm import Exchange, Groups
+from ..comm import Groups
 from ..layout import ParamLayout
 from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_splits, row_elements
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
@@ -55,15 +55,15 @@ class OwnerRunner(HomeRowsRunner):
         groups = where.groups
         shard_ranks = groups.ranks[grid.replica * self.shards : (grid.replica + 1) * self.shards]
         device = local(params[0]).device if params else torch.device("cpu")
-        self.exchange = Exchange(
-            plan,
-            Groups(world=groups.shard, shard=groups.shard, replicate=None, ranks=shard_ranks),
-            soap.factor_dtype,
-            device,
+        self.exchange = soap._new_exchange(
+            plan, Groups(world=groups.shard, shard=groups.shard, replicate=None, ranks=shard_ranks), device
         )
         soap._check_plan(self.exchange, layouts, soap.param_groups)
         if grid.replicas > 1:  # the replicas' shard groups must have built the same plan too
-            soap._check_plan(self.exchange, layouts, soap.param_groups, across=(groups.replicate, grid))
+            replicas = [groups.ranks[r * self.shards + self.shard] for r in range(grid.replicas)]
+            soap._check_plan(
+                self.exchange, layouts, soap.param_groups, across=(groups.replicate, grid, replicas)
+            )
         self.owned = [k for k, o in enumerate(self.owners) if o == self.shard]
         self.home_params = [self._home(lay, p) for lay, p in zip(layouts, params, strict=True)]
         self.home_grads = [torch.zeros_like(t) for t in self.home_params]

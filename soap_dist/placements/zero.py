@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..comm import Exchange, Groups
+from ..comm import Groups
 from ..layout import ParamLayout, plan_in_group
 from ..owner_layout import assign_owners, owner_splits
 from ..plan import OWNER, ZERO, Topology, build_plan, local_layouts
@@ -73,7 +73,7 @@ class ZeroRunner(HomeRowsRunner):
         plan = build_plan(self.layouts, topology, self.splits)
         device = part.flats[0].device if part.flats else torch.device("cpu")
         grid = Groups(world=part.process_group, shard=part.process_group, replicate=None, ranks=part.ranks)
-        self.exchange = Exchange(plan, grid, soap.factor_dtype, device)
+        self.exchange = soap._new_exchange(plan, grid, device)
         soap._check_plan(self.exchange, self.layouts, groups)
         dtype = part.flats[0].dtype if part.flats else torch.float32
         # A parameter whose home rows all lie in this rank's own slice is stepped in place, on a view

@@ -10,8 +10,8 @@ Per rank, in bytes:
 - moments: exp_avg and exp_avg_sq of its rows (``moment_bytes``);
 - refresh_work: sum of d^3 over the factors it owns;
 - per refresh: statistics reduced to owners and bases broadcast from them (sent, received);
-- per step: the finite-flag all_reduce when parameters are sharded, and under owner the two
-  row exchanges (gradients and values in, updated values out).
+- per step: the all_reduce of finite flags and agreement words (every distributed placement), and
+  under owner the two row exchanges (gradients and values in, updated values out).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..layout import ParamLayout, restrict_rows
 from ..owner_layout import step_traffic
 from . import OWNER, FactorEntry, Plan
 
-FLAG_BYTES = 4  # one int32 finite flag per parameter
+WORD_BYTES = 8  # the per-step all_reduce is int64: a finite flag per parameter, then [w, -w] per word
 
 
 @dataclass
@@ -90,10 +90,12 @@ def rank_costs(
             numel = math.prod(restrict_rows(lay, count).block_shape)
             for rep in range(R):
                 out[rep * S + s].moments += 2 * numel * moment_bytes[lay.index]
-    if S > 1:
+    if W > 1:  # the per-step all_reduce of finite flags and agreement words (engine.step)
+        words = 1 + (topo.placement == "replicated")  # + the gradients' fingerprint under replicated
+        flags = WORD_BYTES * (len(plan.layouts) + 2 * words)
         for c in out:
-            c.step_sent += FLAG_BYTES * len(plan.layouts)
-            c.step_received += FLAG_BYTES * len(plan.layouts)
+            c.step_sent += flags
+            c.step_received += flags
     if topo.placement == OWNER:
         for r, c in enumerate(out):
             sent, received = step_traffic(plan.layouts, owners, S, r % S, param_bytes, param_bytes)

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .plan import FactorEntry, Plan
+from ..plan import FactorEntry, Plan
+from .guard import DEFAULT_TIMEOUT_S, CollectiveTimeout, Guard, arrive_all
+
+__all__ = ["CollectiveTimeout", "Exchange", "Groups", "PlanMismatchError", "RanksDisagreeError", "arrive_all"]
 
 Tensor = torch.Tensor
 Result = tuple[Tensor, Tensor, Tensor]  # basis [d, d], sort permutation [d], ok flag []
@@ -28,6 +31,11 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 class PlanMismatchError(RuntimeError):
     """The ranks built different plans (different models, options or world layouts)."""
+
+
+class RanksDisagreeError(RuntimeError):
+    """After the first step, ranks disagree on something that must be identical (options, refreshes,
+    gradients under replicated)."""
 
 
 @dataclass
@@ -55,13 +63,14 @@ class Traffic:
 class BasesInFlight:
     """Asynchronous broadcasts of new bases; ``wait`` returns what this rank needs."""
 
-    works: list = field(default_factory=list)
+    works: list = field(default_factory=list)  # (work, name, participants)
     unpack: list[tuple[Tensor, list[FactorEntry]]] = field(default_factory=list)
     own: dict[FactorEntry, Result] = field(default_factory=dict)
+    guard: Guard | None = None
 
     def wait(self) -> dict[FactorEntry, Result]:
-        for work in self.works:
-            work.wait()
+        for work, name, participants in self.works:
+            self.guard.wait(work, name, participants)
         out = dict(self.own)
         for buffer, entries in self.unpack:
             out.update(_unpack(buffer, entries))
@@ -96,10 +105,38 @@ def _unpack(buffer: Tensor, entries: Sequence[FactorEntry]) -> dict[FactorEntry,
 class Exchange:
     """Collectives of one engine over its grid of ranks."""
 
-    def __init__(self, plan: Plan, groups: Groups, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        groups: Groups,
+        dtype: torch.dtype,
+        device: torch.device,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.plan, self.groups, self.dtype, self.device = plan, groups, dtype, device
         self.topology = plan.topology
         self.traffic = Traffic()
+        self.guard = Guard(timeout_s)
+
+    @property
+    def step(self) -> int:
+        return self.guard.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.guard.step = value
+
+    # ----- who takes part in which group (global ranks) -----
+    def world_ranks(self) -> list[int]:
+        return list(self.groups.ranks)
+
+    def shard_ranks(self) -> list[int]:
+        topo = self.topology
+        return [self.groups.ranks[t] for t in topo.shard_group(topo.replica)]
+
+    def replica_ranks(self) -> list[int]:
+        topo = self.topology
+        return [self.groups.ranks[t] for t in topo.replica_group(topo.shard)]
 
     def _bytes(self, t: Tensor) -> int:
         return t.numel() * t.element_size()
@@ -112,29 +149,41 @@ class Exchange:
 
     # ----- first step -----
     def check_plan(
-        self, hashes: list[int], names: list[str], across: tuple[Any, int, int] | None = None
+        self,
+        hashes: list[int],
+        names: list[str],
+        across: tuple[Any, int, int, list[int]] | None = None,
+        identities: list[int] | None = None,
     ) -> None:
-        """One small all_gather of (count, plan hash); a second one only to name a mismatch.
+        """One small all_gather of (count, plan hash, identity hash); a second one only to name a mismatch.
 
-        ``across`` = (group, size, rank) checks over another group than the grid's (the replicas of
-        an owner grid, which each build their own plan).
+        ``across`` = (group, size, rank, global ranks) checks over another group than the grid's (the
+        replicas of an owner grid, which each build their own plan). ``identities`` are per-parameter
+        hashes of what says which tensor it is (names, or a fingerprint of the values under replicated).
         """
-        group, world, me = across if across is not None else (self.groups.world, self.topology.world, None)
-        me = self.topology.rank if me is None else me
+        if across is None:
+            group, world, me, members = self.groups.world, self.topology.world, self.topology.rank, None
+        else:
+            group, world, me, members = across
+        members = members if members is not None else self.world_ranks()
+        identities = identities if identities is not None else [0] * len(hashes)
         total = hash(tuple(hashes)) & ((1 << 63) - 1)
-        mine = torch.tensor([len(hashes), total], dtype=torch.int64, device=self.device)
-        every = torch.empty(world * 2, dtype=torch.int64, device=self.device)
-        _all_gather(every, mine, group=group)
+        ident = hash(tuple(identities)) & ((1 << 63) - 1)
+        mine = torch.tensor([len(hashes), total, ident], dtype=torch.int64, device=self.device)
+        every = torch.empty(world * 3, dtype=torch.int64, device=self.device)
+        self.guard.wait(_all_gather(every, mine, group=group, async_op=True), "plan check", members)
         self._count_small(mine, every)
-        every = every.view(world, 2)
-        if bool((every == every[0]).all()):
-            return
+        every = every.view(world, 3)
+        if bool((every[:, :2] == every[0, :2]).all()):
+            if bool((every[:, 2] == every[0, 2]).all()):
+                return
+            self._name_identity_mismatch(identities, names, group, world, me, members)
         width = int(every[:, 0].max())
         padded = torch.full((width + 1,), -1, dtype=torch.int64, device=self.device)
         padded[0] = len(hashes)
         padded[1 : len(hashes) + 1] = torch.tensor(hashes, dtype=torch.int64)
         table = torch.empty(world * (width + 1), dtype=torch.int64, device=self.device)
-        _all_gather(table, padded, group=group)
+        self.guard.wait(_all_gather(table, padded, group=group, async_op=True), "plan check", members)
         table = table.view(world, width + 1).cpu()
         counts = table[:, 0].tolist()
         if len(set(counts)) > 1:
@@ -160,16 +209,68 @@ class Exchange:
             "the same parameters in the same order."
         )
 
+    def _name_identity_mismatch(self, identities, names, group, world, me, members) -> None:
+        padded = torch.tensor(identities, dtype=torch.int64, device=self.device)
+        table = torch.empty(world * len(identities), dtype=torch.int64, device=self.device)
+        self.guard.wait(_all_gather(table, padded, group=group, async_op=True), "plan check", members)
+        table = table.view(world, len(identities)).cpu()
+        for i in range(len(identities)):
+            column = table[:, i]
+            if not bool((column == column[0]).all()):
+                ranks = [r for r in range(world) if column[r] != column[me]]
+                raise PlanMismatchError(
+                    f"SOAP: ranks hold different tensors at parameter {i} ({names[i]}): this rank ({me}) "
+                    f"differs from ranks {ranks} in the parameter's name or, under replicated, in a "
+                    "fingerprint of its initial values. Every rank must pass the same parameters in the "
+                    "same order (under DDP: build SOAP from the DDP-wrapped model's parameters, after DDP "
+                    "has synchronised them)."
+                )
+
     # ----- every step -----
-    def all_finite(self, flags: Tensor) -> Tensor:
-        """Logical AND of per-parameter flags over the shards: a parameter is skipped on every shard if
-        any shard saw a non-finite gradient (also: a first gradient is zero only if zero on every shard)."""
-        if self.topology.shards == 1:
-            return flags
-        as_int = flags.to(torch.int32)
-        dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self.groups.shard)
-        self._count_small(as_int, as_int)
-        return as_int.bool()
+    def _flag_scope(self) -> tuple[Any, list[int]] | None:
+        """The ranks that must make the same per-step decisions: all of them when replicas exist
+        (replicated, hsdp), else the shard group; None for one rank."""
+        topo = self.topology
+        if topo.replicas > 1:
+            return self.groups.world, self.world_ranks()
+        if topo.shards > 1:
+            return self.groups.shard, self.shard_ranks()
+        return None
+
+    def all_finite(self, flags: Tensor, words: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """AND of per-parameter flags over the ranks (a parameter with a non-finite gradient anywhere is
+        skipped everywhere; a first gradient is zero only if zero everywhere), in one all_reduce(MIN)
+        with ``words`` (int64) appended as [w, -w]: the second result says, per word, whether every
+        rank had the same value. One process: the flags as they are, and every word agreed."""
+        scope = self._flag_scope()
+        if scope is None:
+            return flags, None if words is None else torch.ones_like(words, dtype=torch.bool)
+        group, members = scope
+        parts = [flags.to(torch.int64)]
+        if words is not None:
+            parts += [words, -words]
+        vector = torch.cat(parts)
+        self.guard.wait(
+            dist.all_reduce(vector, op=dist.ReduceOp.MIN, group=group, async_op=True),
+            "finite-flag all_reduce",
+            members,
+        )
+        self._count_small(vector, vector)
+        n = flags.numel()
+        if words is None:
+            return vector[:n].bool(), None
+        k = words.numel()
+        return vector[:n].bool(), vector[n : n + k] == -vector[n + k :]
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (an error path only: names what the ranks disagree on)."""
+        scope = self._flag_scope()
+        if scope is None:
+            return [value]
+        group, members = scope
+        out: list[Any] = [None] * len(members)
+        dist.all_gather_object(out, value, group=group)
+        return out
 
     # ----- refresh -----
     def reduce_to_owners(
@@ -205,7 +306,9 @@ class Exchange:
                 pending.append((work, None, group))
         out: dict[FactorEntry, Tensor] = {}
         for work, buffer, group in pending:
-            work.wait()
+            self.guard.wait(
+                work, f"statistics reduce to rank {self.groups.ranks[group[0].owner]}", self.shard_ranks()
+            )
             if buffer is None:
                 continue
             at = 0
@@ -219,7 +322,9 @@ class Exchange:
     ) -> BasesInFlight:
         """Start the owners' broadcasts of new bases; one buffer per (group, owner)."""
         topo, plan = self.topology, self.plan
-        flight = BasesInFlight(own={e: r for e, r in results.items() if e.owner == topo.rank})
+        flight = BasesInFlight(
+            own={e: r for e, r in results.items() if e.owner == topo.rank}, guard=self.guard
+        )
         scopes: dict[str, dict[int, list[FactorEntry]]] = {
             "world": defaultdict(list),
             "replicas": defaultdict(list),
@@ -244,9 +349,9 @@ class Exchange:
                     buffer = torch.empty(numel, dtype=self.dtype, device=self.device)
                     self.traffic.received += self._bytes(buffer)
                     flight.unpack.append((buffer, group_entries))
-                flight.works.append(
-                    dist.broadcast(buffer, src=self.groups.ranks[owner], group=group, async_op=True)
-                )
+                work = dist.broadcast(buffer, src=self.groups.ranks[owner], group=group, async_op=True)
+                members = self.world_ranks() if scope == "world" else self.replica_ranks()
+                flight.works.append((work, f"basis broadcast from rank {self.groups.ranks[owner]}", members))
                 self.traffic.broadcast_calls += 1
         return flight
 
@@ -254,7 +359,10 @@ class Exchange:
     def swap_pieces(self, send: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
         """One all_to_all of uneven runs: pieces of flat partitions to their home ranks, or back."""
         received = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
-        dist.all_to_all_single(received, send, recv_counts, send_counts, group=self.groups.shard)
+        work = dist.all_to_all_single(
+            received, send, recv_counts, send_counts, group=self.groups.shard, async_op=True
+        )
+        self.guard.wait(work, "all_to_all of rows", self.shard_ranks())
         self.traffic.sent += self._bytes(send)
         self.traffic.received += self._bytes(received)
         self.traffic.small_calls += 1
@@ -262,5 +370,13 @@ class Exchange:
 
     # ----- checkpoints -----
     def all_reduce_sum(self, buffer: Tensor) -> Tensor:
-        dist.all_reduce(buffer, group=self.groups.world)
+        if self.topology.world == 1:
+            return buffer
+        work = dist.all_reduce(buffer, group=self.groups.world, async_op=True)
+        self.guard.wait(work, "checkpoint all_reduce", self.world_ranks())
         return buffer
+
+    def arrive(self, name: str) -> None:
+        """Every rank must reach ``name`` (a collective users might call on one rank): checked through
+        the store before any collective, so a missing rank is an error, not a crash or a hang."""
+        arrive_all(self.guard, name, self.world_ranks())

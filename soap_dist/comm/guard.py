@@ -1,0 +1,107 @@
+"""No hang without a message: SOAP's collectives wait with a timeout, and a timeout names who is missing.
+
+Every collective of an ``Exchange`` is waited through ``Guard.wait``. When one does not complete in
+``timeout_s`` (a rank stopped calling ``step()``, called it with other options, or caught an
+exception and went on), each rank that gave up writes its name into the process group's store and,
+after a short grace period, reads which participants wrote nothing: those did not arrive. The error
+names the collective, the optimizer step and those ranks.
+
+On gloo the wait really returns at the timeout. NCCL's ``Work.wait`` only blocks the host with
+``TORCH_NCCL_BLOCKING_WAIT=1``; otherwise the process group's own timeout and watchdog apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0  # SOAP's own collectives; the process group's default is 30 minutes
+GRACE_S = 30.0  # how long a rank that timed out waits for the others to report theirs
+
+
+class CollectiveTimeout(RuntimeError):
+    """A SOAP collective did not complete in time; the message names what and who."""
+
+
+_guards = itertools.count()  # optimizers are built in the same order on every rank: same ids
+
+
+def _store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # pragma: no cover - no default group, or a torch without it
+        return None
+
+
+class Guard:
+    """Waits on one exchange's collectives; counts them so every rank names the same one."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = float(timeout_s)
+        self.id = next(_guards)
+        self.seq = 0
+        self.step = 0  # the optimizer step being run, set by the optimizer at each call
+
+    def wait(self, work: Any, name: str, participants: Sequence[int]) -> None:
+        """Wait for ``work``; on a timeout (or a broken peer) raise CollectiveTimeout naming the absent."""
+        self.seq += 1
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as error:
+            cause = str(error).splitlines()[0] if str(error) else ""
+            missing = self.missing(name, participants)
+            who = f"ranks {missing} did not arrive" if missing else "every rank arrived late or failed"
+            raise CollectiveTimeout(
+                f"SOAP: the {name} of optimizer step {self.step} (SOAP collective #{self.seq}) did not "
+                f"complete in {self.timeout_s:g} s: {who}. Every rank must call step() (and state_dict()) "
+                "the same number of times, with the same parameters and options; a rank whose step() "
+                f"raised must not go on. ({type(error).__name__}: {cause})"
+            ) from None
+
+    def missing(self, name: str, participants: Sequence[int]) -> list[int] | None:
+        """The participants (global ranks) that did not report this collective within the grace period."""
+        store = _store()
+        if store is None or not dist.is_initialized():
+            return None
+        prefix = f"soap_dist/guard{self.id}/c{self.seq}/"
+        me = dist.get_rank()
+        try:
+            store.set(prefix + str(me), name)
+            deadline = time.monotonic() + min(GRACE_S, self.timeout_s)
+            while True:
+                absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
+                if not absent or time.monotonic() > deadline:
+                    return absent
+                time.sleep(0.2)
+        except Exception:  # pragma: no cover - the store itself is gone
+            return None
+
+
+def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
+    """A rendezvous through the store, not a collective: every participant must reach ``name`` within
+    the timeout, else CollectiveTimeout on the ranks that did. For calls users make on one rank by
+    mistake (``state_dict()`` under DDP), so that they fail before any collective collides."""
+    store = _store()
+    if store is None or len(participants) < 2:
+        return
+    guard.seq += 1
+    prefix = f"soap_dist/guard{guard.id}/arrive{guard.seq}/"
+    me = dist.get_rank()
+    store.set(prefix + str(me), name)
+    deadline = time.monotonic() + guard.timeout_s
+    while True:
+        absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
+        if not absent:
+            return
+        if time.monotonic() > deadline:
+            raise CollectiveTimeout(
+                f"SOAP: {name} is a collective here, and ranks {absent} did not call it within "
+                f"{guard.timeout_s:g} s. Call it on every rank (save on one: sd = opt.state_dict(); "
+                "if rank == 0: torch.save(sd, path)); docs/design.md, 'Failure behaviour'."
+            )
+        time.sleep(0.05)

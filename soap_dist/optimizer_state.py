@@ -1,0 +1,167 @@
+"""What SOAP reports and saves: ``stats()``, ``state_dict()`` and ``load_state_dict()``.
+
+A mixin of ``soap_dist.SOAP`` (optimizer.py), split out so that each file holds one idea. Saving is
+a collective under every distributed placement: each rank must call it (checked through the store
+first, so a call on one rank fails with a message instead of colliding with DDP's all-reduce).
+Loading validates the state (``state_check``) and, when any rank refuses it, every rank raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .options import adopt_saved_group
+from .placements import wrapper
+from .placements.zero import ZeroRunner
+from .state_io import load_engine_state, save_engine_state
+
+
+class StateMixin:
+    """``stats``, ``state_dict`` and ``load_state_dict`` of ``SOAP`` (see optimizer.py for the attributes)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of what the optimizer did: refreshes, installs, failures, time spent.
+
+        ``installed_at`` lists (param, first step using the new basis) for the most recent
+        ``engine.INSTALLED_AT_KEPT`` (4096) installs only, so nothing grows with the step count.
+        """
+        zero = self._zero
+        engine, exchange = (zero.engine, zero.exchange) if zero else (self._engine, self._exchange)
+        if engine is None:
+            return {"built": False}
+        c = engine.counters
+        plan = engine.plan
+        me = plan.topology.rank
+        owned = [e for e in plan.entries if e.owner == me]
+        stores = list(engine.stores.values())
+        traffic = exchange.traffic if exchange is not None else None
+        return {
+            "built": True,
+            "refreshes": c.refreshes,
+            "factors_refreshed": c.factors_refreshed,
+            "factors_owned": len(owned),
+            "owned_refresh_cost": sum(e.cost for e in owned),
+            "bases_installed": c.bases_installed,
+            "refresh_failures": c.refresh_failures,
+            "nonfinite_params_warned": c.nonfinite_params_warned,
+            "refresh_seconds": c.refresh_seconds,
+            "eigh_seconds": c.eigh_seconds,
+            "installed_at": list(c.installed_at),
+            "owner_seconds": c.owner_seconds,
+            "placement": engine.plan.topology.placement,
+            "world": engine.plan.topology.world,
+            "rank": engine.plan.topology.rank,
+            "factor_bytes": sum(s.factors.numel() * s.factors.element_size() for s in stores),
+            "basis_bytes": sum(s.bases.numel() * s.bases.element_size() for s in stores),
+            "moment_bytes": sum(
+                t.numel() * t.element_size() for st in engine.stacks for t in (st.exp_avg, st.exp_avg_sq)
+            ),
+            "bytes_sent": traffic.sent if traffic else 0,
+            "bytes_received": traffic.received if traffic else 0,
+            "collectives": (traffic.reduce_calls + traffic.broadcast_calls + traffic.small_calls)
+            if traffic
+            else 0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        zero = self._zero_mode()
+        if zero is not None:  # each rank saves its own rows, as DeepSpeed saves each rank's partition
+            zero.exchange.arrive("SOAP.state_dict()")
+            return {
+                "state": zero.state_dict(),
+                "param_groups": self._packed_groups(self._declared_groups, zero.param_counts()),
+                "zero_world": zero.part.world,
+            }
+        groups = self._packed_groups(self.param_groups, [len(g["params"]) for g in self.param_groups])
+        if self._exchange is not None:  # a collective: every rank must be here (checked before any)
+            self._exchange.arrive("SOAP.state_dict()")
+        if self._owner is not None:
+            state = self._owner.state_dict()
+        elif self._engine is not None:
+            state = save_engine_state(self._engine, self._exchange, wrapper(self._placement))
+        else:
+            state = {}
+        return {"state": state, "param_groups": groups}
+
+    @staticmethod
+    def _packed_groups(groups: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+        out, index = [], 0
+        for group, n in zip(groups, counts, strict=True):
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(index, index + n))
+            index += n
+            out.append(packed)
+        return out
+
+    def _load_zero_state(self, zero: ZeroRunner, state_dict: dict[str, Any]) -> None:
+        saved_world = state_dict.get("zero_world")
+        if saved_world != zero.part.world:
+            raise ValueError(
+                f"SOAP.load_state_dict: this state was saved under DeepSpeed ZeRO at world {saved_world}; "
+                f"loading it at world {zero.part.world} is not supported (SOAP's row-block state follows "
+                "the partition boundaries). Resume at the same data-parallel size."
+            )
+        for group, saved in zip(self._declared_groups, state_dict["param_groups"], strict=True):
+            adopt_saved_group(group, saved)
+        if state_dict["state"]:
+            zero.load_state_dict(state_dict["state"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        zero = self._zero_mode()
+        if zero is not None or "zero_world" in state_dict:
+            if zero is None:
+                raise ValueError(
+                    "SOAP.load_state_dict: this state was saved under DeepSpeed ZeRO stages 1-3; load it "
+                    "through the DeepSpeed engine (engine.load_checkpoint) of the same configuration"
+                )
+            self._load_zero_state(zero, state_dict)
+            return
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"SOAP.load_state_dict: the state has {len(saved_groups)} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("SOAP.load_state_dict: a param group's size differs from the saved one")
+            adopt_saved_group(group, saved)
+        # Saved params are ids (torch.optim) or FQNs (DCP's set_optimizer_state_dict): map by position.
+        by_saved_id: dict[Any, int] = {}
+        index = 0
+        for saved in saved_groups:
+            for saved_id in saved["params"]:
+                by_saved_id[saved_id] = index
+                index += 1
+        state = {by_saved_id.get(k, k): v for k, v in state_dict["state"].items()}
+        self._engine, self._owner = None, None
+        if state:
+            engine = self._ensure_engine()
+            self._agreed(
+                lambda: (
+                    self._owner.load_state_dict(state) if self._owner else load_engine_state(engine, state)
+                )
+            )
+
+    def _agreed(self, load: Callable[[], None]) -> None:
+        """Run ``load``; if it refuses the state on any rank (a corrupt shard is seen only where it is
+        held), every rank raises, naming what each rank found, instead of the others going on."""
+        error = None
+        try:
+            load()
+        except ValueError as found:
+            if self._exchange is None:
+                raise
+            error = str(found)
+        if self._exchange is None:
+            return
+        every = self._exchange.gather_objects(error)
+        bad = [(r, e) for r, e in enumerate(every) if e]
+        if bad:
+            if error:
+                raise ValueError(error)
+            raise ValueError(
+                "SOAP.load_state_dict: other ranks refused the checkpoint: "
+                + "; ".join(f"rank {r}: {e}" for r, e in bad)
+            )

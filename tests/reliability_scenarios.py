@@ -1,0 +1,227 @@
+"""Faults on 2 gloo ranks, as a new user meets them: each must end in the same decision or a clear
+error on every rank, never a silent divergence or a hang (issue 12; docs/design.md, "Failure
+behaviour"). Scenarios that leave a collective unmatched run in a spawn of their own."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from soap_dist import SOAP
+
+KW = dict(lr=0.02, precondition_frequency=3, max_precond_dim=20, factor_dtype=torch.float64, fused=False)
+SHAPES = [(6, 4), (6, 4), (5, 3)]  # two of the same shape, so a swap keeps every shape in place
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, dtype=torch.float64, generator=gen)) for s in SHAPES]
+
+
+def _grads(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, dtype=torch.float64, generator=gen) for s in SHAPES]
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except Exception as error:  # reported to the test
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def _same_everywhere(tensors) -> bool:
+    mine = torch.cat([t.detach().reshape(-1) for t in tensors])
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return all(torch.equal(every[0], t) for t in every)
+
+
+# ----- scenarios in one shared group: every rank ends in the same place -----
+def swapped_params(rank):
+    """Two same-shape parameters swapped in one rank's list: the plan check names the parameter."""
+    params = _params()
+    order = [1, 0, 2] if rank == 1 else [0, 1, 2]
+    opt = SOAP([params[i] for i in order], **KW)
+    for p, g in zip(params, _grads(0), strict=True):
+        p.grad = g
+    plain = _error(opt.step)
+    mesh = init_device_mesh("cpu", (2,))
+    named = [
+        (f"w{i}", torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])))
+        for i, p in enumerate(params)
+    ]
+    named = [named[i] for i in order]
+    sopt = SOAP(named, placement="fsdp-local", **KW)
+    for _, p in named:
+        p.grad = torch.zeros_like(p)
+    return {"plain": plain, "named": _error(sopt.step)}
+
+
+def nan_on_one_replica(rank):
+    """A NaN in one replica's gradient after DDP's sync: every replica skips that parameter alike."""
+    params = _params()
+    before = [p.detach().clone() for p in params]
+    opt = SOAP(params, **KW)
+    for step in range(6):
+        grads = _grads(step)
+        if step == 4 and rank == 1:
+            grads[2][0, 0] = float("nan")
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        if step == 3:
+            before = [p.detach().clone() for p in params]
+    after_skip = params[2].detach().clone()
+    return {
+        "same": _same_everywhere(params),
+        "finite": all(bool(torch.isfinite(p).all()) for p in params),
+        "moved_others": not torch.equal(params[0].detach(), before[0]),
+        "skipped_on_every_rank": bool(torch.isfinite(after_skip).all()),
+    }
+
+
+def frequency_changed(rank):
+    """precondition_frequency changed on one rank after the first step: an error on every rank."""
+    params = _params()
+    opt = SOAP(params, **KW)
+
+    def run():
+        for step in range(8):
+            if step == 2 and rank == 1:
+                opt.param_groups[0]["precondition_frequency"] = 2
+            for p, g in zip(params, _grads(step), strict=True):
+                p.grad = g
+            opt.step()
+
+    return {"error": _error(run)}
+
+
+def unsynced_gradients(rank):
+    """Gradients that differ between replicas (no_sync misuse): named, on every rank."""
+    params = _params()
+    opt = SOAP(params, **KW)
+
+    def run():
+        for step in range(3):
+            for p, g in zip(params, _grads(step + 10 * rank * (step == 2)), strict=True):
+                p.grad = g
+            opt.step()
+
+    return {"error": _error(run)}
+
+
+def corrupt_shard(rank):
+    """A checkpoint whose shard is corrupt on one rank only: every rank refuses it."""
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(8, 4, dtype=torch.float64, generator=gen) for _ in range(2)]
+    params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in full]
+    opt = SOAP(params, placement="owner", **KW)
+    for _ in range(4):
+        for p in params:
+            p.grad = distribute_tensor(
+                torch.randn(8, 4, dtype=torch.float64, generator=gen), mesh, [Shard(0)]
+            )
+        opt.step()
+    sd = opt.state_dict()
+    value = sd["state"][0]["exp_avg"]
+    if rank == 1:
+        value.to_local()[0, 0] = float("nan")
+    return {"error": _error(lambda: opt.load_state_dict(sd))}
+
+
+SHARED = [swapped_params, nan_on_one_replica, frequency_changed, unsynced_gradients, corrupt_shard]
+
+
+# ----- scenarios that leave a collective unmatched: one spawn each, short timeouts -----
+def only_rank0_steps(rank):
+    params = _params()
+    opt = SOAP(params, collective_timeout=3, **KW)
+    for step in range(2):
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        opt.step()
+    if rank == 1:
+        return {"error": ""}
+    for p, g in zip(params, _grads(2), strict=True):
+        p.grad = g
+    return {"error": _error(opt.step)}
+
+
+def refresh_raised_and_was_caught(rank):
+    import soap_dist.linalg as linalg
+
+    params = _params()
+    opt = SOAP(params, collective_timeout=3, **KW)
+    real = linalg.power_iteration_refresh
+    errors = []
+    try:
+        for step in range(6):
+            if step == 3 and rank == 0:
+
+                def boom(*args, **kwargs):
+                    raise RuntimeError("injected: out of memory in the refresh")
+
+                linalg.power_iteration_refresh = boom
+            for p, g in zip(params, _grads(step), strict=True):
+                p.grad = g
+            try:
+                opt.step()
+            except Exception as error:  # the user catches it and goes on
+                errors.append(f"{type(error).__name__}: {error}")
+            linalg.power_iteration_refresh = real
+    finally:
+        linalg.power_iteration_refresh = real
+    return {"errors": errors}
+
+
+def save_on_rank0_only(rank):
+    """The usual DDP idiom, ``if rank == 0: torch.save(opt.state_dict(), f)``: a clear error on rank 0."""
+    params = _params()
+    opt = SOAP(params, collective_timeout=3, **KW)
+    for step in range(2):
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        opt.step()
+    if rank != 0:
+        return {"error": ""}
+    return {"error": _error(opt.state_dict)}
+
+
+ALONE = [only_rank0_steps, refresh_raised_and_was_caught, save_on_rank0_only]
+
+
+def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    results = {}
+    for name in names:
+        try:
+            results[name] = globals()[name](rank)
+        except Exception:
+            results[name] = {"exception": traceback.format_exc()}
+        if len(names) > 1:
+            dist.barrier()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    if len(names) > 1:
+        dist.destroy_process_group()
+    else:
+        os._exit(0)  # a collective may still be pending: leave without tearing the group down
+
+
+def run(names: list[str], world: int = 2) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp, names), nprocs=world)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+__all__ = ["ALONE", "SHARED", "DTensor", "run"]

@@ -1,0 +1,87 @@
+"""Issue 12's faults on 2 gloo ranks: one decision or one clear error on every rank, never a silent
+divergence or a hang (tests/reliability_scenarios.py; docs/design.md, "Failure behaviour")."""
+
+from __future__ import annotations
+
+import pytest
+import reliability_scenarios as rs
+import torch
+
+from soap_dist import SOAP
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def shared():
+    return rs.run([f.__name__ for f in rs.SHARED])
+
+
+def _ok(ranks, name):
+    for r, res in enumerate(ranks):
+        assert "exception" not in res[name], f"rank {r}:\n{res[name]['exception']}"
+    return [res[name] for res in ranks]
+
+
+def test_swapped_parameters_fail_the_plan_check_naming_the_parameter(shared):
+    for res in _ok(shared, "swapped_params"):
+        assert res["plain"].startswith("PlanMismatchError") and "parameter 0" in res["plain"], res["plain"]
+        assert "fingerprint" in res["plain"]
+        assert res["named"].startswith("PlanMismatchError") and "parameter 0 (w" in res["named"], res["named"]
+
+
+def test_a_nan_on_one_replica_is_skipped_on_every_replica(shared):
+    for res in _ok(shared, "nan_on_one_replica"):
+        assert res["same"] and res["finite"] and res["moved_others"] and res["skipped_on_every_rank"]
+
+
+def test_a_frequency_changed_on_one_rank_is_an_error_on_every_rank(shared):
+    for res in _ok(shared, "frequency_changed"):
+        error = res["error"]
+        assert error.startswith("RanksDisagreeError"), error
+        assert "precondition_frequency: [3, 2]" in error and "optimizer step" in error
+
+
+def test_unsynchronised_gradients_are_named(shared):
+    for res in _ok(shared, "unsynced_gradients"):
+        assert res["error"].startswith("RanksDisagreeError") and "gradients differ" in res["error"], res[
+            "error"
+        ]
+
+
+def test_a_corrupt_shard_on_one_rank_is_refused_on_every_rank(shared):
+    errors = [res["error"] for res in _ok(shared, "corrupt_shard")]
+    found = [r for r, e in enumerate(errors) if "corrupt" in e and "exp_avg" in e and "refused" not in e]
+    assert len(found) == 1, errors  # the rank the bad rows reach (the parameter's owner) names the key
+    other = errors[1 - found[0]]
+    assert "other ranks refused" in other and f"rank {found[0]}" in other and "exp_avg" in other, other
+
+
+@pytest.mark.slow
+def test_only_rank_0_stepping_times_out_naming_the_collective_step_and_rank():
+    ranks = rs.run(["only_rank0_steps"])
+    error = _ok(ranks, "only_rank0_steps")[0]["error"]
+    assert error.startswith("CollectiveTimeout"), error
+    assert "finite-flag all_reduce of optimizer step 3" in error and "ranks [1] did not arrive" in error
+
+
+@pytest.mark.slow
+def test_a_refresh_exception_caught_by_the_user_ends_in_errors_not_a_hang():
+    ranks = rs.run(["refresh_raised_and_was_caught"])
+    zero, one = (res["errors"] for res in _ok(ranks, "refresh_raised_and_was_caught"))
+    assert zero[0].startswith("RuntimeError: injected") and "raised during the basis refresh" in zero[1]
+    assert one[0].startswith("CollectiveTimeout") and "basis broadcast from rank 0" in one[0], one
+    assert "ranks [0] did not arrive" in one[0]
+
+
+@pytest.mark.slow
+def test_state_dict_on_rank_0_only_fails_with_the_rule_before_any_collective():
+    ranks = rs.run(["save_on_rank0_only"])
+    error = _ok(ranks, "save_on_rank0_only")[0]["error"]
+    assert error.startswith("CollectiveTimeout") and "ranks [1] did not call it" in error, error
+    assert "if rank == 0: torch.save(sd, path)" in error
+
+
+def test_collective_timeout_is_validated():
+    with pytest.raises(ValueError, match="collective_timeout"):
+        SOAP([torch.nn.Parameter(torch.zeros(2, 2))], collective_timeout=0)
