@@ -31,6 +31,20 @@ from .state_io import load_engine_state, save_engine_state
 Tensor = torch.Tensor
 
 
+COPIED = ("refresh_delay", "factor_dtype", "qr_method", "fused", "placement", "collective_timeout", "_calls")
+COPIED_DEFAULTS: dict[str, Any] = dict(
+    refresh_delay=0,
+    factor_dtype=torch.float32,
+    qr_method="auto",
+    fused=None,
+    placement="auto",
+    process_group=None,
+    device_mesh=None,
+    collective_timeout=DEFAULT_TIMEOUT_S,
+    _calls=0,
+)
+
+
 class SOAP(StateMixin, torch.optim.Optimizer):
     """SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., ICLR 2025).
 
@@ -61,12 +75,15 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         qr_method: "auto" (cholesky_qr2 on CUDA, householder elsewhere), "cholesky_qr2" (batched
             matmuls, Householder fallback) or "householder" (LAPACK/cuSOLVER QR). Same Q either way.
         fused: compile the Adam-in-eigenbasis elementwise work into one kernel with torch.compile
-            (None: try it, and fall back to eager with a warning if compilation fails; the first
-            steps then pay a one-time compilation; False: eager; True: compile or raise).
+            (None: on CUDA, where it pays, try it and fall back to eager with a warning if
+            compilation fails; eager elsewhere; False: eager; True: compile or raise).
         placement: "auto" (picked at the first step from the parameters and the process group),
-            "single", "replicated" (DDP), "fsdp-local" (FSDP2) or "hsdp". See docs/design.md.
+            "single", "replicated" (DDP), "fsdp-local" or "owner" (FSDP2), "hsdp" or "owner"
+            (HSDP); under DeepSpeed ZeRO 1-3 "auto" (zero) or "owner". See docs/design.md.
         process_group: the data-parallel group for "replicated" (default: the world group).
         device_mesh: a 1-D mesh for "replicated"; with DTensor parameters it must be theirs.
+        collective_timeout: seconds SOAP's own collectives wait before failing with a message that
+            names the collective, the step and the ranks that did not arrive (600).
     """
 
     def __init__(
@@ -377,11 +394,29 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         for p in params:  # torch.optim/DCP read a non-empty ``state`` as "already initialised"
             self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy, pickle and torch.save(opt): the options and, once built, the whole state."""
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in COPIED})
+        if self._engine is not None or self._zero is not None:
+            if self._exchange is not None or self._zero is not None:
+                raise TypeError(
+                    "SOAP: a distributed optimizer cannot be copied or pickled (its process groups and "
+                    "sharded state cannot travel); save it with state_dict() on every rank instead"
+                )
+            state["_soap_state"] = {
+                k: v for k, v in self._state_dict()["state"].items() if isinstance(k, int)
+            }
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        carried = state.pop("_soap_state", {})
         super().__setstate__(state)
         self.__dict__.setdefault("_engine", None)
         self.__dict__.setdefault("_owner", None)
-        self.__dict__.setdefault("_carried_state", {})
+        self.__dict__["_carried_state"] = carried  # loaded when the engine is built, at the next step
+        for key, value in COPIED_DEFAULTS.items():
+            self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_exchange", None)
         self.__dict__.setdefault("_placement", None)
         self.__dict__.setdefault("_zero_owner", None)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from .options import adopt_saved_group
 from .placements import wrapper
 from .placements.zero import ZeroRunner
@@ -65,6 +67,17 @@ class StateMixin:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout ({"state", "param_groups"}), with its state_dict hooks run."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        out = self._state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def _state_dict(self) -> dict[str, Any]:
         zero = self._zero_mode()
         if zero is not None:  # each rank saves its own rows, as DeepSpeed saves each rank's partition
             zero.exchange.arrive("SOAP.state_dict()")
@@ -82,6 +95,10 @@ class StateMixin:
             state = save_engine_state(self._engine, self._exchange, wrapper(self._placement))
         else:
             state = {}
+        params = {id(p) for g in self.param_groups for p in g["params"]}
+        for key, value in self.state.items():  # entries a user or a wrapper keyed by something else
+            if not (torch.is_tensor(key) and id(key) in params):
+                state[key] = value
         return {"state": state, "param_groups": groups}
 
     @staticmethod
@@ -108,6 +125,16 @@ class StateMixin:
             zero.load_state_dict(state_dict["state"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what ``state_dict`` gave (any world size the placement allows), with torch's hooks run."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         zero = self._zero_mode()
         if zero is not None or "zero_world" in state_dict:
             if zero is None:
@@ -134,7 +161,15 @@ class StateMixin:
             for saved_id in saved["params"]:
                 by_saved_id[saved_id] = index
                 index += 1
-        state = {by_saved_id.get(k, k): v for k, v in state_dict["state"].items()}
+        state: dict[int, Any] = {}
+        for key, value in state_dict["state"].items():
+            index = by_saved_id.get(key)
+            if index is None and isinstance(key, str) and key.isdigit():  # ids written out as text
+                index = by_saved_id.get(int(key))
+            if index is None:  # not a parameter's entry: back into self.state as it was
+                self.state[key] = value
+            else:
+                state[index] = value
         self._engine, self._owner = None, None
         if state:
             engine = self._ensure_engine()

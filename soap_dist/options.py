@@ -56,5 +56,5 @@ def adopt_saved_group(group: dict[str, Any], saved: dict[str, Any]) -> None:
                 f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
                 f"{group[key]!r}; the state layout depends on it"
             )
-    group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+    group.update({k: v for k, v in saved.items() if k != "params"})  # saved param_names too, as torch
     group["betas"] = tuple(group["betas"])

@@ -201,14 +201,14 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
             if partial:
                 continue
             raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
-        if not engine.refresh_delay and "install_step" in entry and local(entry["install_step"]).item() >= 0:
+        if not engine.refresh_delay and "install_step" in entry and _number(entry["install_step"]) >= 0:
             raise ValueError(
                 f"SOAP.load_state_dict: the state of {lay.name} holds a refreshed basis waiting for its "
                 "install step (saved with refresh_delay >= 1); load it into an optimizer with the same "
                 "refresh_delay"
             )
-        engine.steps[lay.index] = int(local(entry["step"]).item())
-        engine.started[lay.index] = bool(local(entry.get("initialized", entry["step"])).item() > 0)
+        engine.steps[lay.index] = int(_number(entry["step"]))
+        engine.started[lay.index] = _number(entry.get("initialized", entry["step"])) > 0
         pieces = where.get(lay.index, [])
         if pieces:
             exp_avg, exp_avg_sq = local(entry["exp_avg"]), local(entry["exp_avg_sq"])
@@ -240,11 +240,16 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
                     ok_rows = box.rows(local(entry[f"pending_ok_{j}"]).reshape(-1))
                     pend.ok[slot] = bool(ok_rows[0] > 0.5)
         if engine.refresh_delay and "install_step" in entry:
-            step = int(local(entry["install_step"]).item())
+            step = int(_number(entry["install_step"]))
             if step >= 0:
                 engine.install_step[lay.index] = step
             else:
                 engine.install_step.pop(lay.index, None)
+
+
+def _number(value: Any) -> float:
+    """A saved scalar: a tensor (torch.optim's layout) or a plain Python number (older checkpoints)."""
+    return float(local(value).item()) if torch.is_tensor(value) else float(value)
 
 
 def _expect(tensor: Tensor, shape: tuple[int, ...], lay: ParamLayout, key: str) -> None:

@@ -36,3 +36,12 @@ def test_fused_optimizer_handles_many_shapes_without_recompiling_to_failure():
             p.grad = torch.randn_like(p)
         opt.step()
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_default_does_not_compile_on_cpu():
+    """fused=None compiles only where it pays (CUDA): the README quickstart starts at once on a CPU."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = SOAP([w])
+    w.grad = torch.randn(4, 3)
+    opt.step()
+    assert opt._engine.fused is False

@@ -79,7 +79,8 @@ class SoapEngine(StepMixin, RefreshMixin):
             else ("cholesky_qr2" if self.device.type == "cuda" else "householder")
         )
         self.solver = solver if solver is not None else linalg.EighPowerQR(self.qr_method)
-        self.fused = True if fused is None else fused
+        # None: compile where it pays (CUDA); on a CPU the one-time compile costs seconds for little
+        self.fused = (self.device.type == "cuda") if fused is None else fused
         self._fused_requested = fused is True
         self.steps = [0] * len(layouts)
         self.started = [False] * len(layouts)

@@ -53,12 +53,30 @@ class Hyper:
         )
 
 
-def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float) -> None:
-    """W <- lerp(W, piece, decay) (pieces pre-scaled, see StepMixin._adam_step), or W += piece."""
+LERP_LIMIT = 1e30  # the lerp form scales the update by ~1/decay: beyond this it would overflow float32
+
+
+def lerp_form(hyper: Hyper) -> bool:
+    """Whether weight decay rides in one lerp (pieces scaled by -s (1 - c) / c, c = lr * wd), or needs
+    a second pass (a decay so small, e.g. 1e-40, that 1 / c would overflow)."""
+    decay = hyper.lr * hyper.weight_decay
+    return decay > 0 and hyper.lr / max(1.0 - hyper.beta1, 1e-8) < LERP_LIMIT * decay
+
+
+def update_scale(step_size: float, hyper: Hyper) -> float:
+    decay = hyper.lr * hyper.weight_decay
+    return -step_size * (1.0 - decay) / decay if lerp_form(hyper) else -step_size
+
+
+def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float, lerp: bool = True) -> None:
+    """W <- lerp(W, piece, decay) (pieces pre-scaled, see StepMixin._adam_step), or W += piece
+    (then W *= 1 - decay, when decay is too small for the lerp form)."""
     if not targets:
         return
-    if decay <= 0:
+    if decay <= 0 or not lerp:
         torch._foreach_add_(targets, pieces)
+        if decay > 0:
+            torch._foreach_mul_(targets, 1.0 - decay)
     elif targets[0].dtype == pieces[0].dtype:
         torch._foreach_lerp_(targets, pieces, decay)
     else:  # lerp needs one dtype (e.g. bf16 weights, float32 update): the same in two passes
@@ -341,7 +359,7 @@ class StepMixin:
         # a = -s (1 - c) / c: one pass over the weights, the scale a riding in the last GEMM.
         step_size = kernels.bias_corrected_step(hyper.lr, hyper.beta1, hyper.beta2, step, hyper.correct_bias)
         decay = hyper.lr * hyper.weight_decay
-        scale = -step_size * (1.0 - decay) / decay if decay > 0 else -step_size
+        scale = update_scale(step_size, hyper)
         if hyper.normalize_grads:
             update = kernels.normalize_rms(kernels.rotate_back(direction.to(compute), bases)).mul_(scale)
         else:
@@ -355,7 +373,7 @@ class StepMixin:
                 pieces.append(piece)
             else:
                 deferred[lay.index].append((b, piece))
-        apply_update(targets, pieces, decay)
+        apply_update(targets, pieces, decay, lerp_form(hyper))
 
     def _adam_direction(
         self, rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: Hyper, flags: Tensor
@@ -388,7 +406,9 @@ class StepMixin:
             if lay.permutation is not None:
                 delta = delta.permute(tuple(sorted(range(4), key=lambda k: lay.permutation[k])))
             h = hypers[lay.group]
-            apply_update([params[index].data], [delta.reshape(lay.shape)], h.lr * h.weight_decay)
+            apply_update(
+                [params[index].data], [delta.reshape(lay.shape)], h.lr * h.weight_decay, lerp_form(h)
+            )
 
     def _apply_shared_updates(
         self, updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]]
