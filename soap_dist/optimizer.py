@@ -26,12 +26,22 @@ from .placements.owner import OwnerRunner
 from .placements.zero import ZeroRunner
 from .plan import PLACEMENTS, build_plan, local_layouts
 from .plan.costs import prefers_owner
+from .plan.schedule import SCHEDULES
 from .state_io import load_engine_state, save_engine_state
 
 Tensor = torch.Tensor
 
 
-COPIED = ("refresh_delay", "factor_dtype", "qr_method", "fused", "placement", "collective_timeout", "_calls")
+COPIED = (
+    "refresh_delay",
+    "factor_dtype",
+    "qr_method",
+    "fused",
+    "placement",
+    "collective_timeout",
+    "refresh_schedule",
+    "_calls",
+)
 COPIED_DEFAULTS: dict[str, Any] = dict(
     refresh_delay=0,
     factor_dtype=torch.float32,
@@ -41,6 +51,7 @@ COPIED_DEFAULTS: dict[str, Any] = dict(
     process_group=None,
     device_mesh=None,
     collective_timeout=DEFAULT_TIMEOUT_S,
+    refresh_schedule="all",
     _calls=0,
 )
 
@@ -84,6 +95,9 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         device_mesh: a 1-D mesh for "replicated"; with DTensor parameters it must be theirs.
         collective_timeout: seconds SOAP's own collectives wait before failing with a message that
             names the collective, the step and the ranks that did not arrive (600).
+        refresh_schedule: "all" (the reference: every factor at the steps divisible by k) or
+            "staggered" (each parameter at a fixed phase of its k steps, balanced by refresh cost
+            per owner, so each step carries about 1/k of the refresh).
     """
 
     def __init__(
@@ -111,6 +125,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         process_group: Any = None,
         device_mesh: Any = None,
         collective_timeout: float = DEFAULT_TIMEOUT_S,
+        refresh_schedule: str = "all",
     ) -> None:
         check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
@@ -152,6 +167,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             "a number of seconds > 0",
         )
         self.collective_timeout = float(collective_timeout)
+        check(refresh_schedule in SCHEDULES, "refresh_schedule", refresh_schedule, "'all' or 'staggered'")
+        self.refresh_schedule = refresh_schedule
         self._calls = 0  # step() calls, for messages that name a step
         check(
             placement in ("auto", *PLACEMENTS),
@@ -290,7 +307,12 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         ``across`` = (process group, grid, global ranks): check over the grid's replicas instead.
         """
         extras = [
-            (groups[lay.group]["precondition_frequency"], self.refresh_delay, str(self.factor_dtype))
+            (
+                groups[lay.group]["precondition_frequency"],
+                self.refresh_delay,
+                str(self.factor_dtype),
+                self.refresh_schedule,
+            )
             for lay in full
         ]
         given = [n for g in groups for n in (g.get("param_names") or [None] * len(g["params"]))]
@@ -320,6 +342,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             fused=self.fused,
             plan=plan,
             exchange=exchange,
+            refresh_schedule=self.refresh_schedule,
         )
 
     # ----- torch.optim contract -----

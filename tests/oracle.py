@@ -95,8 +95,10 @@ class OracleSOAP:
         data_format: str = "channels_first",
         correct_bias: bool = True,
         block_size: int | None = None,
+        phases: list[int] | None = None,
     ) -> None:
         self.params: list[Tensor] = [p.detach().clone().to(F64) for p in params]
+        self.phases = phases if phases is not None else [0] * len(self.params)  # refresh at t % k == phase
         self.lr = lr
         self.beta1, self.beta2 = betas
         self.beta_s = shampoo_beta if shampoo_beta >= 0 else self.beta2
@@ -205,6 +207,7 @@ class OracleSOAP:
                 continue
             if not self.state[i]:
                 self.state[i] = self._init_state(p)
+                self.state[i]["phase"] = self.phases[i]
             st = self.state[i]
             g = self._to_work(grad.detach().to(F64), st)
             if not st["started"]:
@@ -245,7 +248,7 @@ class OracleSOAP:
         if self.weight_decay > 0:
             p.sub_(self.lr * self.weight_decay * p)
         self._accumulate(st, g, first=False)
-        if t % self.k == 0:
+        if t % self.k == st["phase"] % self.k:
             self._refresh_all(st)
 
 

@@ -282,3 +282,37 @@ def auto_choice(world):
 
 
 SCENARIOS[2].append(auto_choice)
+
+
+def owner_staggered(world):
+    """refresh_schedule="staggered" under owner: each owner's work spread over the k steps, and the
+    result equal to the oracle given the same phases."""
+    from oracle import OracleSOAP
+
+    shapes = [(8, 8), (7, 7), (6, 6), (6, 6), (5, 5), (4, 4), (7,)]  # square: full-rank factors
+    mesh = init_device_mesh("cpu", (world,))
+    kw = dict(lr=0.02, precondition_frequency=3, weight_decay=0.01)
+    inits = ds._inits(shapes)
+    params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in inits]
+    opt = SOAP(params, placement="owner", refresh_schedule="staggered", **{**ds.F64, **kw})
+    grads = ds._grads(shapes, 14)
+    for gs in grads:
+        for p, g in zip(params, gs, strict=True):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        opt.step()
+    phases = list(opt._engine.phases)
+    oracle = OracleSOAP([w.clone() for w in inits], phases=phases, **kw)
+    for gs in grads:
+        oracle.step(gs)
+    got = [p.detach().full_tensor() for p in params]
+    owners = opt._owner.owners
+    return {
+        "rel": ds._rel(got, oracle.params),
+        "phases": phases,
+        "owners": owners,
+        "staggered": len(set(phases)) > 1,
+    }
+
+
+SCENARIOS[2].append(owner_staggered)
+SCENARIOS[4].append(owner_staggered)

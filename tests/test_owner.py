@@ -89,3 +89,12 @@ def test_auto_picks_owner_when_the_column_state_exceeds_the_shard(world2):
     res = result(world2, "auto_choice")
     assert res["wide"] == "owner"
     assert res["narrow"] == "fsdp-local"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_staggered_refresh_under_owner_equals_the_oracle_with_the_same_phases(world, world2, world4):
+    res = result(world2 if world == 2 else world4, "owner_staggered")
+    assert res["staggered"] and res["rel"] <= 1e-9, res
+    for rank in range(world):  # each owner spreads its own parameters over the phases
+        mine = [p for p, o in zip(res["phases"][:6], res["owners"][:6], strict=True) if o == rank]
+        assert len(set(mine)) == min(len(mine), 3), (rank, mine)

@@ -63,6 +63,7 @@ class SoapEngine(StepMixin, RefreshMixin):
         plan: Plan | None = None,
         exchange: Any = None,
         solver: linalg.Solver | None = None,
+        refresh_schedule: str = "all",
     ) -> None:
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -101,6 +102,8 @@ class SoapEngine(StepMixin, RefreshMixin):
         self.entry_slot: dict[FactorEntry, tuple[FactorStore, int]] = {}
         self.slot_entries: dict[int, list[FactorEntry]] = {}
         self.calls = 0
+        self.refresh_schedule = refresh_schedule
+        self.phases: list[int] | None = None  # refresh phase of every parameter (plan.schedule)
         self.broken: tuple[int, str] | None = None  # (step, error) when a refresh raised under several ranks
         self._inflight: list[tuple[int, Any, list[int]]] = []  # (wait at call, broadcasts, params)
         self._build(params)

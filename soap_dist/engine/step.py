@@ -16,6 +16,7 @@ import torch
 
 from .. import kernels
 from ..layout import ParamLayout
+from ..plan.schedule import refresh_phases
 from ..stores import BlockStack, FactorStore, moment_dtype
 from .refresh import take
 
@@ -165,11 +166,7 @@ class StepMixin:
                 self._refresh(first, first=True)
                 for i in first:
                     self.started[i] = True
-            due = [
-                i
-                for i in updated
-                if self.steps[i] % hypers[self.layouts[i].group].precondition_frequency == 0
-            ]
+            due = [i for i in updated if self._due(self.steps[i], i, hypers)]
             if due:
                 self._refresh(due, first=False)
         except BaseException as error:
@@ -177,14 +174,17 @@ class StepMixin:
                 self.broken = (self.calls, f"{type(error).__name__}: {error}")
             raise
 
+    def _due(self, step: int, i: int, hypers: list[Hyper]) -> bool:
+        """Whether parameter i refreshes after its step ``step``: every k steps, at its phase."""
+        if self.phases is None:  # fixed at the first step, from the plan and the groups' k
+            k_of = [hypers[lay.group].precondition_frequency for lay in self.plan.layouts]
+            self.phases = refresh_phases(self.plan, k_of, self.refresh_schedule)
+        k = hypers[self.layouts[i].group].precondition_frequency
+        return step % k == self.phases[i] % k
+
     def _refreshing(self, hypers: list[Hyper], active_ids: list[int]) -> list[int]:
         """Parameters whose refresh (or first bases) this step will run: the collectives ahead."""
-        return [
-            i
-            for i in active_ids
-            if not self.started[i]
-            or (self.steps[i] + 1) % hypers[self.layouts[i].group].precondition_frequency == 0
-        ]
+        return [i for i in active_ids if not self.started[i] or self._due(self.steps[i] + 1, i, hypers)]
 
     def _agreement_words(
         self, groups: list[dict], hypers: list[Hyper], active_ids: list[int], norms: Tensor
