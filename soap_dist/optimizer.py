@@ -40,6 +40,7 @@ COPIED = (
     "placement",
     "collective_timeout",
     "refresh_schedule",
+    "basis_dtype",
     "_calls",
 )
 COPIED_DEFAULTS: dict[str, Any] = dict(
@@ -52,6 +53,7 @@ COPIED_DEFAULTS: dict[str, Any] = dict(
     device_mesh=None,
     collective_timeout=DEFAULT_TIMEOUT_S,
     refresh_schedule="all",
+    basis_dtype=None,
     _calls=0,
 )
 
@@ -98,6 +100,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         refresh_schedule: "all" (the reference: every factor at the steps divisible by k) or
             "staggered" (each parameter at a fixed phase of its k steps, balanced by refresh cost
             per owner, so each step carries about 1/k of the refresh).
+        basis_dtype: dtype the bases are stored in (None: factor_dtype). torch.bfloat16 halves the
+            bases' memory and rotates in bf16; statistics and decompositions stay in factor_dtype.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         device_mesh: Any = None,
         collective_timeout: float = DEFAULT_TIMEOUT_S,
         refresh_schedule: str = "all",
+        basis_dtype: torch.dtype | None = None,
     ) -> None:
         check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
@@ -169,6 +174,13 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self.collective_timeout = float(collective_timeout)
         check(refresh_schedule in SCHEDULES, "refresh_schedule", refresh_schedule, "'all' or 'staggered'")
         self.refresh_schedule = refresh_schedule
+        check(
+            basis_dtype in (None, *FACTOR_DTYPES, torch.bfloat16),
+            "basis_dtype",
+            basis_dtype,
+            "None (factor_dtype), torch.float32, torch.float64 or torch.bfloat16",
+        )
+        self.basis_dtype = basis_dtype
         self._calls = 0  # step() calls, for messages that name a step
         check(
             placement in ("auto", *PLACEMENTS),
@@ -312,6 +324,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                 self.refresh_delay,
                 str(self.factor_dtype),
                 self.refresh_schedule,
+                str(self.basis_dtype),
             )
             for lay in full
         ]
@@ -343,6 +356,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             plan=plan,
             exchange=exchange,
             refresh_schedule=self.refresh_schedule,
+            basis_dtype=self.basis_dtype,
         )
 
     # ----- torch.optim contract -----

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 ORTHOGONALITY_TOL = 1e-2  # a QR/eigh basis is orthogonal to ~1e-5 even in float32; corruption is O(1)
+BF16_TOL = 6e-2  # bases stored in bf16 (8-bit mantissa): rounding alone reaches ~1e-2 on large probes
 FULL_CHECK_DIM = 256  # up to this size Q^T Q is formed; above, Q^T Q v = v is probed
 PROBES = 4
 _BASIS = re.compile(r"(pending_)?basis_(\d+)$")
@@ -56,7 +57,9 @@ def orthogonality_error(q: Tensor) -> Tensor:
     return torch.maximum(columns, (back - v).abs().amax())
 
 
-def _check_blocks(label: str, key: str, blocks: list[tuple[str, Tensor]]) -> None:
+def _check_blocks(
+    label: str, key: str, blocks: list[tuple[str, Tensor]], tolerance: float = ORTHOGONALITY_TOL
+) -> None:
     """Every block finite and orthogonal; exactly-zero blocks are absent (a rank holding nothing)."""
     square = [(where, q) for where, q in blocks if q.numel() and q.shape[-2] == q.shape[-1]]
     if not square:
@@ -66,7 +69,7 @@ def _check_blocks(label: str, key: str, blocks: list[tuple[str, Tensor]]) -> Non
     if not present:
         return
     errors = torch.stack([orthogonality_error(q) for _, q in present]).float()
-    bad = (~(errors <= ORTHOGONALITY_TOL)).nonzero().flatten().tolist()  # one host sync per key
+    bad = (~(errors <= tolerance)).nonzero().flatten().tolist()  # one host sync per key
     if bad:
         where, q = present[bad[0]]
         if not bool(torch.isfinite(q).all()):
@@ -76,7 +79,12 @@ def _check_blocks(label: str, key: str, blocks: list[tuple[str, Tensor]]) -> Non
         )
 
 
-def check_entry(entry: Mapping[str, Any], label: str, row_blocks: Sequence[tuple[int, int]] = ()) -> None:
+def check_entry(
+    entry: Mapping[str, Any],
+    label: str,
+    row_blocks: Sequence[tuple[int, int]] = (),
+    tolerance: float = ORTHOGONALITY_TOL,
+) -> None:
     """Raise ValueError naming ``label`` and the key if one parameter's saved state is corrupt.
 
     ``row_blocks`` are the (first row, size) of the row blocks in ``basis_0``'s rows: block r sits in
@@ -101,14 +109,14 @@ def check_entry(entry: Mapping[str, Any], label: str, row_blocks: Sequence[tuple
         flags = [f > 0.5 for f in ok.reshape(-1).tolist()] if isinstance(ok, Tensor) else []
         if j >= 1:
             if not pending or (flags and flags[0]):
-                _check_blocks(label, key, [("", t)])
+                _check_blocks(label, key, [("", t)], tolerance)
             continue
         blocks = []
         for r0, n in row_blocks:
             if pending and not (r0 < len(flags) and flags[r0]):
                 continue
             blocks.append((f" (row block at rows {r0}..{r0 + n - 1})", t[r0 : r0 + n, :n]))
-        _check_blocks(label, key, blocks)
+        _check_blocks(label, key, blocks, tolerance)
 
 
 def check_engine_state(engine: SoapEngine, state: Mapping[Any, Mapping[str, Any]]) -> None:
@@ -119,6 +127,7 @@ def check_engine_state(engine: SoapEngine, state: Mapping[Any, Mapping[str, Any]
     every rank, so every rank reaches the same verdict).
     """
     plan = engine.plan
+    tolerance = BF16_TOL if engine.basis_dtype == torch.bfloat16 else ORTHOGONALITY_TOL
     rows_sharded = plan.topology.replicas == 1 and plan.topology.shards > 1  # as state_io._rows_sharded
     blocks: dict[int, list[tuple[int, int]]] = {}
     if rows_sharded:
@@ -132,4 +141,5 @@ def check_engine_state(engine: SoapEngine, state: Mapping[Any, Mapping[str, Any]
     for lay in engine.layouts:
         entry = state.get(lay.index, state.get(str(lay.index)))
         if entry is not None:
-            check_entry(entry, f"parameter {lay.index} ({lay.name})", sorted(blocks.get(lay.index, [])))
+            label = f"parameter {lay.index} ({lay.name})"
+            check_entry(entry, label, sorted(blocks.get(lay.index, [])), tolerance)

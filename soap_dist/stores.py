@@ -28,8 +28,11 @@ class FactorSlot:
 class FactorStore:
     """All factors and bases of one size, one dtype, one device."""
 
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, size: int, dtype: torch.dtype, device: torch.device, basis_dtype: torch.dtype | None = None
+    ) -> None:
         self.size, self.dtype, self.device = size, dtype, device
+        self.basis_dtype = basis_dtype or dtype  # bases may be stored narrower (bf16) than statistics
         self.slots: list[FactorSlot] = []
         self.contributors: list[int] = []
         self.stat_rows: list[int] = []  # slot -> row of ``factors``, -1 where this rank keeps no statistic
@@ -48,7 +51,7 @@ class FactorStore:
         rows = iter(range(n))
         self.stat_rows = [next(rows) if k else -1 for k in keep]
         self.factors = torch.zeros(sum(keep), d, d, dtype=self.dtype, device=self.device)
-        eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        eye = torch.eye(d, dtype=self.basis_dtype, device=self.device)
         self.bases = eye.expand(n, d, d).clone()
 
 

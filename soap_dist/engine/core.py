@@ -64,6 +64,7 @@ class SoapEngine(StepMixin, RefreshMixin):
         exchange: Any = None,
         solver: linalg.Solver | None = None,
         refresh_schedule: str = "all",
+        basis_dtype: torch.dtype | None = None,
     ) -> None:
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -72,6 +73,7 @@ class SoapEngine(StepMixin, RefreshMixin):
         self.layouts = layouts
         self.param_dtypes = [p.dtype for p in params]
         self.factor_dtype = factor_dtype
+        self.basis_dtype = basis_dtype or factor_dtype
         self.refresh_delay = refresh_delay
         # CholeskyQR2 is batched GEMMs (fast on GPUs); on CPUs LAPACK's Householder QR does fewer flops.
         self.qr_method = (
@@ -175,7 +177,7 @@ class SoapEngine(StepMixin, RefreshMixin):
 
     def _slot_for(self, lay: ParamLayout, dim: int, block: int, size: int) -> tuple[FactorStore, int]:
         if size not in self.stores:
-            self.stores[size] = FactorStore(size, self.factor_dtype, self.device)
+            self.stores[size] = FactorStore(size, self.factor_dtype, self.device, self.basis_dtype)
         store = self.stores[size]
         table, key = (
             (self.row_slots, (lay.index, block)) if dim == 0 else (self.shared_slots, (lay.index, dim))

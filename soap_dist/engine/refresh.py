@@ -151,7 +151,7 @@ class RefreshMixin:
             bases, ok = self.solver.first(factors)
             perm = torch.arange(store.size, device=self.device).expand(len(part), store.size)
         else:
-            bases, perm, ok = self.solver.refresh(factors, take(store.bases, rows))
+            bases, perm, ok = self.solver.refresh(factors, take(store.bases, rows).to(store.dtype))
         self._report_failures(store, slots, ok.tolist(), "eigendecomposition" if first else "refresh")
         local = [n for n, e in enumerate(part) if len(self.plan.broadcast_ranks(e)) == 1]
         for n, e in enumerate(part):
@@ -169,7 +169,8 @@ class RefreshMixin:
             slots = [slots[n] for n in local]
             rows = rows_of(slots, self._index)
         if first:
-            put(store.bases, rows, torch.where(ok[:, None, None], bases, take(store.bases, rows)))
+            kept = take(store.bases, rows).to(bases.dtype)
+            put(store.bases, rows, torch.where(ok[:, None, None], bases, kept).to(store.basis_dtype))
         elif self.refresh_delay:
             self._stash(store, rows, bases, perm, ok)
         else:
@@ -200,8 +201,10 @@ class RefreshMixin:
             perm = torch.stack([r[1] for _, r in items])
             ok = torch.stack([r[2] for _, r in items]).bool()
             if first:
-                old = store.bases.index_select(0, rows)
-                store.bases.index_copy_(0, rows, torch.where(ok[:, None, None], bases, old))
+                old = store.bases.index_select(0, rows).to(bases.dtype)
+                store.bases.index_copy_(
+                    0, rows, torch.where(ok[:, None, None], bases, old).to(store.basis_dtype)
+                )
             elif self.refresh_delay:
                 self._stash(store, rows, bases, perm, ok)
             else:  # installed at once: no stash, so no second copy of the bases
@@ -230,7 +233,7 @@ class RefreshMixin:
         self, store: FactorStore, rows: slice | Tensor, bases: Tensor, perm: Tensor, ok: Tensor
     ) -> None:
         pend = self.pending_for(store)
-        put(pend.bases, rows, bases)
+        put(pend.bases, rows, bases.to(pend.bases.dtype))
         put(pend.perm, rows, perm)
         put(pend.ok, rows, ok)
 
@@ -259,8 +262,9 @@ class RefreshMixin:
         m goes from the old basis to the new one along the factor's dim, v is re-indexed by the sort.
         Done per chunk of slots, so no buffer the size of all bases is needed.
         """
-        old = take(store.bases, rows)
-        new = torch.where(ok[:, None, None], bases, old)
+        old = take(store.bases, rows).to(store.dtype)
+        # the basis as it will be stored (rounded to bf16 bases): m is carried into exactly that one
+        new = torch.where(ok[:, None, None], bases.to(store.dtype), old).to(store.basis_dtype).to(store.dtype)
         perm = torch.where(ok[:, None], perm, torch.arange(store.size, device=self.device))
         chunk_row = {slot: r for r, slot in enumerate(part)}
         for stack, dim, bd in self._users[store.size]:
@@ -280,7 +284,7 @@ class RefreshMixin:
             put(stack.exp_avg, blocks, moved)
             p = perm.index_select(0, source)
             put(stack.exp_avg_sq, blocks, kernels.permute_along(take(stack.exp_avg_sq, blocks), dim, p))
-        put(store.bases, rows, new)
+        put(store.bases, rows, new.to(store.basis_dtype))
         self.counters.bases_installed += len(part)
 
     def _carry(self, m: Tensor, dim: int, old: Tensor, new: Tensor, ok: Tensor, bd: BlockDim) -> Tensor:

@@ -68,7 +68,9 @@ class OptimConfig:
     normalize_grads: bool = False
     block_size: int | None = None  # see docs/design.md section 6: set it under fsdp2/hsdp
     refresh_delay: int = 0
-    fused: bool | None = None  # SOAP's torch.compile'd elementwise step (null: try it, false: eager)
+    fused: bool | None = None  # SOAP's torch.compile'd elementwise step (null: on CUDA only, false: eager)
+    refresh_schedule: str = "all"  # "staggered": each matrix refreshes at its own phase of the k steps
+    basis_dtype: str | None = None  # null: the factors' dtype; "bfloat16": half the bases' memory
 
 
 @dataclass

@@ -43,7 +43,13 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SOAP or torch AdamW over ``groups`` (the lr is set every step by the schedule)."""
     if cfg.name == "soap":
-        return SOAP(groups, **soap_kwargs(cfg))
+        dtypes = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, None: None}
+        if cfg.basis_dtype not in dtypes:
+            raise ValueError(
+                f"optim.basis_dtype={cfg.basis_dtype!r}: expected null, float32, float64 or bfloat16"
+            )
+        basis = dtypes[cfg.basis_dtype]
+        return SOAP(groups, **soap_kwargs(cfg), refresh_schedule=cfg.refresh_schedule, basis_dtype=basis)
     fused = True if device.type == "cuda" else None  # torch's default (foreach) elsewhere
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
