@@ -50,14 +50,19 @@ def layouts_of(model: str, block_size: int | None, max_precond_dim: int) -> list
 
 
 def placements(
-    layouts: list[ParamLayout], world: int, shard: int | None, factor_bytes: int, moment_bytes: int
+    layouts: list[ParamLayout],
+    world: int,
+    shard: int | None,
+    factor_bytes: int,
+    moment_bytes: int,
+    basis_bytes: int | None = None,
 ) -> list[Row]:
     """The costs of every placement that fits the world (and the HSDP shard size, if given)."""
     n = len(layouts)
     mb, pb = [moment_bytes] * n, [moment_bytes] * n
 
     def costs(topology: Topology, splits=None, owners=None) -> list[RankCosts]:
-        return rank_costs(build_plan(layouts, topology, splits), factor_bytes, mb, pb, owners)
+        return rank_costs(build_plan(layouts, topology, splits), factor_bytes, mb, pb, owners, basis_bytes)
 
     rows = [Row("single", "1 process", costs(Topology("single", 1, 1, 0)))]
     if world == 1:
@@ -110,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precondition-frequency", "-k", type=int, default=10, help="refresh every k steps")
     p.add_argument("--max-precond-dim", type=int, default=10000)
     p.add_argument("--factor-dtype", choices=[d for d in DTYPE_BYTES if d != "bfloat16"], default="float32")
+    p.add_argument("--basis-dtype", choices=list(DTYPE_BYTES), default=None, help="default: the factor dtype")
     args = p.parse_args(argv)
     if args.world < 1:
         p.error("--world must be >= 1")
@@ -122,11 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = sum(spec.numel for spec in model_specs(args.model))
     print(
         f"{args.model}: {len(layouts)} tensors, {params / 1e9:.2f} B parameters; W = {args.world}, "
-        f"block_size {args.block_size}, k = {args.precondition_frequency}, {args.factor_dtype} factors, "
+        f"block_size {args.block_size}, k = {args.precondition_frequency}, {args.factor_dtype} factors "
+        f"({args.basis_dtype or args.factor_dtype} bases), "
         "float32 moments and values. Per rank, the largest rank's figure; traffic averaged per step.",
         flush=True,
     )
-    rows = placements(layouts, args.world, args.shard, fb, 4)
+    bb = DTYPE_BYTES[args.basis_dtype] if args.basis_dtype else None
+    rows = placements(layouts, args.world, args.shard, fb, 4, bb)
     print(report(rows, args.precondition_frequency))
     if args.world > 1:
         fsdp = build_plan(layouts, Topology("fsdp-local", 1, args.world, 0))

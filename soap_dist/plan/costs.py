@@ -56,16 +56,20 @@ def rank_costs(
     moment_bytes: Sequence[int],
     param_bytes: Sequence[int],
     owners: Sequence[int] | None = None,
+    basis_bytes: int | None = None,
 ) -> list[RankCosts]:
     """Every rank's costs (index = grid rank) under ``plan``; ``owners`` for placement owner.
 
-    ``moment_bytes[i]``/``param_bytes[i]``: parameter i's bytes per moment and per value element.
+    ``moment_bytes[i]``/``param_bytes[i]``: parameter i's bytes per moment and per value element;
+    ``basis_bytes``: per basis element when bases are stored narrower (bf16) than the factors.
     """
+    basis_bytes = factor_bytes if basis_bytes is None else basis_bytes
     topo = plan.topology
     R, S, W = topo.replicas, topo.shards, topo.world
     out = [RankCosts() for _ in range(W)]
     for e in plan.entries:
         square = e.size * e.size * factor_bytes
+        basis = e.size * e.size * basis_bytes
         holders = plan.holders.get(e.param, [])
         if e.shared:
             keepers = [(e.owner // S) * S + s for s in holders]
@@ -76,10 +80,10 @@ def rank_costs(
         for r in keepers:
             out[r].statistics += square
         for r in users:
-            out[r].bases += square
+            out[r].bases += basis
         if e.shared:
             for r in set(keepers) | users:
-                out[r].column_state += square * ((r in keepers) + (r in users))
+                out[r].column_state += square * (r in keepers) + basis * (r in users)
         out[e.owner].refresh_work += e.cost
         _refresh_traffic(plan, e, factor_bytes, out)
     for lay in plan.layouts:
