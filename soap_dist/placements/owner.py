@@ -105,45 +105,42 @@ class OwnerRunner(HomeRowsRunner):
         start, n = self._rows_at(lay, shard)
         return buffer.view(-1)[start : start + n]
 
+    def _holders(self, active: list[bool]):
+        """(index, layout, owner, whether this rank holds rows, the other ranks holding rows) of every
+        active parameter, in the order every rank walks them."""
+        for lay in self.layouts:
+            if active[lay.index]:
+                others = [s for s in range(self.shards) if s != self.shard and self._rows_at(lay, s)[1]]
+                mine = self._rows_at(lay, self.shard)[1] > 0
+                yield lay.index, lay, self.owners[lay.index], mine, others
+
     def _gather(self, params: list[Tensor], grads: list, active: list[bool], crossing: int) -> None:
         outgoing, incoming = self.new_runs(self.shards)
-        for lay in self.layouts:
-            i = lay.index
-            if not active[i]:
+        for i, lay, owner, mine, others in self._holders(active):
+            grad_home, value_home = self.home_grads[i], self.home_params[i]
+            if owner != self.shard:
+                if mine:
+                    outgoing[owner] += [grads[i].reshape(-1), params[i].reshape(-1)]
                 continue
-            owner = self.owners[i]
-            mine_n = self._rows_at(lay, self.shard)[1]
-            if owner == self.shard:
-                if mine_n:
-                    self._home_run(self.home_grads[i], lay, self.shard).copy_(grads[i].reshape(-1))
-                    self._home_run(self.home_params[i], lay, self.shard).copy_(params[i].reshape(-1))
-                for s in range(self.shards):
-                    if s != self.shard and self._rows_at(lay, s)[1]:
-                        incoming[s] += [
-                            self._home_run(self.home_grads[i], lay, s),
-                            self._home_run(self.home_params[i], lay, s),
-                        ]
-            elif mine_n:
-                outgoing[owner] += [grads[i].reshape(-1), params[i].reshape(-1)]
+            if mine:
+                self._home_run(grad_home, lay, self.shard).copy_(grads[i].reshape(-1))
+                self._home_run(value_home, lay, self.shard).copy_(params[i].reshape(-1))
+            for s in others:
+                incoming[s] += [self._home_run(grad_home, lay, s), self._home_run(value_home, lay, s)]
         if crossing:
             self.move(outgoing, incoming)
 
     def _scatter(self, params: list[Tensor], active: list[bool], crossing: int) -> None:
         outgoing, incoming = self.new_runs(self.shards)
-        for lay in self.layouts:
-            i = lay.index
-            if not active[i]:
+        for i, lay, owner, mine, others in self._holders(active):
+            if owner != self.shard:
+                if mine:
+                    incoming[owner].append(params[i].view(-1))
                 continue
-            owner = self.owners[i]
-            mine_n = self._rows_at(lay, self.shard)[1]
-            if owner == self.shard:
-                if mine_n:
-                    params[i].view(-1).copy_(self._home_run(self.home_params[i], lay, self.shard))
-                for d in range(self.shards):
-                    if d != self.shard and self._rows_at(lay, d)[1]:
-                        outgoing[d].append(self._home_run(self.home_params[i], lay, d))
-            elif mine_n:
-                incoming[owner].append(params[i].view(-1))
+            if mine:
+                params[i].view(-1).copy_(self._home_run(self.home_params[i], lay, self.shard))
+            for d in others:
+                outgoing[d].append(self._home_run(self.home_params[i], lay, d))
         if crossing:
             self.move(outgoing, incoming)
 
