@@ -203,6 +203,13 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        listed = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len({id(p) for p in listed}) != len(listed):  # torch only warns; SOAP would step it twice
+            raise ValueError(
+                "SOAP: a parameter group lists the same tensor twice; list every parameter once "
+                "(torch.optim packs the repeat to one state, SOAP would keep two)"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])

@@ -8,6 +8,7 @@ import copy
 import io
 import pickle
 
+import pytest
 import torch
 
 from soap_dist import SOAP
@@ -108,3 +109,9 @@ def test_a_tiny_weight_decay_does_not_overflow():
     params, grads = _problem()
     tiny = _run(SOAP(params, **{**KW, "weight_decay": 1e-40}), grads)
     assert all(torch.equal(a, b) for a, b in zip(none, tiny, strict=True))
+
+
+def test_a_tensor_listed_twice_is_refused():
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="same tensor twice"):
+        SOAP([w, w])
