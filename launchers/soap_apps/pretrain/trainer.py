@@ -206,6 +206,14 @@ def check_run_dir(run_dir: Path, resume: bool, backend: str) -> None:
         )
 
 
+def _soap_placement(backend: Backend) -> str | None:
+    """The placement SOAP runs under the torch backend (``placement="auto"`` picks it at the first
+    step: owner or fsdp-local/hsdp under FSDP2/HSDP, docs/design.md section 6); None for AdamW and
+    DeepSpeed. ``stats()`` reads local counters only (no collective), so rank 0 alone may call it."""
+    stats = getattr(getattr(backend, "optimizer", None), "stats", None)
+    return stats().get("placement") if stats is not None else None
+
+
 def _resume(backend: Backend, run_dir: Path, sampler: data.BatchSampler) -> int:
     """The step to start from: the newest checkpoint's (0 without one); called only under ``resume``."""
     latest = backend.latest_checkpoint(run_dir)
@@ -320,6 +328,8 @@ def _run(
             min_lr_ratio=cfg.schedule.min_lr_ratio,
         )
         loss, norm = backend.train_step(d.sampler.next_step(), lr)
+        if step == start_step + 1 and env.is_main and (placement := _soap_placement(backend)):
+            print(f"pretrain: SOAP placement {placement}, world {env.world}", flush=True)
         metrics.log_train(step, loss, norm, lr, force=step == last)
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
             evaluate(step)
