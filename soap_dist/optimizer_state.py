@@ -52,8 +52,9 @@ class StateMixin:
             "installed_at": list(c.installed_at),
             "owner_seconds": c.owner_seconds,
             "placement": engine.plan.topology.placement,
-            "world": engine.plan.topology.world,
-            "rank": engine.plan.topology.rank,
+            # the data-parallel world (under owner with HSDP the engine's grid is one shard group)
+            "world": self._placement.topology.world if self._placement else engine.plan.topology.world,
+            "rank": self._placement.topology.rank if self._placement else engine.plan.topology.rank,
             "factor_bytes": sum(s.factors.numel() * s.factors.element_size() for s in stores),
             "basis_bytes": sum(s.bases.numel() * s.bases.element_size() for s in stores),
             "moment_bytes": sum(
