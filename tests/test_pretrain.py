@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from unittest.mock import ANY
 
@@ -463,6 +464,7 @@ def test_launcher_fsdp2_world2_and_resume_reproduces_the_run(tmp_path, cache):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     proc = _torchrun([*common, "--out", str(whole)], cache)
     assert "soap, fsdp2, world 2 on cpu" in proc.stdout and "done at step 8" in proc.stdout
+    assert "warn" not in proc.stderr.lower() + proc.stdout.lower(), proc.stderr[-3000:]  # issue 13
     assert "(nats/byte)" in proc.stdout and "loss in nats/byte" in proc.stderr  # the summary, the bar
     assert _png_text(whole / "loss.png")["Title"] == "tiny-cpu: soap, fsdp2, world 2"
     for name in (
@@ -501,7 +503,10 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
     texts.mkdir()
     (texts / "a.txt").write_text("hello soap " * 400)
     cfg = load_config(TINY, [*SMALL, "train.steps=4", f"data.path={texts}", "data.eval_fraction=0.1"])
-    whole = run(cfg, run_dir=tmp_path / "whole")
+    with warnings.catch_warnings(record=True) as caught:  # issue 13: DCP's "single process" warning,
+        warnings.simplefilter("always")  # printed with a stray `return func(*args, **kwargs)` line
+        whole = run(cfg, run_dir=tmp_path / "whole")
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
     assert whole.step == 4 and math.isfinite(whole.eval_loss) and whole.exported is not None
     # loss.png names the run (the config's name defaults to the directory's) and the loss's unit
     assert _png_text(tmp_path / "whole" / "loss.png") == {
@@ -511,7 +516,10 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
     }
     stopped = run(cfg, run_dir=tmp_path / "split", stop_after=2)
     assert stopped.step == 2 and stopped.exported is None
-    finished = run(cfg, run_dir=tmp_path / "split", resume=True)
+    with warnings.catch_warnings(record=True) as caught:  # a load too
+        warnings.simplefilter("always")
+        finished = run(cfg, run_dir=tmp_path / "split", resume=True)
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
     elapsed = [r["elapsed_s"] for r in read_records(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
     assert elapsed == sorted(elapsed), elapsed  # the resumed part continues the clock
@@ -537,6 +545,8 @@ def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     args = [*_sets("train.steps=4", "train.grad_accum=2"), "--deepspeed", str(ds_json)]
     proc = _torchrun([*args, "--out", str(out)], cache)
     assert "deepspeed" in proc.stdout and "done at step 4" in proc.stdout
+    # issue 13: no "untested optimizer" banner, no accelerator probe, no all_gather_into_tensor FutureWarning
+    assert "warn" not in proc.stderr.lower() + proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "optim.lr: 0.003 -> 0.002 (the JSON's optimizer.params)" in proc.stdout
     assert [r["lr"] for r in read_records(out / "metrics.jsonl") if "lr" in r] == pytest.approx(
         [0.002 * s / 20 for s in (1, 2, 3, 4)]

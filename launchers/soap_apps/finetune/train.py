@@ -29,6 +29,12 @@ from soap_apps import soap_options
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
+from soap_apps.quiet import (
+    deepspeed_cpu_without_probe,
+    no_deprecated_all_gather_warning,
+    no_shared_tensor_note,
+    no_untested_optimizer_banner,
+)
 from soap_dist import SOAP
 
 CHECKPOINTS = "checkpoints"
@@ -81,6 +87,9 @@ def make_accelerator(cfg: FinetuneConfig, **kwargs: Any) -> Any:
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision
     )
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by accelerate launch / torchrun
+    if deepspeed:
+        deepspeed_cpu_without_probe()  # before DeepSpeed's first import (soap_apps/quiet.py)
+        no_deprecated_all_gather_warning()
     if not cuda and launched:
         options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         options["cpu"] = not deepspeed
@@ -277,7 +286,8 @@ def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, Data
     eval_dl = DataLoader(eval_windows(eval_ids, cfg.context, cfg.eval_windows), batch_size=cfg.batch_size)
     model = build_model(cfg)  # same seed on every rank, so the same initial weights
     optimizer = make_optimizer(cfg, model)
-    return accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    with no_untested_optimizer_banner():  # under DeepSpeed: SOAP is not on its list; soap_dist supports it
+        return accelerator.prepare(model, optimizer, train_dl, eval_dl)
 
 
 def train(
@@ -373,7 +383,8 @@ def train(
         if (cfg.eval_every and progress.step % cfg.eval_every == 0) or last:
             record({"step": progress.step, "eval_loss": evaluate(model, eval_dl, accelerator)})
         if (cfg.save_every and progress.step % cfg.save_every == 0) or last:
-            accelerator.save_state(str(out / CHECKPOINTS / f"step_{progress.step}"))
+            with no_shared_tensor_note():  # GPT-2's tied head: dropped from the file, re-tied on load
+                accelerator.save_state(str(out / CHECKPOINTS / f"step_{progress.step}"))
         tick = time.perf_counter()
     bar.close()
     return rows

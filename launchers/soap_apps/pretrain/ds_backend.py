@@ -34,6 +34,11 @@ from soap_apps.pretrain.config import Config, ConfigError, apply_overrides
 from soap_apps.pretrain.model import GPT, lm_loss
 from soap_apps.pretrain.optim import param_groups, soap_kwargs
 from soap_apps.pretrain.parallel import DistEnv
+from soap_apps.quiet import (
+    deepspeed_cpu_without_probe,
+    no_deprecated_all_gather_warning,
+    no_untested_optimizer_banner,
+)
 from soap_apps.soap_options import SOAP_KEYS
 
 DS_OPTIMIZER_TYPES = {"soap": "SOAP", "adamw": "AdamW"}
@@ -152,6 +157,8 @@ class DeepSpeedBackend:
         self, model: GPT, cfg: Config, env: DistEnv, ds_config: dict[str, Any], run_dir: Path
     ) -> None:
         """``cfg`` and ``ds_config``: what ``resolve_config`` returned (the config already merged)."""
+        deepspeed_cpu_without_probe()
+        no_deprecated_all_gather_warning()
         from soap_dist.deepspeed import initialize  # imported here: DeepSpeed is an optional dependency
 
         self.cfg, self.env = cfg, env
@@ -163,9 +170,10 @@ class DeepSpeedBackend:
             {k: v for k, v in g.items() if k != "param_names"}
             for g in param_groups(model, cfg.optim.weight_decay)
         ]
-        self.engine, _, _, _ = initialize(
-            model=model.to(env.device), model_parameters=groups, config=ds_config
-        )
+        with no_untested_optimizer_banner():  # SOAP is not on DeepSpeed's list; soap_dist supports it
+            self.engine, _, _, _ = initialize(
+                model=model.to(env.device), model_parameters=groups, config=ds_config
+            )
         self.module = self.engine.module
 
     def _loss(self, batch: data.Batch) -> torch.Tensor:
