@@ -22,6 +22,7 @@ import datetime
 import json
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def runs_to_do(adamw_lrs: list[str], runs: Path) -> list[tuple[str, list[str]]]:
 
 def run_one(name: str, args: list[str], nproc: int, log_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    shown = " ".join(["torchrun", "--standalone", f"--nproc_per_node={nproc}", *args])
+    shown = shlex.join(["torchrun", "--standalone", f"--nproc_per_node={nproc}", *args])  # quotes [0.9,0.95]
     print(f"quoted_numbers: {name}: {shown}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
