@@ -43,3 +43,19 @@ def test_pretrain_config_reaches_soap():
         16,
         True,
     )
+
+
+# ----- one lr schedule (issue 13) -----
+def test_both_applications_use_one_lr_schedule():
+    from soap_apps import schedule
+    from soap_apps.finetune import train as finetune_train
+    from soap_apps.pretrain import trainer as pretrain_trainer
+
+    assert pretrain_trainer.lr_at is schedule.lr_at
+    cfg = FinetuneConfig(steps=20, lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    kw = dict(lr=1.0, warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    # fine-tuning's 0-based step s is the schedule's step s + 1
+    for s in (0, 1, 3, 4, 5, 11, 19, 25):
+        assert finetune_train.lr_at(cfg, s) == schedule.lr_at(s + 1, **kw)
+    assert [finetune_train.lr_at(cfg, s) for s in (0, 3)] == [0.25, 1.0]  # warmup ends at the peak
+    assert finetune_train.lr_at(cfg, 19) == pytest.approx(0.1)  # the last step is at the floor

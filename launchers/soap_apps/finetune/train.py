@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import time
@@ -25,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from soap_apps import soap_options
+from soap_apps import schedule, soap_options
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
@@ -160,16 +159,18 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def lr_at(cfg: FinetuneConfig, step: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio``.
+    """The lr of 0-based step ``step``: ``soap_apps.schedule.lr_at`` (pre-training's) at ``step + 1``.
 
-    A pure function of the step, set on the param groups before each step: nothing to checkpoint,
-    and no scheduler for Accelerate to step once per process.
+    Set on the param groups before each step: nothing to checkpoint, and no scheduler for
+    Accelerate to step once per process.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return schedule.lr_at(
+        step + 1,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+    )
 
 
 class Progress:
