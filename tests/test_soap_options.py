@@ -59,3 +59,29 @@ def test_both_applications_use_one_lr_schedule():
         assert finetune_train.lr_at(cfg, s) == schedule.lr_at(s + 1, **kw)
     assert [finetune_train.lr_at(cfg, s) for s in (0, 3)] == [0.25, 1.0]  # warmup ends at the peak
     assert finetune_train.lr_at(cfg, 19) == pytest.approx(0.1)  # the last step is at the floor
+
+
+# ----- one metrics writer (issue 13) -----
+def test_both_applications_write_metrics_through_one_rank0_jsonl_log(tmp_path):
+    from soap_apps import jsonl
+    from soap_apps.finetune import train as finetune_train
+    from soap_apps.pretrain import metrics as pretrain_metrics
+    from soap_apps.pretrain.parallel import DistEnv
+
+    assert finetune_train.JsonlLog is pretrain_metrics.JsonlLog is jsonl.JsonlLog
+    path = tmp_path / "run" / "metrics.jsonl"
+    jsonl.JsonlLog(path, enabled=False).write({"step": 1})  # not rank 0: nothing, not even the dir
+    assert not path.parent.exists()
+    log = jsonl.JsonlLog(path, enabled=True)
+    log.write({"step": 1, "loss": 2.5})
+    log.write({"step": 2, "eval_loss": 2.0})
+    assert jsonl.read_records(path) == [{"step": 1, "loss": 2.5}, {"step": 2, "eval_loss": 2.0}]
+    # pre-training's Metrics: a resumed run keeps the records up to its step, then appends
+    env = DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    m = pretrain_metrics.Metrics(
+        path.parent, env, start_step=1, total_steps=3, tokens_per_step=10, log_every=1
+    )
+    m.log_train(2, torch.tensor(1.5), torch.tensor(0.5), 0.1, force=False)
+    m.close(plot=False)
+    rows = jsonl.read_records(path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == 1.5 and rows[1]["tokens"] == 20

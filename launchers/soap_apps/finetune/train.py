@@ -28,6 +28,7 @@ from soap_apps import schedule, soap_options
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
+from soap_apps.jsonl import JsonlLog
 from soap_apps.quiet import (
     deepspeed_cpu_without_probe,
     no_deprecated_all_gather_warning,
@@ -259,20 +260,6 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
     return torch.cat(losses).mean().item()
 
 
-class MetricsLog:
-    """Rank 0 appends one JSON object per line; the other ranks write nothing."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-
 def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, DataLoader, DataLoader]:
     """Data, model and optimizer, through ``accelerator.prepare`` in one call (FSDP2 needs model and
     optimizer together; DeepSpeed reads its micro-batch size from the DataLoader)."""
@@ -315,7 +302,7 @@ def train(
     start = resume_dir(cfg)
     if start is not None:
         accelerator.load_state(str(start))
-    log = MetricsLog(out / METRICS, accelerator.is_main_process)
+    log = JsonlLog(out / METRICS, accelerator.is_main_process)  # pre-training's writer too
     rows: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any]) -> None:
