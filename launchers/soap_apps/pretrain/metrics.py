@@ -27,9 +27,6 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "Metrics", "plot_losses", "read_records"]
-
-
 class Metrics:
     """Per-step bookkeeping for the training loop; ``log_train`` is called by every rank every step."""
 
