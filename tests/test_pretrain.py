@@ -30,8 +30,8 @@ from soap_apps.pretrain.config import Config, ConfigError, DataConfig, ModelConf
 from soap_apps.pretrain.metrics import read_records
 from soap_apps.pretrain.model import GPT, export, lm_loss, load_exported
 from soap_apps.pretrain.optim import param_groups
-from soap_apps.pretrain.schedule import lr_at
 from soap_apps.pretrain.trainer import run
+from soap_apps.schedule import lr_at
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launchers" / "pretrain.py"

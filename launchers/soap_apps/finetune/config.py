@@ -1,20 +1,29 @@
-"""The fine-tuning run's settings: one dataclass, its command line, and its checks.
+"""The fine-tuning run's settings: one dataclass, its command line, its YAML file, and its checks.
 
 Every field is one ``--flag`` (underscores become dashes); ``parse_args`` builds the parser from the
-dataclass so the two cannot drift apart. Bad values fail here, before any process group or model
-exists, with a message naming the flag and the fix.
+dataclass so the two cannot drift apart. The same fields, by their names, are the keys of a flat
+YAML file (``--config FILE.yaml``) and of ``--set key=value`` overrides, read by pre-training's
+loader (``soap_apps.config_loader``, with its error messages); the file, then the overrides, then
+the explicit flags decide a value. Bad values fail here, before any process group or model exists,
+with a message naming the key or flag and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from soap_apps.config_loader import ConfigError, parse_override, read_mapping, set_field
 
 OPTIMIZERS = ("soap", "adamw")
 MODELS = ("gpt2-tiny",)
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# YAML reads on/off/no as booleans; these string keys take the word back (fused: off, mixed_precision: no)
+_YAML_WORDS = {"fused": {True: "on", False: "off"}, "mixed_precision": {False: "no"}}
 
 
 @dataclass
@@ -88,12 +97,12 @@ class FinetuneConfig:
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads per process"})
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad flag and what it accepts."""
+        """Raise ConfigError (a ValueError) naming the first bad flag and what it accepts."""
 
         def need(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag}={getattr(self, name)!r} is invalid: expected {allowed}")
+                raise ConfigError(f"{flag}={getattr(self, name)!r} is invalid: expected {allowed}")
 
         need(self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS))
         need(self.model in MODELS, "model", " or ".join(MODELS) + " (or --init-from DIR)")
@@ -124,6 +133,36 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
+def _set(cfg: FinetuneConfig, key: str, value: Any, where: str) -> None:
+    if isinstance(value, bool) and key in _YAML_WORDS:
+        value = _YAML_WORDS[key].get(value, value)
+    set_field(cfg, key, value, key=key, where=where)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str | tuple[str, Any]] | None = None,
+    *,
+    base: FinetuneConfig | None = None,
+    validate: bool = True,
+) -> FinetuneConfig:
+    """``base`` (default: the defaults), updated by the flat YAML file at ``path`` (if any), then by
+    ``overrides``: ``"key=value"`` (value parsed as YAML) or ``(key, value)`` pairs taken as is.
+
+    Unknown keys and values of the wrong type raise pre-training's ConfigError messages.
+    """
+    cfg = copy.deepcopy(base) if base is not None else FinetuneConfig()
+    if path is not None:
+        for key, value in read_mapping(path, examples="configs/finetune/", top="keys").items():
+            _set(cfg, str(key), value, f"in {path}")
+    for item in overrides or []:
+        key, value = parse_override(item, "key=value", "steps=20") if isinstance(item, str) else item
+        _set(cfg, key, value, f"from the override {item!r}")
+    if validate:
+        cfg.validate()
+    return cfg
+
+
 def _parse_type(f: dataclasses.Field) -> Any:
     """The argparse type of a field from its annotation string (``from __future__`` keeps them strings)."""
     base = str(f.type).replace(" | None", "")
@@ -138,6 +177,21 @@ def build_parser(prog: str = "launchers/finetune.py") -> argparse.ArgumentParser
         "(DDP, FSDP2 or DeepSpeed; see docs/accelerate.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="a flat YAML file of these settings by name (steps: 200, batch_size: 8, ...); "
+        "explicit flags win over it (see configs/finetune/)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one key, e.g. --set steps=20 (repeatable; value parsed as YAML); applied after "
+        "--config, before the explicit flags",
+    )
     for f in dataclasses.fields(FinetuneConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -150,9 +204,19 @@ def build_parser(prog: str = "launchers/finetune.py") -> argparse.ArgumentParser
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    """Flags -> a validated FinetuneConfig; a bad value exits with argparse's usage and the reason."""
+    """Flags -> a validated FinetuneConfig; a bad value exits with argparse's usage and the reason.
+
+    ``--config`` and ``--set`` become the parser's defaults, so an explicit flag wins over both.
+    """
     parser = build_parser()
-    cfg = FinetuneConfig(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    try:
+        base = load_config(args.config, args.overrides, validate=False)
+    except ConfigError as err:
+        parser.error(str(err))
+    parser.set_defaults(**base.to_dict())
+    args = vars(parser.parse_args(argv))
+    cfg = FinetuneConfig(**{f.name: args[f.name] for f in dataclasses.fields(FinetuneConfig)})
     try:
         cfg.validate()
     except ValueError as err:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import time
@@ -25,10 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from soap_apps import soap_options
+from soap_apps import schedule, soap_options
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
+from soap_apps.jsonl import JsonlLog
 from soap_apps.quiet import (
     deepspeed_cpu_without_probe,
     no_deprecated_all_gather_warning,
@@ -160,16 +160,18 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def lr_at(cfg: FinetuneConfig, step: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio``.
+    """The lr of 0-based step ``step``: ``soap_apps.schedule.lr_at`` (pre-training's) at ``step + 1``.
 
-    A pure function of the step, set on the param groups before each step: nothing to checkpoint,
-    and no scheduler for Accelerate to step once per process.
+    Set on the param groups before each step: nothing to checkpoint, and no scheduler for
+    Accelerate to step once per process.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return schedule.lr_at(
+        step + 1,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+    )
 
 
 class Progress:
@@ -258,20 +260,6 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
     return torch.cat(losses).mean().item()
 
 
-class MetricsLog:
-    """Rank 0 appends one JSON object per line; the other ranks write nothing."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-
 def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, DataLoader, DataLoader]:
     """Data, model and optimizer, through ``accelerator.prepare`` in one call (FSDP2 needs model and
     optimizer together; DeepSpeed reads its micro-batch size from the DataLoader)."""
@@ -314,7 +302,7 @@ def train(
     start = resume_dir(cfg)
     if start is not None:
         accelerator.load_state(str(start))
-    log = MetricsLog(out / METRICS, accelerator.is_main_process)
+    log = JsonlLog(out / METRICS, accelerator.is_main_process)  # pre-training's writer too
     rows: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any]) -> None:

@@ -4,27 +4,24 @@ Why dataclasses: every key has one place where its type, default and meaning are
 typo in a YAML file or a ``--set`` override is an error that names the key, never a silently
 ignored setting. ``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value``
 overrides (values parsed as YAML: ``train.steps=20``, ``optim.betas=[0.9,0.95]``,
-``optim.block_size=null``) and validates the result.
+``optim.block_size=null``) and validates the result. Reading values onto the dataclasses, and the
+error messages, are ``soap_apps.config_loader``'s, shared with fine-tuning.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from soap_apps.config_loader import ConfigError, parse_override, read_mapping, set_field
+
 OPTIMIZERS = ("soap", "adamw")
 PARALLEL_MODES = ("fsdp2", "ddp", "hsdp", "single")
-
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the key and what it accepts."""
 
 
 @dataclass
@@ -126,44 +123,6 @@ class Config:
         return out
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """``value`` as type ``hint`` (int, float, bool, str, tuple[float, float], X | None), or ConfigError."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        inner = [t for t in options if t is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        items = typing.get_args(hint)
-        if not isinstance(value, list | tuple) or len(value) != len(items):
-            raise ConfigError(f"{key} must be a list of {len(items)} numbers, got {value!r}")
-        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module, not in the input
-
-
 def _sections() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
@@ -176,13 +135,7 @@ def _set(config: Config, key: str, value: Any, where: str) -> None:
             f"unknown config key {key!r} ({where}); keys are section.name with section one of "
             f"{', '.join(sections)}"
         )
-    section = getattr(config, section_name)
-    hints = typing.get_type_hints(type(section))
-    if name not in hints:
-        raise ConfigError(
-            f"unknown config key {key!r} ({where}); the keys of {section_name!r} are: {', '.join(hints)}"
-        )
-    setattr(section, name, _coerce(value, hints[name], key))
+    set_field(getattr(config, section_name), name, value, key=key, where=where, scope=repr(section_name))
 
 
 def _validate(cfg: Config) -> None:
@@ -226,14 +179,6 @@ def _validate(cfg: Config) -> None:
     need(shard is None or shard >= 1, "parallel.hsdp_shard_size", shard, ">= 1 or null")
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.steps=20"`` -> ``("train.steps", 20)``; the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"an override must look like section.key=value (e.g. train.steps=20), got {text!r}")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-
-
 def load_config(
     path: str | Path | None = None, overrides: list[str | tuple[str, Any]] | None = None
 ) -> Config:
@@ -243,16 +188,7 @@ def load_config(
     """
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist (see configs/pretrain/ for examples)"
-            )
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"
-            )
+        raw = read_mapping(path, examples="configs/pretrain/", top="sections")
         for section_name, section in raw.items():
             if not isinstance(section, dict):
                 raise ConfigError(f"{path}: section {section_name!r} must be a mapping, got {section!r}")

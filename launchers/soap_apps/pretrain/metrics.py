@@ -6,12 +6,12 @@ steps since the previous record and over ranks) and evaluation records ``{"step"
 A resumed run first drops the records past its checkpoint's step, then appends, so the file always
 describes one trajectory; its ``elapsed_s`` (seconds in the training loop) continues from the last
 kept record, so the wall-clock axis of a split run is the sum of its parts (start-ups excluded).
-Only rank 0 writes; the other ranks join the loss all-reduce.
+Only rank 0 writes (through ``soap_apps.jsonl``, fine-tuning's writer too); the other ranks join
+the loss all-reduce.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,18 +20,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from soap_apps.jsonl import JsonlLog, read_records
 from soap_apps.pretrain.parallel import DistEnv, all_reduce_mean
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl file, in order."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Metrics:
@@ -61,13 +54,13 @@ class Metrics:
         self._count = 0
         self._start = self._mark = time.perf_counter()
         self._elapsed_before = 0.0  # a resumed run's elapsed_s continues from its last kept record
-        self._file = None
+        self._log = JsonlLog(self.path, env.is_main)
+        self._open = env.is_main  # rank 0 until close(): loss.png is drawn once
         self._bar = None
         if env.is_main:
             kept = [r for r in read_records(self.path) if r["step"] <= start_step]
             self._elapsed_before = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self._file = self.path.open("a")
+            self._log.replace(kept)
             self._bar = tqdm(
                 total=total_steps,
                 initial=start_step,
@@ -105,7 +98,7 @@ class Metrics:
             "elapsed_s": self._elapsed_before + now - self._start,
         }
         self._loss_sum, self._count, self._mark = None, 0, now
-        self._write(record)
+        self._log.write(record)
         if self._bar is not None:
             self._bar.set_postfix(
                 loss=f"{mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
@@ -115,26 +108,20 @@ class Metrics:
         """Report a held-out loss (all ranks pass the same value); ``record=False`` only shows it."""
         self.last_eval_loss = eval_loss
         if record:
-            self._write({"step": step, "eval_loss": eval_loss})
+            self._log.write({"step": step, "eval_loss": eval_loss})
         if self._bar is not None:
             self._bar.write(f"step {step}: eval loss {eval_loss:.4f} {self.unit}")
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
 
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
 
     def close(self, *, plot: bool = True) -> None:
-        """Close the bar and the file; on rank 0 draw loss.png from the whole metrics.jsonl."""
+        """Close the bar; on rank 0 draw loss.png from the whole metrics.jsonl."""
         if self._bar is not None:
             self._bar.close()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._open:
+            self._open = False
             if plot:
                 plot_losses(read_records(self.path), self.plot_path, title=self.title, unit=self.unit)
 

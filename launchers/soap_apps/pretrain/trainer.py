@@ -24,7 +24,7 @@ from soap_apps.pretrain.metrics import Metrics
 from soap_apps.pretrain.model import GPT, export, lm_loss
 from soap_apps.pretrain.optim import build_optimizer, param_groups
 from soap_apps.pretrain.parallel import DistEnv
-from soap_apps.pretrain.schedule import lr_at
+from soap_apps.schedule import lr_at
 
 
 class Backend(Protocol):

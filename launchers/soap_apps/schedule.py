@@ -1,7 +1,8 @@
-"""Learning rate: linear warmup, then cosine decay to a floor.
+"""Learning rate: linear warmup, then cosine decay to a floor; the one schedule of both applications.
 
 A pure function of the step, so a resumed run needs no scheduler state: the checkpoint's step is
-enough. Steps count from 1 (the first optimizer step).
+enough, and there is no scheduler for Accelerate to step once per process. Steps count from 1 (the
+first optimizer step): pre-training passes its step, fine-tuning its 0-based step + 1.
 """
 
 from __future__ import annotations

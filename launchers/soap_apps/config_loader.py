@@ -1,0 +1,99 @@
+"""The configuration loader of both applications: YAML values and ``key=value`` overrides onto
+dataclass fields, with one set of error messages.
+
+Pre-training (``soap_apps.pretrain.config``: sections, ``--set section.key=value``) and fine-tuning
+(``soap_apps.finetune.config``: one flat dataclass, ``--config FILE.yaml`` and ``--set key=value``)
+both go through ``set_field``, so a typo in a key or a value of the wrong type fails the same way in
+both, naming the key, where it came from and what it accepts::
+
+    unknown config key 'train.warmup' (in run.yaml); the keys of 'train' are: steps, micro_batch, ...
+    optim.lr must be a number, got 'fast'
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what it accepts."""
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (int, float, bool, str, tuple[float, float], X | None), or ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise ConfigError(f"{key} must be a list of {len(items)} numbers, got {value!r}")
+        return tuple(coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in the caller, not in the input
+
+
+def set_field(obj: Any, name: str, value: Any, *, key: str, where: str, scope: str | None = None) -> None:
+    """Set dataclass field ``name`` of ``obj`` to ``value`` coerced to the field's type.
+
+    ``key`` names the setting in messages (``train.steps``, or ``steps`` for a flat config),
+    ``where`` says where the value came from (``in run.yaml``, ``from the override 'x=1'``) and
+    ``scope`` which group of keys ``name`` was looked up in (``'train'``; None: the whole config).
+    """
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        of = f" of {scope}" if scope else ""
+        raise ConfigError(f"unknown config key {key!r} ({where}); the keys{of} are: {', '.join(hints)}")
+    setattr(obj, name, coerce(value, hints[name], key))
+
+
+def parse_override(
+    text: str, form: str = "section.key=value", example: str = "train.steps=20"
+) -> tuple[str, Any]:
+    """``"train.steps=20"`` -> ``("train.steps", 20)``; the value is parsed as YAML (empty: None)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"an override must look like {form} (e.g. {example}), got {text!r}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def read_mapping(path: str | Path, *, examples: str, top: str) -> dict[str, Any]:
+    """The YAML file at ``path`` as a dict (an empty file: {}); ConfigError when it is missing or its
+    top level is not a mapping. ``examples`` says where example files are, ``top`` what the top
+    level maps (``sections``, ``keys``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (see {examples} for examples)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {top}, got {type(raw).__name__}")
+    return raw

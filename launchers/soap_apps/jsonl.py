@@ -1,0 +1,40 @@
+"""The metrics file of both applications: one JSON object per line, appended by rank 0 only.
+
+Pre-training (``soap_apps.pretrain.metrics.Metrics``) and fine-tuning (``soap_apps.finetune.train``)
+write their ``metrics.jsonl`` through ``JsonlLog``; what goes into the records is theirs. Each
+record is appended and flushed as it is written, so an interrupted run leaves every record it got to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a JSONL file, in order ([] when there is no file)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class JsonlLog:
+    """Appends records to ``path`` when ``enabled`` (rank 0); on the other ranks every call is a no-op."""
+
+    def __init__(self, path: str | Path, enabled: bool) -> None:
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record as a line."""
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def replace(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite the file to hold exactly ``records`` (a resumed run drops those past its checkpoint)."""
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
