@@ -66,6 +66,9 @@ def launch(config: str, out: Path, *flags: str) -> list[dict]:
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # issue 13: DeepSpeed's banner and FutureWarning, Accelerate's tied-weights note (soap_apps/quiet.py)
+    for message in ("untested optimizer", "all_gather_into_tensor", "Removed shared tensor"):
+        assert message not in proc.stdout + proc.stderr, (message, proc.stdout[-3000:], proc.stderr[-3000:])
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
