@@ -197,3 +197,21 @@ def test_routes_match_between_holders_and_homes():
         for p in ps
     )
     assert moved == crossing.pop()
+
+
+def test_initialize_drops_only_deepspeeds_untested_optimizer_banner(caplog):
+    import logging
+
+    import soap_dist.deepspeed as sdd
+
+    logger = logging.getLogger("DeepSpeed")
+    with caplog.at_level(logging.WARNING, logger="DeepSpeed"):
+        with sdd._without_untested_banner():
+            logger.warning("**** You are using ZeRO with an untested optimizer, proceed with caution *****")
+            logger.warning("something else")
+        logger.warning("You are using ZeRO with an untested optimizer (outside initialize)")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "something else",
+        "You are using ZeRO with an untested optimizer (outside initialize)",
+    ]
