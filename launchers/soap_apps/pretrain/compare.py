@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from soap_apps.pretrain.data import is_byte_level, loss_unit
-from soap_apps.pretrain.metrics import METRICS_FILE, read_records
+from soap_apps.pretrain.metrics import METRICS_FILE, read_records, save_plot
 
 
 @dataclass
@@ -120,17 +120,9 @@ def plot(runs: list[RunSummary], out: str | Path, title: str = "", x: str = "tok
                 markersize=4,
                 label=f"{r.name} held-out",
             )
-    ax.set_xlabel(X_AXES[x])
     units = sorted({r.unit for r in runs})
-    ax.set_ylabel(f"loss ({' or '.join(units)})")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=120, metadata={"Title": title, "Description": f"loss against {X_AXES[x]}"})
-    plt.close(fig)
+    save_plot(fig, ax, out, X_AXES[x], f"loss ({' or '.join(units)})", title, f"loss against {X_AXES[x]}")
     return out
 
 

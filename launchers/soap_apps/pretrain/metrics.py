@@ -145,12 +145,19 @@ def plot_losses(
         ax.plot(*zip(*train, strict=True), label="train", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="held-out", markersize=4)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"loss ({unit})")
+    save_plot(fig, ax, out, "optimizer step", f"loss ({unit})", title, f"loss in {unit} against step")
+
+
+def save_plot(fig: Any, ax: Any, out: str | Path, xlabel: str, ylabel: str, title: str, what: str) -> None:
+    """Labels, title, grid and legend, then a PNG whose metadata carries the title (and close)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120, metadata={"Title": title, "Description": f"loss in {unit} against step"})
+    fig.savefig(out, dpi=120, metadata={"Title": title, "Description": what})
     plt.close(fig)
