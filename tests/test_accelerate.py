@@ -301,14 +301,14 @@ def test_a_used_output_dir_is_refused_and_the_default_names_the_backend(tmp_path
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--optimizer", "sgd"], "--optimizer='sgd' is invalid: expected soap or adamw"),
-        (["--model", "gpt5"], "--model='gpt5' is invalid: expected gpt2-tiny (or --init-from DIR)"),
+        (["--optimizer", "sgd"], "optimizer must be 'soap' or 'adamw', got 'sgd'"),
+        (["--model", "gpt5"], "model must be 'gpt2-tiny' (or --init-from DIR), got 'gpt5'"),
         (
             ["--refresh-delay", "10"],
-            "--refresh-delay=10 is invalid: expected an integer < --precondition-frequency",
+            "refresh_delay must be < precondition_frequency (10), got 10",
         ),
-        (["--steps", "0"], "--steps=0 is invalid: expected an integer >= 1"),
-        (["--fused", "maybe"], "--fused='maybe' is invalid: expected auto, on or off"),
+        (["--steps", "0"], "steps must be >= 1, got 0"),
+        (["--fused", "maybe"], "fused must be 'auto', 'on' or 'off', got 'maybe'"),
     ],
 )
 def test_bad_flags_exit_with_the_flag_and_the_fix(argv, message, capsys):

@@ -153,7 +153,7 @@ def test_finetune_yaml_and_set_round_trip_under_the_flags(tmp_path, capsys):
     for argv, message in [
         (["--set", "stepz=3"], "launchers/finetune.py: error: unknown config key 'stepz' (from the override"),
         (["--set", "steps=many"], "launchers/finetune.py: error: steps must be an integer, got 'many'"),
-        (["--set", "steps=0"], "--steps=0 is invalid: expected an integer >= 1"),  # the flag check
+        (["--set", "steps=0"], "launchers/finetune.py: error: steps must be >= 1, got 0"),  # the flag check
     ]:
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)

@@ -76,6 +76,13 @@ def set_field(obj: Any, name: str, value: Any, *, key: str, where: str, scope: s
     setattr(obj, name, coerce(value, hints[name], key))
 
 
+def require(ok: bool, key: str, value: Any, what: str) -> None:
+    """ConfigError ``{key} must be {what}, got {value!r}`` unless ``ok``: the range checks of both
+    applications (``optim.lr must be > 0, got 0.0``)."""
+    if not ok:
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
 def parse_override(
     text: str, form: str = "section.key=value", example: str = "train.steps=20"
 ) -> tuple[str, Any]:

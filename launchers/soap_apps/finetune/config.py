@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soap_apps.config_loader import ConfigError, parse_override, read_mapping, set_field
+from soap_apps.config_loader import ConfigError, parse_override, read_mapping, require, set_field
 
 OPTIMIZERS = ("soap", "adamw")
 MODELS = ("gpt2-tiny",)
@@ -97,36 +97,35 @@ class FinetuneConfig:
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads per process"})
 
     def validate(self) -> None:
-        """Raise ConfigError (a ValueError) naming the first bad flag and what it accepts."""
+        """Raise ConfigError (a ValueError) naming the first bad key and what it accepts, in
+        pre-training's words (``steps must be >= 1, got 0``)."""
 
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag}={getattr(self, name)!r} is invalid: expected {allowed}")
+        def need(ok: bool, name: str, what: str) -> None:
+            require(ok, name, getattr(self, name), what)
 
-        need(self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS))
-        need(self.model in MODELS, "model", " or ".join(MODELS) + " (or --init-from DIR)")
-        need(self.fused in ("auto", "on", "off"), "fused", "auto, on or off")
+        need(self.optimizer in OPTIMIZERS, "optimizer", " or ".join(map(repr, OPTIMIZERS)))
+        need(self.model in MODELS, "model", " or ".join(map(repr, MODELS)) + " (or --init-from DIR)")
+        need(self.fused in ("auto", "on", "off"), "fused", "'auto', 'on' or 'off'")
         need(
             self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
             "mixed_precision",
-            " or ".join(MIXED_PRECISION),
+            " or ".join(map(repr, MIXED_PRECISION)) + " or null",
         )
         for name in ("steps", "batch_size", "grad_accum", "context", "eval_windows", "max_bytes"):
-            need(getattr(self, name) >= 1, name, "an integer >= 1")
+            need(getattr(self, name) >= 1, name, ">= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "refresh_delay"):
-            need(getattr(self, name) >= 0, name, "an integer >= 0")
-        need(self.context >= 2, "context", "an integer >= 2 (a window predicts its bytes 2..context)")
-        need(0 < self.eval_fraction <= 0.5, "eval_fraction", "a number in (0, 0.5]")
-        need(self.lr > 0, "lr", "a number > 0")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
-        need(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
-        need(self.threads is None or self.threads >= 1, "threads", "an integer >= 1")
-        need(self.block_size is None or self.block_size >= 1, "block_size", "an integer >= 1")
+            need(getattr(self, name) >= 0, name, ">= 0")
+        need(self.context >= 2, "context", ">= 2 (a window predicts its bytes 2..context)")
+        need(0 < self.eval_fraction <= 0.5, "eval_fraction", "in (0, 0.5]")
+        need(self.lr > 0, "lr", "> 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        need(self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)")
+        need(self.threads is None or self.threads >= 1, "threads", ">= 1 or null")
+        need(self.block_size is None or self.block_size >= 1, "block_size", ">= 1 or null")
         need(
             self.refresh_delay < self.precondition_frequency,
             "refresh_delay",
-            f"an integer < --precondition-frequency ({self.precondition_frequency})",
+            f"< precondition_frequency ({self.precondition_frequency})",
         )
 
     def to_dict(self) -> dict[str, Any]:

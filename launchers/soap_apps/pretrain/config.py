@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from soap_apps.config_loader import ConfigError, parse_override, read_mapping, set_field
+from soap_apps.config_loader import ConfigError, parse_override, read_mapping, require, set_field
 
 OPTIMIZERS = ("soap", "adamw")
 PARALLEL_MODES = ("fsdp2", "ddp", "hsdp", "single")
@@ -139,44 +139,42 @@ def _set(config: Config, key: str, value: Any, where: str) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    def need(ok: bool, key: str, value: Any, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key} must be {what}, got {value!r}")
-
     m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
     for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
-        need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
-    need(m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"a multiple of model.n_heads ({m.n_heads})")
-    need(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "in (0, 1)")
-    need(o.name in OPTIMIZERS, "optim.name", o.name, " or ".join(map(repr, OPTIMIZERS)))
-    need(o.lr > 0, "optim.lr", o.lr, "> 0")
-    need(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
-    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")
-    need(o.precondition_frequency >= 1, "optim.precondition_frequency", o.precondition_frequency, ">= 1")
-    need(o.block_size is None or o.block_size >= 1, "optim.block_size", o.block_size, ">= 1 or null")
-    need(o.max_precond_dim >= 1, "optim.max_precond_dim", o.max_precond_dim, ">= 1")
-    need(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, ">= 0")
-    need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "in [0, 1]")
+        require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
+    require(
+        m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"a multiple of model.n_heads ({m.n_heads})"
+    )
+    require(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "in (0, 1)")
+    require(o.name in OPTIMIZERS, "optim.name", o.name, " or ".join(map(repr, OPTIMIZERS)))
+    require(o.lr > 0, "optim.lr", o.lr, "> 0")
+    require(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    require(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")
+    require(o.precondition_frequency >= 1, "optim.precondition_frequency", o.precondition_frequency, ">= 1")
+    require(o.block_size is None or o.block_size >= 1, "optim.block_size", o.block_size, ">= 1 or null")
+    require(o.max_precond_dim >= 1, "optim.max_precond_dim", o.max_precond_dim, ">= 1")
+    require(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, ">= 0")
+    require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "in [0, 1]")
     for key in ("steps", "micro_batch", "grad_accum", "log_every", "eval_batches"):
-        need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
+        require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
     for key in ("eval_every", "checkpoint_every"):
-        need(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0 (0: only at the end)")
-    need(
+        require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0 (0: only at the end)")
+    require(
         t.keep_checkpoints is None or t.keep_checkpoints >= 1,
         "train.keep_checkpoints",
         t.keep_checkpoints,
         ">= 1 or null",
     )
-    need(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
-    need(
+    require(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
+    require(
         cfg.parallel.mode in PARALLEL_MODES,
         "parallel.mode",
         cfg.parallel.mode,
         " or ".join(map(repr, PARALLEL_MODES)),
     )
     shard = cfg.parallel.hsdp_shard_size
-    need(shard is None or shard >= 1, "parallel.hsdp_shard_size", shard, ">= 1 or null")
+    require(shard is None or shard >= 1, "parallel.hsdp_shard_size", shard, ">= 1 or null")
 
 
 def load_config(
