@@ -89,6 +89,11 @@ def test_both_applications_write_metrics_through_one_rank0_jsonl_log(tmp_path):
     m.close(plot=False)
     rows = jsonl.read_records(path)
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == 1.5 and rows[1]["tokens"] == 20
+    # fine-tuning's --resume keeps the same records (through its checkpoint's step) with the same helper
+    assert finetune_train.records_through is pretrain_metrics.records_through is jsonl.records_through
+    log.write({"step": 3, "loss": 1.0})
+    assert [r["step"] for r in jsonl.records_through(path, 2)] == [1, 2]
+    assert jsonl.records_through(tmp_path / "none.jsonl", 5) == []
 
 
 # ----- one loader, one set of messages (issue 13) -----

@@ -20,6 +20,12 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def records_through(path: str | Path, step: int) -> list[dict[str, Any]]:
+    """The records of ``path`` whose ``step`` is at most ``step``: what a run resumed from the
+    checkpoint of ``step`` keeps (``JsonlLog.replace``) before it appends again."""
+    return [r for r in read_records(path) if r["step"] <= step]
+
+
 class JsonlLog:
     """Appends records to ``path`` when ``enabled`` (rank 0); on the other ranks every call is a no-op."""
 

@@ -28,7 +28,7 @@ from soap_apps import schedule, soap_options
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
-from soap_apps.jsonl import JsonlLog
+from soap_apps.jsonl import JsonlLog, records_through
 from soap_apps.quiet import (
     deepspeed_cpu_without_probe,
     no_deprecated_all_gather_warning,
@@ -303,6 +303,9 @@ def train(
     if start is not None:
         accelerator.load_state(str(start))
     log = JsonlLog(out / METRICS, accelerator.is_main_process)  # pre-training's writer too
+    # a resumed run drops what the interrupted one wrote past its checkpoint, as pre-training does
+    if log.enabled:
+        log.replace(records_through(log.path, progress.step))
     rows: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from soap_apps.jsonl import JsonlLog, read_records
+from soap_apps.jsonl import JsonlLog, read_records, records_through
 from soap_apps.pretrain.parallel import DistEnv, all_reduce_mean
 
 METRICS_FILE = "metrics.jsonl"
@@ -58,7 +58,7 @@ class Metrics:
         self._open = env.is_main  # rank 0 until close(): loss.png is drawn once
         self._bar = None
         if env.is_main:
-            kept = [r for r in read_records(self.path) if r["step"] <= start_step]
+            kept = records_through(self.path, start_step)
             self._elapsed_before = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
             self._log.replace(kept)
             self._bar = tqdm(
