@@ -217,7 +217,7 @@ def test_hf_trainer_route_trains_with_soap(tmp_path):
 
     cfg = FinetuneConfig(
         steps=STEPS, batch_size=8, context=64, max_bytes=200_000, eval_every=0, fused="off",
-        precondition_frequency=2, output_dir=str(tmp_path), threads=1, lr=3e-3,
+        precondition_frequency=2, output_dir=str(tmp_path), threads=1, lr=3e-3, warmup_steps=2,
     )  # fmt: skip
     trainer = build_trainer(cfg, disable_tqdm=True, learning_rate=1e-9)  # the kwargs' lr wins, see below
     trainer.train()
@@ -231,6 +231,22 @@ def test_hf_trainer_route_trains_with_soap(tmp_path):
     assert all(g["initial_lr"] == cfg.lr for g in opt.param_groups)
     curve = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(curve) == STEPS and curve[-1] < curve[0] - 0.3, curve
+    # the shared schedule (soap_apps.schedule), not HF's cosine_with_min_lr: the Trainer's 0-based
+    # step s runs at the launcher's lr of step s, through LambdaLR over the optimizer's base lr
+    from soap_apps.finetune.train import lr_at
+
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx([lr_at(cfg, s) for s in range(STEPS)], rel=1e-9)  # warmup 2, cosine
+    trainer.lr_scheduler = None
+    probe = torch.optim.SGD([torch.zeros(1)], lr=cfg.lr)
+    scheduler = trainer.create_scheduler(cfg.steps, optimizer=probe)
+    got = []
+    for _ in range(cfg.steps + 2):
+        got.append(probe.param_groups[0]["lr"])
+        probe.step()
+        scheduler.step()
+    assert got == pytest.approx([lr_at(cfg, s) for s in range(cfg.steps + 2)], rel=1e-12)
 
 
 def test_init_from_a_pretraining_export(tmp_path):

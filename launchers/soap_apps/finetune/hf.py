@@ -9,6 +9,10 @@ the Trainer does with it that a user should know (docs/accelerate.md):
 - its learning-rate schedule scales the kwargs' ``lr`` (``args.learning_rate`` is not used for
   the optimizer), so both are set to the same ``--lr`` here.
 
+The schedule is the one of both applications (``soap_apps.schedule.lr_at``, warmup then cosine to
+``--min-lr-ratio``), not Hugging Face's ``cosine_with_min_lr``: ``SharedScheduleTrainer`` builds a
+``LambdaLR`` from it, so the Trainer's step ``s`` (0-based) gets the launcher's lr of step ``s``.
+
 Only transformers models fit this route (the Trainer calls ``model(input_ids=..., labels=...)``
 and reads ``.loss``); ``--init-from`` exports go through ``launchers/finetune.py``.
 """
@@ -16,6 +20,7 @@ and reads ``.loss``); ``--init-from`` exports go through ``launchers/finetune.py
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,13 @@ import torch
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_gpt2
-from soap_apps.finetune.train import backend_name, check_output_dir, skip_deepspeed_shm_build, soap_kwargs
+from soap_apps.finetune.train import (
+    backend_name,
+    check_output_dir,
+    lr_at,
+    skip_deepspeed_shm_build,
+    soap_kwargs,
+)
 from soap_dist import SOAP
 
 
@@ -33,8 +44,32 @@ def output_dir(cfg: FinetuneConfig) -> str:
     return cfg.output_dir or f"runs/finetune-trainer-{backend_name()}"
 
 
+def shared_lr_factor(cfg: FinetuneConfig) -> Callable[[int], float]:
+    """``LambdaLR``'s factor for ``cfg``: the shared schedule over ``--lr`` (LambdaLR multiplies the
+    optimizer's base lr, which is ``--lr``), at the Trainer's 0-based step."""
+    return lambda step: lr_at(cfg, step) / cfg.lr
+
+
+def shared_schedule_trainer(cfg: FinetuneConfig) -> type:
+    """A ``transformers.Trainer`` subclass whose scheduler is the shared schedule of ``cfg``."""
+    from transformers import Trainer
+
+    class SharedScheduleTrainer(Trainer):
+        def create_scheduler(
+            self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+        ) -> torch.optim.lr_scheduler.LRScheduler:
+            if self.lr_scheduler is None:
+                opt = optimizer if optimizer is not None else self.optimizer
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, shared_lr_factor(cfg))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return SharedScheduleTrainer
+
+
 def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
-    """TrainingArguments equivalent to the launcher's flags (same schedule, clipping, evaluation)."""
+    """TrainingArguments equivalent to the launcher's flags (clipping, evaluation; the lr schedule is
+    SharedScheduleTrainer's)."""
     from transformers import TrainingArguments
 
     args: dict[str, Any] = dict(
@@ -49,9 +84,7 @@ def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
         adam_beta2=cfg.beta2,
         adam_epsilon=cfg.eps,
         max_grad_norm=cfg.grad_clip,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        # no lr_scheduler_type / warmup_steps: SharedScheduleTrainer.create_scheduler uses the shared one
         logging_steps=1,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
@@ -72,9 +105,8 @@ def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
 
 def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
     """A Trainer for ``cfg``: gpt2-tiny on the byte windows, SOAP through ``optimizer_cls_and_kwargs``
-    (``--optimizer adamw``: the Trainer's own torch AdamW). ``overrides`` go to TrainingArguments."""
-    from transformers import Trainer
-
+    (``--optimizer adamw``: the Trainer's own torch AdamW), the shared lr schedule. ``overrides`` go
+    to TrainingArguments."""
     cfg.validate()
     if cfg.init_from:
         raise ValueError(
@@ -98,7 +130,7 @@ def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
         optimizer["optimizer_cls_and_kwargs"] = (SOAP, soap_kwargs(cfg))
     else:
         overrides.setdefault("optim", "adamw_torch")
-    return Trainer(
+    return shared_schedule_trainer(cfg)(
         model=model,
         args=training_arguments(cfg, **overrides),
         train_dataset=train_ds,
