@@ -6,7 +6,8 @@ corpus is the Python standard library's own source code), no GPU and no process 
 start from the same weights and see the same batches, so the two loss curves differ only by the
 optimizer. It is a smoke test and an illustration, not a benchmark (see docs/benchmarks.md).
 
-Run: ``python launchers/demo.py [--steps 300] [--batch-size 16] [--seed 0] [--threads N]``.
+Run: ``python launchers/demo.py [--steps 300] [--batch-size 16] [--seed 0] [--threads N]
+[--set key=value ...]``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from soap_apps.config_loader import ConfigError, parse_override, require, set_field
 from soap_apps.pretrain.config import ModelConfig
 from soap_apps.pretrain.data import stdlib_files, stdlib_root
 from soap_apps.pretrain.model import GPT
@@ -90,7 +92,7 @@ def train(
     train_data: torch.Tensor,
     eval_data: torch.Tensor,
     cfg: ModelConfig,
-    args: argparse.Namespace,
+    args: DemoConfig,
 ) -> RunResult:
     """Train a fresh model (same seed, so same weights and batches for every optimizer)."""
     torch.manual_seed(args.seed)
@@ -112,25 +114,52 @@ def train(
     return RunResult(losses, evaluate(model, eval_data, cfg, args.batch_size), seconds)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class DemoConfig:
+    """The demo's settings: the flags, or ``--set key=value`` through the applications' config loader."""
+
+    steps: int = 300  # optimizer steps per run
+    batch_size: int = 16  # sequences per step
+    seed: int = 0  # seed for weights and batches
+    threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # torch.set_num_threads
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "threads"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+
+
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    """Flags -> a validated DemoConfig: the defaults, then each ``--set key=value`` (the loader's
+    messages for an unknown key or a bad value), then the explicit flags."""
     p = argparse.ArgumentParser(
         prog="python launchers/demo.py",
         description="Train a tiny byte-level LM with SOAP and with AdamW on CPU.",
     )
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
+    p.add_argument("--seed", type=int, help="seed for weights and batches (default 0)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default min(4, CPU count))")
     p.add_argument(
-        "--threads",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="torch.set_num_threads (default min(4, CPU count))",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any setting by name (steps, batch_size, seed, threads); repeatable",
     )
     args = p.parse_args(argv)
-    for flag in ("steps", "batch_size", "threads"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    return args
+    cfg = DemoConfig()
+    try:
+        for text in args.overrides:
+            key, value = parse_override(text, "key=value", "steps=20")
+            set_field(cfg, key, value, key=key, where=f"from the override {text!r}")
+        for f in fields(DemoConfig):
+            if getattr(args, f.name) is not None:
+                setattr(cfg, f.name, getattr(args, f.name))
+        cfg.validate()
+    except ConfigError as err:
+        p.error(str(err))
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
