@@ -168,6 +168,20 @@ class RefreshMixin:
             )
             slots = [slots[n] for n in local]
             rows = rows_of(slots, self._index)
+        self._use(store, slots, rows, bases, perm, ok, first)
+
+    def _use(
+        self,
+        store: FactorStore,
+        slots: list[int],
+        rows: slice | Tensor,
+        bases: Tensor,
+        perm: Tensor,
+        ok: Tensor,
+        first: bool,
+    ) -> None:
+        """New bases into use, where ``ok``: the first call's at once (no moments to carry yet), later
+        ones stashed for their install step (refresh_delay >= 1) or installed now, carrying m and v."""
         if first:
             kept = take(store.bases, rows).to(bases.dtype)
             put(store.bases, rows, torch.where(ok[:, None, None], bases, kept).to(store.basis_dtype))
@@ -196,19 +210,10 @@ class RefreshMixin:
             store, items = self.stores[size], by_store[size]
             items.sort(key=lambda item: item[0])
             part = [slot for slot, _ in items]
-            rows = self._index(part)
             bases = torch.stack([r[0] for _, r in items]).to(store.dtype)
             perm = torch.stack([r[1] for _, r in items])
             ok = torch.stack([r[2] for _, r in items]).bool()
-            if first:
-                old = store.bases.index_select(0, rows).to(bases.dtype)
-                store.bases.index_copy_(
-                    0, rows, torch.where(ok[:, None, None], bases, old).to(store.basis_dtype)
-                )
-            elif self.refresh_delay:
-                self._stash(store, rows, bases, perm, ok)
-            else:  # installed at once: no stash, so no second copy of the bases
-                self._install_rows(store, part, rows_of(part, self._index), bases, perm, ok)
+            self._use(store, part, rows_of(part, self._index), bases, perm, ok, first)
         if not first and not self.refresh_delay:
             self._record_installs(param_ids)
 
