@@ -1,7 +1,8 @@
 """All of soap_dist's communication, in one place.
 
-The engine calls these at the first step (plan check), at every step (finite flags, only when a
-parameter is sharded) and at refresh time (statistics to owners, bases from owners). Everything is
+The engine calls these at the first step (plan check), at every distributed step (finite flags and
+agreement words; under owner and zero, the rows' all_to_alls) and at refresh time (statistics to
+owners, bases from owners). Every wait goes through ``guard``, which times out with a message. Everything is
 coalesced: one flat buffer per (group, owner), never one collective per factor. Collectives are
 issued in an order every rank derives from the plan, so they always match up.
 """
@@ -102,6 +103,16 @@ def _unpack(buffer: Tensor, entries: Sequence[FactorEntry]) -> dict[FactorEntry,
     return out
 
 
+def _first_difference(table: Tensor, me: int) -> tuple[int, list[int]] | None:
+    """The first column of a (ranks x values) table whose entries differ, and the ranks whose entry
+    differs from this rank's; None when every column agrees."""
+    for i in range(table.shape[1]):
+        column = table[:, i]
+        if not bool((column == column[0]).all()):
+            return i, [r for r in range(table.shape[0]) if column[r] != column[me]]
+    return None
+
+
 class Exchange:
     """Collectives of one engine over its grid of ranks."""
 
@@ -194,16 +205,15 @@ class Exchange:
                 f"{name} is missing on ranks {[r for r in range(world) if counts[r] <= first]}. Every "
                 "rank must pass the same parameters in the same order."
             )
-        for i in range(width):
-            column = table[:, i + 1]
-            if not bool((column == column[0]).all()):
-                name = names[i] if i < len(names) else f"parameter {i} (absent on this rank)"
-                ranks = [r for r in range(world) if table[r, i + 1] != table[me, i + 1]]
-                raise PlanMismatchError(
-                    f"SOAP: ranks disagree on the block/factor plan at parameter {i} ({name}); this rank "
-                    f"({me}) differs from ranks {ranks}. Every rank must build the optimizer "
-                    "from the same model, parameter order and options."
-                )
+        differing = _first_difference(table[:, 1:], me)
+        if differing is not None:
+            i, ranks = differing
+            name = names[i] if i < len(names) else f"parameter {i} (absent on this rank)"
+            raise PlanMismatchError(
+                f"SOAP: ranks disagree on the block/factor plan at parameter {i} ({name}); this rank "
+                f"({me}) differs from ranks {ranks}. Every rank must build the optimizer "
+                "from the same model, parameter order and options."
+            )
         raise PlanMismatchError(
             f"SOAP: ranks have different parameter counts {every[:, 0].tolist()}; every rank must pass "
             "the same parameters in the same order."
@@ -213,18 +223,16 @@ class Exchange:
         padded = torch.tensor(identities, dtype=torch.int64, device=self.device)
         table = torch.empty(world * len(identities), dtype=torch.int64, device=self.device)
         self.guard.wait(_all_gather(table, padded, group=group, async_op=True), "plan check", members)
-        table = table.view(world, len(identities)).cpu()
-        for i in range(len(identities)):
-            column = table[:, i]
-            if not bool((column == column[0]).all()):
-                ranks = [r for r in range(world) if column[r] != column[me]]
-                raise PlanMismatchError(
-                    f"SOAP: ranks hold different tensors at parameter {i} ({names[i]}): this rank ({me}) "
-                    f"differs from ranks {ranks} in the parameter's name or, under replicated, in a "
-                    "fingerprint of its initial values. Every rank must pass the same parameters in the "
-                    "same order (under DDP: build SOAP from the DDP-wrapped model's parameters, after DDP "
-                    "has synchronised them)."
-                )
+        differing = _first_difference(table.view(world, len(identities)).cpu(), me)
+        if differing is not None:
+            i, ranks = differing
+            raise PlanMismatchError(
+                f"SOAP: ranks hold different tensors at parameter {i} ({names[i]}): this rank ({me}) "
+                f"differs from ranks {ranks} in the parameter's name or, under replicated, in a "
+                "fingerprint of its initial values. Every rank must pass the same parameters in the "
+                "same order (under DDP: build SOAP from the DDP-wrapped model's parameters, after DDP "
+                "has synchronised them)."
+            )
 
     # ----- every step -----
     def _flag_scope(self) -> tuple[Any, list[int]] | None:

@@ -68,18 +68,32 @@ class Guard:
         store = _store()
         if store is None or not dist.is_initialized():
             return None
-        prefix = f"soap_dist/guard{self.id}/c{self.seq}/"
-        me = dist.get_rank()
         try:
-            store.set(prefix + str(me), name)
-            deadline = time.monotonic() + min(GRACE_S, self.timeout_s)
-            while True:
-                absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
-                if not absent or time.monotonic() > deadline:
-                    return absent
-                time.sleep(0.2)
+            return _report(
+                store,
+                f"soap_dist/guard{self.id}/c{self.seq}/",
+                name,
+                participants,
+                min(GRACE_S, self.timeout_s),
+                pause=0.2,
+            )
         except Exception:  # pragma: no cover - the store itself is gone
             return None
+
+
+def _report(
+    store: Any, prefix: str, name: str, participants: Sequence[int], within_s: float, pause: float
+) -> list[int]:
+    """Write this rank's key under ``prefix``, then wait up to ``within_s`` for every other
+    participant's; return the participants whose key never came (empty when all did)."""
+    me = dist.get_rank()
+    store.set(prefix + str(me), name)
+    deadline = time.monotonic() + within_s
+    while True:
+        absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
+        if not absent or time.monotonic() > deadline:
+            return absent
+        time.sleep(pause)
 
 
 def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
@@ -91,17 +105,10 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         return
     guard.seq += 1
     prefix = f"soap_dist/guard{guard.id}/arrive{guard.seq}/"
-    me = dist.get_rank()
-    store.set(prefix + str(me), name)
-    deadline = time.monotonic() + guard.timeout_s
-    while True:
-        absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
-        if not absent:
-            return
-        if time.monotonic() > deadline:
-            raise CollectiveTimeout(
-                f"SOAP: {name} is a collective here, and ranks {absent} did not call it within "
-                f"{guard.timeout_s:g} s. Call it on every rank (save on one: sd = opt.state_dict(); "
-                "if rank == 0: torch.save(sd, path)); docs/design.md, 'Failure behaviour'."
-            )
-        time.sleep(0.05)
+    absent = _report(store, prefix, name, participants, guard.timeout_s, pause=0.05)
+    if absent:
+        raise CollectiveTimeout(
+            f"SOAP: {name} is a collective here, and ranks {absent} did not call it within "
+            f"{guard.timeout_s:g} s. Call it on every rank (save on one: sd = opt.state_dict(); "
+            "if rank == 0: torch.save(sd, path)); docs/design.md, 'Failure behaviour'."
+        )

@@ -123,12 +123,12 @@ class StepMixin:
         self._grads = grads
         hypers = [Hyper.of(g) for g in groups]
         finite, norms = self._finite_flags(grads, active_ids)
-        words = self._agreement_words(groups, hypers, active_ids, norms)
+        words = self._agreement_words(hypers, active_ids, norms)
         finite, agreed = self.exchange.all_finite(finite, words)
         if agreed is not None and not bool(agreed.all()):  # one small host read per step, distributed only
             # A gradient skipped as non-finite differs between replicas by nature; the decision is shared.
             if not bool(agreed[0]) or bool(finite.all()):
-                self._disagree(groups, hypers, active_ids, agreed)
+                self._disagree(hypers, active_ids, agreed)
         self.nonfinite_seen |= ~finite
         upcoming = {i: self.steps[i] + 1 for i in active_ids if self.started[i]}
         due = [i for i, t in upcoming.items() if self.install_step.get(i) == t]
@@ -190,9 +190,7 @@ class StepMixin:
         """Parameters whose refresh (or first bases) this step will run: the collectives ahead."""
         return [i for i in active_ids if not self.started[i] or self._due(self.steps[i] + 1, i, hypers)]
 
-    def _agreement_words(
-        self, groups: list[dict], hypers: list[Hyper], active_ids: list[int], norms: Tensor
-    ) -> Tensor | None:
+    def _agreement_words(self, hypers: list[Hyper], active_ids: list[int], norms: Tensor) -> Tensor | None:
         """What every rank must agree on at this step, as int64 words for the finite-flag all_reduce:
         a hash of the step count, the refreshes ahead and the hyperparameters; under replicated also
         the gradients' fingerprint (DDP's all-reduce makes them bitwise equal on every replica)."""
@@ -205,9 +203,7 @@ class StepMixin:
             words.append(norms.double().sum().reshape(1).view(torch.int64))
         return torch.cat(words)
 
-    def _disagree(
-        self, groups: list[dict], hypers: list[Hyper], active_ids: list[int], agreed: Tensor
-    ) -> None:
+    def _disagree(self, hypers: list[Hyper], active_ids: list[int], agreed: Tensor) -> None:
         """Every rank raises the same RanksDisagreeError, naming what differs (an error path only)."""
         from ..comm import RanksDisagreeError
 
