@@ -47,6 +47,17 @@ class ParamLayout:
         return (self.row_counts[block], *self.block_shape[1:])
 
     @property
+    def row_elements(self) -> int:
+        """Elements in one row of dim 0 of the parameter's own shape (the unit shards are cut in)."""
+        return math.prod(self.shape[1:])
+
+    @property
+    def block_rows_per_row(self) -> int:
+        """Block-space rows per parameter row: merged dims make one parameter row several block rows."""
+        rows = self.shape[0] if self.shape else 1
+        return self.block_shape[0] // rows if rows else 1
+
+    @property
     def row_factor_width(self) -> int:
         """Width of the compact row-factor tensor: each row block's factor padded to this."""
         return max(self.row_counts)
@@ -139,12 +150,10 @@ def restrict_rows(full: ParamLayout, rows: int) -> ParamLayout:
     """
     if not full.shape:  # a scalar is never sharded
         return full
-    full_rows = full.shape[0]
-    if rows == full_rows:
+    if rows == full.shape[0]:
         return full
-    per_row = full.block_shape[0] // full_rows if full_rows else 1
     shape = (rows, *full.shape[1:])
-    block_shape = (rows * per_row, *full.block_shape[1:])
+    block_shape = (rows * full.block_rows_per_row, *full.block_shape[1:])
     return ParamLayout(
         full.index,
         full.group,

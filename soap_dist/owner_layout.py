@@ -78,10 +78,6 @@ def held_rows(lay: ParamLayout, shards: int, shard: int) -> tuple[int, int]:
     return shard_rows(lay.shape[0], shards, shard)
 
 
-def row_elements(lay: ParamLayout) -> int:
-    return math.prod(lay.shape[1:])
-
-
 def crossing_elements(
     layouts: Sequence[ParamLayout], owners: Sequence[int], shards: int, active: Sequence[bool]
 ) -> int:
@@ -92,7 +88,7 @@ def crossing_elements(
             continue
         for s in range(shards):
             if s != owners[k]:
-                total += held_rows(lay, shards, s)[1] * row_elements(lay)
+                total += held_rows(lay, shards, s)[1] * lay.row_elements
     return total
 
 
@@ -114,13 +110,13 @@ def step_traffic(
         i, owner = lay.index, owners[k]
         per = value_bytes[i] + grad_bytes[i]
         if owner != shard:
-            n = held_rows(lay, shards, shard)[1] * row_elements(lay)
+            n = held_rows(lay, shards, shard)[1] * lay.row_elements
             sent += n * per  # gradient and values to the owner
             received += n * value_bytes[i]  # updated rows back
             continue
         for s in range(shards):
             if s != shard:
-                n = held_rows(lay, shards, s)[1] * row_elements(lay)
+                n = held_rows(lay, shards, s)[1] * lay.row_elements
                 received += n * per
                 sent += n * value_bytes[i]
     return sent, received

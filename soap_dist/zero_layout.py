@@ -47,18 +47,13 @@ class Piece:
     numel: int
 
 
-def row_elements(lay: ParamLayout) -> int:
-    """Elements in one row of dim 0 (of the parameter's own shape, before any merge)."""
-    return math.prod(lay.shape[1:])
-
-
 def unit_rows(lay: ParamLayout, normalize_grads: bool) -> int:
     """Rows that must be updated together: a row block when dim 0 has a factor (or the update is
     normalized per block), else a single row (rows are then independent)."""
     rows = rows_of(lay)
     if not (lay.preconditioned[0] or normalize_grads) or rows == 0:
         return 1
-    per_row = lay.block_shape[0] // rows
+    per_row = lay.block_rows_per_row
     if lay.block_size is None or lay.block_size % per_row:
         return rows
     return max(1, lay.block_size // per_row)
@@ -71,7 +66,7 @@ def homes(lay: ParamLayout, unit: int, held: Sequence[tuple[int, int]]) -> list[
     together cover it once.
     """
     rows = rows_of(lay)
-    width = row_elements(lay)
+    width = lay.row_elements
     size = unit * width
     units = math.ceil(rows / unit) if rows else 0
     owner: list[int] = [-1] * units
@@ -145,7 +140,7 @@ def routes(
             if frag.param not in wanted or frag.numel == 0:
                 continue
             lay = layouts[frag.param]
-            width = row_elements(lay)
+            width = lay.row_elements
             for home in range(world):
                 run = piece(frag, splits[frag.param][home], width)
                 if run is None:

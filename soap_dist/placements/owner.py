@@ -26,7 +26,7 @@ import torch
 
 from ..comm import Groups
 from ..layout import ParamLayout
-from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_splits, row_elements
+from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_splits
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
@@ -98,7 +98,7 @@ class OwnerRunner(HomeRowsRunner):
     def _rows_at(self, lay: ParamLayout, shard: int) -> tuple[int, int]:
         """(first element, elements) of the flattened parameter that a shard holds."""
         first, count = held_rows(lay, self.shards, shard)
-        width = row_elements(lay)
+        width = lay.row_elements
         return first * width, count * width
 
     def _home_run(self, buffer: Tensor, lay: ParamLayout, shard: int) -> Tensor:
@@ -153,8 +153,8 @@ class OwnerRunner(HomeRowsRunner):
         outgoing, incoming = self.new_runs(self.shards)
         for i, key in moves:
             lay, t = self.layouts[i], state[i][key]
-            per_row = _per_row(lay)
-            start, count = held_rows(lay, self.shards, self.shard)
+            per_row = lay.block_rows_per_row
+            count = held_rows(lay, self.shards, self.shard)[1]
             mine = t.new_empty((count * per_row, *t.shape[1:]))
             pieces[(i, key)] = mine
             if self.owners[i] == self.shard:
@@ -171,7 +171,7 @@ class OwnerRunner(HomeRowsRunner):
         wrap = wrapper(self.mesh_placement)
         for (i, key), mine in pieces.items():
             lay = self.layouts[i]
-            shape = (rows_of(lay) * _per_row(lay), *mine.shape[1:]) if lay.shape else mine.shape
+            shape = (rows_of(lay) * lay.block_rows_per_row, *mine.shape[1:]) if lay.shape else mine.shape
             state[i][key] = wrap(mine, tuple(shape)) if wrap is not None else mine
         return state
 
@@ -186,8 +186,9 @@ class OwnerRunner(HomeRowsRunner):
             if entry is None:
                 continue
             mine = self.owners[i] == self.shard
-            out = {k: local(v) for k, v in entry.items() if k not in self._keys_of(lay, entry)}
-            for key in self._keys_of(lay, entry):
+            row_keys = self._keys_of(lay, entry)
+            out = {k: local(v) for k, v in entry.items() if k not in row_keys}
+            for key in row_keys:
                 value = entry[key]
                 if not is_dtensor(value):  # a full tensor: the owner takes it, nothing moves
                     if mine:
@@ -195,7 +196,7 @@ class OwnerRunner(HomeRowsRunner):
                     continue
                 moved.append((i, key))
                 part = local(value)
-                per_row = _per_row(lay)
+                per_row = lay.block_rows_per_row
                 whole = part.new_zeros((rows_of(lay) * per_row, *part.shape[1:])) if mine else None
                 if mine:
                     out[key] = whole
@@ -210,7 +211,7 @@ class OwnerRunner(HomeRowsRunner):
                     elif mine:
                         incoming[s].append(whole[first * per_row : (first + n) * per_row].view(-1))
             if not mine:  # this rank holds none of it: empty rows, as its engine expects
-                for key in self._keys_of(lay, entry):
+                for key in row_keys:
                     t = local(entry[key])
                     out[key] = t.new_empty((0, *t.shape[1:]))
             full[i] = out
@@ -226,12 +227,6 @@ class OwnerRunner(HomeRowsRunner):
 
     def _row_keys(self, state: dict[int, dict]) -> list[tuple[int, str]]:
         return [(lay.index, k) for lay in self.layouts for k in self._keys_of(lay, state[lay.index])]
-
-
-def _per_row(lay: ParamLayout) -> int:
-    """Block-space rows per parameter row (merged dims make one parameter row several block rows)."""
-    rows = rows_of(lay)
-    return lay.block_shape[0] // rows if rows and lay.shape else 1
 
 
 def _dtypes(tensors) -> list[torch.dtype]:

@@ -27,7 +27,7 @@ from ..layout import ParamLayout, plan_in_group
 from ..owner_layout import assign_owners, owner_splits
 from ..plan import OWNER, ZERO, Topology, build_plan, local_layouts
 from ..state_io import load_engine_state, save_engine_state
-from ..zero_layout import Fragment, homes, routes, row_elements, unit_rows
+from ..zero_layout import Fragment, homes, routes, unit_rows
 from .rows import HomeRowsRunner
 
 Tensor = torch.Tensor
@@ -122,7 +122,7 @@ class ZeroRunner(HomeRowsRunner):
         for frag in self.part.fragments[me]:
             first, count = self.splits[frag.param][me]
             lay = self.layouts[frag.param]
-            width = row_elements(lay)
+            width = lay.row_elements
             lo, hi = first * width, (first + count) * width
             if count and frag.start <= lo and hi <= frag.start + frag.numel:
                 out[frag.param] = frag.offset + lo - frag.start
@@ -131,7 +131,7 @@ class ZeroRunner(HomeRowsRunner):
     def _view(self, param: int, flat: Tensor) -> Tensor:
         lay = self.layouts[param]
         count = self.splits[param][self.part.rank][1]
-        width = row_elements(lay)
+        width = lay.row_elements
         return flat.narrow(0, self.in_place[param], count * width).view(count, *lay.shape[1:])
 
     def _home(self, lay: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:

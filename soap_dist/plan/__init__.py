@@ -116,11 +116,9 @@ class Plan:
     def row_start(self, entry: FactorEntry) -> int:
         """First row (block space, full parameter) of a row factor's block."""
         full = self.layouts[entry.param]
-        rows = rows_of(full)
-        per_row = full.block_shape[0] // rows if rows else 1
         start, count = self.shard_range(entry.param, entry.shard)
         local = restrict_rows(full, count)
-        return start * per_row + local.row_offsets[entry.block]
+        return start * full.block_rows_per_row + local.row_offsets[entry.block]
 
     def accumulates(self, entry: FactorEntry) -> bool:
         """Whether this rank adds its gradients to the entry's statistic.

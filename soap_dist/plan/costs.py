@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..layout import ParamLayout, restrict_rows
-from ..owner_layout import step_traffic
+from ..owner_layout import held_rows, step_traffic
 from . import OWNER, FactorEntry, Plan
 
 WORD_BYTES = 8  # the per-step all_reduce is int64: a finite flag per parameter, then [w, -w] per word
@@ -134,10 +134,8 @@ def _refresh_traffic(plan: Plan, e: FactorEntry, factor_bytes: int, out: list[Ra
 
 def shard_bytes(layouts: Sequence[ParamLayout], shards: int, param_bytes: Sequence[int]) -> list[int]:
     """Bytes of parameter values each shard holds (torch.chunk rows, as FSDP2 cuts)."""
-    from ..owner_layout import held_rows, row_elements
-
     return [
-        sum(held_rows(lay, shards, s)[1] * row_elements(lay) * param_bytes[lay.index] for lay in layouts)
+        sum(held_rows(lay, shards, s)[1] * lay.row_elements * param_bytes[lay.index] for lay in layouts)
         for s in range(shards)
     ]
 
