@@ -70,13 +70,7 @@ def rank_costs(
     for e in plan.entries:
         square = e.size * e.size * factor_bytes
         basis = e.size * e.size * basis_bytes
-        holders = plan.holders.get(e.param, [])
-        if e.shared:
-            keepers = [(e.owner // S) * S + s for s in holders]
-            users = {rep * S + s for rep in range(R) for s in holders} | {e.owner}
-        else:
-            keepers = [e.owner]
-            users = {rep * S + e.shard for rep in range(R)} | {e.owner}
+        keepers, users = _holding(plan, e)
         for r in keepers:
             out[r].statistics += square
         for r in users:
@@ -105,6 +99,33 @@ def rank_costs(
             sent, received = step_traffic(plan.layouts, owners, S, r % S, param_bytes, param_bytes)
             c.step_sent += sent
             c.step_received += received
+    return out
+
+
+def _holding(plan: Plan, e: FactorEntry) -> tuple[list[int], set[int]]:
+    """Grid ranks keeping the entry's statistic, and ranks holding its basis (comm and the engine's
+    FactorStore.materialize, as Plan.accumulates and Plan.consumes decide them)."""
+    topo = plan.topology
+    R, S = topo.replicas, topo.shards
+    if e.shared:
+        holders = plan.holders.get(e.param, [])
+        keepers = [(e.owner // S) * S + s for s in holders]
+        return keepers, {rep * S + s for rep in range(R) for s in holders} | {e.owner}
+    return [e.owner], {rep * S + e.shard for rep in range(R)} | {e.owner}
+
+
+def column_state(plan: Plan, factor_bytes: int, basis_bytes: int | None = None) -> list[int]:
+    """Per grid rank, the bytes of shared (non-row) factors' statistics and bases: RankCosts'
+    column_state alone, without the rest of rank_costs' work (it runs at every optimizer's build)."""
+    basis_bytes = factor_bytes if basis_bytes is None else basis_bytes
+    out = [0] * plan.topology.world
+    for e in plan.entries:
+        if not e.shared:
+            continue
+        keepers, users = _holding(plan, e)
+        square, basis = e.size * e.size * factor_bytes, e.size * e.size * basis_bytes
+        for r in set(keepers) | users:
+            out[r] += square * (r in keepers) + basis * (r in users)
     return out
 
 
@@ -143,7 +164,6 @@ def shard_bytes(layouts: Sequence[ParamLayout], shards: int, param_bytes: Sequen
 def prefers_owner(fsdp_plan: Plan, factor_bytes: int, param_bytes: Sequence[int]) -> bool:
     """``placement="auto"`` under FSDP2/HSDP: owner when fsdp-local's per-rank column state (the
     shared factors' statistics and bases, which do not shrink with W) exceeds the parameter shard."""
-    costs = rank_costs(fsdp_plan, factor_bytes, [4] * len(fsdp_plan.layouts), param_bytes)
-    column = max(c.column_state for c in costs)
+    column = max(column_state(fsdp_plan, factor_bytes))
     shard = max(shard_bytes(fsdp_plan.layouts, fsdp_plan.topology.shards, param_bytes))
     return column > shard
