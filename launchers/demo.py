@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from soap_apps.config_loader import ConfigError, parse_override, require, set_field
+from soap_apps.config_loader import ConfigError, add_override_flag, parse_override, require, set_field
 from soap_apps.pretrain.config import ModelConfig
 from soap_apps.pretrain.data import stdlib_files, stdlib_root
 from soap_apps.pretrain.model import GPT
@@ -139,13 +139,8 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     p.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
     p.add_argument("--seed", type=int, help="seed for weights and batches (default 0)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default min(4, CPU count))")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set any setting by name (steps, batch_size, seed, threads); repeatable",
+    add_override_flag(
+        p, "KEY=VALUE", "set any setting by name (steps, batch_size, seed, threads); repeatable"
     )
     args = p.parse_args(argv)
     cfg = DemoConfig()

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from soap_apps.config_loader import add_override_flag
 from soap_apps.pretrain.config import ConfigError, load_config
 from soap_apps.pretrain.trainer import backend_name, run
 
@@ -42,13 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_CONFIG,
         help="YAML config (default: configs/pretrain/tiny-cpu.yaml)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key, e.g. --set train.steps=20 (repeatable; value parsed as YAML)",
+    add_override_flag(
+        p,
+        "SECTION.KEY=VALUE",
+        "override one config key, e.g. --set train.steps=20 (repeatable; value parsed as YAML)",
     )
     for flag, (key, kind, what) in SHORTCUTS.items():
         p.add_argument(f"--{flag}", type=kind, help=f"{what} (same as --set {key}=...)")

@@ -12,6 +12,7 @@ both, naming the key, where it came from and what it accepts::
 
 from __future__ import annotations
 
+import argparse
 import types
 import typing
 from pathlib import Path
@@ -81,6 +82,12 @@ def require(ok: bool, key: str, value: Any, what: str) -> None:
     applications (``optim.lr must be > 0, got 0.0``)."""
     if not ok:
         raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
+def add_override_flag(parser: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` of every application (collected in ``args.overrides``,
+    each parsed later by ``parse_override``)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
 
 
 def parse_override(

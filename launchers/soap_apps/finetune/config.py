@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soap_apps.config_loader import ConfigError, parse_override, read_mapping, require, set_field
+from soap_apps.config_loader import (
+    ConfigError,
+    add_override_flag,
+    parse_override,
+    read_mapping,
+    require,
+    set_field,
+)
 
 OPTIMIZERS = ("soap", "adamw")
 MODELS = ("gpt2-tiny",)
@@ -182,14 +189,11 @@ def build_parser(prog: str = "launchers/finetune.py") -> argparse.ArgumentParser
         help="a flat YAML file of these settings by name (steps: 200, batch_size: 8, ...); "
         "explicit flags win over it (see configs/finetune/)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set one key, e.g. --set steps=20 (repeatable; value parsed as YAML); applied after "
-        "--config, before the explicit flags",
+    add_override_flag(
+        p,
+        "KEY=VALUE",
+        "set one key, e.g. --set steps=20 (repeatable; value parsed as YAML); applied after --config, "
+        "before the explicit flags",
     )
     for f in dataclasses.fields(FinetuneConfig):
         flag = "--" + f.name.replace("_", "-")
