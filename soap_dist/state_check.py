@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .linalg import accurate_gram, accurate_matmul
+from .qr import accurate_gram, accurate_matmul
 
 if TYPE_CHECKING:
     from .engine import SoapEngine

@@ -273,8 +273,8 @@ def refresh_failure(world):
     real = linalg.power_iteration_refresh
     rank = dist.get_rank()
 
-    def broken(factors, bases, qr_method):
-        q, perm, ok = real(factors, bases, qr_method)
+    def broken(factors, bases, qr_method, **kw):
+        q, perm, ok = real(factors, bases, qr_method, **kw)
         return torch.full_like(q, float("nan")), perm, torch.zeros_like(ok)
 
     if rank == 0:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import gradient_stream
 
-from soap_dist import SOAP, linalg
+from soap_dist import SOAP, linalg, qr
 
 
 def _all_bases_finite(opt: SOAP) -> bool:
@@ -78,9 +78,9 @@ def test_failing_qr_falls_back_then_keeps_the_old_basis(monkeypatch):
         opt.step()
     bases = {k: s.bases.clone() for k, s in opt._engine.stores.items()}
     monkeypatch.setattr(
-        linalg, "_cholesky_qr", lambda x: (x * float("nan"), torch.zeros(x.shape[0], dtype=bool), x)
+        qr, "cholesky_qr", lambda x: (x * float("nan"), torch.zeros(x.shape[0], dtype=bool), x)
     )
-    monkeypatch.setattr(linalg, "_householder", lambda x: x * float("nan"))
+    monkeypatch.setattr(qr, "householder", lambda x: x * float("nan"))
     p.grad = torch.randn(5, 5)
     with pytest.warns(RuntimeWarning, match="refresh failed"):
         opt.step()
@@ -92,8 +92,8 @@ def test_failing_qr_falls_back_then_keeps_the_old_basis(monkeypatch):
 def test_cholesky_breakdown_uses_householder_result():
     x = torch.randn(3, 6, 6, dtype=torch.float64)
     x[1, :, 5] = x[1, :, 4]  # exactly rank-deficient: Cholesky breaks down, Householder does not
-    q, ok = linalg.orthonormalize_(x.clone(), "cholesky_qr2")
-    ref = linalg._householder(x)
+    q, ok = qr.orthonormalize_(x.clone(), "cholesky_qr2")
+    ref = qr.householder(x)
     assert ok.all()
     assert torch.allclose(q[0], ref[0], atol=1e-12) and torch.allclose(q[2], ref[2], atol=1e-12)
     assert torch.allclose(q[1].mT @ q[1], torch.eye(6, dtype=torch.float64), atol=1e-12)
@@ -169,14 +169,14 @@ def test_lr_scheduler_and_tensor_lr():
 
 
 def test_qr_failure_in_float32_is_retried_in_float64(monkeypatch):
-    householder = linalg._householder
+    householder = qr.householder
 
     def fails_in_float32(x):
         return x * float("nan") if x.dtype == torch.float32 else householder(x)
 
-    monkeypatch.setattr(linalg, "_householder", fails_in_float32)
+    monkeypatch.setattr(qr, "householder", fails_in_float32)
     x = torch.randn(2, 6, 6)
-    q, ok = linalg.orthonormalize_(x.clone(), "householder")
+    q, ok = qr.orthonormalize_(x.clone(), "householder")
     assert ok.all()
     torch.testing.assert_close(q, householder(x.double()).float())
 

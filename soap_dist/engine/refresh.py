@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import kernels, linalg
+from .. import kernels, linalg, qr
 from ..plan import FactorEntry
 from ..stores import BlockDim, FactorStore
 
@@ -304,7 +304,7 @@ class RefreshMixin:
             moved = kernels.contract(kernels.contract(m, dim, old.mT.to(dtype)), dim, new.to(dtype))
             return torch.where(ok.view((-1,) + (1,) * (m.dim() - 1)), moved, m)
         eye = torch.eye(bd.store.size, dtype=old.dtype, device=old.device)
-        transfer = torch.where(ok[:, None, None], linalg.accurate_matmul(old.mT, new), eye)
+        transfer = torch.where(ok[:, None, None], qr.accurate_matmul(old.mT, new), eye)
         return kernels.contract(m, dim, transfer.to(dtype))
 
     def _record_installs(self, param_ids: list[int]) -> None:

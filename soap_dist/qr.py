@@ -1,0 +1,189 @@
+"""Q factors of batches of square matrices, with every O(d^3) piece a batched matmul.
+
+The refresh's QR (``orthonormalize_``) is CholeskyQR2 on the column-normalised power iterate:
+Gram matrix, Cholesky, then Q = X L^-T, twice. cuSOLVER's triangular solve on a 4096 x 4096 matrix
+runs as many small kernels off the tensor cores; here X L^-T is one GEMM with L^-1 formed by a
+recursive block inverse (``lower_inverse``: d^3/3 flops, all but the small leaves GEMMs). On CUDA
+the products run in "3xTF32" (``accurate_matmul``): float32 accuracy at tensor-core speed. Only
+the Cholesky itself (d^3/3, a sixth of the flops) stays cuSOLVER's.
+
+``EMULATE_TF32`` makes CPU float32 take the CUDA arithmetic, with every product's inputs rounded
+to TF32 as tensor cores do, so the accuracy of that path is tested without a GPU.
+Nothing here knows about parameters, ranks or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+EMULATE_TF32 = False  # tests: run the tensor-core arithmetic on CPU float32
+INVERSE_LEAF = 64  # diagonal blocks this small are inverted by a batched triangular solve
+CLOSE_TO_ORTHONORMAL = 0.5  # a second Gram matrix further than this from I means the first pass failed
+
+
+def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x = hi + lo with hi exactly representable in TF32 (10 mantissa bits) and lo the exact rest."""
+    hi = (x.view(torch.int32) & -8192).view(torch.float32)  # clear the 13 low mantissa bits
+    return hi, x - hi
+
+
+def round_tf32(x: Tensor) -> Tensor:
+    """x rounded to the nearest TF32 value: what a tensor core reads of a float32 input."""
+    return ((x.view(torch.int32) + 4096) & -8192).view(torch.float32)
+
+
+def fast_path(x: Tensor) -> bool:
+    """Products on tensor cores (3xTF32): CUDA float32 batches, or CPU under ``EMULATE_TF32``."""
+    return x.dtype == torch.float32 and x.dim() == 3 and (x.device.type == "cuda" or EMULATE_TF32)
+
+
+def _tf32_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b (+ out) with TF32 inputs and float32 accumulation."""
+    if a.device.type != "cuda":  # the emulation: exact products of the rounded inputs, float32 sums
+        product = torch.bmm(round_tf32(a.contiguous()), round_tf32(b.contiguous()))
+        return product if out is None else out.add_(product)
+    backend = torch.backends.cuda.matmul
+    previous = backend.allow_tf32
+    backend.allow_tf32 = True
+    try:
+        return torch.bmm(a, b) if out is None else out.baddbmm_(a, b)
+    finally:
+        backend.allow_tf32 = previous
+
+
+def accurate_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b to about float32 accuracy, fast on CUDA: three TF32 products (the "3xTF32" split).
+
+    hi_a hi_b is exact in TF32; the two cross terms carry the low bits; lo_a lo_b (~2^-22 relative)
+    is dropped. On tensor cores this is faster than an IEEE float32 GEMM. Elsewhere, and for
+    float64, it is a plain matmul.
+    """
+    if not fast_path(a):
+        return a @ b
+    a_hi, a_lo = split_tf32(a)
+    b_hi, b_lo = split_tf32(b)
+    out = _tf32_bmm(a_lo, b_hi)
+    _tf32_bmm(a_hi, b_lo, out)
+    return _tf32_bmm(a_hi, b_hi, out)
+
+
+def accurate_gram(x: Tensor) -> Tensor:
+    """x^T x to float32 accuracy: hi^T hi + C + C^T with C = hi^T lo, two TF32 products, not three."""
+    if not fast_path(x):
+        return x.mT @ x
+    hi, lo = split_tf32(x)
+    cross = _tf32_bmm(hi.mT, lo)
+    return _tf32_bmm(hi.mT, hi, cross + cross.mT)
+
+
+def lower_inverse(lower: Tensor) -> Tensor:
+    """L^-1 of a batch of lower-triangular matrices, by halves: [[A, 0], [B, C]]^-1 =
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. All the work above ``INVERSE_LEAF`` is accurate_matmul."""
+    d = lower.shape[-1]
+    if d <= INVERSE_LEAF:
+        eye = torch.eye(d, dtype=lower.dtype, device=lower.device).expand_as(lower)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    half = max(INVERSE_LEAF, (d // 2) // INVERSE_LEAF * INVERSE_LEAF)  # aligned halves tile GEMMs well
+    first = lower_inverse(lower[:, :half, :half])
+    last = lower_inverse(lower[:, half:, half:])
+    out = torch.zeros_like(lower)
+    out[:, :half, :half] = first
+    out[:, half:, half:] = last
+    out[:, half:, :half] = accurate_matmul(last, accurate_matmul(lower[:, half:, :half], first)).neg_()
+    return out
+
+
+def cholesky_qr(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One CholeskyQR pass: Q = X L^-T with L L^T = X^T X. Returns Q, ok, and the Gram matrix."""
+    gram = accurate_gram(x)
+    lower, info = torch.linalg.cholesky_ex(gram)
+    q = accurate_matmul(x, lower_inverse(lower).mT)
+    return q, info == 0, gram
+
+
+def all_finite(x: Tensor) -> Tensor:
+    """One flag per matrix of the batch: no NaN or Inf in it."""
+    return torch.isfinite(x).flatten(1).all(1)
+
+
+def orthonormalize_(x: Tensor, method: str = "cholesky_qr2", fallback: bool = True) -> tuple[Tensor, Tensor]:
+    """Q of the QR decomposition of each ``x`` in the batch, with R's diagonal made positive.
+
+    Non-finite matrices in ``x`` are zeroed in place (and reported not ok).
+    ``cholesky_qr2`` runs two CholeskyQR passes on the column-normalized matrix (QR(X D) has the
+    same Q as QR(X) for a positive diagonal D, and the power iterate is ill-conditioned mostly by
+    column scale). A matrix whose first pass is not accurate enough (Cholesky breakdown, or a second
+    Gram matrix far from I) is redone with Householder QR (LAPACK/cuSOLVER geqrf), so the result is
+    the QR factor either way. A Householder QR that raises reports its matrices not ok (the old
+    bases stay), never escapes.
+
+    ``fallback=False`` never reads a result on the host (no synchronisation, for a refresh running
+    on its own CUDA stream): a matrix that would need the Householder redo, or a float64 retry, is
+    reported not ok instead, and the caller keeps its old basis until the next refresh.
+    """
+    if method not in ("cholesky_qr2", "householder"):
+        raise ValueError(f"qr_method must be 'cholesky_qr2' or 'householder', got {method!r}")
+    finite = all_finite(x)
+    x.masked_fill_(~finite[:, None, None], 0.0)
+    if method == "householder":
+        q, q_finite = safe_householder(x)
+    else:
+        norms = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+        # x itself is kept for the Householder fallback: on a rank-deficient x, QR(x) and QR(x D)
+        # differ in the arbitrary null-space columns, and the fallback must give QR(x) as the page does.
+        first, ok_first, gram = cholesky_qr(x / norms.masked_fill_(norms == 0, 1.0))
+        del gram
+        q, ok_second, gram = cholesky_qr(first)
+        del first
+        torch.diagonal(gram, dim1=-2, dim2=-1).sub_(1.0)
+        close = gram.abs_().flatten(1).amax(1) < CLOSE_TO_ORTHONORMAL
+        del gram
+        q_finite = all_finite(q) & ok_first & ok_second & close
+        if fallback:
+            bad = (finite & ~q_finite).nonzero().flatten()
+            if bad.numel():  # a host sync, but only in the refresh
+                q[bad], q_finite[bad] = safe_householder(x[bad])
+    if fallback:
+        retry = (finite & ~q_finite).nonzero().flatten()
+        if retry.numel():  # a finite input whose QR failed or came out non-finite: once more in float64
+            redone, good = safe_householder(x[retry].double())
+            q[retry] = redone.to(q.dtype)
+            q_finite[retry] = good & all_finite(q[retry])
+    return q, finite & q_finite
+
+
+def householder(x: Tensor) -> Tensor:
+    """Householder QR's Q with R's diagonal made positive.
+
+    geqrf + householder_product rather than linalg.qr: R's diagonal is read off geqrf's output, so
+    R is never copied out of it (linalg.qr's triu pass).
+    """
+    reflectors, tau = torch.geqrf(x)
+    signs = torch.sign(torch.diagonal(reflectors, dim1=-2, dim2=-1))
+    signs.masked_fill_(signs == 0, 1.0)
+    return torch.linalg.householder_product(reflectors, tau).mul_(signs[..., None, :])
+
+
+def safe_householder(x: Tensor) -> tuple[Tensor, Tensor]:
+    """householder and a finite flag per matrix; a LAPACK/cuSOLVER error flags matrices, never escapes.
+
+    A batch that raises is redone one matrix at a time, so only the matrices that fail get
+    ``ok = False`` (with an identity Q the caller must not install), as eigh_descending does.
+    """
+    try:
+        q = householder(x)
+        return q, all_finite(q)
+    except RuntimeError:
+        pass
+    eye = torch.eye(x.shape[-2], x.shape[-1], dtype=x.dtype, device=x.device)
+    q = eye.expand_as(x).clone()
+    ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for i in range(x.shape[0]):
+        try:
+            q[i] = householder(x[i : i + 1])[0]
+        except RuntimeError:
+            continue
+        ok[i] = all_finite(q[i : i + 1])[0]
+    return q, ok

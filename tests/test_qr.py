@@ -1,0 +1,113 @@
+"""The GEMM-form CholeskyQR2 (soap_dist.qr) against float64 eigh, with tensor-core arithmetic emulated.
+
+``qr.EMULATE_TF32`` runs the CUDA path on CPU float32: every product's inputs rounded to TF32, as
+tensor cores read them, with float32 sums. The refresh iterated from a perturbed eigenbasis must
+reach float64 eigh's eigenvectors as closely as float32 Householder QR (LAPACK) does, on factors
+with condition numbers 1e6 to 1e10. A control shows that plain TF32 products (no 3x split) fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soap_dist import linalg, qr
+
+F64 = torch.float64
+
+
+def _problem(n: int, d: int, cond: float, seed: int = 0):
+    """Factors with eigenvalues log-spaced over ``cond``, their eigh basis, and a basis 1e-2 off it."""
+    gen = torch.Generator().manual_seed(seed)
+    vectors, _ = torch.linalg.qr(torch.randn(n, d, d, dtype=F64, generator=gen))
+    lam = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), d, dtype=F64)
+    factors = vectors @ torch.diag_embed(lam.expand(n, d)) @ vectors.mT
+    near, _ = torch.linalg.qr(vectors + 1e-2 * torch.randn(n, d, d, dtype=F64, generator=gen))
+    _, reference = torch.linalg.eigh(factors)  # float64 eigh: the oracle
+    return factors, reference.flip(-1), lam, near
+
+
+def _iterate(factors, basis, dtype, method, iterations):
+    f, q = factors.to(dtype), basis.to(dtype)
+    for _ in range(iterations):
+        q, _, ok = linalg.power_iteration_refresh(f, q, method)
+        assert ok.all()
+    return q.double()
+
+
+def _errors(q, reference, lam, factors):
+    """Orthogonality, eigenvector misalignment of the columns with lam >= 1e-4 lam_max, residual."""
+    d = q.shape[-1]
+    orth = (q.mT @ q - torch.eye(d, dtype=F64)).abs().max().item()
+    top = int((lam >= 1e-4).sum())
+    misalign = (1 - (q * reference).sum(-2).abs()[:, :top]).max().item()
+    rayleigh = torch.einsum("nij,nik,nkj->nj", q, factors, q)
+    residual = (factors @ q - q * rayleigh[:, None, :]).norm(dim=(-2, -1)) / factors.norm(dim=(-2, -1))
+    return orth, misalign, residual.max().item()
+
+
+@pytest.mark.parametrize("cond", [1e6, 1e8, 1e10])
+def test_tensor_core_refresh_reaches_float64_eigh_like_lapack(cond, monkeypatch):
+    factors, reference, lam, near = _problem(2, 96, cond)
+    lapack = _errors(_iterate(factors, near, torch.float32, "householder", 40), reference, lam, factors)
+    monkeypatch.setattr(qr, "EMULATE_TF32", True)
+    gemm = _errors(_iterate(factors, near, torch.float32, "cholesky_qr2", 40), reference, lam, factors)
+    orth, misalign, residual = gemm
+    assert orth < 2e-6, gemm  # float32 Householder's is ~6e-7
+    assert misalign < max(3 * lapack[1], 1e-6), (gemm, lapack)
+    assert residual < 1.5 * lapack[2] + 1e-7, (gemm, lapack)
+
+
+def test_plain_tf32_products_would_fail_the_same_check(monkeypatch):
+    """The control: one TF32 product per matmul (no low parts) breaks the orthogonality check above
+    (the Cholesky of a TF32 Gram matrix breaks down, or Q is orthogonal only to ~1e-3)."""
+    factors, reference, lam, near = _problem(2, 96, 1e8)
+    monkeypatch.setattr(qr, "EMULATE_TF32", True)
+    monkeypatch.setattr(qr, "accurate_matmul", lambda a, b: qr._tf32_bmm(a, b))
+    monkeypatch.setattr(qr, "accurate_gram", lambda x: qr._tf32_bmm(x.mT, x))
+    f, q = factors.float(), near.float()
+    for _ in range(10):
+        q, _, ok = linalg.power_iteration_refresh(f, q, "cholesky_qr2", fallback=False)
+    orth, _, _ = _errors(q.double(), reference, lam, factors)
+    assert not (ok.all() and orth < 2e-6), (ok, orth)
+
+
+@pytest.mark.parametrize("d", [40, 64, 65, 200, 257])
+def test_lower_inverse_is_the_inverse(d):
+    gen = torch.Generator().manual_seed(d)
+    a = torch.randn(3, d, d, dtype=F64, generator=gen)
+    lower = torch.linalg.cholesky(a @ a.mT + d * torch.eye(d, dtype=F64))
+    inverse = qr.lower_inverse(lower)
+    assert torch.equal(inverse, inverse.tril())
+    torch.testing.assert_close(inverse @ lower, torch.eye(d, dtype=F64).expand(3, d, d), atol=1e-12, rtol=0)
+
+
+def test_round_tf32_keeps_ten_mantissa_bits():
+    x = torch.randn(1000) * torch.logspace(-20, 20, 1000)
+    rounded = qr.round_tf32(x)
+    assert ((rounded.view(torch.int32) & 8191) == 0).all()
+    assert ((rounded - x).abs() <= x.abs() * 2.0**-11).all()
+
+
+def test_emulated_gram_is_symmetric_and_float32_accurate(monkeypatch):
+    x = torch.randn(2, 70, 70)
+    monkeypatch.setattr(qr, "EMULATE_TF32", True)
+    gram = qr.accurate_gram(x)
+    assert torch.equal(gram, gram.mT)
+    exact = x.double().mT @ x.double()
+    assert ((gram.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_without_fallback_a_breakdown_is_reported_not_redone(emulate, monkeypatch):
+    """fallback=False (the refresh on a side stream) flags the matrix whose Cholesky breaks down;
+    with the fallback the same matrix gets Householder's Q. The others are the same either way."""
+    monkeypatch.setattr(qr, "EMULATE_TF32", emulate)
+    x = torch.randn(3, 12, 12)
+    x[1, :, 5] = x[1, :, 2]  # two equal columns: the Gram matrix is singular
+    with_fallback, ok = qr.orthonormalize_(x.clone(), "cholesky_qr2")
+    assert ok.all()
+    torch.testing.assert_close(with_fallback[1], qr.householder(x[1:2].clone())[0], atol=1e-5, rtol=0)
+    without, ok = qr.orthonormalize_(x.clone(), "cholesky_qr2", fallback=False)
+    assert ok.tolist() == [True, False, True]
+    torch.testing.assert_close(without[[0, 2]], with_fallback[[0, 2]], atol=0, rtol=0)
