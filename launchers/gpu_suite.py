@@ -1,9 +1,11 @@
 """Issue 11's GPU checks as one prepared run: ``python3 launchers/gpu_suite.py --out DIR``.
 
-On one GPU, in at most 8 minutes (``--budget``), three parts, each with its own time budget and a
+On one GPU, in at most 8 minutes (``--budget``), four parts, each with its own time budget and a
 timeout on every command it starts (a part whose time is gone is skipped, and what was measured is
 still written):
 
+r. where a refresh's time goes (``python -m soap_dist.bench.refresh_parts``): each piece of the
+   refresh per factor size of the gpt2-medium set, and the full refresh summed from them;
 a. the step benchmark, gpt2-medium shapes, TF32 (``python -m soap_dist.bench --json``), twice: the
    default refresh schedule and ``refresh_schedule='staggered'``;
 b. a real training loop: gpt2-small (configs/pretrain/gpt2-small.yaml, launchers/pretrain.py, one
@@ -59,8 +61,8 @@ RACE_TIME_RATIO = 0.8  # c: SOAP's time to AdamW's final held-out loss / AdamW's
 OPTIMIZER_SHARE = 0.15  # c: SOAP's optimizer time / SOAP's step time
 
 # Seconds per part (the race gets what the others leave) and the most one command may take.
-GPU_PLAN = {"a": 130.0, "b": 120.0, "bench_cmd": 75.0, "train_cmd": 60.0, "calibrate_cmd": 45.0}
-SMOKE_PLAN = {"a": 40.0, "b": 40.0, "bench_cmd": 30.0, "train_cmd": 30.0, "calibrate_cmd": 30.0}
+GPU_PLAN = {"r": 45.0, "a": 130.0, "b": 120.0, "bench_cmd": 75.0, "train_cmd": 60.0, "calibrate_cmd": 45.0}
+SMOKE_PLAN = {"r": 30.0, "a": 40.0, "b": 40.0, "bench_cmd": 30.0, "train_cmd": 30.0, "calibrate_cmd": 30.0}
 RESERVE_S = 12.0  # kept back for the comparison plots, the summary and the archive
 MIN_CMD_S = 20.0  # a command given less than this is not started
 B_STEPS, B_DROP = 40, 10  # part b: steps per run, and the first steps left out of the mean
@@ -355,6 +357,35 @@ class Summary:
 
 # ---------------------------------------------------------------------------------------------------
 # part a: the step benchmark
+
+
+def part_r(ctx: Ctx) -> None:
+    """Where a refresh's time goes (soap_dist.bench.refresh_parts): per piece, per factor size."""
+    s = ctx.summary
+    timeout = ctx.cmd_timeout("r", "bench_cmd")
+    if timeout is None:
+        s.note("r", "refresh pieces: skipped, no time left in the part's budget")
+        return
+    js = ctx.raw / "r_refresh_parts.json"
+    extra = ["--sizes", "64,96", "--max-batch", "2", "--repeats", "1"] if ctx.smoke else []
+    cmd = [sys.executable, "-m", "soap_dist.bench.refresh_parts", "--model", "gpt2-medium", "--json", js]
+    r = ctx.runner.run("r_refresh_parts", cmd + extra, timeout)
+    if not js.is_file():
+        s.note("r", f"refresh pieces: no JSON (rc {r['rc']}); see {r['log']}")
+        return
+    numbers = json.loads(js.read_text())
+    s.numbers["r"] = numbers
+    for name, seconds in numbers["totals_s"].items():
+        s.check(
+            "r",
+            f"gpt2-medium full refresh from the pieces, {name}",
+            "(information)",
+            seconds,
+            None,
+            "{:.3f} s",
+            "sum over the factor set of the per-factor time of one chunk",
+        )
+    s.note("r", f"the per-piece table is in raw/{r['log']}")
 
 
 def part_a(ctx: Ctx) -> None:
@@ -850,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget", type=float, default=None, help="total seconds (default 480 on GPU, 100 with --smoke)"
     )
-    p.add_argument("--parts", default="abc", help="which parts to run (default: abc)")
+    p.add_argument("--parts", default="rabc", help="which parts to run (default: rabc)")
     p.add_argument("--commit", default=None, help="the commit to report when there is no git checkout")
     p.add_argument("--keep-raw", action="store_true", help="leave raw/ as a folder beside raw.tar.gz")
     args = p.parse_args(argv)
@@ -874,7 +905,12 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(raw, env)
     summary = Summary(out, header(args), args.smoke)
     ctx = Ctx(args, out, raw, scratch, clock, runner, summary)
-    parts: list[tuple[str, Callable[[Ctx], None]]] = [("a", part_a), ("b", part_b), ("c", part_c)]
+    parts: list[tuple[str, Callable[[Ctx], None]]] = [
+        ("r", part_r),
+        ("a", part_a),
+        ("b", part_b),
+        ("c", part_c),
+    ]
     try:
         for name, fn in parts:
             if name not in args.parts:

@@ -41,6 +41,7 @@ COPIED = (
     "collective_timeout",
     "refresh_schedule",
     "basis_dtype",
+    "async_refresh",
     "_calls",
 )
 COPIED_DEFAULTS: dict[str, Any] = dict(
@@ -54,6 +55,7 @@ COPIED_DEFAULTS: dict[str, Any] = dict(
     collective_timeout=DEFAULT_TIMEOUT_S,
     refresh_schedule="all",
     basis_dtype=None,
+    async_refresh=None,
     _calls=0,
 )
 
@@ -102,6 +104,12 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             per owner, so each step carries about 1/k of the refresh).
         basis_dtype: dtype the bases are stored in (None: factor_dtype). torch.bfloat16 halves the
             bases' memory and rotates in bf16; statistics and decompositions stay in factor_dtype.
+        async_refresh: run each refresh after the first on its own CUDA stream, beside the next
+            forward/backward, joined before the state is touched again (None: on CUDA when
+            refresh_delay >= 1; True needs refresh_delay >= 1 and runs the same code inline on a
+            CPU). Its QR never waits on the host: a CholeskyQR2 breakdown keeps the factor's old
+            basis until its next refresh instead of a Householder redo, and failures are reported
+            at the install step.
     """
 
     def __init__(
@@ -131,6 +139,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         collective_timeout: float = DEFAULT_TIMEOUT_S,
         refresh_schedule: str = "all",
         basis_dtype: torch.dtype | None = None,
+        async_refresh: bool | None = None,
     ) -> None:
         check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
@@ -181,6 +190,15 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             "None (factor_dtype), torch.float32, torch.float64 or torch.bfloat16",
         )
         self.basis_dtype = basis_dtype
+        check(async_refresh in (None, True, False), "async_refresh", async_refresh, "None, True or False")
+        check(
+            not (async_refresh and refresh_delay == 0),
+            "async_refresh",
+            async_refresh,
+            "None or False with refresh_delay=0 (a refresh running beside the next step is installed "
+            "a step late: set refresh_delay=1 to use it)",
+        )
+        self.async_refresh = async_refresh
         self._calls = 0  # step() calls, for messages that name a step
         check(
             placement in ("auto", *PLACEMENTS),
@@ -364,7 +382,14 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             exchange=exchange,
             refresh_schedule=self.refresh_schedule,
             basis_dtype=self.basis_dtype,
+            async_refresh=self._async_on(params),
         )
+
+    def _async_on(self, params: list[Tensor]) -> bool:
+        """async_refresh resolved: None means on for CUDA parameters when refresh_delay >= 1."""
+        if self.async_refresh is not None:
+            return self.async_refresh and self.refresh_delay >= 1
+        return self.refresh_delay >= 1 and bool(params) and params[0].device.type == "cuda"
 
     # ----- torch.optim contract -----
     @torch.no_grad()

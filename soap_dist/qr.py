@@ -120,8 +120,9 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2", fallback: bool = Tr
     bases stay), never escapes.
 
     ``fallback=False`` never reads a result on the host (no synchronisation, for a refresh running
-    on its own CUDA stream): a matrix that would need the Householder redo, or a float64 retry, is
-    reported not ok instead, and the caller keeps its old basis until the next refresh.
+    on its own CUDA stream): a finite matrix that would need the Householder redo (or a float64
+    retry) comes back not ok holding ``x`` itself, for the caller to redo later with
+    ``orthonormalize_(x, "householder")``; a non-finite one comes back not ok and all NaN.
     """
     if method not in ("cholesky_qr2", "householder"):
         raise ValueError(f"qr_method must be 'cholesky_qr2' or 'householder', got {method!r}")
@@ -129,6 +130,8 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2", fallback: bool = Tr
     x.masked_fill_(~finite[:, None, None], 0.0)
     if method == "householder":
         q, q_finite = safe_householder(x)
+        if not fallback:
+            return _for_a_later_redo(x, q, finite, q_finite)
     else:
         norms = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
         # x itself is kept for the Householder fallback: on a rank-deficient x, QR(x) and QR(x D)
@@ -141,17 +144,23 @@ def orthonormalize_(x: Tensor, method: str = "cholesky_qr2", fallback: bool = Tr
         close = gram.abs_().flatten(1).amax(1) < CLOSE_TO_ORTHONORMAL
         del gram
         q_finite = all_finite(q) & ok_first & ok_second & close
-        if fallback:
-            bad = (finite & ~q_finite).nonzero().flatten()
-            if bad.numel():  # a host sync, but only in the refresh
-                q[bad], q_finite[bad] = safe_householder(x[bad])
-    if fallback:
-        retry = (finite & ~q_finite).nonzero().flatten()
-        if retry.numel():  # a finite input whose QR failed or came out non-finite: once more in float64
-            redone, good = safe_householder(x[retry].double())
-            q[retry] = redone.to(q.dtype)
-            q_finite[retry] = good & all_finite(q[retry])
+        if not fallback:
+            return _for_a_later_redo(x, q, finite, q_finite)
+        bad = (finite & ~q_finite).nonzero().flatten()
+        if bad.numel():  # a host sync, but only in the refresh
+            q[bad], q_finite[bad] = safe_householder(x[bad])
+    retry = (finite & ~q_finite).nonzero().flatten()
+    if retry.numel():  # a finite input whose QR failed or came out non-finite: once more in float64
+        redone, good = safe_householder(x[retry].double())
+        q[retry] = redone.to(q.dtype)
+        q_finite[retry] = good & all_finite(q[retry])
     return q, finite & q_finite
+
+
+def _for_a_later_redo(x: Tensor, q: Tensor, finite: Tensor, good: Tensor) -> tuple[Tensor, Tensor]:
+    """orthonormalize_'s fallback=False result: Q where good, x where finite but not good, else NaN."""
+    q = torch.where((finite & ~good)[:, None, None], x, q)
+    return q.masked_fill_(~finite[:, None, None], float("nan")), finite & good
 
 
 def householder(x: Tensor) -> Tensor:

@@ -85,7 +85,12 @@ def replicated(world):
     # float32 as well: replicas must stay bitwise identical (they drift apart otherwise)
     got32, _ = _distributed(None, None, factor_dtype=torch.float32, fused=None)
     _, single = _distributed(None, None, placement="single")
+    # the asynchronous refresh (inline on CPU): reduce at the launch, broadcasts at the next step
+    delayed_sync, _ = _distributed(None, None, refresh_delay=1, async_refresh=False)
+    delayed_async, _ = _distributed(None, None, refresh_delay=1, async_refresh=True)
     return {
+        "async_bitwise": all(torch.equal(a, b) for a, b in zip(delayed_sync, delayed_async, strict=True)),
+        "async_rel": _rel(delayed_async, one_process(refresh_delay=1)),
         "placement": stats["placement"],
         "max_abs_diff": max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)),
         "rel": _rel(got, want),
@@ -227,10 +232,14 @@ def delayed(world):
     )
     mesh = init_device_mesh("cpu", (world,))
 
-    def run(delay):
+    def run(delay, async_refresh=None):
         w = torch.nn.Parameter(distribute_tensor(torch.zeros(10, 6, dtype=torch.float64), mesh, [Shard(0)]))
         opt = SOAP(
-            [w], **{**COMMON, "lr": 0.05, "block_size": 1}, refresh_delay=delay, placement="fsdp-local"
+            [w],
+            **{**COMMON, "lr": 0.05, "block_size": 1},
+            refresh_delay=delay,
+            placement="fsdp-local",
+            async_refresh=async_refresh,
         )
         losses = []
         for _ in range(15):
@@ -244,9 +253,11 @@ def delayed(world):
 
     a, loss_a, stats_a = run(1)
     b, _, _ = run(1)
+    c, _, stats_c = run(1, async_refresh=True)
     _, loss_0, _ = run(0)
     return {
         "bitwise": bool(torch.equal(a, b)),
+        "async_bitwise": bool(torch.equal(a, c)) and stats_c["installed_at"] == stats_a["installed_at"],
         "installed_at": stats_a["installed_at"],
         "loss_delay1": loss_a[-1],
         "loss_delay0": loss_0[-1],

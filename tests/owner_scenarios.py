@@ -24,6 +24,7 @@ VARIANTS = {
     "b_none_delay1": dict(block_size=None, refresh_delay=1),
     "b3": dict(block_size=3),
     "b3_delay1": dict(block_size=3, refresh_delay=1),
+    "b3_delay1_async": dict(block_size=3, refresh_delay=1, async_refresh=True),
 }
 
 
@@ -39,7 +40,8 @@ def owner_exact(world):
     out = {}
     for name, kw in VARIANTS.items():
         got, opt = ds._distributed(mesh, [Shard(0)], placement="owner", **kw)
-        out[f"rel_{name}"] = ds._rel(got, ds.one_process(**kw))
+        synchronous = {k: v for k, v in kw.items() if k != "async_refresh"}  # async against sync
+        out[f"rel_{name}"] = ds._rel(got, ds.one_process(**synchronous))
         out["placement"] = opt.stats()["placement"]
     return out
 
@@ -86,7 +88,8 @@ def owner_hsdp(world):
     for name in ("b_none", "b3_delay1"):
         kw = VARIANTS[name]
         got, opt = ds._distributed(mesh, [Replicate(), Shard(0)], placement="owner", **kw)
-        out[f"rel_{name}"] = ds._rel(got, ds.one_process(**kw))
+        synchronous = {k: v for k, v in kw.items() if k != "async_refresh"}  # async against sync
+        out[f"rel_{name}"] = ds._rel(got, ds.one_process(**synchronous))
         out["placement"] = opt.stats()["placement"]
         out[f"same_{name}"] = ds._same_on_every_rank(got)
     return out

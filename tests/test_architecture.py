@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "soap_dist"
 MAX_LINES = 500
-PURE = ("kernels", "linalg", "layout", "stores", "owner_layout", "zero_layout", "plan", "plan.costs")
+PURE = ("kernels", "linalg", "qr", "layout", "stores", "owner_layout", "zero_layout", "plan", "plan.costs")
 
 
 def _modules() -> dict[str, Path]:

@@ -100,8 +100,8 @@ def test_emulated_gram_is_symmetric_and_float32_accurate(monkeypatch):
 
 @pytest.mark.parametrize("emulate", [False, True])
 def test_without_fallback_a_breakdown_is_reported_not_redone(emulate, monkeypatch):
-    """fallback=False (the refresh on a side stream) flags the matrix whose Cholesky breaks down;
-    with the fallback the same matrix gets Householder's Q. The others are the same either way."""
+    """fallback=False (the refresh on a side stream) flags the matrix whose Cholesky breaks down and
+    returns its input; with the fallback it gets Householder's Q, which a later redo reproduces."""
     monkeypatch.setattr(qr, "EMULATE_TF32", emulate)
     x = torch.randn(3, 12, 12)
     x[1, :, 5] = x[1, :, 2]  # two equal columns: the Gram matrix is singular
@@ -111,3 +111,13 @@ def test_without_fallback_a_breakdown_is_reported_not_redone(emulate, monkeypatc
     without, ok = qr.orthonormalize_(x.clone(), "cholesky_qr2", fallback=False)
     assert ok.tolist() == [True, False, True]
     torch.testing.assert_close(without[[0, 2]], with_fallback[[0, 2]], atol=0, rtol=0)
+    assert torch.equal(without[1], x[1])  # the input comes back, for a redo on the host's word
+    redone, ok = qr.orthonormalize_(without[1:2].clone(), "householder")
+    assert ok.all() and torch.equal(redone[0], with_fallback[1])
+
+
+def test_without_fallback_a_nonfinite_matrix_comes_back_nan():
+    x = torch.randn(2, 6, 6)
+    x[0, 1, 1] = float("inf")
+    q, ok = qr.orthonormalize_(x, "cholesky_qr2", fallback=False)
+    assert ok.tolist() == [False, True] and q[0].isnan().all() and q[1].isfinite().all()

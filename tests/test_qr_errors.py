@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import gradient_stream
 
-from soap_dist import SOAP, linalg, qr
+from soap_dist import SOAP, qr
 
 MARK = 1234.5  # an entry no generated matrix holds: the fake geqrf raises on a batch containing it
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import gradient_stream
 
-from soap_dist import SOAP, linalg, qr
+from soap_dist import SOAP, qr
 
 
 def _all_bases_finite(opt: SOAP) -> bool:

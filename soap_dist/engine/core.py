@@ -20,9 +20,11 @@ from .. import linalg
 from ..layout import ParamLayout
 from ..plan import SINGLE, FactorEntry, Plan, build_plan
 from ..stores import BlockDim, BlockStack, FactorSlot, FactorStore, moment_dtype
+from .async_refresh import AsyncRefreshMixin, LaunchedRefresh
 from .local import LocalExchange
 from .refresh import Pending, RefreshMixin, consecutive
 from .step import Hyper, StepMixin, apply_update
+from .stream import RefreshStream
 
 Tensor = torch.Tensor
 __all__ = ["Counters", "Hyper", "INSTALLED_AT_KEPT", "SoapEngine", "apply_update"]
@@ -48,7 +50,7 @@ class Counters:
     )
 
 
-class SoapEngine(StepMixin, RefreshMixin):
+class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
     """Stacks, factor stores and the per-parameter bookkeeping (step counts, installs)."""
 
     def __init__(
@@ -65,6 +67,7 @@ class SoapEngine(StepMixin, RefreshMixin):
         solver: linalg.Solver | None = None,
         refresh_schedule: str = "all",
         basis_dtype: torch.dtype | None = None,
+        async_refresh: bool = False,
     ) -> None:
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -81,7 +84,13 @@ class SoapEngine(StepMixin, RefreshMixin):
             if qr_method != "auto"
             else ("cholesky_qr2" if self.device.type == "cuda" else "householder")
         )
-        self.solver = solver if solver is not None else linalg.EighPowerQR(self.qr_method)
+        # async_refresh: refreshes after the first run on a side stream (engine.stream), and their QR
+        # never reads a result on the host (a breakdown keeps the old basis instead of a redo)
+        self.side = RefreshStream(self.device) if async_refresh else None
+        self._launched: list[LaunchedRefresh] = []  # launched on the side stream, finished next step
+        self.solver = (
+            solver if solver is not None else linalg.EighPowerQR(self.qr_method, fallback=not async_refresh)
+        )
         # None: compile where it pays (CUDA); on a CPU the one-time compile costs seconds for little
         self.fused = (self.device.type == "cuda") if fused is None else fused
         self._fused_requested = fused is True
@@ -228,8 +237,9 @@ class SoapEngine(StepMixin, RefreshMixin):
                     stacklevel=4,
                 )
 
-    def _warn_nonfinite(self, param_ids: list[int]) -> None:
-        seen = self.nonfinite_seen.tolist()  # a host sync, only at refresh time
+    def _warn_nonfinite(self, param_ids: list[int], seen: list[bool] | None = None) -> None:
+        if seen is None:
+            seen = self.nonfinite_seen.tolist()  # a host sync, only at refresh time
         for i in param_ids:
             if seen[i] and ("nonfinite", i) not in self._warned:
                 self._warned.add(("nonfinite", i))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import kernels, linalg, qr
+from .. import kernels, qr
 from ..plan import FactorEntry
 from ..stores import BlockDim, FactorStore
 
@@ -87,8 +87,41 @@ class RefreshMixin:
 
     def _refresh(self, param_ids: list[int], first: bool) -> None:
         """New bases for every factor of these parameters: eigh on the first call, else the solver's
-        refresh (one power iteration + QR); installed now, stashed, or sent to the ranks using them."""
+        refresh (one power iteration + QR); installed now, stashed, or sent to the ranks using them.
+        With ``async_refresh`` a later refresh is launched on the side stream and finished at the
+        next step (engine.async_refresh)."""
         start = time.perf_counter()
+        if not first and self.side is not None:
+            self._launch(param_ids)
+            self.counters.refreshes += 1
+            self.counters.refresh_seconds += time.perf_counter() - start
+            return
+        flight = self._decompose(param_ids, first)
+        if first:
+            self._receive(flight, param_ids, first=True)
+            self.counters.eigh_seconds += time.perf_counter() - start
+            self._warn_nonfinite(param_ids)
+            return
+        self.counters.owner_seconds += time.perf_counter() - start
+        self.counters.refreshes += 1
+        self._schedule_install(flight, param_ids)
+        self.counters.refresh_seconds += time.perf_counter() - start
+        self._warn_nonfinite(param_ids)
+
+    def _schedule_install(self, flight: Any, param_ids: list[int]) -> None:
+        """Install now (refresh_delay 0), or at step t + 1 + refresh_delay once the flight lands."""
+        if self.refresh_delay:
+            for i in param_ids:
+                self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
+            self._inflight.append((self.calls + 1 + self.refresh_delay, flight, param_ids))
+        else:
+            self._receive(flight, param_ids, first=False)
+
+    def _decompose(self, param_ids: list[int], first: bool, launched: list | None = None) -> Any:
+        """Reduce, decompose the owned factors chunk by chunk, start the broadcasts: the flight.
+
+        ``launched`` (asynchronous refresh): collect each chunk there instead, broadcast nothing.
+        """
         plan, topo = self.plan, self.plan.topology
         wanted = set(param_ids)
         entries = [e for e in plan.entries if e.param in wanted]
@@ -106,25 +139,34 @@ class RefreshMixin:
             slots = [self.entry_slot[e][1] for e in owned]
             per = per_chunk(store)
             for k in range(0, len(owned), per):
-                self._refresh_chunk(store, owned[k : k + per], slots[k : k + per], reduced, first, shared)
+                part = (store, owned[k : k + per], slots[k : k + per])
+                if launched is None:
+                    self._refresh_chunk(*part, reduced, first, shared)
+                else:
+                    launched.append(self._launch_chunk(*part, self._solve(*part, reduced, first=False)))
             if not first:
                 self.counters.factors_refreshed += len(owned)
-        flight = self.exchange.broadcast_bases(entries, shared)
+        return None if launched is not None else self.exchange.broadcast_bases(entries, shared)
+
+    def _solve(
+        self, store: FactorStore, part: list[FactorEntry], slots: list[int], reduced: dict, first: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The solver on one chunk of owned factors: (bases, perm, ok)."""
+        stat_rows = [store.stat_rows[s] for s in slots]
+        if any(e in reduced for e in part) or min(stat_rows) < 0:
+            factors = torch.stack(
+                [
+                    reduced[e] if e in reduced else store.factors[r]
+                    for e, r in zip(part, stat_rows, strict=True)
+                ]
+            )
+        else:  # this rank's own statistics: a view when the rows are consecutive
+            factors = take(store.factors, rows_of(stat_rows, self._index))
         if first:
-            self._receive(flight, param_ids, first=True)
-            self.counters.eigh_seconds += time.perf_counter() - start
-            self._warn_nonfinite(param_ids)
-            return
-        self.counters.owner_seconds += time.perf_counter() - start
-        self.counters.refreshes += 1
-        if self.refresh_delay:
-            for i in param_ids:
-                self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
-            self._inflight.append((self.calls + 1 + self.refresh_delay, flight, param_ids))
-        else:
-            self._receive(flight, param_ids, first=False)
-        self.counters.refresh_seconds += time.perf_counter() - start
-        self._warn_nonfinite(param_ids)
+            bases, ok = self.solver.first(factors)
+            perm = torch.arange(store.size, device=self.device).expand(len(part), store.size)
+            return bases, perm, ok
+        return self.solver.refresh(factors, take(store.bases, rows_of(slots, self._index)).to(store.dtype))
 
     def _refresh_chunk(
         self,
@@ -136,23 +178,23 @@ class RefreshMixin:
         shared: dict[FactorEntry, tuple[Tensor, Tensor, Tensor]],
     ) -> None:
         """Decompose one chunk of owned factors; use at once what only this rank uses."""
-        stat_rows = [store.stat_rows[s] for s in slots]
-        if any(e in reduced for e in part) or min(stat_rows) < 0:
-            factors = torch.stack(
-                [
-                    reduced[e] if e in reduced else store.factors[r]
-                    for e, r in zip(part, stat_rows, strict=True)
-                ]
-            )
-        else:  # this rank's own statistics: a view when the rows are consecutive
-            factors = take(store.factors, rows_of(stat_rows, self._index))
-        rows = rows_of(slots, self._index)
-        if first:
-            bases, ok = self.solver.first(factors)
-            perm = torch.arange(store.size, device=self.device).expand(len(part), store.size)
-        else:
-            bases, perm, ok = self.solver.refresh(factors, take(store.bases, rows).to(store.dtype))
+        bases, perm, ok = self._solve(store, part, slots, reduced, first)
         self._report_failures(store, slots, ok.tolist(), "eigendecomposition" if first else "refresh")
+        self._deliver(store, part, slots, bases, perm, ok, first, shared)
+
+    def _deliver(
+        self,
+        store: FactorStore,
+        part: list[FactorEntry],
+        slots: list[int],
+        bases: Tensor,
+        perm: Tensor,
+        ok: Tensor,
+        first: bool,
+        shared: dict[FactorEntry, tuple[Tensor, Tensor, Tensor]],
+    ) -> None:
+        """A chunk's results: into ``shared`` for the ranks that use them, into use for this rank."""
+        rows = rows_of(slots, self._index)
         local = [n for n, e in enumerate(part) if len(self.plan.broadcast_ranks(e)) == 1]
         for n, e in enumerate(part):
             if n not in local:
@@ -218,7 +260,9 @@ class RefreshMixin:
             self._record_installs(param_ids)
 
     def complete_inflight(self) -> None:
-        """Wait for every outstanding broadcast (before a checkpoint); installs keep their step."""
+        """Wait for every outstanding refresh and broadcast (before a checkpoint or a load); installs
+        keep their step."""
+        self.join_refresh()
         while self._inflight:
             _, flight, ids = self._inflight.pop(0)
             self._receive(flight, ids, first=False)

@@ -113,6 +113,7 @@ class StepMixin:
                 "checkpoint (load_state_dict) before stepping again."
             )
         self.calls += 1
+        self.join_refresh()  # a refresh launched on the side stream last step: now it must be done
         while self._inflight and self._inflight[0][0] <= self.calls:
             _, flight, ids = self._inflight.pop(0)
             self._receive(flight, ids, first=False)

@@ -68,6 +68,7 @@ class OptimConfig:
     fused: bool | None = None  # SOAP's torch.compile'd elementwise step (null: on CUDA only, false: eager)
     refresh_schedule: str = "all"  # "staggered": each matrix refreshes at its own phase of the k steps
     basis_dtype: str | None = None  # null: the factors' dtype; "bfloat16": half the bases' memory
+    async_refresh: bool | None = None  # null: on CUDA with refresh_delay >= 1, refresh beside the next step
 
 
 @dataclass

@@ -49,7 +49,13 @@ def build_optimizer(
                 f"optim.basis_dtype={cfg.basis_dtype!r}: expected null, float32, float64 or bfloat16"
             )
         basis = dtypes[cfg.basis_dtype]
-        return SOAP(groups, **soap_kwargs(cfg), refresh_schedule=cfg.refresh_schedule, basis_dtype=basis)
+        return SOAP(
+            groups,
+            **soap_kwargs(cfg),
+            refresh_schedule=cfg.refresh_schedule,
+            basis_dtype=basis,
+            async_refresh=cfg.async_refresh,
+        )
     fused = True if device.type == "cuda" else None  # torch's default (foreach) elsewhere
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused

@@ -1,0 +1,146 @@
+"""Where a refresh's time goes, piece by piece: ``python -m soap_dist.bench.refresh_parts``.
+
+For a batch of float32 factors of each size (one refresh chunk), times each piece of the refresh
+(the power product, the Gram matrix, the Cholesky, the triangular inverse, X L^-T, and, for
+comparison, the triangular solve the GEMM form replaced and Householder QR), the whole refresh by
+each QR, and one plain TF32 GEMM of the same shape (the floor). The last table sums the whole
+refresh over a model's factor set (``--model``, the bench's shape sets), per factor of each size,
+to compare with the full-refresh target without running the optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from .. import linalg, qr
+from .param_sets import MODELS, factor_dims, gpt2_specs
+
+
+def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up (CUDA events on a GPU)."""
+
+    def time_it(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return time_it
+
+
+def _problem(n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-rank factors (eigenvalues over 1e-4..1) and a basis near their eigenbasis."""
+    gen = torch.Generator(device=device).manual_seed(d)
+    vectors, _ = torch.linalg.qr(torch.randn(n, d, d, device=device, generator=gen))
+    lam = torch.logspace(0, -4, d, device=device)
+    factors = (vectors * lam) @ vectors.mT
+    near, _ = torch.linalg.qr(vectors + 1e-3 * torch.randn(n, d, d, device=device, generator=gen))
+    return factors, near
+
+
+def measure(d: int, n: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds per piece for a batch of n factors of size d."""
+    time_it = _timer(device, repeats)
+    factors, basis = _problem(n, d, device)
+    x = qr.accurate_matmul(factors, basis)
+    gram = qr.accurate_gram(x)
+    lower = torch.linalg.cholesky(gram)
+    inverse = qr.lower_inverse(lower)
+
+    def plain_tf32() -> torch.Tensor:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return torch.bmm(factors, basis)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+    out = {
+        "gemm_floor (one TF32 GEMM)": time_it(plain_tf32),
+        "power F Q (3xTF32)": time_it(lambda: qr.accurate_matmul(factors, basis)),
+        "gram X^T X (2 products)": time_it(lambda: qr.accurate_gram(x)),
+        "cholesky": time_it(lambda: torch.linalg.cholesky_ex(gram)),
+        "lower_inverse": time_it(lambda: qr.lower_inverse(lower)),
+        "X L^-T (3xTF32)": time_it(lambda: qr.accurate_matmul(x, inverse.mT)),
+        "trsm X L^-T (old path)": time_it(
+            lambda: torch.linalg.solve_triangular(lower.mT, x, upper=True, left=False)
+        ),
+        "QR cholesky_qr2": time_it(lambda: qr.orthonormalize_(x.clone(), "cholesky_qr2")),
+        "QR householder": time_it(lambda: qr.orthonormalize_(x.clone(), "householder")),
+        "refresh cholesky_qr2": time_it(
+            lambda: linalg.power_iteration_refresh(factors, basis, "cholesky_qr2")
+        ),
+        "refresh householder": time_it(lambda: linalg.power_iteration_refresh(factors, basis, "householder")),
+    }
+    return {k: v / n for k, v in out.items()}  # per factor
+
+
+def factor_sizes(model: str, max_precond_dim: int = 10000) -> Counter:
+    """How many factors of each size the model's matrices have (the page's rule, param_sets)."""
+    sizes: Counter = Counter()
+    for spec in gpt2_specs(model):
+        has = factor_dims(spec.shape, max_precond_dim)
+        sizes.update(d for d, yes in zip(spec.shape, has, strict=True) if yes)
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2-medium", choices=sorted(MODELS))
+    parser.add_argument("--sizes", default="", help="comma-separated factor sizes (default: the model's)")
+    parser.add_argument("--batch-bytes", type=int, default=1 << 29, help="a chunk, as the engine cuts")
+    parser.add_argument("--max-batch", type=int, default=8, help="at most this many factors per batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="", help="also write the numbers here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    counts = factor_sizes(args.model)
+    sizes = [int(s) for s in args.sizes.split(",") if s] or sorted(counts)
+    rows = {}
+    for d in sizes:
+        n = max(1, min(args.max_batch, args.batch_bytes // (d * d * 4)))
+        rows[d] = measure(d, n, device, args.repeats)
+        print(f"d = {d}: batch {n}", flush=True)
+    pieces = list(next(iter(rows.values())))
+    print(f"\nms per factor on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
+    print("| piece | " + " | ".join(f"d = {d}" for d in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for piece in pieces:
+        print(f"| {piece} | " + " | ".join(f"{rows[d][piece] * 1e3:.2f}" for d in sizes) + " |")
+    totals = {
+        qr_name: sum(counts.get(d, 0) * rows[d][f"refresh {qr_name}"] for d in sizes)
+        for qr_name in ("cholesky_qr2", "householder")
+    }
+    floor = sum(counts.get(d, 0) * rows[d]["gemm_floor (one TF32 GEMM)"] for d in sizes)
+    print(f"\n{args.model}: {sum(counts.get(d, 0) for d in sizes)} factors {dict(sorted(counts.items()))}")
+    for name, seconds in totals.items():
+        ratio = f" ({seconds / floor:.1f}x one TF32 GEMM per factor)" if floor else ""
+        print(f"full refresh of those factors, {name}: {seconds:.3f} s{ratio}")
+    if args.json:
+        numbers = {"device": str(device), "model": args.model, "per_factor_s": rows, "totals_s": totals}
+        numbers.update(gemm_floor_s=floor, counts=dict(counts))
+        with open(args.json, "w") as f:
+            json.dump(numbers, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The asynchronous refresh: launched on the side stream at step t, finished at step t + 1.
+
+Launch (``_launch``, inside ``RefreshStream.launch``): the statistics reduce and the solver run on
+the side stream; bases only this rank uses are stashed there; nothing is read on the host. The
+solver runs without its host-side fallback (``fallback=False``): a matrix whose CholeskyQR2 broke
+down comes back not ok with its power iterate in place of the basis, flagged ``redo``.
+
+Finish (``join_refresh``, at the start of the next step, after the caller's stream joined the side
+stream): the host reads the chunks' ok/redo flags (each copy waits only for its own chunk, never
+for the step's stream), redoes the flagged matrices with Householder QR exactly as the synchronous
+refresh would, reports failures, and starts the basis broadcasts. Install steps are unchanged
+(t + 1 + refresh_delay), so the result is the synchronous refresh's, bit for bit, on one stream.
+With bf16 bases a stashed power iterate is rounded to bf16 before its redo (the only difference).
+A mixin of ``SoapEngine`` (engine.core).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import qr
+from ..plan import FactorEntry
+from ..stores import FactorStore
+from .refresh import rows_of
+from .stream import HostCopy
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LaunchedChunk:
+    """One chunk decomposed on the side stream: what the finish step needs of it."""
+
+    store: FactorStore
+    part: list[FactorEntry]
+    slots: list[int]
+    local: list[int]  # positions in ``part`` stashed already (bases only this rank uses)
+    shared: tuple[Tensor, Tensor, Tensor] | None  # (bases, perm, ok) of the other positions
+    flags: HostCopy  # [2, len(part)]: ok, redo
+
+
+@dataclass
+class LaunchedRefresh:
+    """One asynchronous refresh, from its launch to its finish."""
+
+    param_ids: list[int]
+    install_call: int
+    chunks: list[LaunchedChunk]
+    nonfinite_seen: HostCopy
+
+
+class AsyncRefreshMixin:
+    """Launch and finish of the asynchronous refresh (see engine.core for the attributes)."""
+
+    def _launch(self, param_ids: list[int]) -> None:
+        chunks: list[LaunchedChunk] = []
+        with self.side.launch():
+            self._decompose(param_ids, first=False, launched=chunks)
+            seen = self.side.to_host(self.nonfinite_seen)
+        for i in param_ids:
+            self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
+        self._launched.append(LaunchedRefresh(param_ids, self.calls + 1 + self.refresh_delay, chunks, seen))
+
+    def _launch_chunk(
+        self,
+        store: FactorStore,
+        part: list[FactorEntry],
+        slots: list[int],
+        result: tuple[Tensor, Tensor, Tensor],
+    ) -> LaunchedChunk:
+        """Stash what only this rank uses; keep the rest, and the flags on their way to the host."""
+        bases, perm, ok = result
+        redo = ~ok & qr.all_finite(bases)  # a breakdown: ``bases`` holds the power iterate
+        flags = self.side.to_host(torch.stack([ok, redo]))
+        local = [n for n, e in enumerate(part) if len(self.plan.broadcast_ranks(e)) == 1]
+        others = [n for n in range(len(part)) if n not in local]
+        if local:
+            pick = self._index(local)
+            rows = rows_of([slots[n] for n in local], self._index)
+            self._stash(store, rows, *(t.index_select(0, pick) for t in (bases, perm, ok)))
+        shared = None
+        if others:
+            pick = self._index(others)
+            shared = tuple(t.index_select(0, pick) for t in (bases, perm, ok))
+        return LaunchedChunk(store, part, slots, local, shared, flags)
+
+    def join_refresh(self) -> None:
+        """The caller's stream waits for the side stream; launched refreshes are finished."""
+        if self.side is None:
+            return
+        self.side.join()
+        launched, self._launched = self._launched, []
+        for refresh in launched:
+            shared: dict[FactorEntry, tuple[Tensor, Tensor, Tensor]] = {}
+            for chunk in refresh.chunks:
+                self._finish_chunk(chunk, shared)
+            entries = [e for e in self.plan.entries if e.param in set(refresh.param_ids)]
+            flight = self.exchange.broadcast_bases(entries, shared)
+            self._inflight.append((refresh.install_call, flight, refresh.param_ids))
+            self._warn_nonfinite(refresh.param_ids, refresh.nonfinite_seen.tolist())
+
+    def _finish_chunk(self, chunk: LaunchedChunk, shared: dict[FactorEntry, Any]) -> None:
+        ok, redo = chunk.flags.tolist()
+        store, others = chunk.store, [n for n in range(len(chunk.part)) if n not in chunk.local]
+        again = [n for n, r in enumerate(redo) if r]
+        if again:  # rare: the synchronous refresh's Householder redo, on the host's word
+            self._redo(chunk, again, others, ok)
+        self._report_failures(store, chunk.slots, ok, "refresh")
+        for k, n in enumerate(others):
+            shared[chunk.part[n]] = tuple(t[k] for t in chunk.shared)
+
+    def _redo(self, chunk: LaunchedChunk, again: list[int], others: list[int], ok: list[bool]) -> None:
+        """Householder QR of the power iterates a breakdown left in place of bases (stash or shared)."""
+        store = chunk.store
+        pend = self.pending_for(store)
+        kept = {n: k for k, n in enumerate(others)}  # position in part -> row of chunk.shared
+        iterates = torch.stack(
+            [
+                chunk.shared[0][kept[n]] if n in kept else pend.bases[chunk.slots[n]].to(store.dtype)
+                for n in again
+            ]
+        )
+        q, good = qr.orthonormalize_(iterates, "householder")
+        for j, (n, g) in enumerate(zip(again, good.tolist(), strict=True)):
+            ok[n] = g
+            if n in kept:
+                chunk.shared[0][kept[n]] = q[j]
+                chunk.shared[2][kept[n]] = g
+            else:
+                pend.bases[chunk.slots[n]] = q[j].to(pend.bases.dtype)
+                pend.ok[chunk.slots[n]] = g
