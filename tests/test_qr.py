@@ -121,3 +121,19 @@ def test_without_fallback_a_nonfinite_matrix_comes_back_nan():
     x[0, 1, 1] = float("inf")
     q, ok = qr.orthonormalize_(x, "cholesky_qr2", fallback=False)
     assert ok.tolist() == [False, True] and q[0].isnan().all() and q[1].isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cond", [1e6, 1e10])
+def test_cuda_tensor_core_refresh_reaches_float64_eigh_like_cusolver(cond):
+    """The real thing: 3xTF32 products on tensor cores against cuSOLVER's float32 Householder."""
+    factors, reference, lam, near = _problem(2, 256, cond)
+    results = {}
+    for method in ("householder", "cholesky_qr2"):
+        q = _iterate(factors.cuda(), near.cuda(), torch.float32, method, 40).cpu()
+        results[method] = _errors(q, reference, lam, factors)
+    orth, misalign, residual = results["cholesky_qr2"]
+    assert orth < 2e-6, results
+    assert misalign < max(3 * results["householder"][1], 1e-6), results
+    assert residual < 1.5 * results["householder"][2] + 1e-7, results

@@ -26,9 +26,7 @@ def _raising_on_marked(real):
 def test_a_raising_qr_flags_only_its_matrix(monkeypatch, method):
     x = torch.randn(3, 6, 6, dtype=torch.float64)
     if method == "cholesky_qr2":  # every matrix goes to the Householder fallback
-        monkeypatch.setattr(
-            qr, "cholesky_qr", lambda y: (y, torch.zeros(y.shape[0], dtype=torch.bool), y)
-        )
+        monkeypatch.setattr(qr, "cholesky_qr", lambda y: (y, torch.zeros(y.shape[0], dtype=torch.bool), y))
     ref = qr.householder(x.clone())
     x[1, 2, 3] = MARK
     monkeypatch.setattr(torch, "geqrf", _raising_on_marked(torch.geqrf))

@@ -29,9 +29,11 @@ class RefreshStream:
             yield
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        with torch.cuda.stream(self.stream):
-            yield
-        self.busy = True
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            self.busy = True  # whatever was queued, even by a body that raised, is joined next
 
     def join(self) -> None:
         """The current stream waits for the launched refresh before it reads or writes the state."""
