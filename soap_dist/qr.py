@@ -80,14 +80,65 @@ def accurate_gram(x: Tensor) -> Tensor:
 
 def lower_inverse(lower: Tensor) -> Tensor:
     """L^-1 of a batch of lower-triangular matrices, by halves: [[A, 0], [B, C]]^-1 =
-    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. All the work above ``INVERSE_LEAF`` is accurate_matmul."""
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. All the work above the leaves is accurate_matmul.
+
+    When d = leaf * 2^levels with a leaf of at most ``MAX_LEAF`` (every width of the usual models),
+    it runs bottom-up, one level at a time: all the leaves in one batched triangular solve, then each
+    level's blocks in one pair of batched products, about 10 kernels per level. A GPU refresh is
+    bound by kernel launches, not flops, at these sizes. Other sizes recurse by halves.
+    """
+    levels = _levels(lower.shape[-1])
+    if levels is None:
+        return _lower_inverse_by_halves(lower)
+    lower = lower.contiguous()
+    n, d = lower.shape[0], lower.shape[-1]
+    leaf = d >> levels
+    out = torch.zeros_like(lower)
+    eye = torch.eye(leaf, dtype=lower.dtype, device=lower.device)
+    leaves = _diagonal_blocks(lower, leaf).reshape(-1, leaf, leaf)
+    _diagonal_blocks(out, leaf).copy_(
+        torch.linalg.solve_triangular(leaves, eye.expand_as(leaves), upper=False).view(n, -1, leaf, leaf)
+    )
+    half = leaf
+    while half < d:
+        inv, low = _diagonal_blocks(out, 2 * half), _diagonal_blocks(lower, 2 * half)
+        first = inv[..., :half, :half].reshape(-1, half, half)
+        last = inv[..., half:, half:].reshape(-1, half, half)
+        below = low[..., half:, :half].reshape(-1, half, half)
+        inv[..., half:, :half] = accurate_matmul(last, accurate_matmul(below, first)).neg_().view_as(
+            inv[..., half:, :half]
+        )
+        half *= 2
+    return out
+
+
+MIN_LEAF, MAX_LEAF = 32, 128
+
+
+def _levels(d: int) -> int | None:
+    """How many times d halves down to a leaf in [MIN_LEAF, MAX_LEAF]; None when it does not."""
+    levels = 0
+    while d % 2 == 0 and d // 2 >= MIN_LEAF and d > MAX_LEAF:
+        d //= 2
+        levels += 1
+    return levels if d <= MAX_LEAF else None
+
+
+def _diagonal_blocks(t: Tensor, size: int) -> Tensor:
+    """The d/size diagonal blocks of each contiguous [N, d, d] matrix, as a view [N, d/size, size, size]."""
+    n, d = t.shape[0], t.shape[-1]
+    return t.as_strided((n, d // size, size, size), (d * d, size * (d + 1), d, 1), t.storage_offset())
+
+
+def _lower_inverse_by_halves(lower: Tensor) -> Tensor:
+    """lower_inverse for any d, recursing on halves (a kernel sequence per block, not per level)."""
     d = lower.shape[-1]
     if d <= INVERSE_LEAF:
         eye = torch.eye(d, dtype=lower.dtype, device=lower.device).expand_as(lower)
         return torch.linalg.solve_triangular(lower, eye, upper=False)
     half = max(INVERSE_LEAF, (d // 2) // INVERSE_LEAF * INVERSE_LEAF)  # aligned halves tile GEMMs well
-    first = lower_inverse(lower[:, :half, :half])
-    last = lower_inverse(lower[:, half:, half:])
+    first = _lower_inverse_by_halves(lower[:, :half, :half])
+    last = _lower_inverse_by_halves(lower[:, half:, half:])
     out = torch.zeros_like(lower)
     out[:, :half, :half] = first
     out[:, half:, half:] = last

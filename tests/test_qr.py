@@ -72,7 +72,7 @@ def test_plain_tf32_products_would_fail_the_same_check(monkeypatch):
     assert not (ok.all() and orth < 2e-6), (ok, orth)
 
 
-@pytest.mark.parametrize("d", [40, 64, 65, 200, 257])
+@pytest.mark.parametrize("d", [40, 64, 65, 200, 257, 768, 1536])  # leaves, levels, halves
 def test_lower_inverse_is_the_inverse(d):
     gen = torch.Generator().manual_seed(d)
     a = torch.randn(3, d, d, dtype=F64, generator=gen)
