@@ -187,7 +187,7 @@ def _consolidate(engine: SoapEngine, state: dict[int, dict]) -> None:
 def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
     """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks."""
     check_engine_state(engine, state)  # a corrupt checkpoint fails here, before anything is copied
-    engine.join_refresh()  # a refresh still running on its side stream must not write into the load
+    engine.complete_inflight()  # nothing launched or in flight may land on top of the loaded state
     plan, me = engine.plan, engine.plan.topology.rank
     sharded_rows = _rows_sharded(engine)
     where, held = _locations(engine), _entries(engine)

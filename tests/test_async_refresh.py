@@ -153,3 +153,37 @@ def test_cuda_side_stream_refresh_equals_the_synchronous_one():
     assert stats["refreshes"] == 3 and stats["bases_installed"] > 0
     for a, b in zip(async_params, sync_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_load_over_a_launched_refresh_is_the_loaded_state():
+    """load_state_dict while a refresh is launched and a broadcast in flight: the loaded state wins."""
+    params, opt = _train(steps=4, refresh_delay=1, async_refresh=True)
+    saved_params = [p.detach().clone() for p in params]
+    saved = opt.state_dict()
+    grads = gradient_stream(SHAPES, 10)
+    for step in range(4, 7):  # a second refresh is launched at the 7th call
+        for p, g in zip(params, grads[step], strict=True):
+            p.grad = g
+        opt.step()
+    assert opt._engine._launched
+    fresh = [torch.nn.Parameter(w.clone()) for w in saved_params]
+    other = SOAP(
+        fresh,
+        lr=0.02,
+        precondition_frequency=3,
+        fused=False,
+        factor_dtype=torch.float64,
+        refresh_delay=1,
+        async_refresh=True,
+    )
+    for tensors, optimizer in ((params, opt), (fresh, other)):
+        with torch.no_grad():
+            for p, w in zip(tensors, saved_params, strict=True):
+                p.copy_(w)
+        optimizer.load_state_dict(saved)
+        for step in range(4, 9):
+            for p, g in zip(tensors, grads[step], strict=True):
+                p.grad = g
+            optimizer.step()
+    for a, b in zip(params, fresh, strict=True):
+        assert torch.equal(a, b)
