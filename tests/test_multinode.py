@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pretrain import LAUNCHER, REPO, TINY, _losses, _sets
+from pretrain_helpers import LAUNCHER, REPO, TINY
+from test_pretrain_launcher import _losses, _sets
 
 from soap_apps.pretrain import data
 from soap_apps.pretrain.config import DataConfig

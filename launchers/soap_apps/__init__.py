@@ -1,4 +1,5 @@
-"""The applications built on soap_dist: pre-training (``pretrain``) and fine-tuning (``finetune``).
+"""The applications built on soap_dist: pre-training (``pretrain``) and fine-tuning (``finetune``),
+and the prepared GPU run that measures them (``gpu_suite``, run by launchers/gpu_suite.py).
 
 Not part of the installed library, which needs torch alone: their dependencies are the ``train``
 extra (``pip install -e '.[train]'``; fine-tuning adds ``accelerate``, ``--deepspeed`` adds

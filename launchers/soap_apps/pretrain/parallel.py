@@ -152,7 +152,7 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float | None) -
     """The global L2 norm of the gradients (a plain scalar tensor), after clipping them to ``max_norm``.
 
     Correct for FSDP2/HSDP: the gradients are DTensors, torch computes each local shard's norm and
-    reduces over the mesh (a DTensor total norm, made plain here); tests/test_pretrain.py checks it
+    reduces over the mesh (a DTensor total norm, made plain here); tests/test_pretrain_modules.py checks it
     against the unsharded model's norm. With ``max_norm=None`` the gradients are left as they are.
     """
     params = [p for p in parameters if p.grad is not None]

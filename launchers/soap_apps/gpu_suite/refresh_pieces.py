@@ -1,0 +1,37 @@
+"""Part r: where a refresh's time goes, per piece and per factor size of the gpt2-medium set."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from soap_apps.gpu_suite.context import Ctx
+
+
+def part_r(ctx: Ctx) -> None:
+    """Where a refresh's time goes (soap_dist.bench.refresh_parts): per piece, per factor size."""
+    s = ctx.summary
+    timeout = ctx.cmd_timeout("r", "bench_cmd")
+    if timeout is None:
+        s.note("r", "refresh pieces: skipped, no time left in the part's budget")
+        return
+    js = ctx.raw / "r_refresh_parts.json"
+    extra = ["--sizes", "64,96", "--max-batch", "2", "--repeats", "1"] if ctx.smoke else []
+    cmd = [sys.executable, "-m", "soap_dist.bench.refresh_parts", "--model", "gpt2-medium", "--json", js]
+    r = ctx.runner.run("r_refresh_parts", cmd + extra, timeout)
+    if not js.is_file():
+        s.note("r", f"refresh pieces: no JSON (rc {r['rc']}); see {r['log']}")
+        return
+    numbers = json.loads(js.read_text())
+    s.numbers["r"] = numbers
+    for name, seconds in numbers["totals_s"].items():
+        s.check(
+            "r",
+            f"gpt2-medium full refresh from the pieces, {name}",
+            "(information)",
+            seconds,
+            None,
+            "{:.3f} s",
+            "sum over the factor set of the per-factor time of one chunk",
+        )
+    s.note("r", f"the per-piece table is in raw/{r['log']}")
