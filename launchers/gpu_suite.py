@@ -5,7 +5,8 @@ timeout on every command it starts (a part whose time is gone is skipped, and wh
 still written):
 
 r. where a refresh's time goes (``python -m soap_dist.bench.refresh_parts``): each piece of the
-   refresh per factor size of the gpt2-medium set, and the full refresh summed from them;
+   refresh per factor size of the gpt2-medium set, and the full refresh summed from them; then the
+   GPU-marked tests of the QR and of the side-stream refresh (``pytest -m gpu``);
 a. the step benchmark, gpt2-medium shapes, TF32 (``python -m soap_dist.bench --json``), twice: the
    default refresh schedule and ``refresh_schedule='staggered'``;
 b. a real training loop: gpt2-small (configs/pretrain/gpt2-small.yaml, launchers/pretrain.py, one
@@ -22,7 +23,7 @@ tables). Few files on purpose: the device tool brings back at most 8. Run direct
 live in a temporary directory that is removed at the end.
 
 ``--smoke`` runs every part tiny on the CPU (CUDA hidden), to check the plumbing without a GPU.
-Stdlib and torch only (the launchers it starts need the train extra: pyyaml, tqdm, numpy, matplotlib).
+Needs the train extra (pyyaml, tqdm, numpy, matplotlib), as the launchers it starts do; the GPU image has them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Part r: where a refresh's time goes, per piece and per factor size of the gpt2-medium set."""
+"""Part r: where a refresh's time goes, per piece and per factor size of the gpt2-medium set; then
+the GPU-marked tests of the refresh (the tensor-core QR's accuracy, the side-stream refresh's results)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 import sys
 
 from soap_apps.gpu_suite.context import Ctx
+from soap_apps.gpu_suite.settings import MIN_CMD_S
+
+GPU_TESTS = ["tests/test_qr.py", "tests/test_async_refresh.py"]
 
 
 def part_r(ctx: Ctx) -> None:
@@ -24,6 +28,8 @@ def part_r(ctx: Ctx) -> None:
         return
     numbers = json.loads(js.read_text())
     s.numbers["r"] = numbers
+    if not ctx.smoke:
+        _gpu_tests(ctx)
     for name, seconds in numbers["totals_s"].items():
         s.check(
             "r",
@@ -35,3 +41,15 @@ def part_r(ctx: Ctx) -> None:
             "sum over the factor set of the per-factor time of one chunk",
         )
     s.note("r", f"the per-piece table is in raw/{r['log']}")
+
+
+def _gpu_tests(ctx: Ctx) -> None:
+    s = ctx.summary
+    left = ctx.part_left("r")
+    if left < MIN_CMD_S:
+        s.note("r", "GPU tests: skipped, no time left in the part's budget")
+        return
+    t = ctx.runner.run("r_gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS], left)
+    failed = int(t["rc"] != 0 or t["timed_out"])
+    what = "GPU tests of the QR and the async refresh (pytest -m gpu), failed runs"
+    s.check("r", what, "0", failed, 0, "{}", f"rc {t['rc']}; log raw/{t['log']}")

@@ -23,7 +23,7 @@ RACE_TIME_RATIO = 0.8  # c: SOAP's time to AdamW's final held-out loss / AdamW's
 OPTIMIZER_SHARE = 0.15  # c: SOAP's optimizer time / SOAP's step time
 
 # Seconds per part (the race gets what the others leave) and the most one command may take.
-GPU_PLAN = {"r": 45.0, "a": 130.0, "b": 120.0, "bench_cmd": 75.0, "train_cmd": 60.0, "calibrate_cmd": 45.0}
+GPU_PLAN = {"r": 100.0, "a": 130.0, "b": 120.0, "bench_cmd": 75.0, "train_cmd": 60.0, "calibrate_cmd": 45.0}
 SMOKE_PLAN = {"r": 30.0, "a": 40.0, "b": 40.0, "bench_cmd": 30.0, "train_cmd": 30.0, "calibrate_cmd": 30.0}
 RESERVE_S = 12.0  # kept back for the comparison plots, the summary and the archive
 MIN_CMD_S = 20.0  # a command given less than this is not started
