@@ -23,7 +23,8 @@ tables). Few files on purpose: the device tool brings back at most 8. Run direct
 live in a temporary directory that is removed at the end.
 
 ``--smoke`` runs every part tiny on the CPU (CUDA hidden), to check the plumbing without a GPU.
-Needs the train extra (pyyaml, tqdm, numpy, matplotlib), as the launchers it starts do; the GPU image has them.
+Needs the train extra (pyyaml, tqdm, numpy, matplotlib), as the launchers it starts do; the GPU
+image has them.
 """
 
 from __future__ import annotations
