@@ -84,8 +84,9 @@ def lower_inverse(lower: Tensor) -> Tensor:
 
     When d = leaf * 2^levels with a leaf of at most ``MAX_LEAF`` (every width of the usual models),
     it runs bottom-up, one level at a time: all the leaves in one batched triangular solve, then each
-    level's blocks in one pair of batched products, about 10 kernels per level. A GPU refresh is
-    bound by kernel launches, not flops, at these sizes. Other sizes recurse by halves.
+    level's blocks in one pair of batched products: some 20 kernels per level, whatever the number
+    of blocks (5 levels for 4096). A GPU refresh is bound by kernel launches, not flops, at these
+    sizes (docs/benchmarks.md). Other sizes recurse by halves.
     """
     levels = _levels(lower.shape[-1])
     if levels is None:
