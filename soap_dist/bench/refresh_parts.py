@@ -79,6 +79,7 @@ def measure(d: int, n: int, device: torch.device, repeats: int) -> dict[str, flo
         "gram X^T X (2 products)": time_it(lambda: qr.accurate_gram(x)),
         "cholesky": time_it(lambda: torch.linalg.cholesky_ex(gram)),
         "lower_inverse": time_it(lambda: qr.lower_inverse(lower)),
+        "lower_inverse by halves (recursive)": time_it(lambda: qr._lower_inverse_by_halves(lower)),
         "X L^-T (3xTF32)": time_it(lambda: qr.accurate_matmul(x, inverse.mT)),
         "trsm X L^-T (old path)": time_it(
             lambda: torch.linalg.solve_triangular(lower.mT, x, upper=True, left=False)
