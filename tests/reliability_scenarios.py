@@ -184,6 +184,27 @@ def refresh_raised_and_was_caught(rank):
     return {"errors": errors}
 
 
+def async_finish_raised_and_was_caught(rank):
+    """async_refresh: the finish of a launched refresh raises on rank 0 at the next step."""
+    params = _params()
+    opt = SOAP(params, collective_timeout=3, refresh_delay=1, async_refresh=True, **KW)
+    errors = []
+    for step in range(7):
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        if step == 4 and rank == 0:  # the refresh launched by the 4th call is finished by the 5th
+
+            def boom(*args, **kwargs):
+                raise RuntimeError("injected: out of memory in the finish")
+
+            opt._engine._finish_chunk = boom
+        try:
+            opt.step()
+        except Exception as error:  # the user catches it and goes on
+            errors.append(f"{type(error).__name__}: {error}")
+    return {"errors": errors, "launched_at_4": opt._engine.counters.refreshes}
+
+
 def save_on_rank0_only(rank):
     """The usual DDP idiom, ``if rank == 0: torch.save(opt.state_dict(), f)``: a clear error on rank 0."""
     params = _params()

@@ -75,6 +75,15 @@ def test_a_refresh_exception_caught_by_the_user_ends_in_errors_not_a_hang():
 
 
 @pytest.mark.slow
+def test_an_async_refresh_finish_that_raises_ends_in_errors_not_a_hang():
+    """The finish runs at the start of the next step, outside the refresh: it must still refuse."""
+    ranks = rs.run(["async_finish_raised_and_was_caught"])
+    zero, one = (res["errors"] for res in _ok(ranks, "async_finish_raised_and_was_caught"))
+    assert zero[0].startswith("RuntimeError: injected") and "raised during the basis refresh" in zero[1], zero
+    assert one and one[0].startswith("CollectiveTimeout") and "ranks [0] did not arrive" in one[0], one
+
+
+@pytest.mark.slow
 def test_state_dict_on_rank_0_only_fails_with_the_rule_before_any_collective():
     ranks = rs.run(["save_on_rank0_only"])
     error = _ok(ranks, "save_on_rank0_only")[0]["error"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 
 import torch
@@ -113,7 +115,8 @@ class StepMixin:
                 "checkpoint (load_state_dict) before stepping again."
             )
         self.calls += 1
-        self.join_refresh()  # a refresh launched on the side stream last step: now it must be done
+        with self._refusing_after_a_raise():  # a refresh launched on the side stream last step ends now
+            self.join_refresh()
         while self._inflight and self._inflight[0][0] <= self.calls:
             _, flight, ids = self._inflight.pop(0)
             self._receive(flight, ids, first=False)
@@ -162,7 +165,7 @@ class StepMixin:
         updated = [i for i in active_ids if self.started[i]]
         for i in updated:
             self.steps[i] += 1
-        try:
+        with self._refusing_after_a_raise():
             if first:
                 self._refresh(first, first=True)
                 for i in first:
@@ -170,6 +173,12 @@ class StepMixin:
             due = [i for i in updated if self._due(self.steps[i], i, hypers)]
             if due:
                 self._refresh(due, first=False)
+
+    @contextmanager
+    def _refusing_after_a_raise(self) -> Iterator[None]:
+        """A refresh that raised under several ranks leaves their state apart: refuse later steps."""
+        try:
+            yield
         except BaseException as error:
             if self.plan.topology.world > 1:  # other ranks may be inside the refresh's collectives now
                 self.broken = (self.calls, f"{type(error).__name__}: {error}")
