@@ -20,7 +20,7 @@ from .comm.guard import DEFAULT_TIMEOUT_S
 from .engine import SoapEngine
 from .layout import ParamLayout, plan_in_group
 from .optimizer_state import StateMixin
-from .options import FACTOR_DTYPES, check, validate_group
+from .options import FACTOR_DTYPES, async_refresh_on, check, check_async_refresh, validate_group
 from .placements import Placement, local, resolve
 from .placements.owner import OwnerRunner
 from .placements.zero import ZeroRunner
@@ -107,9 +107,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         async_refresh: run each refresh after the first on its own CUDA stream, beside the next
             forward/backward, joined before the state is touched again (None: on CUDA when
             refresh_delay >= 1; True needs refresh_delay >= 1 and runs the same code inline on a
-            CPU). Its QR never waits on the host: a CholeskyQR2 breakdown keeps the factor's old
-            basis until its next refresh instead of a Householder redo, and failures are reported
-            at the install step.
+            CPU). The synchronous refresh's results: a CholeskyQR2 breakdown is redone with
+            Householder QR, and failures are reported, at the next step instead of at once.
     """
 
     def __init__(
@@ -190,14 +189,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             "None (factor_dtype), torch.float32, torch.float64 or torch.bfloat16",
         )
         self.basis_dtype = basis_dtype
-        check(async_refresh in (None, True, False), "async_refresh", async_refresh, "None, True or False")
-        check(
-            not (async_refresh and refresh_delay == 0),
-            "async_refresh",
-            async_refresh,
-            "None or False with refresh_delay=0 (a refresh running beside the next step is installed "
-            "a step late: set refresh_delay=1 to use it)",
-        )
+        check_async_refresh(async_refresh, refresh_delay)
         self.async_refresh = async_refresh
         self._calls = 0  # step() calls, for messages that name a step
         check(
@@ -382,14 +374,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             exchange=exchange,
             refresh_schedule=self.refresh_schedule,
             basis_dtype=self.basis_dtype,
-            async_refresh=self._async_on(params),
+            async_refresh=async_refresh_on(self.async_refresh, self.refresh_delay, params),
         )
-
-    def _async_on(self, params: list[Tensor]) -> bool:
-        """async_refresh resolved: None means on for CUDA parameters when refresh_delay >= 1."""
-        if self.async_refresh is not None:
-            return self.async_refresh and self.refresh_delay >= 1
-        return self.refresh_delay >= 1 and bool(params) and params[0].device.type == "cuda"
 
     # ----- torch.optim contract -----
     @torch.no_grad()

@@ -58,3 +58,21 @@ def adopt_saved_group(group: dict[str, Any], saved: dict[str, Any]) -> None:
             )
     group.update({k: v for k, v in saved.items() if k != "params"})  # saved param_names too, as torch
     group["betas"] = tuple(group["betas"])
+
+
+def check_async_refresh(value: Any, refresh_delay: int) -> None:
+    check(value is None or isinstance(value, bool), "async_refresh", value, "None, True or False")
+    check(
+        not (value and refresh_delay == 0),
+        "async_refresh",
+        value,
+        "None or False with refresh_delay=0 (a refresh running beside the next step is installed "
+        "a step late: set refresh_delay=1 to use it)",
+    )
+
+
+def async_refresh_on(value: bool | None, refresh_delay: int, params: list[torch.Tensor]) -> bool:
+    """async_refresh resolved: None means on for CUDA parameters when refresh_delay >= 1."""
+    if value is not None:
+        return value and refresh_delay >= 1
+    return refresh_delay >= 1 and bool(params) and params[0].device.type == "cuda"

@@ -84,8 +84,8 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
             if qr_method != "auto"
             else ("cholesky_qr2" if self.device.type == "cuda" else "householder")
         )
-        # async_refresh: refreshes after the first run on a side stream (engine.stream), and their QR
-        # never reads a result on the host (a breakdown keeps the old basis instead of a redo)
+        # async_refresh: refreshes after the first run on a side stream (engine.async_refresh), and
+        # their QR reads nothing on the host (a breakdown is redone at the next step's finish)
         self.side = RefreshStream(self.device) if async_refresh else None
         self._launched: list[LaunchedRefresh] = []  # launched on the side stream, finished next step
         self.solver = (
