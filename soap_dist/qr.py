@@ -106,8 +106,8 @@ def lower_inverse(lower: Tensor) -> Tensor:
         first = inv[..., :half, :half].reshape(-1, half, half)
         last = inv[..., half:, half:].reshape(-1, half, half)
         below = low[..., half:, :half].reshape(-1, half, half)
-        inv[..., half:, :half] = accurate_matmul(last, accurate_matmul(below, first)).neg_().view_as(
-            inv[..., half:, :half]
+        inv[..., half:, :half] = (
+            accurate_matmul(last, accurate_matmul(below, first)).neg_().view_as(inv[..., half:, :half])
         )
         half *= 2
     return out
