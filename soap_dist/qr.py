@@ -14,6 +14,9 @@ Nothing here knows about parameters, ranks or torch.distributed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 Tensor = torch.Tensor
@@ -39,18 +42,31 @@ def fast_path(x: Tensor) -> bool:
     return x.dtype == torch.float32 and x.dim() == 3 and (x.device.type == "cuda" or EMULATE_TF32)
 
 
+@contextmanager
+def tf32_matmuls() -> Iterator[None]:
+    """CUDA float32 matmuls on tensor cores (TF32) inside, whatever the caller's setting.
+
+    Through the ``allow_tf32`` flag, which torch >= 2.9 calls legacy, on purpose: a write through the
+    newer ``fp32_precision`` makes later reads of the legacy getters (torch.compile's cache keys
+    among them, in some versions) fail as a "mix of the legacy and new APIs". This flag ran on the
+    H100 image with the compiled step (docs/benchmarks.md).
+    """
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
+
+
 def _tf32_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ b (+ out) with TF32 inputs and float32 accumulation."""
     if a.device.type != "cuda":  # the emulation: exact products of the rounded inputs, float32 sums
         product = torch.bmm(round_tf32(a.contiguous()), round_tf32(b.contiguous()))
         return product if out is None else out.add_(product)
-    backend = torch.backends.cuda.matmul
-    previous = backend.allow_tf32
-    backend.allow_tf32 = True
-    try:
+    with tf32_matmuls():
         return torch.bmm(a, b) if out is None else out.baddbmm_(a, b)
-    finally:
-        backend.allow_tf32 = previous
 
 
 def accurate_matmul(a: Tensor, b: Tensor) -> Tensor:

@@ -66,12 +66,8 @@ def measure(d: int, n: int, device: torch.device, repeats: int) -> dict[str, flo
     inverse = qr.lower_inverse(lower)
 
     def plain_tf32() -> torch.Tensor:
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
+        with qr.tf32_matmuls():
             return torch.bmm(factors, basis)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
 
     out = {
         "gemm_floor (one TF32 GEMM)": time_it(plain_tf32),
