@@ -97,6 +97,4 @@ class EighPowerQR:
 
     def refresh(self, factors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # looked up at call time, so that a test can substitute the module's function
-        if self.fallback:
-            return power_iteration_refresh(factors, bases, self.qr_method)
-        return power_iteration_refresh(factors, bases, self.qr_method, fallback=False)
+        return power_iteration_refresh(factors, bases, self.qr_method, fallback=self.fallback)

@@ -143,13 +143,18 @@ SHARED = [swapped_params, nan_on_one_replica, frequency_changed, unsynced_gradie
 
 
 # ----- scenarios that leave a collective unmatched: one spawn each, short timeouts -----
-def only_rank0_steps(rank):
+def _two_steps_with_a_short_timeout():
     params = _params()
     opt = SOAP(params, collective_timeout=3, **KW)
     for step in range(2):
         for p, g in zip(params, _grads(step), strict=True):
             p.grad = g
         opt.step()
+    return params, opt
+
+
+def only_rank0_steps(rank):
+    params, opt = _two_steps_with_a_short_timeout()
     if rank == 1:
         return {"error": ""}
     for p, g in zip(params, _grads(2), strict=True):
@@ -202,17 +207,12 @@ def async_finish_raised_and_was_caught(rank):
             opt.step()
         except Exception as error:  # the user catches it and goes on
             errors.append(f"{type(error).__name__}: {error}")
-    return {"errors": errors, "launched_at_4": opt._engine.counters.refreshes}
+    return {"errors": errors}
 
 
 def save_on_rank0_only(rank):
     """The usual DDP idiom, ``if rank == 0: torch.save(opt.state_dict(), f)``: a clear error on rank 0."""
-    params = _params()
-    opt = SOAP(params, collective_timeout=3, **KW)
-    for step in range(2):
-        for p, g in zip(params, _grads(step), strict=True):
-            p.grad = g
-        opt.step()
+    _, opt = _two_steps_with_a_short_timeout()
     if rank != 0:
         return {"error": ""}
     return {"error": _error(opt.state_dict)}

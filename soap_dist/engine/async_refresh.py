@@ -37,8 +37,8 @@ class LaunchedChunk:
     store: FactorStore
     part: list[FactorEntry]
     slots: list[int]
-    local: list[int]  # positions in ``part`` stashed already (bases only this rank uses)
-    shared: tuple[Tensor, Tensor, Tensor] | None  # (bases, perm, ok) of the other positions
+    others: list[int]  # positions in ``part`` other ranks use; the rest are stashed already
+    shared: tuple[Tensor, Tensor, Tensor] | None  # (bases, perm, ok) of ``others``, in that order
     flags: HostCopy  # [2, len(part)]: ok, redo
 
 
@@ -60,9 +60,7 @@ class AsyncRefreshMixin:
         with self.side.launch():
             self._decompose(param_ids, first=False, launched=chunks)
             seen = self.side.to_host(self.nonfinite_seen)
-        for i in param_ids:
-            self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
-        self._launched.append(LaunchedRefresh(param_ids, self.calls + 1 + self.refresh_delay, chunks, seen))
+        self._launched.append(LaunchedRefresh(param_ids, self._delay_installs(param_ids), chunks, seen))
 
     def _launch_chunk(
         self,
@@ -75,7 +73,7 @@ class AsyncRefreshMixin:
         bases, perm, ok = result
         redo = ~ok & qr.all_finite(bases)  # a breakdown: ``bases`` holds the power iterate
         flags = self.side.to_host(torch.stack([ok, redo]))
-        local = [n for n, e in enumerate(part) if len(self.plan.broadcast_ranks(e)) == 1]
+        local = self._used_here_only(part)
         others = [n for n in range(len(part)) if n not in local]
         if local:
             pick = self._index(local)
@@ -85,7 +83,7 @@ class AsyncRefreshMixin:
         if others:
             pick = self._index(others)
             shared = tuple(t.index_select(0, pick) for t in (bases, perm, ok))
-        return LaunchedChunk(store, part, slots, local, shared, flags)
+        return LaunchedChunk(store, part, slots, others, shared, flags)
 
     def join_refresh(self) -> None:
         """The caller's stream waits for the side stream; launched refreshes are finished."""
@@ -104,19 +102,18 @@ class AsyncRefreshMixin:
 
     def _finish_chunk(self, chunk: LaunchedChunk, shared: dict[FactorEntry, Any]) -> None:
         ok, redo = chunk.flags.tolist()
-        store, others = chunk.store, [n for n in range(len(chunk.part)) if n not in chunk.local]
         again = [n for n, r in enumerate(redo) if r]
         if again:  # rare: the synchronous refresh's Householder redo, on the host's word
-            self._redo(chunk, again, others, ok)
-        self._report_failures(store, chunk.slots, ok, "refresh")
-        for k, n in enumerate(others):
+            self._redo(chunk, again, ok)
+        self._report_failures(chunk.store, chunk.slots, ok, "refresh")
+        for k, n in enumerate(chunk.others):
             shared[chunk.part[n]] = tuple(t[k] for t in chunk.shared)
 
-    def _redo(self, chunk: LaunchedChunk, again: list[int], others: list[int], ok: list[bool]) -> None:
+    def _redo(self, chunk: LaunchedChunk, again: list[int], ok: list[bool]) -> None:
         """Householder QR of the power iterates a breakdown left in place of bases (stash or shared)."""
         store = chunk.store
         pend = self.pending_for(store)
-        kept = {n: k for k, n in enumerate(others)}  # position in part -> row of chunk.shared
+        kept = {n: k for k, n in enumerate(chunk.others)}  # position in part -> row of chunk.shared
         iterates = torch.stack(
             [
                 chunk.shared[0][kept[n]] if n in kept else pend.bases[chunk.slots[n]].to(store.dtype)

@@ -111,11 +111,16 @@ class RefreshMixin:
     def _schedule_install(self, flight: Any, param_ids: list[int]) -> None:
         """Install now (refresh_delay 0), or at step t + 1 + refresh_delay once the flight lands."""
         if self.refresh_delay:
-            for i in param_ids:
-                self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
-            self._inflight.append((self.calls + 1 + self.refresh_delay, flight, param_ids))
+            self._inflight.append((self._delay_installs(param_ids), flight, param_ids))
         else:
             self._receive(flight, param_ids, first=False)
+
+    def _delay_installs(self, param_ids: list[int]) -> int:
+        """Set these parameters' install step to t + 1 + refresh_delay; return the call that waits
+        for their bases (refresh_delay >= 1)."""
+        for i in param_ids:
+            self.install_step[i] = self.steps[i] + 1 + self.refresh_delay
+        return self.calls + 1 + self.refresh_delay
 
     def _decompose(self, param_ids: list[int], first: bool, launched: list | None = None) -> Any:
         """Reduce, decompose the owned factors chunk by chunk, start the broadcasts: the flight.
@@ -195,7 +200,7 @@ class RefreshMixin:
     ) -> None:
         """A chunk's results: into ``shared`` for the ranks that use them, into use for this rank."""
         rows = rows_of(slots, self._index)
-        local = [n for n, e in enumerate(part) if len(self.plan.broadcast_ranks(e)) == 1]
+        local = self._used_here_only(part)
         for n, e in enumerate(part):
             if n not in local:
                 shared[e] = (bases[n], perm[n], ok[n])
@@ -211,6 +216,10 @@ class RefreshMixin:
             slots = [slots[n] for n in local]
             rows = rows_of(slots, self._index)
         self._use(store, slots, rows, bases, perm, ok, first)
+
+    def _used_here_only(self, part: list[FactorEntry]) -> list[int]:
+        """Positions in ``part`` of the factors whose basis only this rank (their owner) uses."""
+        return [n for n, e in enumerate(part) if len(self.plan.broadcast_ranks(e)) == 1]
 
     def _use(
         self,
