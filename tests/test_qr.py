@@ -12,19 +12,9 @@ import pytest
 import torch
 
 from soap_dist import SOAP, linalg, qr
+from soap_dist.bench.qr_accuracy import errors, problem  # the problems and measures the bench prints
 
 F64 = torch.float64
-
-
-def _problem(n: int, d: int, cond: float, seed: int = 0):
-    """Factors with eigenvalues log-spaced over ``cond``, their eigh basis, and a basis 1e-2 off it."""
-    gen = torch.Generator().manual_seed(seed)
-    vectors, _ = torch.linalg.qr(torch.randn(n, d, d, dtype=F64, generator=gen))
-    lam = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), d, dtype=F64)
-    factors = vectors @ torch.diag_embed(lam.expand(n, d)) @ vectors.mT
-    near, _ = torch.linalg.qr(vectors + 1e-2 * torch.randn(n, d, d, dtype=F64, generator=gen))
-    _, reference = torch.linalg.eigh(factors)  # float64 eigh: the oracle
-    return factors, reference.flip(-1), lam, near
 
 
 def _iterate(factors, basis, dtype, method, iterations):
@@ -37,18 +27,13 @@ def _iterate(factors, basis, dtype, method, iterations):
 
 def _errors(q, reference, lam, factors):
     """Orthogonality, eigenvector misalignment of the columns with lam >= 1e-4 lam_max, residual."""
-    d = q.shape[-1]
-    orth = (q.mT @ q - torch.eye(d, dtype=F64)).abs().max().item()
-    top = int((lam >= 1e-4).sum())
-    misalign = (1 - (q * reference).sum(-2).abs()[:, :top]).max().item()
-    rayleigh = torch.einsum("nij,nik,nkj->nj", q, factors, q)
-    residual = (factors @ q - q * rayleigh[:, None, :]).norm(dim=(-2, -1)) / factors.norm(dim=(-2, -1))
-    return orth, misalign, residual.max().item()
+    orth, _, misalign, residual = errors(q, reference, lam, factors)
+    return orth, misalign, residual
 
 
 @pytest.mark.parametrize("cond", [1e6, 1e8, 1e10])
 def test_tensor_core_refresh_reaches_float64_eigh_like_lapack(cond, monkeypatch):
-    factors, reference, lam, near = _problem(2, 96, cond)
+    factors, reference, lam, near = problem(2, 96, cond)
     lapack = _errors(_iterate(factors, near, torch.float32, "householder", 40), reference, lam, factors)
     monkeypatch.setattr(qr, "EMULATE_TF32", True)
     gemm = _errors(_iterate(factors, near, torch.float32, "cholesky_qr2", 40), reference, lam, factors)
@@ -61,7 +46,7 @@ def test_tensor_core_refresh_reaches_float64_eigh_like_lapack(cond, monkeypatch)
 def test_plain_tf32_products_would_fail_the_same_check(monkeypatch):
     """The control: one TF32 product per matmul (no low parts) breaks the orthogonality check above
     (the Cholesky of a TF32 Gram matrix breaks down, or Q is orthogonal only to ~1e-3)."""
-    factors, reference, lam, near = _problem(2, 96, 1e8)
+    factors, reference, lam, near = problem(2, 96, 1e8)
     monkeypatch.setattr(qr, "EMULATE_TF32", True)
     monkeypatch.setattr(qr, "accurate_matmul", lambda a, b: qr._tf32_bmm(a, b))
     monkeypatch.setattr(qr, "accurate_gram", lambda x: qr._tf32_bmm(x.mT, x))
@@ -128,7 +113,7 @@ def test_without_fallback_a_nonfinite_matrix_comes_back_nan():
 @pytest.mark.parametrize("cond", [1e6, 1e10])
 def test_cuda_tensor_core_refresh_reaches_float64_eigh_like_cusolver(cond):
     """The real thing: 3xTF32 products on tensor cores against cuSOLVER's float32 Householder."""
-    factors, reference, lam, near = _problem(2, 256, cond)
+    factors, reference, lam, near = problem(2, 256, cond)
     results = {}
     for method in ("householder", "cholesky_qr2"):
         q = _iterate(factors.cuda(), near.cuda(), torch.float32, method, 40).cpu()
