@@ -361,7 +361,12 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         exchange.check_plan(exchange.plan.param_hashes(full, extras), names, scope, identities)
 
     def _new_engine(
-        self, layouts: list[ParamLayout], params: list[Tensor], plan: Any, exchange: Exchange | None
+        self,
+        layouts: list[ParamLayout],
+        params: list[Tensor],
+        plan: Any,
+        exchange: Exchange | None,
+        writes_updates: bool = False,
     ) -> SoapEngine:
         return SoapEngine(
             layouts,
@@ -375,6 +380,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             refresh_schedule=self.refresh_schedule,
             basis_dtype=self.basis_dtype,
             async_refresh=async_refresh_on(self.async_refresh, self.refresh_delay, params),
+            writes_updates=writes_updates,
         )
 
     # ----- torch.optim contract -----

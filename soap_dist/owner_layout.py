@@ -97,26 +97,26 @@ def step_traffic(
     owners: Sequence[int],
     shards: int,
     shard: int,
-    value_bytes: Sequence[int],
     grad_bytes: Sequence[int],
+    update_bytes: Sequence[int],
 ) -> tuple[int, int]:
-    """Bytes one shard sends and receives per step (every parameter active).
+    """Bytes one shard sends and receives per step (every parameter active and started).
 
-    In: each holder sends its rows' gradient and values to the owner. Out: the owner sends the updated
-    rows back. ``value_bytes[i]``/``grad_bytes[i]`` are parameter i's element sizes.
+    In: each holder sends its rows' gradient to the owner. Out: the owner sends each holder the update
+    of its rows. ``grad_bytes[i]``/``update_bytes[i]`` are parameter i's element sizes (the update is
+    in the step's compute dtype: the wider of the moments' and the factors').
     """
     sent = received = 0
     for k, lay in enumerate(layouts):
         i, owner = lay.index, owners[k]
-        per = value_bytes[i] + grad_bytes[i]
         if owner != shard:
             n = held_rows(lay, shards, shard)[1] * lay.row_elements
-            sent += n * per  # gradient and values to the owner
-            received += n * value_bytes[i]  # updated rows back
+            sent += n * grad_bytes[i]
+            received += n * update_bytes[i]
             continue
         for s in range(shards):
             if s != shard:
                 n = held_rows(lay, shards, s)[1] * lay.row_elements
-                received += n * per
-                sent += n * value_bytes[i]
+                received += n * grad_bytes[i]
+                sent += n * update_bytes[i]
     return sent, received

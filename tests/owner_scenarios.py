@@ -81,6 +81,42 @@ def owner_state_and_traffic(world):
     }
 
 
+def owner_float32_values(world):
+    """float32 parameters with float64 factors: gradients travel in float32, updates in float64 (the
+    step's compute dtype), and the result is one process's with the same dtypes."""
+    mesh = init_device_mesh("cpu", (world,))
+    steps = 7
+    shapes = ds.SHAPES
+    inits = [w.float() for w in ds._inits(shapes)]
+    grads = [[g.float() for g in gs] for gs in ds._grads(shapes, steps)]
+
+    def run(make, **kw):
+        params = [torch.nn.Parameter(make(w)) for w in inits]
+        opt = SOAP(params, **{**ds.COMMON, **kw})
+        sent = []
+        for gs in grads:
+            for p, g in zip(params, gs, strict=True):
+                p.grad = make(g)
+            before = opt.stats().get("bytes_sent", 0)  # one process has no such counter
+            opt.step()
+            sent.append(opt.stats().get("bytes_sent", 0) - before)
+        full = [p.detach().full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in params]
+        return full, opt, sent
+
+    got, opt, sent = run(lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)]), placement="owner")
+    want, _, _ = run(lambda t: t.clone())
+    runner = opt._owner
+    grad_bytes, update_bytes = [4] * len(shapes), [8] * len(shapes)
+    formula = step_traffic(runner.layouts, runner.owners, world, runner.shard, grad_bytes, update_bytes)
+    flags = 8 * (len(shapes) + 2)
+    return {
+        "rel": max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True)),
+        "dtypes": sorted({str(t.dtype) for t in got}),
+        "sent_last": sent[-1],
+        "formula_sent": formula[0] + flags,
+    }
+
+
 def owner_hsdp(world):
     """HSDP 2 x (world/2): owners inside each shard group, replicas identical, equal to one process."""
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
@@ -216,7 +252,7 @@ def _single_template(model, opt):
 
 
 SCENARIOS = {
-    2: [owner_exact, owner_state_and_traffic, owner_errors, owner_checkpoint],
+    2: [owner_exact, owner_state_and_traffic, owner_errors, owner_checkpoint, owner_float32_values],
     4: [owner_exact, owner_state_and_traffic, owner_hsdp, owner_checkpoint],
 }
 

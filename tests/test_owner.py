@@ -45,6 +45,16 @@ def test_owner_step_traffic_equals_the_formula(world, world2, world4):
         assert res["received"] == res["formula_received"]
 
 
+def test_owner_float32_values_with_float64_factors_travel_as_gradients_and_updates(world2):
+    for rank in world2:
+        res = rank["owner_float32_values"]
+        assert "exception" not in res, res.get("exception")
+        assert res["dtypes"] == ["torch.float32"]
+        # the same arithmetic as one process, element by element (float32 values, float64 updates)
+        assert res["rel"] <= 1e-6, res
+        assert res["sent_last"] == res["formula_sent"]  # float32 gradients in, float64 updates out
+
+
 def test_owner_bad_input_fails_with_a_message_on_every_rank(world2):
     for rank in world2:
         res = rank["owner_errors"]

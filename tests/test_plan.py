@@ -67,3 +67,17 @@ def test_shard_rows_follows_torch_chunk(rows, shards):
     assert [shard_rows(rows, shards, s)[1] for s in range(shards)] == chunks
     starts = [shard_rows(rows, shards, s)[0] for s in range(shards)]
     assert starts == [min(sum(chunks[:s]), rows) for s in range(shards)]
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8])
+def test_owner_step_traffic_is_gradients_in_and_updates_out(shards):
+    """Every row held away from its owner crosses twice a step: its gradient in, its update out."""
+    from soap_dist.owner_layout import assign_owners, crossing_elements, step_traffic
+
+    layouts = gpt2_small_layouts()
+    owners = assign_owners(layouts, shards, 4, [4] * len(layouts))
+    grads, updates = [2] * len(layouts), [4] * len(layouts)  # bf16 gradients, float32 updates
+    per_shard = [step_traffic(layouts, owners, shards, s, grads, updates) for s in range(shards)]
+    crossing = crossing_elements(layouts, owners, shards, [True] * len(layouts))
+    assert sum(sent for sent, _ in per_shard) == sum(received for _, received in per_shard)
+    assert sum(sent for sent, _ in per_shard) == crossing * (2 + 4)

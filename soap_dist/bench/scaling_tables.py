@@ -120,7 +120,7 @@ NOTES = [
     "after the first call; they leave out the per-step finite-flag all_reduce (fsdp-local) and the "
     "first-step plan all_gather. 'sent / step, avg' = all bytes sent after the first call / steps.",
     "- owner: each parameter's whole state at one rank; its bytes include the two row exchanges of every "
-    "step (gradients and values to the owner, updated values back), and nothing at refresh time.",
+    "step (gradients to the owner, each row's update back), and nothing at refresh time.",
     "- fsdp-local with block_size=None: each shard's rows get their own row factors, so a refresh at "
     "world W is different (smaller) work than at world 1 and its parameters differ from world 1 by design.",
     "- parameters vs world 1: replicated is the same algorithm, but not bitwise: a rank that keeps only some "

@@ -68,6 +68,7 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
         refresh_schedule: str = "all",
         basis_dtype: torch.dtype | None = None,
         async_refresh: bool = False,
+        writes_updates: bool = False,
     ) -> None:
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -75,6 +76,9 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
         self.device = params[0].device if params else torch.device("cpu")
         self.layouts = layouts
         self.param_dtypes = [p.dtype for p in params]
+        # True: step() gets update buffers (compute dtype) for ``params`` and writes each parameter's
+        # update there instead of applying it (placement owner sends updates, not values)
+        self.writes_updates = writes_updates
         self.factor_dtype = factor_dtype
         self.basis_dtype = basis_dtype or factor_dtype
         self.refresh_delay = refresh_delay

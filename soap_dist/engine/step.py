@@ -386,7 +386,16 @@ class StepMixin:
                 pieces.append(piece)
             else:
                 deferred[lay.index].append((b, piece))
-        apply_update(targets, pieces, decay, lerp_form(hyper))
+        self._put_updates(targets, pieces, decay, lerp_form(hyper))
+
+    def _put_updates(self, targets: list[Tensor], pieces: list[Tensor], decay: float, lerp: bool) -> None:
+        """Apply the pieces to the parameters, or, when the engine writes updates (placement owner),
+        store them in the update buffers passed as ``params``: the ranks holding the rows apply them."""
+        if self.writes_updates:
+            if targets:
+                torch._foreach_copy_(targets, pieces)
+        else:
+            apply_update(targets, pieces, decay, lerp)
 
     def _adam_direction(
         self, rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: Hyper, flags: Tensor
@@ -419,7 +428,7 @@ class StepMixin:
             if lay.permutation is not None:
                 delta = delta.permute(tuple(sorted(range(4), key=lambda k: lay.permutation[k])))
             h = hypers[lay.group]
-            apply_update(
+            self._put_updates(
                 [params[index].data], [delta.reshape(lay.shape)], h.lr * h.weight_decay, lerp_form(h)
             )
 

@@ -2,11 +2,16 @@
 
 Each parameter has one owner rank in its shard group (``owner_layout.assign_owners``). Every step:
 
-1. one all_to_all per dtype brings every shard's rows of a parameter (gradient and values) to its
-   owner, which then holds the whole matrix;
+1. one all_to_all per dtype brings every shard's rows of a parameter's gradient to its owner, which
+   then holds the whole gradient;
 2. the owner runs the one-process SOAP step on it: statistics, bases and moments exist there only,
-   and its refresh is local (no statistics reduce, no basis broadcast);
-3. a second all_to_all returns the updated rows to the shards that hold them.
+   and its refresh is local (no statistics reduce, no basis broadcast). Its engine writes the
+   update (the piece one process would apply, in the compute dtype) instead of applying it;
+3. a second all_to_all sends each shard the update of the rows it holds, and every rank applies
+   it to its own rows with the one-process rule (``engine.apply_update``).
+
+Values never travel, so a step moves gradients in and updates out: a third less than sending the
+values in and the updated values back.
 
 Under HSDP each replica's shard group does the same, independently: replicas see the same
 gradients, so they compute the same owners' updates and no traffic crosses replicas.
@@ -25,6 +30,8 @@ from typing import Any
 import torch
 
 from ..comm import Groups
+from ..engine import Hyper, apply_update
+from ..engine.step import lerp_form
 from ..layout import ParamLayout
 from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_splits
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
@@ -65,17 +72,23 @@ class OwnerRunner(HomeRowsRunner):
                 self.exchange, layouts, soap.param_groups, across=(groups.replicate, grid, replicas)
             )
         self.owned = [k for k, o in enumerate(self.owners) if o == self.shard]
-        self.home_params = [self._home(lay, p) for lay, p in zip(layouts, params, strict=True)]
-        self.home_grads = [torch.zeros_like(t) for t in self.home_params]
-        self.engine = soap._new_engine(
-            local_layouts(layouts, self.topology, splits), self.home_params, plan, self.exchange
-        )
+        # The owner's engine writes each owned parameter's update into home_updates, in the dtype the
+        # step computes in (the moments' and factors' promotion); every rank applies its rows of it.
+        self.update_dtypes = [torch.promote_types(moment_dtype(p.dtype), soap.factor_dtype) for p in params]
+        self.home_grads = [self._home(lay, p.dtype, device) for lay, p in zip(layouts, params, strict=True)]
+        self.home_updates = [
+            self._home(lay, dtype, device) for lay, dtype in zip(layouts, self.update_dtypes, strict=True)
+        ]
+        dtypes_only = [torch.empty(0, dtype=p.dtype, device=device) for p in params]  # what the engine reads
+        mine = local_layouts(layouts, self.topology, splits)
+        self.engine = soap._new_engine(mine, dtypes_only, plan, self.exchange, writes_updates=True)
         self._crossing: dict[tuple[bool, ...], int] = {}
 
-    def _home(self, lay: ParamLayout, p: Tensor) -> Tensor:
+    def _home(self, lay: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The whole parameter's shape at its owner, no rows elsewhere."""
         rows = rows_of(lay) if self.owners[lay.index] == self.shard else 0
         shape = (rows, *lay.shape[1:]) if lay.shape else (() if rows else (0,))
-        return torch.zeros(shape, dtype=p.dtype, device=local(p).device)
+        return torch.zeros(shape, dtype=dtype, device=device)
 
     # ----- the step -----
     @torch.no_grad()
@@ -83,11 +96,12 @@ class OwnerRunner(HomeRowsRunner):
         self, groups: list[dict], params: list[Tensor], grads: list[Tensor | None], active: list[bool]
     ) -> None:
         """``params``/``grads``: this rank's local rows (FSDP2 shards); ``active``: the same on every rank."""
-        crossing = self._crossing_of(active)
-        self._gather(params, grads, active, crossing)
+        self._gather(grads, active, self._crossing_of(active))
+        # A parameter's first step only starts its statistics: the engine writes no update for it.
+        updated = [a and started for a, started in zip(active, self.engine.started, strict=True)]
         home_grads = [g if a else None for g, a in zip(self.home_grads, active, strict=True)]
-        self.engine.step(groups, self.home_params, home_grads, active)
-        self._scatter(params, active, crossing)
+        self.engine.step(groups, self.home_updates, home_grads, active)
+        self._scatter_updates(groups, params, updated, self._crossing_of(updated))
 
     def _crossing_of(self, active: list[bool]) -> int:
         key = tuple(active)
@@ -114,35 +128,55 @@ class OwnerRunner(HomeRowsRunner):
                 mine = self._rows_at(lay, self.shard)[1] > 0
                 yield lay.index, lay, self.owners[lay.index], mine, others
 
-    def _gather(self, params: list[Tensor], grads: list, active: list[bool], crossing: int) -> None:
+    def _gather(self, grads: list, active: list[bool], crossing: int) -> None:
+        """Every holder's rows of each active gradient to the parameter's owner."""
         outgoing, incoming = self.new_runs(self.shards)
         for i, lay, owner, mine, others in self._holders(active):
-            grad_home, value_home = self.home_grads[i], self.home_params[i]
             if owner != self.shard:
                 if mine:
-                    outgoing[owner] += [grads[i].reshape(-1), params[i].reshape(-1)]
+                    outgoing[owner].append(grads[i].reshape(-1))
                 continue
             if mine:
-                self._home_run(grad_home, lay, self.shard).copy_(grads[i].reshape(-1))
-                self._home_run(value_home, lay, self.shard).copy_(params[i].reshape(-1))
+                self._home_run(self.home_grads[i], lay, self.shard).copy_(grads[i].reshape(-1))
             for s in others:
-                incoming[s] += [self._home_run(grad_home, lay, s), self._home_run(value_home, lay, s)]
+                incoming[s].append(self._home_run(self.home_grads[i], lay, s))
         if crossing:
             self.move(outgoing, incoming)
 
-    def _scatter(self, params: list[Tensor], active: list[bool], crossing: int) -> None:
+    def _scatter_updates(
+        self, groups: list[dict], params: list[Tensor], updated: list[bool], crossing: int
+    ) -> None:
+        """Each holder gets the update of its rows from the owner, and applies it."""
         outgoing, incoming = self.new_runs(self.shards)
-        for i, lay, owner, mine, others in self._holders(active):
+        mine_updates: list[tuple[int, Tensor]] = []
+        for i, lay, owner, mine, others in self._holders(updated):
+            home = self.home_updates[i]
             if owner != self.shard:
                 if mine:
-                    incoming[owner].append(params[i].view(-1))
+                    update = torch.empty(params[i].numel(), dtype=home.dtype, device=home.device)
+                    incoming[owner].append(update)
+                    mine_updates.append((i, update))
                 continue
             if mine:
-                params[i].view(-1).copy_(self._home_run(self.home_params[i], lay, self.shard))
+                mine_updates.append((i, self._home_run(home, lay, self.shard)))
             for d in others:
-                outgoing[d].append(self._home_run(self.home_params[i], lay, d))
+                outgoing[d].append(self._home_run(home, lay, d))
         if crossing:
-            self.move(outgoing, incoming)
+            self.move(outgoing, incoming, _dtypes(self.home_updates))
+        self._apply(groups, params, mine_updates)
+
+    def _apply(self, groups: list[dict], params: list[Tensor], updates: list[tuple[int, Tensor]]) -> None:
+        """The one-process rule (``engine.apply_update``) on this rank's rows, one batch per group and
+        dtype pair: the same arithmetic, element by element, as the owner would do on the whole."""
+        batches: dict[tuple[int, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for i, update in updates:
+            key = (self.layouts[i].group, params[i].dtype, update.dtype)
+            targets, pieces = batches.setdefault(key, ([], []))
+            targets.append(params[i].view(-1))
+            pieces.append(update)
+        for (group, _, _), (targets, pieces) in batches.items():
+            hyper = Hyper.of(groups[group])
+            apply_update(targets, pieces, hyper.lr * hyper.weight_decay, lerp_form(hyper))
 
     # ----- checkpoints -----
     def state_dict(self) -> dict[int, dict]:

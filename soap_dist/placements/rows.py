@@ -2,9 +2,10 @@
 
 Both run the engine on *home rows*: the rows of each parameter that one rank updates (a whole
 matrix under owner, whole row blocks under zero). Rows held elsewhere (FSDP2 shards, ZeRO's flat
-slices) travel to their home with their gradient before the step, and the updated values travel
-back after it. The runners only say which runs of elements go where; this class moves them, one
-all_to_all per dtype in an order every rank derives alike, and steps the engine on the homes.
+slices) send their gradient home before the step; after it, owner sends back the update of each
+row and zero the updated values (zero also sends the values home). The runners only say which
+runs of elements go where; this class moves them, one all_to_all per dtype in an order every rank
+derives alike.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ class HomeRowsRunner:
 
     exchange: Exchange
     engine: object
-    home_params: list[Tensor]
     home_grads: list[Tensor | None]
     world: int
 
@@ -35,11 +35,11 @@ class HomeRowsRunner:
     def move(self, outgoing: Runs, incoming: Runs, dtypes: Sequence[torch.dtype] | None = None) -> None:
         """Send ``outgoing[d]`` to every rank d and fill ``incoming[s]`` from every rank s.
 
-        ``dtypes`` must be the same on every rank (default: the home parameters' dtypes, which every
+        ``dtypes`` must be the same on every rank (default: the home gradients' dtypes, which every
         rank knows). A run of another dtype is an error, never a silent mismatch of the collectives.
         """
         if dtypes is None:
-            dtypes = sorted({p.dtype for p in self.home_params}, key=str)
+            dtypes = sorted({g.dtype for g in self.home_grads if g is not None}, key=str)
             stray = {t.dtype for ts in outgoing.values() for t in ts} - set(dtypes)
             if stray:
                 raise RuntimeError(

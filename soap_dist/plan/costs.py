@@ -11,7 +11,7 @@ Per rank, in bytes:
 - refresh_work: sum of d^3 over the factors it owns;
 - per refresh: statistics reduced to owners and bases broadcast from them (sent, received);
 - per step: the all_reduce of finite flags and agreement words (every distributed placement), and
-  under owner the two row exchanges (gradients and values in, updated values out).
+  under owner the two row exchanges (gradients in, updates out).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def rank_costs(
             c.step_received += flags
     if topo.placement == OWNER:
         for r, c in enumerate(out):
-            sent, received = step_traffic(plan.layouts, owners, S, r % S, param_bytes, param_bytes)
+            updates = [max(m, factor_bytes) for m in moment_bytes]  # the step's compute dtype
+            sent, received = step_traffic(plan.layouts, owners, S, r % S, param_bytes, updates)
             c.step_sent += sent
             c.step_received += received
     return out
