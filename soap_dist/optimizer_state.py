@@ -65,6 +65,10 @@ class StateMixin:
             "collectives": (traffic.reduce_calls + traffic.broadcast_calls + traffic.small_calls)
             if traffic
             else 0,
+            # placement owner: the parameters left spread over the shard group (docs/design.md, 9)
+            "spread_params": [lay.name for lay, s in zip(owner.layouts, owner.spread, strict=True) if s]
+            if (owner := self._owner) is not None
+            else [],
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,6 +5,13 @@ Every parameter has one owner inside a shard group. The owner holds the whole ma
 rows of the parameter. Owners are chosen by longest-processing-time on state bytes (ties: refresh
 work, then the lowest rank), so the largest rank holds at most the mean plus one parameter's state.
 
+A parameter whose rows carry no factor (an embedding whose vocabulary exceeds max_precond_dim, a
+bias) can instead stay *spread*: each shard steps the rows FSDP2 gave it, as under fsdp-local, and
+only its column factors are shared (partial statistics reduced at the refresh, the basis broadcast).
+That is still exact (no row factor means no approximation), moves none of its rows, and takes the
+largest parameter out of the bound above; the price is its column statistics and basis on every
+shard. ``spread_params`` spreads parameters only where that lowers the estimated largest rank state.
+
 Nothing here imports torch.distributed: every rank computes every rank's view with no communication.
 """
 
@@ -18,6 +25,7 @@ from .layout import ParamLayout
 from .plan import rows_of, shard_rows
 
 Splits = dict[int, list[tuple[int, int]]]
+SPREAD = -1  # the owner of a spread parameter: none, every shard steps its own rows
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,90 @@ def state_bytes(lay: ParamLayout, factor_bytes: int, moment_bytes: int) -> int:
     return (s.statistics + s.bases) * factor_bytes + s.moments * moment_bytes
 
 
-def assign_owners(
+def spreadable(lay: ParamLayout) -> bool:
+    """Rows with no factor, in the parameter's own row order: stepping them where they lie is exact."""
+    return bool(lay.shape) and lay.permutation is None and not lay.preconditioned[0]
+
+
+def spread_params(
     layouts: Sequence[ParamLayout], shards: int, factor_bytes: int, moment_bytes: Sequence[int]
+) -> frozenset[int]:
+    """The parameters to leave spread over the shard group (see the module docstring).
+
+    The estimate of the largest rank's state is ``spread + max(rest / shards, largest of the rest)``:
+    what every shard holds of the spread parameters (its moment rows, their whole column statistics
+    and bases) plus LPT's load on the others. The candidates, largest first, are spread up to the
+    prefix with the lowest estimate (a prefix, not one at a time: an untied embedding and head of
+    one size only lower it together). A pure function of shapes: every rank decides alike.
+    """
+    if shards == 1:
+        return frozenset()
+    whole = [state_bytes(lay, factor_bytes, moment_bytes[lay.index]) for lay in layouts]
+    order = sorted(range(len(layouts)), key=lambda k: (-whole[k], k))
+    candidates = [k for k in order if spreadable(layouts[k])]
+
+    def share(k: int) -> int:  # what each shard holds of a spread parameter (shard 0 has the most rows)
+        lay, state = layouts[k], param_state(layouts[k])
+        rows = shard_rows(rows_of(lay), shards, 0)[1]
+        return (state.statistics + state.bases) * factor_bytes + 2 * rows * lay.row_elements * moment_bytes[
+            lay.index
+        ]
+
+    def estimate(spread: set[int], added: int, rest: int) -> float:
+        largest = next((whole[k] for k in order if k not in spread), 0)
+        return added + max(rest / shards, largest)
+
+    chosen: set[int] = set()
+    best = estimate(chosen, 0, sum(whole))
+    trial: set[int] = set()
+    added, rest = 0, sum(whole)
+    for k in candidates:
+        trial.add(k)
+        added, rest = added + share(k), rest - whole[k]
+        value = estimate(trial, added, rest)
+        if value < best:
+            best, chosen = value, set(trial)
+    spread = frozenset(layouts[k].index for k in chosen)
+    if spread and largest_state(layouts, shards, factor_bytes, moment_bytes, spread) >= largest_state(
+        layouts, shards, factor_bytes, moment_bytes
+    ):  # the estimate is rough: keep the spread only where LPT's real outcome is lower
+        return frozenset()
+    return spread
+
+
+def largest_state(
+    layouts: Sequence[ParamLayout],
+    shards: int,
+    factor_bytes: int,
+    moment_bytes: Sequence[int],
+    spread: frozenset[int] = frozenset(),
+) -> int:
+    """The largest shard's state bytes: its owned parameters' whole state, plus, of each spread one,
+    its moment rows and (where it holds rows) the whole column statistics and bases."""
+    owners = assign_owners(layouts, shards, factor_bytes, moment_bytes, spread)
+    loads = [0] * shards
+    for k, lay in enumerate(layouts):
+        mb = moment_bytes[lay.index]
+        if owners[k] != SPREAD:
+            loads[owners[k]] += state_bytes(lay, factor_bytes, mb)
+            continue
+        state = param_state(lay)
+        for s in range(shards):
+            rows = held_rows(lay, shards, s)[1]
+            if rows:
+                loads[s] += (state.statistics + state.bases) * factor_bytes + 2 * rows * lay.row_elements * mb
+    return max(loads)
+
+
+def assign_owners(
+    layouts: Sequence[ParamLayout],
+    shards: int,
+    factor_bytes: int,
+    moment_bytes: Sequence[int],
+    spread: frozenset[int] = frozenset(),
 ) -> list[int]:
-    """Owner shard of every parameter: LPT on state bytes, ties broken by refresh work then rank.
+    """Owner shard of every parameter (``SPREAD`` for those in ``spread``): LPT on state bytes, ties
+    broken by refresh work then rank.
 
     ``moment_bytes[i]`` is parameter i's bytes per moment element (8 for float64 parameters, else 4).
     """
@@ -54,8 +142,10 @@ def assign_owners(
     costs = [param_state(lay).refresh_cost for lay in layouts]
     order = sorted(range(len(layouts)), key=lambda k: (-weights[k], -costs[k], k))
     loads, work = [0] * shards, [0] * shards
-    owners = [0] * len(layouts)
+    owners = [SPREAD] * len(layouts)
     for k in order:
+        if layouts[k].index in spread:
+            continue
         best = min(range(shards), key=lambda r: (loads[r], work[r], r))
         owners[k] = best
         loads[best] += weights[k]
@@ -64,11 +154,24 @@ def assign_owners(
 
 
 def owner_splits(layouts: Sequence[ParamLayout], owners: Sequence[int], shards: int) -> Splits:
-    """The rows each shard steps: all of them at the owner, none elsewhere (plan.build_plan's splits)."""
-    return {
-        lay.index: [(0, rows_of(lay)) if s == owners[k] else (0, 0) for s in range(shards)]
-        for k, lay in enumerate(layouts)
-    }
+    """The rows each shard steps (plan.build_plan's splits): all of them at the owner, none elsewhere;
+    a spread parameter's rows where FSDP2 put them."""
+
+    def rows(k: int, lay: ParamLayout, s: int) -> tuple[int, int]:
+        if owners[k] == SPREAD:
+            return held_rows(lay, shards, s)
+        return (0, rows_of(lay)) if s == owners[k] else (0, 0)
+
+    return {lay.index: [rows(k, lay, s) for s in range(shards)] for k, lay in enumerate(layouts)}
+
+
+def owner_placement(
+    layouts: Sequence[ParamLayout], shards: int, factor_bytes: int, moment_bytes: Sequence[int]
+) -> tuple[list[int], Splits]:
+    """Placement owner under FSDP2/HSDP: the owners (``SPREAD`` where spread) and the engine's splits."""
+    spread = spread_params(layouts, shards, factor_bytes, moment_bytes)
+    owners = assign_owners(layouts, shards, factor_bytes, moment_bytes, spread)
+    return owners, owner_splits(layouts, owners, shards)
 
 
 def held_rows(lay: ParamLayout, shards: int, shard: int) -> tuple[int, int]:
@@ -84,7 +187,7 @@ def crossing_elements(
     """Elements of the active parameters held away from their owner, over the whole job."""
     total = 0
     for k, lay in enumerate(layouts):
-        if not active[lay.index]:
+        if not active[lay.index] or owners[k] == SPREAD:
             continue
         for s in range(shards):
             if s != owners[k]:
@@ -109,6 +212,8 @@ def step_traffic(
     sent = received = 0
     for k, lay in enumerate(layouts):
         i, owner = lay.index, owners[k]
+        if owner == SPREAD:  # its rows never move
+            continue
         if owner != shard:
             n = held_rows(lay, shards, shard)[1] * lay.row_elements
             sent += n * grad_bytes[i]

@@ -28,6 +28,11 @@ VARIANTS = {
 }
 
 
+# (200, 6): an "embedding" with no row factor whose whole state would outweigh every other rank's:
+# owner leaves it spread (owner_layout.spread_params) at world 2 and 4.
+SPREAD_SHAPES = [(17, 6), (3, 2), (200, 6), (6,), (16, 4), (5, 5), (5, 5)]
+
+
 def _gather_objects(value):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
@@ -43,6 +48,19 @@ def owner_exact(world):
         synchronous = {k: v for k, v in kw.items() if k != "async_refresh"}  # async against sync
         out[f"rel_{name}"] = ds._rel(got, ds.one_process(**synchronous))
         out["placement"] = opt.stats()["placement"]
+    return out
+
+
+def owner_spread_exact(world):
+    """A spread parameter (rows where FSDP2 put them, column factor shared) keeps owner exact."""
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name, kw in VARIANTS.items():
+        got, opt = ds._distributed(mesh, [Shard(0)], shapes=SPREAD_SHAPES, placement="owner", **kw)
+        synchronous = {k: v for k, v in kw.items() if k != "async_refresh"}
+        out[f"rel_{name}"] = ds._rel(got, ds.one_process(shapes=SPREAD_SHAPES, **synchronous))
+        out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
+        out["spread_names"] = opt.stats()["spread_params"]
     return out
 
 
@@ -121,13 +139,18 @@ def owner_hsdp(world):
     """HSDP 2 x (world/2): owners inside each shard group, replicas identical, equal to one process."""
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     out = {}
-    for name in ("b_none", "b3_delay1"):
-        kw = VARIANTS[name]
-        got, opt = ds._distributed(mesh, [Replicate(), Shard(0)], placement="owner", **kw)
+    for name, variant, shapes in (
+        ("b_none", "b_none", ds.SHAPES),
+        ("b3_delay1", "b3_delay1", ds.SHAPES),
+        ("spread_b3_delay1", "b3_delay1", SPREAD_SHAPES),
+    ):
+        kw = VARIANTS[variant]
+        got, opt = ds._distributed(mesh, [Replicate(), Shard(0)], shapes=shapes, placement="owner", **kw)
         synchronous = {k: v for k, v in kw.items() if k != "async_refresh"}  # async against sync
-        out[f"rel_{name}"] = ds._rel(got, ds.one_process(**synchronous))
+        out[f"rel_{name}"] = ds._rel(got, ds.one_process(shapes=shapes, **synchronous))
         out["placement"] = opt.stats()["placement"]
         out[f"same_{name}"] = ds._same_on_every_rank(got)
+        out[f"spread_{name}"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
     return out
 
 
@@ -162,27 +185,52 @@ def owner_errors(world):
     return out
 
 
+class _Tagger(torch.nn.Module):
+    """An embedding with no row factor (200 rows > max_precond_dim) that owner leaves spread."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(200, 6)
+        self.head = torch.nn.Linear(6, 7)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)))
+
+
+def _mlp():
+    torch.manual_seed(2)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7)).double()
+
+
+def _tagger():
+    torch.manual_seed(2)
+    return _Tagger().double()
+
+
 def owner_checkpoint(world, directory):
-    """FSDP2 model under owner: DCP save at world 2 continues bitwise; world 4 and one process load it."""
+    """FSDP2 models under owner: DCP save at world 2 continues bitwise; world 4 and one process load it.
+    The second model's embedding is spread (its rows never move, in the steps or the checkpoint)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 200, (16,), generator=gen)
+    y = torch.randn(16, 7, generator=gen, dtype=torch.float64)
+    out = _owner_round_trip(world, os.path.join(directory, "owner"), _mlp, x, y)
+    spread = _owner_round_trip(world, os.path.join(directory, "owner_spread"), _tagger, ids, y)
+    return out | {f"spread_{k}": v for k, v in spread.items()}
+
+
+def _owner_round_trip(world, path, model_of, x, y):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    path = os.path.join(directory, "owner")
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
-    y = torch.randn(16, 7, generator=gen, dtype=torch.float64)
     rank = dist.get_rank()
     kw = {**ds.COMMON, "block_size": 3}
 
-    def model_of():
-        torch.manual_seed(2)
-        return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7)).double()
-
     def build():
         model = model_of()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
+        for layer in model.children():
+            if isinstance(layer, torch.nn.Linear | torch.nn.Embedding):
                 fully_shard(layer)
         fully_shard(model)
         return model, SOAP(model.parameters(), placement="owner", refresh_delay=1, **kw)
@@ -202,6 +250,7 @@ def owner_checkpoint(world, directory):
     if world == 2:
         model, opt = build()
         train(model, opt, 7, xs, ys)  # saved between a refresh (step 6) and its install (step 8)
+        out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
         dcp.save(
             {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path
         )
@@ -222,6 +271,7 @@ def owner_checkpoint(world, directory):
         model, opt, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
     )
     out["rel_world4"] = ds._rel(train(model, opt, 6, xs, ys), straight)
+    out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
     # one process (no sharding, placement "single") loads the same checkpoint: a plain-tensor template
     if rank == 0:
         single = model_of()
@@ -252,14 +302,21 @@ def _single_template(model, opt):
 
 
 SCENARIOS = {
-    2: [owner_exact, owner_state_and_traffic, owner_errors, owner_checkpoint, owner_float32_values],
-    4: [owner_exact, owner_state_and_traffic, owner_hsdp, owner_checkpoint],
+    2: [
+        owner_exact,
+        owner_spread_exact,
+        owner_state_and_traffic,
+        owner_errors,
+        owner_checkpoint,
+        owner_float32_values,
+    ],
+    4: [owner_exact, owner_spread_exact, owner_state_and_traffic, owner_hsdp, owner_checkpoint],
 }
 
 
 def planner_counts(world):
     """plan.costs.rank_costs (what python -m soap_dist.plan prints) equals stats() on every rank."""
-    from soap_dist.owner_layout import assign_owners, owner_splits
+    from soap_dist.owner_layout import owner_placement
     from soap_dist.plan import OWNER, Topology, build_plan
     from soap_dist.plan.costs import rank_costs
 
@@ -269,16 +326,18 @@ def planner_counts(world):
         "replicated": (None, None, "replicated", Topology("replicated", world, 1, 0)),
         "fsdp-local": (flat, [Shard(0)], "fsdp-local", Topology("fsdp-local", 1, world, 0)),
         "owner": (flat, [Shard(0)], "owner", None),
+        "owner_spread": (flat, [Shard(0)], "owner", None),
     }
     if world == 4:
         square = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         cases["hsdp"] = (square, [Replicate(), Shard(0)], "hsdp", Topology("hsdp", 2, 2, 0))
     out = {}
     for name, (mesh, placements, placement, topology) in cases.items():
-        _, opt = ds._distributed(mesh, placements, steps=1, placement=placement)
+        shapes = SPREAD_SHAPES if name == "owner_spread" else ds.SHAPES
+        _, opt = ds._distributed(mesh, placements, shapes=shapes, steps=1, placement=placement)
         before = opt.stats()
         params = opt._params()
-        for gs in ds._grads(ds.SHAPES, k, seed=7):  # calls 2 .. k + 1: k steps, one refresh
+        for gs in ds._grads(shapes, k, seed=7):  # calls 2 .. k + 1: k steps, one refresh
             for p, g in zip(params, gs, strict=True):
                 p.grad = g if mesh is None else distribute_tensor(g, mesh, placements)
             opt.step()
@@ -286,8 +345,8 @@ def planner_counts(world):
         layouts = opt._layouts()
         eight = [8] * len(layouts)  # float64 parameters, moments and factors
         if placement == "owner":
-            owners = assign_owners(layouts, world, 8, eight)
-            plan = build_plan(layouts, Topology(OWNER, 1, world, 0), owner_splits(layouts, owners, world))
+            owners, splits = owner_placement(layouts, world, 8, eight)
+            plan = build_plan(layouts, Topology(OWNER, 1, world, 0), splits)
             mine = rank_costs(plan, 8, eight, eight, owners)[rank]
         else:
             mine = rank_costs(build_plan(layouts, topology), 8, eight, eight)[rank]

@@ -20,11 +20,21 @@ def test_owner_equals_one_process_without_a_block_size_requirement(world, world2
         assert res[f"rel_{name}"] <= 1e-10, (name, res)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_owner_with_a_spread_parameter_equals_one_process(world, world2, world4):
+    res = result(world2 if world == 2 else world4, "owner_spread_exact")
+    assert res["spread"] == [2]  # the (200, 6) "embedding": its rows stay where FSDP2 put them
+    assert res["spread_names"] == ["param_groups[0].params[2]"]  # as stats() names it
+    for name in ("b_none", "b_none_delay1", "b3", "b3_delay1", "b3_delay1_async"):
+        assert res[f"rel_{name}"] <= 1e-10, (name, res)
+
+
 def test_owner_under_hsdp_2x2_equals_one_process_and_replicas_agree(world4):
     res = result(world4, "owner_hsdp")
     assert res["placement"] == "owner"
-    for name in ("b_none", "b3_delay1"):
+    for name in ("b_none", "b3_delay1", "spread_b3_delay1"):
         assert res[f"rel_{name}"] <= 1e-10 and res[f"same_{name}"], (name, res)
+    assert res["spread_b_none"] == [] and res["spread_spread_b3_delay1"] == [2]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -68,18 +78,22 @@ def test_owner_bad_input_fails_with_a_message_on_every_rank(world2):
         )
 
 
-def test_owner_dcp_round_trip_continues_bitwise_at_world_2(world2):
+@pytest.mark.parametrize("prefix", ["", "spread_"], ids=["whole", "spread"])
+def test_owner_dcp_round_trip_continues_bitwise_at_world_2(prefix, world2):
     res = result(world2, "owner_checkpoint")
-    assert res["placement"] == "owner"
-    assert res["restored_steps"] == [6]
-    assert res["bitwise"]
+    assert res[f"{prefix}placement"] == "owner"
+    assert res[f"{prefix}spread"] == ([0] if prefix else [])  # the embedding, in the second model
+    assert res[f"{prefix}restored_steps"] == [6]
+    assert res[f"{prefix}bitwise"]
 
 
-def test_owner_checkpoint_reshards_to_world_4_and_to_one_process(world4):
+@pytest.mark.parametrize("prefix", ["", "spread_"], ids=["whole", "spread"])
+def test_owner_checkpoint_reshards_to_world_4_and_to_one_process(prefix, world4):
     res = result(world4, "owner_checkpoint")
-    assert res["restored_steps"] == [6]
-    assert res["rel_world4"] <= 1e-10
-    assert res["rel_single"] <= 1e-10
+    assert res[f"{prefix}spread"] == ([0] if prefix else [])
+    assert res[f"{prefix}restored_steps"] == [6]
+    assert res[f"{prefix}rel_world4"] <= 1e-10
+    assert res[f"{prefix}rel_single"] <= 1e-10
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -88,11 +102,11 @@ def test_planner_counts_equal_stats_on_every_rank(world, world2, world4):
     result(ranks, "planner_counts")
     for r, rank in enumerate(ranks):
         for name, res in rank["planner_counts"].items():
-            assert res["placement"] == name
+            assert res["placement"] == name.removesuffix("_spread")
             assert res["stats"] == res["counted"], (r, name, res)
             assert res["traffic"] == res["counted_traffic"], (r, name, res)
     assert set(ranks[0]["planner_counts"]) == (
-        {"replicated", "fsdp-local", "owner"} | ({"hsdp"} if world == 4 else set())
+        {"replicated", "fsdp-local", "owner", "owner_spread"} | ({"hsdp"} if world == 4 else set())
     )
 
 

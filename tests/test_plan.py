@@ -81,3 +81,45 @@ def test_owner_step_traffic_is_gradients_in_and_updates_out(shards):
     crossing = crossing_elements(layouts, owners, shards, [True] * len(layouts))
     assert sum(sent for sent, _ in per_shard) == sum(received for _, received in per_shard)
     assert sum(sent for sent, _ in per_shard) == crossing * (2 + 4)
+
+
+def test_owner_spreads_only_row_free_parameters_and_only_where_the_largest_rank_gains():
+    """An embedding too large for one owner is left spread; at W = 2 LPT's real outcome would be no
+    better, so nothing is; a parameter with a row factor is never spread."""
+    from soap_dist.bench.scaling_worker import scaled_specs
+    from soap_dist.owner_layout import SPREAD, largest_state, owner_placement, spread_params, spreadable
+
+    specs = scaled_specs("gpt2-small", 1, None, None)  # one layer at d = 768, vocab 50304
+    layouts = [
+        plan_param(i, 0, s.name, s.shape, max_precond_dim=10000, merge=False, precondition_1d=False,
+                   data_format="channels_first", block_size=None)
+        for i, s in enumerate(specs)
+    ]  # fmt: skip
+    four = [4] * len(layouts)
+    names = {lay.index: lay.name for lay in layouts}
+    assert spread_params(layouts, 2, 4, four) == frozenset()
+    for shards in (4, 8, 64):
+        spread = spread_params(layouts, shards, 4, four)
+        assert [names[i] for i in spread] == ["wte.weight"]
+        assert all(spreadable(layouts[i]) for i in spread)
+        assert largest_state(layouts, shards, 4, four, spread) < largest_state(layouts, shards, 4, four)
+        owners, splits = owner_placement(layouts, shards, 4, four)
+        (wte,) = spread
+        assert owners[wte] == SPREAD and [n for _, n in splits[wte]] == [
+            -(-50304 // shards) if s < shards - 1 else 50304 - (shards - 1) * -(-50304 // shards)
+            for s in range(shards)
+        ]
+
+
+def test_owner_spreads_an_untied_embedding_and_head_together():
+    """llama-70b at W = 512: the embedding and the head (128256 x 8192, equal sizes) only lower the
+    largest rank's state together; the MLP matrices, also without row factors, stay owned."""
+    from soap_dist.owner_layout import largest_state, spread_params
+    from soap_dist.plan.__main__ import layouts_of
+
+    layouts = layouts_of("llama-70b", None, 10000)
+    four = [4] * len(layouts)
+    spread = spread_params(layouts, 512, 4, four)
+    assert sorted(layouts[i].shape for i in spread) == [(128256, 8192), (128256, 8192)]
+    before, after = largest_state(layouts, 512, 4, four), largest_state(layouts, 512, 4, four, spread)
+    assert after < 0.5 * before, (before, after)

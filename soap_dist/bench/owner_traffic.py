@@ -1,9 +1,9 @@
-"""``python -m soap_dist.bench.owner_traffic``: per-step traffic of owner against fsdp-local, by W.
+"""``python -m soap_dist.bench.owner_traffic``: per-step traffic and state of owner and fsdp-local, by W.
 
 Shapes only (``plan.costs``, which tests/test_owner.py checks against ``SOAP.stats()``): the busiest
-rank's bytes per step, refreshes averaged over k, for the one-layer gpt2-small-width set of
-``python -m soap_dist.bench.scaling --width 0 --vocab 0``. Prints the markdown table quoted in
-docs/benchmarks.md.
+rank's bytes per step (refreshes averaged over k) and the largest rank's state, for the one-layer
+gpt2-small-width set of ``python -m soap_dist.bench.scaling --width 0 --vocab 0``. Prints the
+markdown table quoted in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Sequence
 
 from ..layout import plan_param
-from ..owner_layout import assign_owners, owner_splits
+from ..owner_layout import owner_placement
 from ..plan import OWNER, Topology, build_plan
 from ..plan.costs import rank_costs
 from .scaling_worker import scaled_specs
@@ -37,22 +37,23 @@ def table(model: str, layers: int, worlds: Sequence[int], k: int) -> str:
         for i, s in enumerate(specs)
     ]
     four = [4] * len(layouts)  # float32 values, moments and factors
-    cells: dict[str, list[str]] = {"fsdp-local": [], "owner": []}
+    cells: dict[str, list[str]] = {"fsdp-local": [], "owner": [], "fsdp-local state": [], "owner state": []}
     for world in worlds:
-        owners = assign_owners(layouts, world, 4, four)
+        owners, splits = owner_placement(layouts, world, 4, four)
         plans = {
             "fsdp-local": (build_plan(layouts, Topology("fsdp-local", 1, world, 0)), None),
-            "owner": (
-                build_plan(layouts, Topology(OWNER, 1, world, 0), owner_splits(layouts, owners, world)),
-                owners,
-            ),
+            "owner": (build_plan(layouts, Topology(OWNER, 1, world, 0), splits), owners),
         }
         for name, (plan, own) in plans.items():
-            steps = [c.per_step(k) for c in rank_costs(plan, 4, four, four, own)]
+            costs = rank_costs(plan, 4, four, four, own)
+            steps = [c.per_step(k) for c in costs]
             sent, received = max(s for s, _ in steps), max(r for _, r in steps)
             cells[name].append(f"{sent / MiB:.1f} / {received / MiB:.1f}")
+            cells[f"{name} state"].append(f"{max(c.state for c in costs) / MiB:.1f}")
     lines = ["| W | " + " | ".join(map(str, worlds)) + " |", "|---" * (len(worlds) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(row) + " |" for name, row in cells.items()]
+    lines += [f"| {name} | " + " | ".join(row) + " |" for name, row in cells.items() if "state" not in name]
+    lines += ["", "largest rank's state, MiB:", ""] + lines[:2]
+    lines += [f"| {name} | " + " | ".join(row) + " |" for name, row in cells.items() if "state" in name]
     return "\n".join(lines)
 
 

@@ -13,6 +13,10 @@ Each parameter has one owner rank in its shard group (``owner_layout.assign_owne
 Values never travel, so a step moves gradients in and updates out: a third less than sending the
 values in and the updated values back.
 
+A *spread* parameter (``owner_layout.spread_params``: no row factor, too large for one owner) has
+no owner: each shard steps its own rows, as under fsdp-local, and only its column factors are
+shared (statistics reduced at the refresh, the basis broadcast). Its rows never move.
+
 Under HSDP each replica's shard group does the same, independently: replicas see the same
 gradients, so they compute the same owners' updates and no traffic crosses replicas.
 
@@ -33,7 +37,7 @@ from ..comm import Groups
 from ..engine import Hyper, apply_update
 from ..engine.step import lerp_form
 from ..layout import ParamLayout
-from ..owner_layout import assign_owners, crossing_elements, held_rows, owner_splits
+from ..owner_layout import SPREAD, crossing_elements, held_rows, owner_placement
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
@@ -55,8 +59,8 @@ class OwnerRunner(HomeRowsRunner):
         self.mesh_placement = where
         factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
         moment_bytes = [torch.empty((), dtype=moment_dtype(p.dtype)).element_size() for p in params]
-        self.owners = assign_owners(layouts, self.shards, factor_bytes, moment_bytes)
-        splits = owner_splits(layouts, self.owners, self.shards)
+        self.owners, splits = owner_placement(layouts, self.shards, factor_bytes, moment_bytes)
+        self.spread = [o == SPREAD for o in self.owners]
         self.topology = Topology(OWNER, 1, self.shards, self.shard)
         plan = build_plan(layouts, self.topology, splits)
         groups = where.groups
@@ -75,7 +79,11 @@ class OwnerRunner(HomeRowsRunner):
         # The owner's engine writes each owned parameter's update into home_updates, in the dtype the
         # step computes in (the moments' and factors' promotion); every rank applies its rows of it.
         self.update_dtypes = [torch.promote_types(moment_dtype(p.dtype), soap.factor_dtype) for p in params]
-        self.home_grads = [self._home(lay, p.dtype, device) for lay, p in zip(layouts, params, strict=True)]
+        # (a spread parameter's engine takes the rank's own gradient: no home buffer)
+        self.home_grads = [
+            self._home(lay, p.dtype, device) if not self.spread[lay.index] else None
+            for lay, p in zip(layouts, params, strict=True)
+        ]
         self.home_updates = [
             self._home(lay, dtype, device) for lay, dtype in zip(layouts, self.update_dtypes, strict=True)
         ]
@@ -85,8 +93,12 @@ class OwnerRunner(HomeRowsRunner):
         self._crossing: dict[tuple[bool, ...], int] = {}
 
     def _home(self, lay: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The whole parameter's shape at its owner, no rows elsewhere."""
-        rows = rows_of(lay) if self.owners[lay.index] == self.shard else 0
+        """The whole parameter's shape at its owner, no rows elsewhere; a spread one's own rows."""
+        owner = self.owners[lay.index]
+        if owner == SPREAD:
+            rows = held_rows(lay, self.shards, self.shard)[1]
+        else:
+            rows = rows_of(lay) if owner == self.shard else 0
         shape = (rows, *lay.shape[1:]) if lay.shape else (() if rows else (0,))
         return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -99,7 +111,9 @@ class OwnerRunner(HomeRowsRunner):
         self._gather(grads, active, self._crossing_of(active))
         # A parameter's first step only starts its statistics: the engine writes no update for it.
         updated = [a and started for a, started in zip(active, self.engine.started, strict=True)]
-        home_grads = [g if a else None for g, a in zip(self.home_grads, active, strict=True)]
+        home_grads = [
+            (grads[i] if self.spread[i] else self.home_grads[i]) if a else None for i, a in enumerate(active)
+        ]
         self.engine.step(groups, self.home_updates, home_grads, active)
         self._scatter_updates(groups, params, updated, self._crossing_of(updated))
 
@@ -121,9 +135,10 @@ class OwnerRunner(HomeRowsRunner):
 
     def _holders(self, active: list[bool]):
         """(index, layout, owner, whether this rank holds rows, the other ranks holding rows) of every
-        active parameter, in the order every rank walks them."""
+        active parameter with an owner (a spread one's rows never move), in the order every rank walks
+        them."""
         for lay in self.layouts:
-            if active[lay.index]:
+            if active[lay.index] and not self.spread[lay.index]:
                 others = [s for s in range(self.shards) if s != self.shard and self._rows_at(lay, s)[1]]
                 mine = self._rows_at(lay, self.shard)[1] > 0
                 yield lay.index, lay, self.owners[lay.index], mine, others
@@ -163,6 +178,9 @@ class OwnerRunner(HomeRowsRunner):
                 outgoing[d].append(self._home_run(home, lay, d))
         if crossing:
             self.move(outgoing, incoming, _dtypes(self.home_updates))
+        for i, spread in enumerate(self.spread):  # a spread parameter's update is of this rank's rows
+            if spread and updated[i] and self.home_updates[i].numel():
+                mine_updates.append((i, self.home_updates[i].view(-1)))
         self._apply(groups, params, mine_updates)
 
     def _apply(self, groups: list[dict], params: list[Tensor], updates: list[tuple[int, Tensor]]) -> None:
@@ -182,8 +200,9 @@ class OwnerRunner(HomeRowsRunner):
     def state_dict(self) -> dict[int, dict]:
         """The one-process state of every parameter; row-indexed tensors sharded like the parameters."""
         state = save_engine_state(self.engine, self.exchange)
-        moves = self._row_keys(state)
-        pieces: dict[tuple[int, str], Tensor] = {}
+        moves = [(i, key) for i, key in self._row_keys(state) if not self.spread[i]]
+        # a spread parameter's row-indexed tensors are this rank's rows already
+        pieces = {(i, key): state[i][key] for i, key in self._row_keys(state) if self.spread[i]}
         outgoing, incoming = self.new_runs(self.shards)
         for i, key in moves:
             lay, t = self.layouts[i], state[i][key]
@@ -210,7 +229,8 @@ class OwnerRunner(HomeRowsRunner):
         return state
 
     def load_state_dict(self, state: dict[Any, dict], partial: bool = False) -> None:
-        """Row-indexed tensors (DTensors or full tensors) travel to the owners, which load them."""
+        """Row-indexed tensors (DTensors or full tensors) travel to the owners, which load them (a spread
+        parameter's stay where they are)."""
         full: dict[int, dict] = {}
         moved: list[tuple[int, str]] = []
         outgoing, incoming = self.new_runs(self.shards)
@@ -222,6 +242,12 @@ class OwnerRunner(HomeRowsRunner):
             mine = self.owners[i] == self.shard
             row_keys = self._keys_of(lay, entry)
             out = {k: local(v) for k, v in entry.items() if k not in row_keys}
+            if self.spread[i]:  # this rank's rows: its DTensor shard, or its slice of a full tensor
+                first, n = held_rows(lay, self.shards, self.shard)
+                rows = slice(first * lay.block_rows_per_row, (first + n) * lay.block_rows_per_row)
+                out |= {k: local(entry[k]) if is_dtensor(entry[k]) else entry[k][rows] for k in row_keys}
+                full[i] = out
+                continue
             for key in row_keys:
                 value = entry[key]
                 if not is_dtensor(value):  # a full tensor: the owner takes it, nothing moves

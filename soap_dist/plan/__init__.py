@@ -28,7 +28,8 @@ PLACEMENTS = ("single", "replicated", "fsdp-local", "hsdp", "owner")
 # rows that zero_layout assigns it, not torch.chunk's.
 ZERO = "zero"
 # The engine grid of placement "owner": shard s holds every row of the parameters it owns and none of
-# the others (``owner_splits``), so every factor of a parameter lives at its owner alone.
+# the others (``owner_splits``), so every factor of a parameter lives at its owner alone; a spread
+# parameter's rows stay where FSDP2 put them, and its column factors are shared as under fsdp-local.
 OWNER = "owner"
 Splits = dict[int, list[tuple[int, int]]]  # param -> (first row, row count) of every shard
 
@@ -151,14 +152,21 @@ class Plan:
             return entry.shard == topo.shard
         return topo.shard in self.holders.get(entry.param, [])
 
+    def spread(self, entry: FactorEntry) -> bool:
+        """Under owner: a shared factor of a parameter spread over several shards (owner_layout)."""
+        return entry.shared and len(self.holders.get(entry.param, [])) > 1
+
     def needs_reduce(self, entry: FactorEntry) -> bool:
-        """Whether partial statistics on several ranks must be summed at the owner (never under owner)."""
-        return entry.shared and self.topology.shards > 1 and self.topology.placement != OWNER
+        """Whether partial statistics on several ranks must be summed at the owner (under owner, only
+        for a spread parameter)."""
+        if not entry.shared or self.topology.shards == 1:
+            return False
+        return self.topology.placement != OWNER or self.spread(entry)
 
     def broadcast_ranks(self, entry: FactorEntry) -> list[int]:
         """Who receives the entry's new basis from its owner (the owner included)."""
         topo = self.topology
-        if topo.placement == OWNER:  # the owner holds every row: nobody else rotates with the basis
+        if topo.placement == OWNER and not self.spread(entry):  # the owner holds every row
             return [entry.owner]
         return topo.replica_group(entry.shard) if not entry.shared else list(range(topo.world))
 
@@ -257,8 +265,8 @@ def _assign_owners(
     owners: dict[int, int] = {}
 
     def eligible(e: FactorEntry) -> list[int]:
-        if topo.placement == OWNER:  # the one shard holding the parameter owns all of its factors
-            return [holders[e.param][0]]
+        if topo.placement == OWNER:  # the shard(s) holding the parameter: one, unless it is spread
+            return holders[e.param]
         return topo.replica_group(e.shard) if not e.shared else list(range(topo.world))
 
     order = sorted(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..bench.param_sets import LLAMA, MODELS, model_specs
 from ..layout import ParamLayout, plan_param
-from ..owner_layout import assign_owners, owner_splits
+from ..owner_layout import owner_placement
 from . import OWNER, Topology, build_plan
 from .costs import RankCosts, prefers_owner, rank_costs
 
@@ -75,8 +75,8 @@ def placements(
         rows.append(Row("hsdp", f"{replicas} x {shard}", costs(Topology("hsdp", replicas, shard, 0))))
         groups.append((replicas, shard))
     for replicas, size in groups:
-        owners = assign_owners(layouts, size, factor_bytes, mb)
-        own = costs(Topology(OWNER, 1, size, 0), owner_splits(layouts, owners, size), owners)
+        owners, splits = owner_placement(layouts, size, factor_bytes, mb)
+        own = costs(Topology(OWNER, 1, size, 0), splits, owners)
         rows.append(Row("owner", f"{replicas} x {size}", own * replicas))
     return rows
 

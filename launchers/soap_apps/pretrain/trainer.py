@@ -211,7 +211,12 @@ def _soap_placement(backend: Backend) -> str | None:
     step: owner or fsdp-local/hsdp under FSDP2/HSDP, docs/design.md section 6); None for AdamW and
     DeepSpeed. ``stats()`` reads local counters only (no collective), so rank 0 alone may call it."""
     stats = getattr(getattr(backend, "optimizer", None), "stats", None)
-    return stats().get("placement") if stats is not None else None
+    if stats is None:
+        return None
+    counters = stats()
+    spread = counters.get("spread_params") or []  # owner: parameters left spread (docs/design.md, 9)
+    note = f" ({', '.join(spread)} spread over the shards)" if spread else ""
+    return counters.get("placement", "") + note
 
 
 def _resume(backend: Backend, run_dir: Path, sampler: data.BatchSampler) -> int:
