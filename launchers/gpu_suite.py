@@ -8,7 +8,7 @@ r. where a refresh's time goes (``python -m soap_dist.bench.refresh_parts``): ea
    refresh per factor size of the gpt2-medium set, and the full refresh summed from them; then the
    GPU-marked tests of the QR and of the side-stream refresh (``pytest -m gpu``);
 a. the step benchmark, gpt2-medium shapes, TF32 (``python -m soap_dist.bench --json``), twice: the
-   default refresh schedule and ``refresh_schedule='staggered'``;
+   default refresh schedule and ``refresh_schedule='staggered'`` with ``refresh_delay=1``;
 b. a real training loop: gpt2-small (configs/pretrain/gpt2-small.yaml, launchers/pretrain.py, one
    process, bf16 autocast, SOAP with refresh_delay=1), a short run twice: as configured, and with the
    refresh switched off (precondition_frequency 10**9); mean step time from metrics.jsonl;
