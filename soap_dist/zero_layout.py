@@ -5,8 +5,8 @@ every parameter (stage 3), cut at arbitrary elements, even mid-row. SOAP's updat
 needs the whole block. So every *unit* of rows (a row block when dim 0 has a factor, else one
 row) gets a *home*: the rank that holds most of its elements (ties: the lowest rank). Homes only
 grow along a parameter, so each rank's home rows are one contiguous range, cut at unit
-boundaries: the "shards" of placement "zero". Each step the pieces of a home range that other
-ranks hold travel to the home (gradient and value), and the updated values travel back.
+boundaries: the "shards" of placement "zero". Each step the gradients of the pieces of a home
+range that other ranks hold travel to the home, and each piece's update travels back.
 
 Pure functions of shapes and offsets: every rank computes every rank's view with no
 communication. Nothing here imports deepspeed or torch.distributed.

@@ -91,6 +91,8 @@ def test_zero_stage_equals_one_process(results, name):
             assert r["engine_steps_seen"] == [zs.STEPS - 1] * len(zs.SHAPES)
             # the partitions really cut a matrix with a row factor mid-row
             assert any("(row factor)" in m for m in r["mid_row"]), r["fragments"]
+            # pieces away from home send their gradient and get their update back; values never travel
+            assert sum(r["moved"]) == r["expected_moved"], (rank, name, r["moved"], r["expected_moved"])
 
 
 def test_stage3_sub_groups_are_stepped_separately(results):

@@ -158,9 +158,11 @@ def scenario_stage(
     rank: int, stage: int, gas: int, bf16: bool = False, zero_init: bool = False, soap_kw=None, **zero
 ):
     engine, model = build(stage, gas, bf16, zero_init, soap_kw, **zero)
-    train(engine, rank, 0, STEPS, gas)
-    got = full_params(engine, model)
+    train(engine, rank, 0, STEPS - 1, gas)
     soap = soap_of(engine)
+    moved, expected = _row_exchanges(soap)  # the last step's, and what gradients in + updates out make
+    train(engine, rank, STEPS - 1, 1, gas)
+    got = full_params(engine, model)
     stats = soap.stats()
     return {
         "fragments": [[(f.param, f.start, f.numel) for f in fr] for fr in soap._zero.part.fragments]
@@ -172,7 +174,32 @@ def scenario_stage(
         "global_steps": engine.global_steps,
         "engine_steps_seen": [int(s) for s in (soap._zero.engine.steps if soap._zero else [])],
         "flats": len(soap._zero.part.flats) if soap._zero else 0,
+        "moved": moved,
+        "expected_moved": expected,
     }
+
+
+def _row_exchanges(soap) -> tuple[list[int], int]:
+    """Record the elements each all_to_all of rows sends from now on; and the elements one step must
+    send: every piece held away from its home sends its gradient, and gets its update back."""
+    zero = soap._zero
+    if zero is None:
+        return [], 0
+    moved: list[int] = []
+    swap = zero.exchange.swap_pieces
+
+    def counting(send, send_counts, recv_counts):
+        moved.append(send.numel())
+        return swap(send, send_counts, recv_counts)
+
+    zero.exchange.swap_pieces = counting
+    me = zero.part.rank
+    expected = 0
+    for route, crossing in zero.routes:
+        if crossing:
+            expected += sum(p.numel for d, pieces in enumerate(route.send) if d != me for p in pieces)
+            expected += sum(p.numel for s, pieces in enumerate(route.recv) if s != me for p in pieces)
+    return moved, expected
 
 
 def scenario_checkpoint(rank: int, stage: int, directory: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,7 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
         refresh_schedule: str = "all",
         basis_dtype: torch.dtype | None = None,
         async_refresh: bool = False,
-        writes_updates: bool = False,
+        writes_updates: bool | Sequence[bool] = False,
     ) -> None:
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -76,9 +77,14 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
         self.device = params[0].device if params else torch.device("cpu")
         self.layouts = layouts
         self.param_dtypes = [p.dtype for p in params]
-        # True: step() gets update buffers (compute dtype) for ``params`` and writes each parameter's
-        # update there instead of applying it (placement owner sends updates, not values)
-        self.writes_updates = writes_updates
+        # Per parameter (or True for all): step() gets an update buffer (compute dtype) in its place
+        # in ``params`` and writes its update there instead of applying it; the runner sends the
+        # update to the ranks holding the rows (placements owner and zero send updates, not values).
+        self.writes_updates = (
+            [bool(writes_updates)] * len(layouts)
+            if isinstance(writes_updates, bool)
+            else [bool(w) for w in writes_updates]
+        )
         self.factor_dtype = factor_dtype
         self.basis_dtype = basis_dtype or factor_dtype
         self.refresh_delay = refresh_delay

@@ -377,25 +377,20 @@ class StepMixin:
             )
         else:
             update = kernels.rotate_back(direction.to(rot), bases, scale).to(compute)
-        targets, pieces = [], []
+        applied: tuple[list[Tensor], list[Tensor]] = ([], [])
+        written: tuple[list[Tensor], list[Tensor]] = ([], [])
         for (lay, b), piece in zip(members, update.unbind(0), strict=True):
             p = params[lay.index]
             if lay.permutation is None and p.is_contiguous():
                 start = lay.row_offsets[b]
+                targets, pieces = written if self.writes_updates[lay.index] else applied
                 targets.append(p.data.view(lay.block_shape)[start : start + lay.row_counts[b]])
                 pieces.append(piece)
             else:
                 deferred[lay.index].append((b, piece))
-        self._put_updates(targets, pieces, decay, lerp_form(hyper))
-
-    def _put_updates(self, targets: list[Tensor], pieces: list[Tensor], decay: float, lerp: bool) -> None:
-        """Apply the pieces to the parameters, or, when the engine writes updates (placement owner),
-        store them in the update buffers passed as ``params``: the ranks holding the rows apply them."""
-        if self.writes_updates:
-            if targets:
-                torch._foreach_copy_(targets, pieces)
-        else:
-            apply_update(targets, pieces, decay, lerp)
+        apply_update(*applied, decay, lerp_form(hyper))
+        if written[0]:
+            torch._foreach_copy_(*written)
 
     def _adam_direction(
         self, rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: Hyper, flags: Tensor
@@ -427,10 +422,12 @@ class StepMixin:
             delta = torch.cat([piece for _, piece in pieces], dim=0).reshape(lay.permuted_shape)
             if lay.permutation is not None:
                 delta = delta.permute(tuple(sorted(range(4), key=lambda k: lay.permutation[k])))
+            if self.writes_updates[index]:  # the runner sends it to the rows' holders (see __init__)
+                params[index].data.copy_(delta.reshape(lay.shape))
+                continue
             h = hypers[lay.group]
-            self._put_updates(
-                [params[index].data], [delta.reshape(lay.shape)], h.lr * h.weight_decay, lerp_form(h)
-            )
+            decay = h.lr * h.weight_decay
+            apply_update([params[index].data], [delta.reshape(lay.shape)], decay, lerp_form(h))
 
     def _apply_shared_updates(
         self, updates: list[tuple[FactorStore, Tensor, list[int], Tensor, float]]

@@ -2,8 +2,8 @@
 
 Both run the engine on *home rows*: the rows of each parameter that one rank updates (a whole
 matrix under owner, whole row blocks under zero). Rows held elsewhere (FSDP2 shards, ZeRO's flat
-slices) send their gradient home before the step; after it, owner sends back the update of each
-row and zero the updated values (zero also sends the values home). The runners only say which
+slices) send their gradient home before the step; after it, the home sends back each row's update,
+which the holder applies with the one-process rule (values never travel). The runners only say which
 runs of elements go where; this class moves them, one all_to_all per dtype in an order every rank
 derives alike.
 """

@@ -2,11 +2,12 @@
 
 DeepSpeed stages 1-3 call the client optimizer once per flat partition (a param group under
 stages 1/2, a sub-group under stage 3), with that flat slice as its only parameter. This runner
-turns each call into a SOAP step on whole row blocks: pieces of the slice travel to the rank that
-updates them (``zero_layout``), the engine steps the home rows like any shard, and the updated
-values travel back into every rank's slice. Which rank updates what is decided from shapes and
-offsets alone (DESIGN.md, "Placements: zero"), so the result equals one process with the same
-``block_size`` at every world size and every partition boundary. With ``"placement": "owner"`` in
+turns each call into a SOAP step on whole row blocks: the gradients of pieces of the slice travel
+to the rank that updates them (``zero_layout``), the engine steps the home rows like any shard, and
+each piece's update travels back to be applied to the slice holding it (values never travel).
+Which rank updates what is decided from shapes and offsets alone (docs/design.md, section 8), so
+the result equals one process with the same ``block_size`` at every world size and every partition
+boundary. With ``"placement": "owner"`` in
 the JSON's SOAP params, each whole parameter's rows go to one owner instead (``owner_layout``):
 the result equals one process whatever ``block_size``, and each rank keeps 1/W of the state,
 column factors included.
@@ -23,10 +24,13 @@ from typing import Any
 import torch
 
 from ..comm import Groups
+from ..engine import Hyper, apply_update
+from ..engine.step import lerp_form
 from ..layout import ParamLayout, plan_in_group
 from ..owner_layout import assign_owners, owner_splits
 from ..plan import OWNER, ZERO, Topology, build_plan, local_layouts
 from ..state_io import load_engine_state, save_engine_state
+from ..stores import moment_dtype
 from ..zero_layout import Fragment, homes, routes, unit_rows
 from .rows import HomeRowsRunner
 
@@ -77,21 +81,22 @@ class ZeroRunner(HomeRowsRunner):
         soap._check_plan(self.exchange, self.layouts, groups)
         dtype = part.flats[0].dtype if part.flats else torch.float32
         # A parameter whose home rows all lie in this rank's own slice is stepped in place, on a view
-        # of the slice; only the others get home buffers (and pieces to gather and scatter).
+        # of the slice. For the others, the pieces' gradients come to the home buffers, and the engine
+        # writes their update (in the step's compute dtype) for the ranks holding the rows to apply:
+        # values never travel.
         self.in_place = self._in_place()
-        self.home_params = [
-            self._view(lay.index, part.flats[part.param_flat[lay.index]].detach().reshape(-1))
-            if lay.index in self.in_place
-            else self._home(lay, dtype, device)
+        self.update_dtype = torch.promote_types(moment_dtype(dtype), soap.factor_dtype)
+        away = [lay.index not in self.in_place for lay in self.layouts]
+        self.home_grads = [
+            self._home(lay, dtype, device) if away[lay.index] else None for lay in self.layouts
+        ]
+        self.home_updates = [
+            self._home(lay, self.update_dtype, device) if away[lay.index] else torch.empty(0, device=device)
             for lay in self.layouts
         ]
-        self.home_grads = [
-            None if lay.index in self.in_place else torch.zeros_like(t)
-            for lay, t in zip(self.layouts, self.home_params, strict=True)
-        ]
-        self.engine = soap._new_engine(
-            local_layouts(self.layouts, topology, self.splits), self.home_params, plan, self.exchange
-        )
+        dtypes_only = [torch.empty(0, dtype=dtype, device=device) for _ in self.layouts]  # what it reads
+        mine = local_layouts(self.layouts, topology, self.splits)
+        self.engine = soap._new_engine(mine, dtypes_only, plan, self.exchange, writes_updates=away)
         self.flat_index = {id(t): f for f, t in enumerate(part.flats)}
         self.flat_params = [
             [i for i, f in enumerate(part.param_flat) if f == k] for k in range(len(part.flats))
@@ -162,61 +167,72 @@ class ZeroRunner(HomeRowsRunner):
         if grad is None:
             return
         values, grad = slice_.detach().reshape(-1), grad.reshape(-1)
-        self._gather(flat, values, grad)
+        self._gather(flat, grad)
         active = [False] * len(self.layouts)
         grads: list[Tensor | None] = [None] * len(self.layouts)
-        params = list(self.home_params)
+        params = list(self.home_updates)
         for i in self.flat_params[flat]:
             active[i] = True
             if i in self.in_place:  # fresh views: DeepSpeed hands over a new gradient every step
                 params[i], grads[i] = self._view(i, values), self._view(i, grad)
             else:
                 grads[i] = self.home_grads[i]
+        # A parameter's first step only starts its statistics: the engine writes no update for it.
+        updated = {i for i in self.flat_params[flat] if self.engine.started[i]}
         self.engine.step(self.groups, params, grads, active)
-        self._scatter(flat, values)
+        self._scatter(flat, values, updated)
 
-    def _gather(self, flat: int, values: Tensor, grad: Tensor) -> None:
+    def _gather(self, flat: int, grad: Tensor) -> None:
+        """Every piece's gradient to its home (this rank's own pieces by a local copy)."""
         route, crossing = self.routes[flat]
         me = self.part.rank
         for p in route.send[me]:
-            if p.param in self.in_place:
-                continue
-            self._home_run(p.param, self.home_params, p).copy_(
-                values[p.flat_offset : p.flat_offset + p.numel]
-            )
-            self._home_run(p.param, self.home_grads, p).copy_(grad[p.flat_offset : p.flat_offset + p.numel])
+            if p.param not in self.in_place:
+                self._home_run(p.param, self.home_grads, p).copy_(
+                    grad[p.flat_offset : p.flat_offset + p.numel]
+                )
         if not crossing:  # nothing crosses ranks anywhere in the job: every rank skips alike
             return
         outgoing, incoming = self.new_runs(self.world)
         for d, pieces in enumerate(route.send):
             if d != me:
                 outgoing[d] += [grad[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
-                outgoing[d] += [values[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
         for s, pieces in enumerate(route.recv):
             if s != me:
                 incoming[s] += [self._home_run(p.param, self.home_grads, p) for p in pieces]
-                incoming[s] += [self._home_run(p.param, self.home_params, p) for p in pieces]
-        self.move(outgoing, incoming, sorted({values.dtype, grad.dtype}, key=str))
+        self.move(outgoing, incoming, [grad.dtype])
 
-    def _scatter(self, flat: int, values: Tensor) -> None:
+    def _scatter(self, flat: int, values: Tensor, updated: set[int]) -> None:
+        """Every piece's update from its home, applied to this rank's slice with the one-process rule."""
         route, crossing = self.routes[flat]
         me = self.part.rank
+        pieces_here: list[tuple[int, Tensor, Tensor]] = []  # (param, values piece, its update)
         for p in route.send[me]:
-            if p.param in self.in_place:
-                continue
-            values[p.flat_offset : p.flat_offset + p.numel].copy_(
-                self._home_run(p.param, self.home_params, p)
-            )
-        if not crossing:
-            return
-        outgoing, incoming = self.new_runs(self.world)
-        for s, pieces in enumerate(route.recv):
-            if s != me:
-                outgoing[s] += [self._home_run(p.param, self.home_params, p) for p in pieces]
-        for d, pieces in enumerate(route.send):
-            if d != me:
-                incoming[d] += [values[p.flat_offset : p.flat_offset + p.numel] for p in pieces]
-        self.move(outgoing, incoming, [values.dtype])
+            if p.param not in self.in_place and p.param in updated:
+                update = self._home_run(p.param, self.home_updates, p)
+                pieces_here.append((p.param, values[p.flat_offset : p.flat_offset + p.numel], update))
+        if crossing:
+            outgoing, incoming = self.new_runs(self.world)
+            for s, pieces in enumerate(route.recv):
+                if s != me:
+                    outgoing[s] += [
+                        self._home_run(p.param, self.home_updates, p) for p in pieces if p.param in updated
+                    ]
+            for d, pieces in enumerate(route.send):
+                for p in pieces if d != me else ():
+                    if p.param in updated:
+                        update = torch.empty(p.numel, dtype=self.update_dtype, device=values.device)
+                        incoming[d].append(update)
+                        pieces_here.append((p.param, values[p.flat_offset : p.flat_offset + p.numel], update))
+            self.move(outgoing, incoming, [self.update_dtype])
+        batches: dict[tuple[int, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for i, target, update in pieces_here:
+            targets, updates = batches.setdefault((self.layouts[i].group, target.dtype), ([], []))
+            targets.append(target)
+            updates.append(update)
+        for (group, _), (targets, updates) in batches.items():
+            hyper = Hyper.of(self.groups[group])
+            apply_update(targets, updates, hyper.lr * hyper.weight_decay, lerp_form(hyper))
 
     @staticmethod
     def _home_run(param: int, buffers: list[Tensor], p: Any) -> Tensor:
