@@ -51,13 +51,18 @@ def state_bytes(lay: ParamLayout, factor_bytes: int, moment_bytes: int) -> int:
     return (s.statistics + s.bases) * factor_bytes + s.moments * moment_bytes
 
 
-def spreadable(lay: ParamLayout) -> bool:
-    """Rows with no factor, in the parameter's own row order: stepping them where they lie is exact."""
-    return bool(lay.shape) and lay.permutation is None and not lay.preconditioned[0]
+def spreadable(lay: ParamLayout, normalized: bool = False) -> bool:
+    """Rows with no factor, in the parameter's own row order, and an update not normalised per block
+    (``normalize_grads`` couples a block's rows): stepping them where they lie is exact."""
+    return bool(lay.shape) and lay.permutation is None and not lay.preconditioned[0] and not normalized
 
 
 def spread_params(
-    layouts: Sequence[ParamLayout], shards: int, factor_bytes: int, moment_bytes: Sequence[int]
+    layouts: Sequence[ParamLayout],
+    shards: int,
+    factor_bytes: int,
+    moment_bytes: Sequence[int],
+    normalized: Sequence[bool] | None = None,
 ) -> frozenset[int]:
     """The parameters to leave spread over the shard group (see the module docstring).
 
@@ -65,13 +70,18 @@ def spread_params(
     what every shard holds of the spread parameters (its moment rows, their whole column statistics
     and bases) plus LPT's load on the others. The candidates, largest first, are spread up to the
     prefix with the lowest estimate (a prefix, not one at a time: an untied embedding and head of
-    one size only lower it together). A pure function of shapes: every rank decides alike.
+    one size only lower it together). ``normalized[i]``: parameter i's group has normalize_grads
+    (never spread). A pure function of shapes and options: every rank decides alike.
     """
     if shards == 1:
         return frozenset()
     whole = [state_bytes(lay, factor_bytes, moment_bytes[lay.index]) for lay in layouts]
     order = sorted(range(len(layouts)), key=lambda k: (-whole[k], k))
-    candidates = [k for k in order if spreadable(layouts[k])]
+    candidates = [
+        k
+        for k in order
+        if spreadable(layouts[k], bool(normalized[layouts[k].index]) if normalized else False)
+    ]
 
     def share(k: int) -> int:  # what each shard holds of a spread parameter (shard 0 has the most rows)
         lay, state = layouts[k], param_state(layouts[k])
@@ -166,10 +176,14 @@ def owner_splits(layouts: Sequence[ParamLayout], owners: Sequence[int], shards: 
 
 
 def owner_placement(
-    layouts: Sequence[ParamLayout], shards: int, factor_bytes: int, moment_bytes: Sequence[int]
+    layouts: Sequence[ParamLayout],
+    shards: int,
+    factor_bytes: int,
+    moment_bytes: Sequence[int],
+    normalized: Sequence[bool] | None = None,
 ) -> tuple[list[int], Splits]:
     """Placement owner under FSDP2/HSDP: the owners (``SPREAD`` where spread) and the engine's splits."""
-    spread = spread_params(layouts, shards, factor_bytes, moment_bytes)
+    spread = spread_params(layouts, shards, factor_bytes, moment_bytes, normalized)
     owners = assign_owners(layouts, shards, factor_bytes, moment_bytes, spread)
     return owners, owner_splits(layouts, owners, shards)
 

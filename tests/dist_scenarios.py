@@ -425,7 +425,10 @@ def _worker(rank, world, init_file, out_dir, ckpt_dir):
             results[scenario.__name__] = {"exception": traceback.format_exc()}
         dist.barrier()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()  # every rank has saved
+    # Leave without tearing the group down: gloo's teardown has aborted a process after every result
+    # was saved ("terminate called without an active exception"), which failed the whole world.
+    os._exit(0)
 
 
 def run_world(world: int, ckpt_dir: str) -> list[dict]:

@@ -61,6 +61,22 @@ def owner_spread_exact(world):
         out[f"rel_{name}"] = ds._rel(got, ds.one_process(shapes=SPREAD_SHAPES, **synchronous))
         out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
         out["spread_names"] = opt.stats()["spread_params"]
+    # normalize_grads divides a whole block by its RMS: nothing is spread, and the result stays exact
+    got, opt = ds._distributed(
+        mesh, [Shard(0)], shapes=SPREAD_SHAPES, placement="owner", normalize_grads=True
+    )
+    out["rel_normalized"] = ds._rel(got, ds.one_process(shapes=SPREAD_SHAPES, normalize_grads=True))
+    out["spread_normalized"] = opt.stats()["spread_params"]
+    # turned on later, over a spread parameter: an error on every rank, not a silent difference
+    _, opt = ds._distributed(mesh, [Shard(0)], shapes=SPREAD_SHAPES, steps=2, placement="owner")
+    opt.param_groups[0]["normalize_grads"] = True
+    for p in opt._params():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+        out["normalized_later"] = ""
+    except ValueError as error:
+        out["normalized_later"] = str(error)
     return out
 
 

@@ -25,6 +25,8 @@ def test_owner_with_a_spread_parameter_equals_one_process(world, world2, world4)
     res = result(world2 if world == 2 else world4, "owner_spread_exact")
     assert res["spread"] == [2]  # the (200, 6) "embedding": its rows stay where FSDP2 put them
     assert res["spread_names"] == ["param_groups[0].params[2]"]  # as stats() names it
+    assert res["spread_normalized"] == [] and res["rel_normalized"] <= 1e-10, res
+    assert "normalize_grads=True, set after the first step" in res["normalized_later"], res
     for name in ("b_none", "b_none_delay1", "b3", "b3_delay1", "b3_delay1_async"):
         assert res[f"rel_{name}"] <= 1e-10, (name, res)
 

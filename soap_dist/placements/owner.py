@@ -59,8 +59,10 @@ class OwnerRunner(HomeRowsRunner):
         self.mesh_placement = where
         factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
         moment_bytes = [torch.empty((), dtype=moment_dtype(p.dtype)).element_size() for p in params]
-        self.owners, splits = owner_placement(layouts, self.shards, factor_bytes, moment_bytes)
+        normalized = [bool(soap.param_groups[lay.group]["normalize_grads"]) for lay in layouts]
+        self.owners, splits = owner_placement(layouts, self.shards, factor_bytes, moment_bytes, normalized)
         self.spread = [o == SPREAD for o in self.owners]
+        self._spread_layouts = [lay for lay in layouts if self.spread[lay.index]]
         self.topology = Topology(OWNER, 1, self.shards, self.shard)
         plan = build_plan(layouts, self.topology, splits)
         groups = where.groups
@@ -108,6 +110,7 @@ class OwnerRunner(HomeRowsRunner):
         self, groups: list[dict], params: list[Tensor], grads: list[Tensor | None], active: list[bool]
     ) -> None:
         """``params``/``grads``: this rank's local rows (FSDP2 shards); ``active``: the same on every rank."""
+        self._check_spread_groups(groups)
         self._gather(grads, active, self._crossing_of(active))
         # A parameter's first step only starts its statistics: the engine writes no update for it.
         updated = [a and started for a, started in zip(active, self.engine.started, strict=True)]
@@ -116,6 +119,18 @@ class OwnerRunner(HomeRowsRunner):
         ]
         self.engine.step(groups, self.home_updates, home_grads, active)
         self._scatter_updates(groups, params, updated, self._crossing_of(updated))
+
+    def _check_spread_groups(self, groups: list[dict]) -> None:
+        """A spread parameter's rows are stepped apart, which is exact only without normalize_grads
+        (it divides a whole block by its RMS); that was checked when the owners were chosen."""
+        for lay in self._spread_layouts:
+            if groups[lay.group]["normalize_grads"]:
+                raise ValueError(
+                    f"SOAP (placement owner): param_groups[{lay.group}] has normalize_grads=True, set "
+                    f"after the first step; its parameter {lay.name} is spread over the shards (its rows "
+                    "are stepped where FSDP2 put them, docs/design.md section 9), where a per-block RMS "
+                    "is not one process's. Set normalize_grads before the first step."
+                )
 
     def _crossing_of(self, active: list[bool]) -> int:
         key = tuple(active)
