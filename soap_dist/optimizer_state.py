@@ -66,8 +66,8 @@ class StateMixin:
             if traffic
             else 0,
             # placement owner: the parameters left spread over the shard group (docs/design.md, 9)
-            "spread_params": [lay.name for lay, s in zip(owner.layouts, owner.spread, strict=True) if s]
-            if (owner := self._owner) is not None
+            "spread_params": [lay.name for lay, s in zip(runner.layouts, runner.spread, strict=True) if s]
+            if (runner := self._owner or zero) is not None
             else [],
         }
 

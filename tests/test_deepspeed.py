@@ -39,6 +39,9 @@ JOBS = [
     # "placement": "owner": each whole matrix at one rank; equals one process with no block_size
     ("stage2_owner", "scenario_stage", dict(stage=2, gas=2, soap_kw=OWNER)),
     ("stage3_owner_delay1", "scenario_stage", dict(stage=3, gas=1, sub_group_size=100, soap_kw=OWNER1)),
+    # owner with a (200, 7) "embedding" left spread on zero's rows (its column factor shared)
+    ("stage2_owner_spread", "scenario_owner_spread", dict(stage=2, gas=2, soap_kw=OWNER)),
+    ("stage3_owner_spread", "scenario_owner_spread", dict(stage=3, gas=1, soap_kw=OWNER1)),
     ("client_instance", "scenario_client_instance", dict(stage=2)),
     ("bad", "scenario_bad_configs", dict()),
 ]
@@ -50,6 +53,11 @@ def results(tmp_path_factory):
     jobs = JOBS + [
         ("ckpt_stage2", "scenario_checkpoint", dict(stage=2, directory=str(ck / "s2"))),
         ("ckpt_stage3", "scenario_checkpoint", dict(stage=3, directory=str(ck / "s3"))),
+        (
+            "ckpt_owner_spread",
+            "scenario_checkpoint",
+            dict(stage=2, directory=str(ck / "spread"), soap_kw=OWNER, shapes=zs.SPREAD_SHAPES),
+        ),
     ]
     return zs.run(jobs)
 
@@ -95,6 +103,14 @@ def test_zero_stage_equals_one_process(results, name):
             assert sum(r["moved"]) == r["expected_moved"], (rank, name, r["moved"], r["expected_moved"])
 
 
+@pytest.mark.parametrize("name", ["stage2_owner_spread", "stage3_owner_spread"])
+def test_owner_with_a_spread_parameter_equals_one_process(results, name):
+    for rank, res in enumerate(results):
+        r = res[name]
+        assert r["error"] <= TOL, (rank, name, r["error"])
+        assert r["placement"] == "owner" and r["spread"] == ["w0"], (rank, r)
+
+
 def test_stage3_sub_groups_are_stepped_separately(results):
     assert results[0]["stage3_init_gas2"]["flats"] > 1
 
@@ -107,6 +123,11 @@ def test_soap_instance_given_to_deepspeed_directly(results):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_checkpoint_round_trip_continues_bitwise(results, stage):
     assert all(res[f"ckpt_stage{stage}"]["bitwise"] for res in results)
+
+
+def test_deepspeed_checkpoint_with_a_spread_parameter_continues_bitwise(results):
+    assert all(res["ckpt_owner_spread"]["bitwise"] for res in results)
+    assert all(res["ckpt_owner_spread"]["spread"] == ["w0"] for res in results)
 
 
 def test_bad_configs_fail_at_start_saying_what_to_do(results):

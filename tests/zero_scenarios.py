@@ -93,7 +93,9 @@ def ds_config(stage: int, gas: int = 1, bf16: bool = False, soap: dict | None = 
     }
 
 
-def build(stage: int, gas: int = 1, bf16: bool = False, zero_init: bool = False, soap=None, **zero):
+def build(
+    stage: int, gas: int = 1, bf16: bool = False, zero_init: bool = False, soap=None, shapes=SHAPES, **zero
+):
     import deepspeed
 
     import soap_dist.deepspeed as sdd
@@ -101,17 +103,17 @@ def build(stage: int, gas: int = 1, bf16: bool = False, zero_init: bool = False,
     cfg = ds_config(stage, gas, bf16, soap, **zero)
     if zero_init:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
-            model = Sum()
+            model = Sum(shapes)
     else:
-        model = Sum()
+        model = Sum(shapes)
     engine, opt, _, _ = sdd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     return engine, model
 
 
-def train(engine, rank: int, first: int, steps: int, gas: int) -> None:
+def train(engine, rank: int, first: int, steps: int, gas: int, shapes=SHAPES) -> None:
     for t in range(first, first + steps):
         for k in range(gas):
-            loss = engine(coefficients(t, rank, k))
+            loss = engine(coefficients(t, rank, k, shapes))
             engine.backward(loss)
             engine.step()
 
@@ -202,17 +204,38 @@ def _row_exchanges(soap) -> tuple[list[int], int]:
     return moved, expected
 
 
-def scenario_checkpoint(rank: int, stage: int, directory: str):
-    engine, model = build(stage)
-    train(engine, rank, 0, 4, 1)  # past the refresh at step 3
+# (200, 7) has no row factor (200 > max_precond_dim) and outweighs every other matrix: under
+# "placement": "owner" it stays spread over the ranks (owner_layout.spread_params), on zero's rows.
+SPREAD_SHAPES = [(200, 7), (6,), (17, 7), (9, 5)]
+
+
+def scenario_owner_spread(rank: int, stage: int, gas: int, soap_kw: dict, **zero):
+    """Placement owner with a spread parameter equals one process, and names the spread one."""
+    engine, model = build(stage, gas, soap=soap_kw, shapes=SPREAD_SHAPES, **zero)
+    train(engine, rank, 0, STEPS, gas, SPREAD_SHAPES)
+    soap = soap_of(engine)
+    stats = soap.stats()
+    return {
+        "error": rel(full_params(engine, model), reference(STEPS, gas, SPREAD_SHAPES, **soap_kw)),
+        "placement": stats.get("placement"),
+        "spread": stats.get("spread_params"),
+    }
+
+
+def scenario_checkpoint(rank: int, stage: int, directory: str, soap_kw=None, shapes=SHAPES):
+    engine, model = build(stage, soap=soap_kw, shapes=shapes)
+    train(engine, rank, 0, 4, 1, shapes)  # past the refresh at step 3
     engine.save_checkpoint(directory, tag="t4")
-    train(engine, rank, 4, 4, 1)
+    train(engine, rank, 4, 4, 1, shapes)
     straight = full_params(engine, model)
-    again, model2 = build(stage)
+    again, model2 = build(stage, soap=soap_kw, shapes=shapes)
     again.load_checkpoint(directory, tag="t4")
-    train(again, rank, 4, 4, 1)
+    train(again, rank, 4, 4, 1, shapes)
     resumed = full_params(again, model2)
-    return {"bitwise": all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))}
+    return {
+        "bitwise": all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True)),
+        "spread": soap_of(again).stats().get("spread_params"),
+    }
 
 
 def scenario_bad_configs(rank: int):

@@ -27,7 +27,7 @@ from ..comm import Groups
 from ..engine import Hyper, apply_update
 from ..engine.step import lerp_form
 from ..layout import ParamLayout, plan_in_group
-from ..owner_layout import assign_owners, owner_splits
+from ..owner_layout import assign_owners, owner_splits, spread_params
 from ..plan import OWNER, ZERO, Topology, build_plan, local_layouts
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
@@ -63,16 +63,26 @@ class ZeroRunner(HomeRowsRunner):
         self.layouts = [
             self._layout(i, groups[part.flat_group[part.param_flat[i]]]) for i in range(len(part.shapes))
         ]
+        held = self._held()
+        normalized = [bool(groups[lay.group]["normalize_grads"]) for lay in self.layouts]
+        zero_homes = {  # placement zero's rows: whole units, at the rank holding most of each
+            lay.index: homes(lay, unit_rows(lay, normalized[lay.index]), held[lay.index])
+            for lay in self.layouts
+        }
+        self.spread = [False] * len(self.layouts)
         if soap.placement == OWNER:  # each whole matrix at one rank: exact, state 1/W (docs/design.md, 9)
             factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
-            owners = assign_owners(self.layouts, part.world, factor_bytes, [4] * len(self.layouts))
-            self.splits = owner_splits(self.layouts, owners, part.world)
-        else:
-            held = self._held()
+            four = [4] * len(self.layouts)
+            spread = spread_params(self.layouts, part.world, factor_bytes, four, normalized)
+            owners = assign_owners(self.layouts, part.world, factor_bytes, four, spread)
+            # a spread parameter (no row factor, too large for one owner) keeps zero's rows instead
             self.splits = {
-                lay.index: homes(lay, unit_rows(lay, groups[lay.group]["normalize_grads"]), held[lay.index])
-                for lay in self.layouts
+                i: zero_homes[i] if i in spread else rows
+                for i, rows in owner_splits(self.layouts, owners, part.world).items()
             }
+            self.spread = [lay.index in spread for lay in self.layouts]
+        else:
+            self.splits = zero_homes
         topology = Topology(OWNER if soap.placement == OWNER else ZERO, 1, part.world, part.rank)
         plan = build_plan(self.layouts, topology, self.splits)
         device = part.flats[0].device if part.flats else torch.device("cpu")
