@@ -123,3 +123,15 @@ def test_owner_spreads_an_untied_embedding_and_head_together():
     assert sorted(layouts[i].shape for i in spread) == [(128256, 8192), (128256, 8192)]
     before, after = largest_state(layouts, 512, 4, four), largest_state(layouts, 512, 4, four, spread)
     assert after < 0.5 * before, (before, after)
+
+
+def test_plan_command_names_what_owner_leaves_spread(capsys):
+    from soap_dist.plan.__main__ import main
+
+    assert main(["--model", "llama-8b", "--world", "64", "--shard", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "owner over 8 shards leaves spread (docs/design.md, section 9): none" in out
+    assert (
+        "owner over 64 shards leaves spread (docs/design.md, section 9): embed_tokens.weight, lm_head.weight"
+        in out
+    )

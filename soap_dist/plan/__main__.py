@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..bench.param_sets import LLAMA, MODELS, model_specs
 from ..layout import ParamLayout, plan_param
-from ..owner_layout import owner_placement
+from ..owner_layout import owner_placement, spread_params
 from . import OWNER, Topology, build_plan
 from .costs import RankCosts, prefers_owner, rank_costs
 
@@ -140,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fsdp = build_plan(layouts, Topology("fsdp-local", 1, args.world, 0))
         choice = "owner" if prefers_owner(fsdp, fb, [4] * len(layouts)) else "fsdp-local"
         print(f'placement="auto" under FSDP2 at W = {args.world} picks {choice} (docs/design.md, section 6)')
+        for size in sorted(
+            {args.world} | ({args.shard} if args.shard and args.shard < args.world else set())
+        ):
+            spread = spread_params(layouts, size, fb, [4] * len(layouts))
+            names = ", ".join(layouts[i].name for i in sorted(spread)) or "none"
+            print(f"owner over {size} shards leaves spread (docs/design.md, section 9): {names}")
     return 0
 
 
