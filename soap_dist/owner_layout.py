@@ -83,13 +83,6 @@ def spread_params(
         if spreadable(layouts[k], bool(normalized[layouts[k].index]) if normalized else False)
     ]
 
-    def share(k: int) -> int:  # what each shard holds of a spread parameter (shard 0 has the most rows)
-        lay, state = layouts[k], param_state(layouts[k])
-        rows = shard_rows(rows_of(lay), shards, 0)[1]
-        return (state.statistics + state.bases) * factor_bytes + 2 * rows * lay.row_elements * moment_bytes[
-            lay.index
-        ]
-
     def estimate(spread: set[int], added: int, rest: int) -> float:
         largest = next((whole[k] for k in order if k not in spread), 0)
         return added + max(rest / shards, largest)
@@ -100,7 +93,9 @@ def spread_params(
     added, rest = 0, sum(whole)
     for k in candidates:
         trial.add(k)
-        added, rest = added + share(k), rest - whole[k]
+        # shard 0 holds the most rows (torch.chunk), so its share is the largest
+        share = spread_share(layouts[k], shards, 0, factor_bytes, moment_bytes[layouts[k].index])
+        added, rest = added + share, rest - whole[k]
         value = estimate(trial, added, rest)
         if value < best:
             best, chosen = value, set(trial)
@@ -128,12 +123,19 @@ def largest_state(
         if owners[k] != SPREAD:
             loads[owners[k]] += state_bytes(lay, factor_bytes, mb)
             continue
-        state = param_state(lay)
         for s in range(shards):
-            rows = held_rows(lay, shards, s)[1]
-            if rows:
-                loads[s] += (state.statistics + state.bases) * factor_bytes + 2 * rows * lay.row_elements * mb
+            loads[s] += spread_share(lay, shards, s, factor_bytes, mb)
     return max(loads)
+
+
+def spread_share(lay: ParamLayout, shards: int, shard: int, factor_bytes: int, moment_bytes: int) -> int:
+    """The state bytes a shard holds of a spread parameter: the moments of its rows, and, if it holds
+    any, the whole column statistics and bases (partial statistics are whole-sized)."""
+    rows = held_rows(lay, shards, shard)[1]
+    if not rows:
+        return 0
+    state = param_state(lay)
+    return (state.statistics + state.bases) * factor_bytes + 2 * rows * lay.row_elements * moment_bytes
 
 
 def assign_owners(

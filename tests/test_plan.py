@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from soap_dist.bench.param_sets import gpt2_specs
-from soap_dist.layout import plan_param
+from soap_dist.bench.param_sets import gpt2_specs, spec_layouts
 from soap_dist.plan import Topology, build_plan, shard_rows
 
 
 def gpt2_small_layouts(block_size=None):
-    return [
-        plan_param(
-            i,
-            0,
-            s.name,
-            s.shape,
-            max_precond_dim=10000,
-            merge=False,
-            precondition_1d=False,
-            data_format="channels_first",
-            block_size=block_size,
-        )
-        for i, s in enumerate(gpt2_specs("gpt2-small"))
-    ]
+    return spec_layouts(gpt2_specs("gpt2-small"), block_size)
 
 
 @pytest.mark.parametrize(
@@ -89,12 +75,7 @@ def test_owner_spreads_only_row_free_parameters_and_only_where_the_largest_rank_
     from soap_dist.bench.scaling_worker import scaled_specs
     from soap_dist.owner_layout import SPREAD, largest_state, owner_placement, spread_params, spreadable
 
-    specs = scaled_specs("gpt2-small", 1, None, None)  # one layer at d = 768, vocab 50304
-    layouts = [
-        plan_param(i, 0, s.name, s.shape, max_precond_dim=10000, merge=False, precondition_1d=False,
-                   data_format="channels_first", block_size=None)
-        for i, s in enumerate(specs)
-    ]  # fmt: skip
+    layouts = spec_layouts(scaled_specs("gpt2-small", 1, None, None))  # one layer, d = 768, vocab 50304
     four = [4] * len(layouts)
     names = {lay.index: lay.name for lay in layouts}
     assert spread_params(layouts, 2, 4, four) == frozenset()

@@ -11,31 +11,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..layout import plan_param
 from ..owner_layout import owner_placement
 from ..plan import OWNER, Topology, build_plan
 from ..plan.costs import rank_costs
+from .param_sets import spec_layouts
 from .scaling_worker import scaled_specs
 
 MiB = 1 << 20
 
 
 def table(model: str, layers: int, worlds: Sequence[int], k: int) -> str:
-    specs = scaled_specs(model, layers, None, None)
-    layouts = [
-        plan_param(
-            i,
-            0,
-            s.name,
-            s.shape,
-            max_precond_dim=10000,
-            merge=False,
-            precondition_1d=False,
-            data_format="channels_first",
-            block_size=None,
-        )
-        for i, s in enumerate(specs)
-    ]
+    layouts = spec_layouts(scaled_specs(model, layers, None, None))
     four = [4] * len(layouts)  # float32 values, moments and factors
     cells: dict[str, list[str]] = {"fsdp-local": [], "owner": [], "fsdp-local state": [], "owner state": []}
     for world in worlds:

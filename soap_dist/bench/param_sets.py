@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..layout import ParamLayout
 
 MODELS: dict[str, tuple[int, int]] = {"gpt2-small": (768, 12), "gpt2-medium": (1024, 24)}
 VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT does
@@ -118,3 +122,25 @@ def model_specs(model: str) -> list[ParamSpec]:
     if model in LLAMA:
         return llama_specs(model)
     raise ValueError(f"unknown model {model!r}; known: {', '.join([*MODELS, *LLAMA])}")
+
+
+def spec_layouts(
+    specs: list[ParamSpec], block_size: int | None = None, max_precond_dim: int = 10000
+) -> list[ParamLayout]:
+    """SOAP's layouts of the shapes, as an optimizer with default options would plan them."""
+    from ..layout import plan_param
+
+    return [
+        plan_param(
+            i,
+            0,
+            s.name,
+            s.shape,
+            max_precond_dim=max_precond_dim,
+            merge=False,
+            precondition_1d=False,
+            data_format="channels_first",
+            block_size=block_size,
+        )
+        for i, s in enumerate(specs)
+    ]

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..bench.param_sets import LLAMA, MODELS, model_specs
-from ..layout import ParamLayout, plan_param
+from ..bench.param_sets import LLAMA, MODELS, model_specs, spec_layouts
+from ..layout import ParamLayout
 from ..owner_layout import owner_placement, spread_params
 from . import OWNER, Topology, build_plan
 from .costs import RankCosts, prefers_owner, rank_costs
@@ -32,21 +32,7 @@ class Row:
 
 
 def layouts_of(model: str, block_size: int | None, max_precond_dim: int) -> list[ParamLayout]:
-    specs = model_specs(model)
-    return [
-        plan_param(
-            i,
-            0,
-            s.name,
-            s.shape,
-            max_precond_dim=max_precond_dim,
-            merge=False,
-            precondition_1d=False,
-            data_format="channels_first",
-            block_size=block_size,
-        )
-        for i, s in enumerate(specs)
-    ]
+    return spec_layouts(model_specs(model), block_size, max_precond_dim)
 
 
 def placements(
