@@ -294,3 +294,18 @@ def test_elapsed_s_continues_across_a_resume(tmp_path):
     metrics.close(plot=False)
     elapsed = [r["elapsed_s"] for r in read_records(tmp_path / "metrics.jsonl")]
     assert elapsed[:2] == [40.0, 100.0] and 100.0 < elapsed[2] < 130.0, elapsed
+
+
+def test_the_placement_line_names_what_owner_leaves_spread():
+    from types import SimpleNamespace
+
+    from soap_apps.pretrain.trainer import _soap_placement
+
+    def backend(stats):
+        return SimpleNamespace(optimizer=SimpleNamespace(stats=lambda: stats))
+
+    assert _soap_placement(backend({"placement": "owner", "spread_params": []})) == "owner"
+    spread = {"placement": "owner", "spread_params": ["tok.weight", "head.weight"]}
+    assert _soap_placement(backend(spread)) == "owner (tok.weight, head.weight spread over the shards)"
+    assert _soap_placement(backend({"built": False})) == ""  # falsy: the launcher prints nothing
+    assert _soap_placement(SimpleNamespace()) is None  # AdamW and DeepSpeed
