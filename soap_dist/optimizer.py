@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -366,7 +366,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         params: list[Tensor],
         plan: Any,
         exchange: Exchange | None,
-        writes_updates: bool = False,
+        writes_updates: bool | Sequence[bool] = False,
     ) -> SoapEngine:
         return SoapEngine(
             layouts,
