@@ -34,14 +34,12 @@ from typing import Any
 import torch
 
 from ..comm import Groups
-from ..engine import Hyper, apply_update
-from ..engine.step import lerp_form
 from ..layout import ParamLayout
 from ..owner_layout import SPREAD, crossing_elements, held_rows, owner_placement
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
-from .rows import HomeRowsRunner
+from .rows import HomeRowsRunner, apply_updates
 from .tensors import Placement, is_dtensor, local, wrapper
 
 Tensor = torch.Tensor
@@ -196,20 +194,7 @@ class OwnerRunner(HomeRowsRunner):
         for i, spread in enumerate(self.spread):  # a spread parameter's update is of this rank's rows
             if spread and updated[i] and self.home_updates[i].numel():
                 mine_updates.append((i, self.home_updates[i].view(-1)))
-        self._apply(groups, params, mine_updates)
-
-    def _apply(self, groups: list[dict], params: list[Tensor], updates: list[tuple[int, Tensor]]) -> None:
-        """The one-process rule (``engine.apply_update``) on this rank's rows, one batch per group and
-        dtype pair: the same arithmetic, element by element, as the owner would do on the whole."""
-        batches: dict[tuple[int, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        for i, update in updates:
-            key = (self.layouts[i].group, params[i].dtype, update.dtype)
-            targets, pieces = batches.setdefault(key, ([], []))
-            targets.append(params[i].view(-1))
-            pieces.append(update)
-        for (group, _, _), (targets, pieces) in batches.items():
-            hyper = Hyper.of(groups[group])
-            apply_update(targets, pieces, hyper.lr * hyper.weight_decay, lerp_form(hyper))
+        apply_updates(groups, self.layouts, ((i, params[i].view(-1), u) for i, u in mine_updates))
 
     # ----- checkpoints -----
     def state_dict(self) -> dict[int, dict]:

@@ -10,11 +10,14 @@ derives alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from ..comm import Exchange
+from ..engine import Hyper, apply_update
+from ..engine.step import lerp_form
+from ..layout import ParamLayout
 
 Tensor = torch.Tensor
 Runs = dict[int, list[Tensor]]  # peer rank -> views to send to it (or to fill from it), in order
@@ -59,3 +62,19 @@ class HomeRowsRunner:
                     if t.dtype == dtype:
                         t.copy_(received[at : at + t.numel()])
                         at += t.numel()
+
+
+def apply_updates(
+    groups: list[dict], layouts: Sequence[ParamLayout], pieces: Iterable[tuple[int, Tensor, Tensor]]
+) -> None:
+    """Apply (parameter, rows of its values, their update) with the one-process rule
+    (``engine.apply_update``), one batch per param group and dtype pair: element by element the
+    same arithmetic as the home would do on the whole."""
+    batches: dict[tuple[int, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for i, target, update in pieces:
+        targets, updates = batches.setdefault((layouts[i].group, target.dtype, update.dtype), ([], []))
+        targets.append(target)
+        updates.append(update)
+    for (group, _, _), (targets, updates) in batches.items():
+        hyper = Hyper.of(groups[group])
+        apply_update(targets, updates, hyper.lr * hyper.weight_decay, lerp_form(hyper))

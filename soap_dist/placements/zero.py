@@ -24,15 +24,13 @@ from typing import Any
 import torch
 
 from ..comm import Groups
-from ..engine import Hyper, apply_update
-from ..engine.step import lerp_form
 from ..layout import ParamLayout, plan_in_group
 from ..owner_layout import assign_owners, owner_splits, spread_params
 from ..plan import OWNER, ZERO, Topology, build_plan, local_layouts
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
 from ..zero_layout import Fragment, homes, routes, unit_rows
-from .rows import HomeRowsRunner
+from .rows import HomeRowsRunner, apply_updates
 
 Tensor = torch.Tensor
 
@@ -229,20 +227,15 @@ class ZeroRunner(HomeRowsRunner):
                         self._home_run(p.param, self.home_updates, p) for p in pieces if p.param in updated
                     ]
             for d, pieces in enumerate(route.send):
-                for p in pieces if d != me else ():
+                if d == me:
+                    continue
+                for p in pieces:
                     if p.param in updated:
                         update = torch.empty(p.numel, dtype=self.update_dtype, device=values.device)
                         incoming[d].append(update)
                         pieces_here.append((p.param, values[p.flat_offset : p.flat_offset + p.numel], update))
             self.move(outgoing, incoming, [self.update_dtype])
-        batches: dict[tuple[int, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        for i, target, update in pieces_here:
-            targets, updates = batches.setdefault((self.layouts[i].group, target.dtype), ([], []))
-            targets.append(target)
-            updates.append(update)
-        for (group, _), (targets, updates) in batches.items():
-            hyper = Hyper.of(self.groups[group])
-            apply_update(targets, updates, hyper.lr * hyper.weight_decay, lerp_form(hyper))
+        apply_updates(self.groups, self.layouts, pieces_here)
 
     @staticmethod
     def _home_run(param: int, buffers: list[Tensor], p: Any) -> Tensor:
