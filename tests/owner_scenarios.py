@@ -115,40 +115,52 @@ def owner_state_and_traffic(world):
     }
 
 
-def owner_float32_values(world):
-    """float32 parameters with float64 factors: gradients travel in float32, updates in float64 (the
-    step's compute dtype), and the result is one process's with the same dtypes."""
+def owner_narrow_values(world):
+    """float32 parameters with float64 factors, and bf16 parameters with float32 factors: gradients
+    travel in the parameters' dtype, updates in the step's compute dtype (float64, float32), and the
+    result is one process's with the same dtypes."""
     mesh = init_device_mesh("cpu", (world,))
-    steps = 7
     shapes = ds.SHAPES
-    inits = [w.float() for w in ds._inits(shapes)]
-    grads = [[g.float() for g in gs] for gs in ds._grads(shapes, steps)]
+    out = {}
+    for name, dtype, factor_dtype in (
+        ("float32", torch.float32, torch.float64),
+        ("bfloat16", torch.bfloat16, torch.float32),
+    ):
+        inits = [w.to(dtype) for w in ds._inits(shapes)]
+        grads = [[g.to(dtype) for g in gs] for gs in ds._grads(shapes, 7)]
+        kw = {**ds.COMMON, "factor_dtype": factor_dtype}
+        got, opt, sent = _steps(
+            inits, grads, lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)]), **kw, placement="owner"
+        )
+        want, _, _ = _steps(inits, grads, lambda t: t.clone(), **kw)
+        runner = opt._owner
+        sizes = [torch.empty((), dtype=dtype).element_size()] * len(shapes)
+        updates = [torch.empty((), dtype=factor_dtype).element_size()] * len(shapes)
+        formula = step_traffic(runner.layouts, runner.owners, world, runner.shard, sizes, updates)
+        out[name] = {
+            "rel": max(
+                ((a - b).float().norm() / b.float().norm()).item() for a, b in zip(got, want, strict=True)
+            ),
+            "dtypes": sorted({str(t.dtype) for t in got}),
+            "sent_last": sent[-1],
+            "formula_sent": formula[0] + 8 * (len(shapes) + 2),  # + the finite-flag all_reduce
+        }
+    return out
 
-    def run(make, **kw):
-        params = [torch.nn.Parameter(make(w)) for w in inits]
-        opt = SOAP(params, **{**ds.COMMON, **kw})
-        sent = []
-        for gs in grads:
-            for p, g in zip(params, gs, strict=True):
-                p.grad = make(g)
-            before = opt.stats().get("bytes_sent", 0)  # one process has no such counter
-            opt.step()
-            sent.append(opt.stats().get("bytes_sent", 0) - before)
-        full = [p.detach().full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in params]
-        return full, opt, sent
 
-    got, opt, sent = run(lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)]), placement="owner")
-    want, _, _ = run(lambda t: t.clone())
-    runner = opt._owner
-    grad_bytes, update_bytes = [4] * len(shapes), [8] * len(shapes)
-    formula = step_traffic(runner.layouts, runner.owners, world, runner.shard, grad_bytes, update_bytes)
-    flags = 8 * (len(shapes) + 2)
-    return {
-        "rel": max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True)),
-        "dtypes": sorted({str(t.dtype) for t in got}),
-        "sent_last": sent[-1],
-        "formula_sent": formula[0] + flags,
-    }
+def _steps(inits, grads, make, **kw):
+    """SOAP from ``inits`` over the gradients: the full parameters, the optimizer, bytes sent per step."""
+    params = [torch.nn.Parameter(make(w)) for w in inits]
+    opt = SOAP(params, **kw)
+    sent = []
+    for gs in grads:
+        for p, g in zip(params, gs, strict=True):
+            p.grad = make(g)
+        before = opt.stats().get("bytes_sent", 0)  # one process has no such counter
+        opt.step()
+        sent.append(opt.stats().get("bytes_sent", 0) - before)
+    full = [p.detach().full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in params]
+    return full, opt, sent
 
 
 def owner_hsdp(world):
@@ -324,7 +336,7 @@ SCENARIOS = {
         owner_state_and_traffic,
         owner_errors,
         owner_checkpoint,
-        owner_float32_values,
+        owner_narrow_values,
     ],
     4: [owner_exact, owner_spread_exact, owner_state_and_traffic, owner_hsdp, owner_checkpoint],
 }

@@ -57,14 +57,17 @@ def test_owner_step_traffic_equals_the_formula(world, world2, world4):
         assert res["received"] == res["formula_received"]
 
 
-def test_owner_float32_values_with_float64_factors_travel_as_gradients_and_updates(world2):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_owner_narrow_values_travel_as_gradients_and_updates(dtype, world2):
+    """float32 values with float64 factors, bf16 values with float32 factors."""
     for rank in world2:
-        res = rank["owner_float32_values"]
+        res = rank["owner_narrow_values"]
         assert "exception" not in res, res.get("exception")
-        assert res["dtypes"] == ["torch.float32"]
-        # the same arithmetic as one process, element by element (float32 values, float64 updates)
+        res = res[dtype]
+        assert res["dtypes"] == [f"torch.{dtype}"]
+        # the same arithmetic as one process, element by element (measured: bitwise)
         assert res["rel"] <= 1e-6, res
-        assert res["sent_last"] == res["formula_sent"]  # float32 gradients in, float64 updates out
+        assert res["sent_last"] == res["formula_sent"]  # gradients in the values' dtype, updates wider
 
 
 def test_owner_bad_input_fails_with_a_message_on_every_rank(world2):
