@@ -78,15 +78,16 @@ class OwnerRunner(HomeRowsRunner):
         self.owned = [k for k, o in enumerate(self.owners) if o == self.shard]
         # The owner's engine writes each owned parameter's update into home_updates, in the dtype the
         # step computes in (the moments' and factors' promotion); every rank applies its rows of it.
-        self.update_dtypes = [torch.promote_types(moment_dtype(p.dtype), soap.factor_dtype) for p in params]
+        update_dtypes = [torch.promote_types(moment_dtype(p.dtype), soap.factor_dtype) for p in params]
         # (a spread parameter's engine takes the rank's own gradient: no home buffer)
         self.home_grads = [
             self._home(lay, p.dtype, device) if not self.spread[lay.index] else None
             for lay, p in zip(layouts, params, strict=True)
         ]
         self.home_updates = [
-            self._home(lay, dtype, device) for lay, dtype in zip(layouts, self.update_dtypes, strict=True)
+            self._home(lay, dtype, device) for lay, dtype in zip(layouts, update_dtypes, strict=True)
         ]
+        self.update_dtypes = sorted(set(update_dtypes), key=str)  # the second exchange's, every step
         dtypes_only = [torch.empty(0, dtype=p.dtype, device=device) for p in params]  # what the engine reads
         mine = local_layouts(layouts, self.topology, splits)
         self.engine = soap._new_engine(mine, dtypes_only, plan, self.exchange, writes_updates=True)
@@ -202,7 +203,7 @@ class OwnerRunner(HomeRowsRunner):
             for d in others:
                 outgoing[d].append(self._home_run(home, lay, d))
         if crossing:
-            self.move(outgoing, incoming, _dtypes(self.home_updates))
+            self.move(outgoing, incoming, self.update_dtypes)
         for i, spread in enumerate(self.spread):  # a spread parameter's update is of this rank's rows
             if spread and updated[i] and self.home_updates[i].numel():
                 mine_updates.append((i, self.home_updates[i].view(-1)))

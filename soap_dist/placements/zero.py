@@ -7,10 +7,9 @@ to the rank that updates them (``zero_layout``), the engine steps the home rows 
 each piece's update travels back to be applied to the slice holding it (values never travel).
 Which rank updates what is decided from shapes and offsets alone (docs/design.md, section 8), so
 the result equals one process with the same ``block_size`` at every world size and every partition
-boundary. With ``"placement": "owner"`` in
-the JSON's SOAP params, each whole parameter's rows go to one owner instead (``owner_layout``):
-the result equals one process whatever ``block_size``, and each rank keeps 1/W of the state,
-column factors included.
+boundary. With ``"placement": "owner"`` in the JSON's SOAP params, each whole parameter's rows go
+to one owner instead (``owner_layout``): the result equals one process whatever ``block_size``,
+and each rank keeps 1/W of the state, column factors included.
 
 What DeepSpeed exposes is read in ``soap_dist.deepspeed`` and arrives here as a ``Partitioning``;
 nothing here imports deepspeed.
@@ -63,10 +62,11 @@ class ZeroRunner(HomeRowsRunner):
         ]
         held = self._held()
         normalized = [bool(groups[lay.group]["normalize_grads"]) for lay in self.layouts]
-        zero_homes = {  # placement zero's rows: whole units, at the rank holding most of each
-            lay.index: homes(lay, unit_rows(lay, normalized[lay.index]), held[lay.index])
-            for lay in self.layouts
-        }
+
+        def zero_rows(lay: ParamLayout) -> list[tuple[int, int]]:
+            """Placement zero's rows: whole units, each at the rank holding most of it."""
+            return homes(lay, unit_rows(lay, normalized[lay.index]), held[lay.index])
+
         self.spread = [False] * len(self.layouts)
         if soap.placement == OWNER:  # each whole matrix at one rank: exact, state 1/W (docs/design.md, 9)
             factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
@@ -75,12 +75,12 @@ class ZeroRunner(HomeRowsRunner):
             owners = assign_owners(self.layouts, part.world, factor_bytes, four, spread)
             # a spread parameter (no row factor, too large for one owner) keeps zero's rows instead
             self.splits = {
-                i: zero_homes[i] if i in spread else rows
+                i: zero_rows(self.layouts[i]) if i in spread else rows
                 for i, rows in owner_splits(self.layouts, owners, part.world).items()
             }
             self.spread = [lay.index in spread for lay in self.layouts]
         else:
-            self.splits = zero_homes
+            self.splits = {lay.index: zero_rows(lay) for lay in self.layouts}
         topology = Topology(OWNER if soap.placement == OWNER else ZERO, 1, part.world, part.rank)
         plan = build_plan(self.layouts, topology, self.splits)
         device = part.flats[0].device if part.flats else torch.device("cpu")
