@@ -20,11 +20,18 @@ from .comm.guard import DEFAULT_TIMEOUT_S
 from .engine import SoapEngine
 from .layout import ParamLayout, plan_in_group
 from .optimizer_state import StateMixin
-from .options import FACTOR_DTYPES, async_refresh_on, check, check_async_refresh, validate_group
+from .options import (
+    FACTOR_DTYPES,
+    async_refresh_on,
+    check,
+    check_async_refresh,
+    check_placement,
+    validate_group,
+)
 from .placements import Placement, local, resolve
-from .placements.owner import OwnerRunner
+from .placements.owner import OWNER_SCOPES, OwnerRunner
 from .placements.zero import ZeroRunner
-from .plan import PLACEMENTS, build_plan, local_layouts
+from .plan import build_plan, local_layouts
 from .plan.costs import prefers_owner
 from .plan.schedule import SCHEDULES
 from .state_io import load_engine_state, save_engine_state
@@ -56,6 +63,7 @@ COPIED_DEFAULTS: dict[str, Any] = dict(
     refresh_schedule="all",
     basis_dtype=None,
     async_refresh=None,
+    owner_scope="world",
     _calls=0,
 )
 
@@ -109,6 +117,10 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             refresh_delay >= 1; True needs refresh_delay >= 1 and runs the same code inline on a
             CPU). The synchronous refresh's results: a CholeskyQR2 breakdown is redone with
             Householder QR, and failures are reported, at the next step instead of at once.
+        owner_scope: where placement "owner" puts the owners under HSDP: "world" (over every rank
+            of the mesh, so the state shrinks as 1/W; each step also sends every replica the update
+            of its rows) or "shard_group" (repeated in each replica's shard group: nothing crosses
+            replicas, the state shrinks with the shard group only). No effect elsewhere.
     """
 
     def __init__(
@@ -139,6 +151,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         refresh_schedule: str = "all",
         basis_dtype: torch.dtype | None = None,
         async_refresh: bool | None = None,
+        owner_scope: str = "world",
     ) -> None:
         check(
             isinstance(refresh_delay, int) and refresh_delay >= 0,
@@ -191,13 +204,10 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self.basis_dtype = basis_dtype
         check_async_refresh(async_refresh, refresh_delay)
         self.async_refresh = async_refresh
+        check(owner_scope in OWNER_SCOPES, "owner_scope", owner_scope, "'world' or 'shard_group'")
+        self.owner_scope = owner_scope
         self._calls = 0  # step() calls, for messages that name a step
-        check(
-            placement in ("auto", *PLACEMENTS),
-            "placement",
-            placement,
-            "'auto', 'single', 'replicated', 'fsdp-local', 'hsdp' or 'owner'",
-        )
+        check_placement(placement)
         self.placement = placement
         self.process_group = process_group
         self.device_mesh = device_mesh
@@ -333,7 +343,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         tensor each parameter is: its name when given (named_parameters), and under replicated a
         fingerprint of its values (DDP made them equal on every replica).
 
-        ``across`` = (process group, grid, global ranks): check over the grid's replicas instead.
+        ``across`` = (process group, its size, this rank's place in it, its global ranks): check over
+        that group instead of the exchange's (owner under HSDP: the whole mesh).
         """
         extras = [
             (
@@ -342,6 +353,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                 str(self.factor_dtype),
                 self.refresh_schedule,
                 str(self.basis_dtype),
+                self.owner_scope,
             )
             for lay in full
         ]
@@ -356,9 +368,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             int.from_bytes(hashlib.blake2b(repr((n, f)).encode(), digest_size=8).digest(), "little") >> 1
             for n, f in zip(given, fingerprints, strict=True)
         ]
-        scope = None if across is None else (across[0], across[1].replicas, across[1].replica, across[2])
         names = [lay.name for lay in full]
-        exchange.check_plan(exchange.plan.param_hashes(full, extras), names, scope, identities)
+        exchange.check_plan(exchange.plan.param_hashes(full, extras), names, across, identities)
 
     def _new_engine(
         self,

@@ -20,6 +20,21 @@ def check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"SOAP: invalid {name}={value!r}; expected {allowed}")
 
 
+def check_placement(placement: str) -> None:
+    """``placement`` is "auto" or a placement a user may force; "zero" gets its own message, since
+    docs/design.md names it but only soap_dist.deepspeed picks it."""
+    from .plan import PLACEMENTS
+
+    if placement == "zero":
+        raise ValueError(
+            "SOAP: invalid placement='zero': under DeepSpeed ZeRO 1-3 placement zero is what "
+            "placement='auto' runs (soap_dist.deepspeed picks it from the partitions); pass 'auto', "
+            "or 'owner' for whole matrices at one rank"
+        )
+    allowed = "'auto', 'single', 'replicated', 'fsdp-local', 'hsdp' or 'owner'"
+    check(placement in ("auto", *PLACEMENTS), "placement", placement, allowed)
+
+
 def validate_group(group: dict[str, Any]) -> None:
     """Raise a ValueError naming the argument and its allowed range."""
     lr = group["lr"]

@@ -12,6 +12,12 @@ That is still exact (no row factor means no approximation), moves none of its ro
 largest parameter out of the bound above; the price is its column statistics and basis on every
 shard. ``spread_params`` spreads parameters only where that lowers the estimated largest rank state.
 
+Under HSDP (R replicas of S shards) owners are chosen among all R x S ranks, so state shrinks as 1/W:
+rank ``replica * S + shard`` may own a parameter, gathers its gradient rows from its own replica's
+shard group, and its update reaches the other replicas through the replicate group. A spread
+parameter's FSDP2 chunk is cut again among the replicas (``spread_rows``). With ``replicas=1`` (FSDP2,
+or HSDP with ``owner_scope="shard_group"``) every function is the shard group's alone.
+
 Nothing here imports torch.distributed: every rank computes every rank's view with no communication.
 """
 
@@ -63,6 +69,8 @@ def spread_params(
     factor_bytes: int,
     moment_bytes: Sequence[int],
     normalized: Sequence[bool] | None = None,
+    *,
+    replicas: int = 1,
 ) -> frozenset[int]:
     """The parameters to leave spread over the shard group (see the module docstring).
 
@@ -71,9 +79,11 @@ def spread_params(
     and bases) plus LPT's load on the others. The candidates, largest first, are spread up to the
     prefix with the lowest estimate (a prefix, not one at a time: an untied embedding and head of
     one size only lower it together). ``normalized[i]``: parameter i's group has normalize_grads
-    (never spread). A pure function of shapes and options: every rank decides alike.
+    (never spread). ``replicas`` > 1: owners over every rank of an HSDP mesh. A pure function of
+    shapes and options: every rank decides alike.
     """
-    if shards == 1:
+    ranks = replicas * shards
+    if ranks == 1:
         return frozenset()
     whole = [state_bytes(lay, factor_bytes, moment_bytes[lay.index]) for lay in layouts]
     order = sorted(range(len(layouts)), key=lambda k: (-whole[k], k))
@@ -85,7 +95,7 @@ def spread_params(
 
     def estimate(spread: set[int], added: int, rest: int) -> float:
         largest = next((whole[k] for k in order if k not in spread), 0)
-        return added + max(rest / shards, largest)
+        return added + max(rest / ranks, largest)
 
     chosen: set[int] = set()
     best = estimate(chosen, 0, sum(whole))
@@ -93,15 +103,17 @@ def spread_params(
     added, rest = 0, sum(whole)
     for k in candidates:
         trial.add(k)
-        # shard 0 holds the most rows (torch.chunk), so its share is the largest
-        share = spread_share(layouts[k], shards, 0, factor_bytes, moment_bytes[layouts[k].index])
+        # rank 0 holds the most rows (torch.chunk, twice), so its share is the largest
+        share = spread_share(layouts[k], shards, 0, factor_bytes, moment_bytes[layouts[k].index], replicas)
         added, rest = added + share, rest - whole[k]
         value = estimate(trial, added, rest)
         if value < best:
             best, chosen = value, set(trial)
     spread = frozenset(layouts[k].index for k in chosen)
-    if spread and largest_state(layouts, shards, factor_bytes, moment_bytes, spread) >= largest_state(
-        layouts, shards, factor_bytes, moment_bytes
+    if spread and largest_state(
+        layouts, shards, factor_bytes, moment_bytes, spread, replicas=replicas
+    ) >= largest_state(
+        layouts, shards, factor_bytes, moment_bytes, replicas=replicas
     ):  # the estimate is rough: keep the spread only where LPT's real outcome is lower
         return frozenset()
     return spread
@@ -113,25 +125,40 @@ def largest_state(
     factor_bytes: int,
     moment_bytes: Sequence[int],
     spread: frozenset[int] = frozenset(),
+    *,
+    replicas: int = 1,
 ) -> int:
-    """The largest shard's state bytes: its owned parameters' whole state, plus, of each spread one,
+    """The largest rank's state bytes: its owned parameters' whole state, plus, of each spread one,
     its moment rows and (where it holds rows) the whole column statistics and bases."""
-    owners = assign_owners(layouts, shards, factor_bytes, moment_bytes, spread)
-    loads = [0] * shards
+    ranks = replicas * shards
+    owners = assign_owners(layouts, ranks, factor_bytes, moment_bytes, spread)
+    loads = [0] * ranks
     for k, lay in enumerate(layouts):
         mb = moment_bytes[lay.index]
         if owners[k] != SPREAD:
             loads[owners[k]] += state_bytes(lay, factor_bytes, mb)
             continue
-        for s in range(shards):
-            loads[s] += spread_share(lay, shards, s, factor_bytes, mb)
+        for r in range(ranks):
+            loads[r] += spread_share(lay, shards, r, factor_bytes, mb, replicas)
     return max(loads)
 
 
-def spread_share(lay: ParamLayout, shards: int, shard: int, factor_bytes: int, moment_bytes: int) -> int:
-    """The state bytes a shard holds of a spread parameter: the moments of its rows, and, if it holds
+def spread_rows(lay: ParamLayout, shards: int, rank: int, replicas: int = 1) -> tuple[int, int]:
+    """(first row, row count) that rank ``replica * shards + shard`` steps of a spread parameter: its
+    shard's FSDP2 rows (torch.chunk), cut again among the replicas the same way."""
+    first, count = held_rows(lay, shards, rank % shards)
+    if replicas == 1:
+        return first, count
+    sub_first, sub_count = shard_rows(count, replicas, rank // shards)
+    return first + sub_first, sub_count
+
+
+def spread_share(
+    lay: ParamLayout, shards: int, rank: int, factor_bytes: int, moment_bytes: int, replicas: int = 1
+) -> int:
+    """The state bytes a rank holds of a spread parameter: the moments of its rows, and, if it holds
     any, the whole column statistics and bases (partial statistics are whole-sized)."""
-    rows = held_rows(lay, shards, shard)[1]
+    rows = spread_rows(lay, shards, rank, replicas)[1]
     if not rows:
         return 0
     state = param_state(lay)
@@ -145,8 +172,8 @@ def assign_owners(
     moment_bytes: Sequence[int],
     spread: frozenset[int] = frozenset(),
 ) -> list[int]:
-    """Owner shard of every parameter (``SPREAD`` for those in ``spread``): LPT on state bytes, ties
-    broken by refresh work then rank.
+    """Owner of every parameter among ``shards`` ranks (``SPREAD`` for those in ``spread``): LPT on
+    state bytes, ties broken by refresh work then rank.
 
     ``moment_bytes[i]`` is parameter i's bytes per moment element (8 for float64 parameters, else 4).
     """
@@ -165,16 +192,19 @@ def assign_owners(
     return owners
 
 
-def owner_splits(layouts: Sequence[ParamLayout], owners: Sequence[int], shards: int) -> Splits:
-    """The rows each shard steps (plan.build_plan's splits): all of them at the owner, none elsewhere;
-    a spread parameter's rows where FSDP2 put them."""
+def owner_splits(
+    layouts: Sequence[ParamLayout], owners: Sequence[int], shards: int, replicas: int = 1
+) -> Splits:
+    """The rows each rank steps (plan.build_plan's splits, over ``replicas * shards`` ranks): all of
+    them at the owner, none elsewhere; a spread parameter's ``spread_rows``."""
 
-    def rows(k: int, lay: ParamLayout, s: int) -> tuple[int, int]:
+    def rows(k: int, lay: ParamLayout, r: int) -> tuple[int, int]:
         if owners[k] == SPREAD:
-            return held_rows(lay, shards, s)
-        return (0, rows_of(lay)) if s == owners[k] else (0, 0)
+            return spread_rows(lay, shards, r, replicas)
+        return (0, rows_of(lay)) if r == owners[k] else (0, 0)
 
-    return {lay.index: [rows(k, lay, s) for s in range(shards)] for k, lay in enumerate(layouts)}
+    ranks = replicas * shards
+    return {lay.index: [rows(k, lay, r) for r in range(ranks)] for k, lay in enumerate(layouts)}
 
 
 def owner_placement(
@@ -183,11 +213,14 @@ def owner_placement(
     factor_bytes: int,
     moment_bytes: Sequence[int],
     normalized: Sequence[bool] | None = None,
+    *,
+    replicas: int = 1,
 ) -> tuple[list[int], Splits]:
-    """Placement owner under FSDP2/HSDP: the owners (``SPREAD`` where spread) and the engine's splits."""
-    spread = spread_params(layouts, shards, factor_bytes, moment_bytes, normalized)
-    owners = assign_owners(layouts, shards, factor_bytes, moment_bytes, spread)
-    return owners, owner_splits(layouts, owners, shards)
+    """Placement owner under FSDP2/HSDP: the owners (``SPREAD`` where spread) among ``replicas *
+    shards`` ranks, and the engine's splits."""
+    spread = spread_params(layouts, shards, factor_bytes, moment_bytes, normalized, replicas=replicas)
+    owners = assign_owners(layouts, replicas * shards, factor_bytes, moment_bytes, spread)
+    return owners, owner_splits(layouts, owners, shards, replicas)
 
 
 def held_rows(lay: ParamLayout, shards: int, shard: int) -> tuple[int, int]:
@@ -200,13 +233,14 @@ def held_rows(lay: ParamLayout, shards: int, shard: int) -> tuple[int, int]:
 def crossing_elements(
     layouts: Sequence[ParamLayout], owners: Sequence[int], shards: int, active: Sequence[bool]
 ) -> int:
-    """Elements of the active parameters held away from their owner, over the whole job."""
+    """Elements of the active owned parameters that the owner's shard group holds away from the
+    owner (what the shard-group exchanges move), over the whole job."""
     total = 0
     for k, lay in enumerate(layouts):
         if not active[lay.index] or owners[k] == SPREAD:
             continue
         for s in range(shards):
-            if s != owners[k]:
+            if s != owners[k] % shards:
                 total += held_rows(lay, shards, s)[1] * lay.row_elements
     return total
 
@@ -215,29 +249,44 @@ def step_traffic(
     layouts: Sequence[ParamLayout],
     owners: Sequence[int],
     shards: int,
-    shard: int,
+    rank: int,
     grad_bytes: Sequence[int],
     update_bytes: Sequence[int],
+    replicas: int = 1,
 ) -> tuple[int, int]:
-    """Bytes one shard sends and receives per step (every parameter active and started).
+    """Bytes one rank (``replica * shards + shard``) sends and receives per step (every parameter
+    active and started).
 
-    In: each holder sends its rows' gradient to the owner. Out: the owner sends each holder the update
-    of its rows. ``grad_bytes[i]``/``update_bytes[i]`` are parameter i's element sizes (the update is
-    in the step's compute dtype: the wider of the moments' and the factors').
+    In: each holder in the owner's replica sends its rows' gradient to the owner. Out: the owner sends
+    each of them the update of its rows, and with ``replicas`` > 1 each of them forwards its rows'
+    update to the ranks of the other replicas that hold the same shard (a spread parameter's rows:
+    each rank its own part of the shard). ``grad_bytes[i]``/``update_bytes[i]`` are parameter i's
+    element sizes (the update is in the step's compute dtype: the wider of the moments' and the
+    factors').
     """
+    replica, shard = divmod(rank, shards)
     sent = received = 0
     for k, lay in enumerate(layouts):
-        i, owner = lay.index, owners[k]
-        if owner == SPREAD:  # its rows never move
+        i, owner, width = lay.index, owners[k], lay.row_elements
+        mine = held_rows(lay, shards, shard)[1] * width  # this rank's rows of the parameter
+        if owner == SPREAD:  # its rows never travel to an owner; replicas share their parts
+            if replicas > 1:
+                part = spread_rows(lay, shards, rank, replicas)[1] * width
+                sent += part * update_bytes[i] * (replicas - 1)
+                received += (mine - part) * update_bytes[i]
             continue
-        if owner != shard:
-            n = held_rows(lay, shards, shard)[1] * lay.row_elements
-            sent += n * grad_bytes[i]
-            received += n * update_bytes[i]
+        owner_replica, owner_shard = divmod(owner, shards)
+        if replica != owner_replica:  # the update of its rows comes from its own shard's rank there
+            received += mine * update_bytes[i]
+            continue
+        sent += mine * update_bytes[i] * (replicas - 1)
+        if owner_shard != shard:
+            sent += mine * grad_bytes[i]
+            received += mine * update_bytes[i]
             continue
         for s in range(shards):
             if s != shard:
-                n = held_rows(lay, shards, s)[1] * lay.row_elements
+                n = held_rows(lay, shards, s)[1] * width
                 received += n * grad_bytes[i]
                 sent += n * update_bytes[i]
     return sent, received

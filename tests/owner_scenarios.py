@@ -6,9 +6,8 @@ numbers and strings for tests/test_owner.py.
 
 from __future__ import annotations
 
-import os
-
 import dist_scenarios as ds
+import owner_checkpoint_scenarios as ckpt
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -164,21 +163,38 @@ def _steps(inits, grads, make, **kw):
 
 
 def owner_hsdp(world):
-    """HSDP 2 x (world/2): owners inside each shard group, replicas identical, equal to one process."""
+    """HSDP 2 x (world/2): owners over the whole mesh (or, with owner_scope="shard_group", inside each
+    shard group), replicas identical, equal to one process; the state per rank from stats()."""
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     out = {}
-    for name, variant, shapes in (
-        ("b_none", "b_none", ds.SHAPES),
-        ("b3_delay1", "b3_delay1", ds.SHAPES),
-        ("spread_b3_delay1", "b3_delay1", SPREAD_SHAPES),
+    for name, variant, shapes, scope in (
+        ("b_none", "b_none", ds.SHAPES, "world"),
+        ("b3_delay1", "b3_delay1", ds.SHAPES, "world"),
+        ("spread_b3_delay1", "b3_delay1", SPREAD_SHAPES, "world"),
+        ("spread_b3_delay1_async", "b3_delay1_async", SPREAD_SHAPES, "world"),
+        ("shard_group_b_none", "b_none", ds.SHAPES, "shard_group"),
+        ("shard_group_spread_b3_delay1", "b3_delay1", SPREAD_SHAPES, "shard_group"),
     ):
         kw = VARIANTS[variant]
-        got, opt = ds._distributed(mesh, [Replicate(), Shard(0)], shapes=shapes, placement="owner", **kw)
+        got, opt = ds._distributed(
+            mesh, [Replicate(), Shard(0)], shapes=shapes, placement="owner", owner_scope=scope, **kw
+        )
         synchronous = {k: v for k, v in kw.items() if k != "async_refresh"}  # async against sync
         out[f"rel_{name}"] = ds._rel(got, ds.one_process(shapes=shapes, **synchronous))
-        out["placement"] = opt.stats()["placement"]
+        stats = opt.stats()
+        out["placement"] = stats["placement"]
         out[f"same_{name}"] = ds._same_on_every_rank(got)
         out[f"spread_{name}"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
+        out[f"state_{name}"] = _gather_objects(
+            stats["factor_bytes"] + stats["basis_bytes"] + stats["moment_bytes"]
+        )
+    _, single = ds._distributed(None, None, placement="single")
+    s = single.stats()
+    out["single_total"] = s["factor_bytes"] + s["basis_bytes"] + s["moment_bytes"]
+    out["largest"] = max(
+        (st.statistics + st.bases + st.moments) * 8
+        for st in (param_state(lay) for lay in opt._owner.layouts[: len(ds.SHAPES)])
+    )
     return out
 
 
@@ -213,132 +229,23 @@ def owner_errors(world):
     return out
 
 
-class _Tagger(torch.nn.Module):
-    """An embedding with no row factor (200 rows > max_precond_dim) that owner leaves spread."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(200, 6)
-        self.head = torch.nn.Linear(6, 7)
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.embed(ids)))
-
-
-def _mlp():
-    torch.manual_seed(2)
-    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7)).double()
-
-
-def _tagger():
-    torch.manual_seed(2)
-    return _Tagger().double()
-
-
-def owner_checkpoint(world, directory):
-    """FSDP2 models under owner: DCP save at world 2 continues bitwise; world 4 and one process load it.
-    The second model's embedding is spread (its rows never move, in the steps or the checkpoint)."""
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
-    ids = torch.randint(0, 200, (16,), generator=gen)
-    y = torch.randn(16, 7, generator=gen, dtype=torch.float64)
-    out = _owner_round_trip(world, os.path.join(directory, "owner"), _mlp, x, y)
-    spread = _owner_round_trip(world, os.path.join(directory, "owner_spread"), _tagger, ids, y)
-    return out | {f"spread_{k}": v for k, v in spread.items()}
-
-
-def _owner_round_trip(world, path, model_of, x, y):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    from torch.distributed.fsdp import fully_shard
-
-    rank = dist.get_rank()
-    kw = {**ds.COMMON, "block_size": 3}
-
-    def build():
-        model = model_of()
-        for layer in model.children():
-            if isinstance(layer, torch.nn.Linear | torch.nn.Embedding):
-                fully_shard(layer)
-        fully_shard(model)
-        return model, SOAP(model.parameters(), placement="owner", refresh_delay=1, **kw)
-
-    def train(model, opt, steps, xs, ys):
-        for _ in range(steps):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(xs), ys).backward()
-            opt.step()
-        return [
-            p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()
-        ]
-
-    per = 16 // world
-    xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-    out = {}
-    if world == 2:
-        model, opt = build()
-        train(model, opt, 7, xs, ys)  # saved between a refresh (step 6) and its install (step 8)
-        out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
-        dcp.save(
-            {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path
-        )
-        straight = train(model, opt, 6, xs, ys)
-        torch.save(straight, os.path.join(path, "straight.pt"))
-        model2, opt2 = build()
-        out["restored_steps"] = ds._load(
-            model2, opt2, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
-        )
-        out["bitwise"] = all(
-            torch.equal(a, b) for a, b in zip(train(model2, opt2, 6, xs, ys), straight, strict=True)
-        )
-        out["placement"] = opt.stats()["placement"]
-        return out
-    straight = torch.load(os.path.join(path, "straight.pt"))
-    model, opt = build()
-    out["restored_steps"] = ds._load(
-        model, opt, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
-    )
-    out["rel_world4"] = ds._rel(train(model, opt, 6, xs, ys), straight)
-    out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
-    # one process (no sharding, placement "single") loads the same checkpoint: a plain-tensor template
-    if rank == 0:
-        single = model_of()
-        sopt = SOAP(single.parameters(), placement="single", refresh_delay=1, **kw)
-        for p in single.parameters():
-            p.grad = None
-        sopt.step()  # builds zero state (first call with no gradients does nothing) -> use DCP's template
-        template = {"model": single.state_dict(), "optim": _single_template(single, sopt)}
-        dcp.load(template, checkpoint_id=path, no_dist=True)
-        single.load_state_dict(template["model"])
-        sopt.load_state_dict(template["optim"])
-        out["rel_single"] = ds._rel(train(single, sopt, 6, x, y), straight)
-    return out
-
-
-def _single_template(model, opt):
-    """The optimizer's state_dict keyed by parameter name, as DCP's get_optimizer_state_dict gives."""
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()  # a zero gradient builds the state without moving anything
-    for p in model.parameters():
-        p.grad = None
-    sd = opt.state_dict()
-    names = [n for n, _ in model.named_parameters()]
-    state = {names[i]: v for i, v in sd["state"].items()}
-    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
 SCENARIOS = {
     2: [
         owner_exact,
         owner_spread_exact,
         owner_state_and_traffic,
         owner_errors,
-        owner_checkpoint,
+        ckpt.owner_checkpoint,
         owner_narrow_values,
     ],
-    4: [owner_exact, owner_spread_exact, owner_state_and_traffic, owner_hsdp, owner_checkpoint],
+    4: [
+        owner_exact,
+        owner_spread_exact,
+        owner_state_and_traffic,
+        owner_hsdp,
+        ckpt.owner_checkpoint,
+        ckpt.owner_hsdp_checkpoint,
+    ],
 }
 
 
@@ -358,11 +265,17 @@ def planner_counts(world):
     }
     if world == 4:
         square = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-        cases["hsdp"] = (square, [Replicate(), Shard(0)], "hsdp", Topology("hsdp", 2, 2, 0))
+        hsdp = [Replicate(), Shard(0)]
+        cases["hsdp"] = (square, hsdp, "hsdp", Topology("hsdp", 2, 2, 0))
+        cases["owner_hsdp_spread"] = (square, hsdp, "owner", None)  # owners over the whole mesh
+        cases["owner_hsdp_shard_group"] = (square, hsdp, "owner", None)  # owners in each shard group
     out = {}
     for name, (mesh, placements, placement, topology) in cases.items():
-        shapes = SPREAD_SHAPES if name == "owner_spread" else ds.SHAPES
-        _, opt = ds._distributed(mesh, placements, shapes=shapes, steps=1, placement=placement)
+        shapes = SPREAD_SHAPES if name.endswith("_spread") else ds.SHAPES
+        scope = "shard_group" if name.endswith("shard_group") else "world"
+        _, opt = ds._distributed(
+            mesh, placements, shapes=shapes, steps=1, placement=placement, owner_scope=scope
+        )
         before = opt.stats()
         params = opt._params()
         for gs in ds._grads(shapes, k, seed=7):  # calls 2 .. k + 1: k steps, one refresh
@@ -372,7 +285,12 @@ def planner_counts(world):
         after = opt.stats()
         layouts = opt._layouts()
         eight = [8] * len(layouts)  # float64 parameters, moments and factors
-        if placement == "owner":
+        if placement == "owner" and "hsdp" in name:
+            replicas = 2 if scope == "world" else 1  # the replicas the owners span
+            owners, splits = owner_placement(layouts, 2, 8, eight, replicas=replicas)
+            plan = build_plan(layouts, Topology(OWNER, 1, 2 * replicas, 0), splits)
+            mine = rank_costs(plan, 8, eight, eight, owners, owner_grid=(replicas, 2))[rank % (2 * replicas)]
+        elif placement == "owner":
             owners, splits = owner_placement(layouts, world, 8, eight)
             plan = build_plan(layouts, Topology(OWNER, 1, world, 0), splits)
             mine = rank_costs(plan, 8, eight, eight, owners)[rank]

@@ -34,9 +34,30 @@ def test_owner_with_a_spread_parameter_equals_one_process(world, world2, world4)
 def test_owner_under_hsdp_2x2_equals_one_process_and_replicas_agree(world4):
     res = result(world4, "owner_hsdp")
     assert res["placement"] == "owner"
-    for name in ("b_none", "b3_delay1", "spread_b3_delay1"):
+    names = ("b_none", "b3_delay1", "spread_b3_delay1", "spread_b3_delay1_async")
+    for name in names + ("shard_group_b_none", "shard_group_spread_b3_delay1"):
         assert res[f"rel_{name}"] <= 1e-10 and res[f"same_{name}"], (name, res)
     assert res["spread_b_none"] == [] and res["spread_spread_b3_delay1"] == [2]
+    assert res["spread_shard_group_spread_b3_delay1"] == [2]
+
+
+def test_owner_under_hsdp_holds_each_byte_of_state_once_over_the_mesh(world4):
+    """owner_scope="world": state 1/W over all four ranks; "shard_group": once per replica."""
+    res = result(world4, "owner_hsdp")
+    total = res["single_total"]
+    assert sum(res["state_b_none"]) == total
+    assert max(res["state_b_none"]) <= 1.25 * total / 4 + res["largest"]
+    assert sum(res["state_shard_group_b_none"]) == 2 * total
+    assert max(res["state_b_none"]) < max(res["state_shard_group_b_none"])
+
+
+def test_owner_under_hsdp_checkpoint_continues_and_reshards(world4):
+    res = result(world4, "owner_hsdp_checkpoint")
+    assert res["spread"] == [0], res  # the (200, 6) embedding: rows cut among shards and replicas
+    assert {2, 3} & set(res["owners"]), res  # owners beyond the first replica's shard group
+    assert res["restored_steps"] == [6] and res["bitwise"], res
+    for name in ("shard_group", "fsdp4", "single"):
+        assert res[f"rel_{name}"] <= 1e-10, (name, res)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -107,11 +128,12 @@ def test_planner_counts_equal_stats_on_every_rank(world, world2, world4):
     result(ranks, "planner_counts")
     for r, rank in enumerate(ranks):
         for name, res in rank["planner_counts"].items():
-            assert res["placement"] == name.removesuffix("_spread")
+            assert res["placement"] == name.split("_")[0]
             assert res["stats"] == res["counted"], (r, name, res)
             assert res["traffic"] == res["counted_traffic"], (r, name, res)
     assert set(ranks[0]["planner_counts"]) == (
-        {"replicated", "fsdp-local", "owner", "owner_spread"} | ({"hsdp"} if world == 4 else set())
+        {"replicated", "fsdp-local", "owner", "owner_spread"}
+        | ({"hsdp", "owner_hsdp_spread", "owner_hsdp_shard_group"} if world == 4 else set())
     )
 
 

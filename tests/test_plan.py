@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from soap_dist.bench.param_sets import gpt2_specs, spec_layouts
-from soap_dist.plan import Topology, build_plan, shard_rows
+from soap_dist.plan import Topology, build_plan, rows_of, shard_rows
 
 
 def gpt2_small_layouts(block_size=None):
@@ -69,6 +69,38 @@ def test_owner_step_traffic_is_gradients_in_and_updates_out(shards):
     assert sum(sent for sent, _ in per_shard) == crossing * (2 + 4)
 
 
+@pytest.mark.parametrize(("replicas", "shards"), [(2, 4), (4, 2), (8, 8)])
+def test_owner_over_an_hsdp_mesh_moves_each_row_update_to_every_rank_holding_it(replicas, shards):
+    """Owners over every rank of an R x S mesh: gradients cross inside the owner's shard group only,
+    and every rank receives the update of each row it holds but did not step itself."""
+    from soap_dist.bench.scaling_worker import scaled_specs
+    from soap_dist.owner_layout import SPREAD, crossing_elements, held_rows, owner_placement, step_traffic
+
+    layouts = spec_layouts(scaled_specs("gpt2-small", 1, None, None))  # wte spread from 4 ranks on
+    n, W = len(layouts), replicas * shards
+    owners, splits = owner_placement(layouts, shards, 4, [4] * n, replicas=replicas)
+    assert max(owners) >= shards and SPREAD in owners  # owners beyond one shard group; wte spread
+    grads = [step_traffic(layouts, owners, shards, r, [1] * n, [0] * n, replicas) for r in range(W)]
+    updates = [step_traffic(layouts, owners, shards, r, [0] * n, [1] * n, replicas) for r in range(W)]
+    crossing = crossing_elements(layouts, owners, shards, [True] * n)
+    assert sum(s for s, _ in grads) == sum(r for _, r in grads) == crossing
+    held = replicas * sum(
+        rows_of(lay) * lay.row_elements for lay in layouts
+    )  # every rank holds its shard's rows
+    stepped_where_held = 0  # rows a rank steps itself among those it holds
+    for k, lay in enumerate(layouts):
+        if owners[k] == SPREAD:
+            stepped_where_held += (
+                rows_of(lay) * lay.row_elements
+            )  # each rank steps a part of its own shard's rows
+        else:
+            stepped_where_held += held_rows(lay, shards, owners[k] % shards)[1] * lay.row_elements
+    assert sum(r for _, r in updates) == sum(s for s, _ in updates) == held - stepped_where_held
+    # the spread rows' parts: every rank steps a piece, together each row exactly once
+    (wte,) = [k for k, o in enumerate(owners) if o == SPREAD]
+    assert sum(c for _, c in splits[layouts[wte].index]) == layouts[wte].shape[0]
+
+
 def test_owner_spreads_only_row_free_parameters_and_only_where_the_largest_rank_gains():
     """An embedding too large for one owner is left spread; at W = 2 LPT's real outcome would be no
     better, so nothing is; a parameter with a row factor is never spread."""
@@ -111,8 +143,9 @@ def test_plan_command_names_what_owner_leaves_spread(capsys):
 
     assert main(["--model", "llama-8b", "--world", "64", "--shard", "8"]) == 0
     out = capsys.readouterr().out
-    assert "owner over 8 shards leaves spread (docs/design.md, section 9): none" in out
-    assert (
-        "owner over 64 shards leaves spread (docs/design.md, section 9): embed_tokens.weight, lm_head.weight"
-        in out
-    )
+    spread = "leaves spread (docs/design.md, section 9): embed_tokens.weight, lm_head.weight"
+    assert f"owner over 1 x 64 ranks {spread}" in out
+    assert f"owner over 8 x 8 ranks {spread}" in out  # owners over the whole HSDP mesh
+    rows = {line.split()[0] + " " + " ".join(line.split()[1:4]): line for line in out.splitlines()}
+    world, group = rows["owner 8 x 8"].split(), rows["owner(sg) 8 x 8"].split()
+    assert float(world[7]) < float(group[7]) / 5  # the state: 1/W against 1/S

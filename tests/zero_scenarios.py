@@ -190,9 +190,9 @@ def _row_exchanges(soap) -> tuple[list[int], int]:
     moved: list[int] = []
     swap = zero.exchange.swap_pieces
 
-    def counting(send, send_counts, recv_counts):
+    def counting(send, send_counts, recv_counts, over=None):
         moved.append(send.numel())
-        return swap(send, send_counts, recv_counts)
+        return swap(send, send_counts, recv_counts, over)
 
     zero.exchange.swap_pieces = counting
     me = zero.part.rank

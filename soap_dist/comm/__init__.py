@@ -364,13 +364,19 @@ class Exchange:
         return flight
 
     # ----- placement "zero": rows that straddle DeepSpeed partitions -----
-    def swap_pieces(self, send: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
-        """One all_to_all of uneven runs: pieces of flat partitions to their home ranks, or back."""
+    def swap_pieces(
+        self,
+        send: Tensor,
+        send_counts: list[int],
+        recv_counts: list[int],
+        over: tuple[Any, list[int]] | None = None,
+    ) -> Tensor:
+        """One all_to_all of uneven runs: pieces of flat partitions to their home ranks, or back.
+        ``over``: (group, its global ranks) when not this grid's shard group (owner under HSDP)."""
+        group, members = over if over is not None else (self.groups.shard, self.shard_ranks())
         received = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
-        work = dist.all_to_all_single(
-            received, send, recv_counts, send_counts, group=self.groups.shard, async_op=True
-        )
-        self.guard.wait(work, "all_to_all of rows", self.shard_ranks())
+        work = dist.all_to_all_single(received, send, recv_counts, send_counts, group=group, async_op=True)
+        self.guard.wait(work, "all_to_all of rows", members)
         self.traffic.sent += self._bytes(send)
         self.traffic.received += self._bytes(received)
         self.traffic.small_calls += 1

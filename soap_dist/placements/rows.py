@@ -11,6 +11,7 @@ derives alike.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -35,12 +36,21 @@ class HomeRowsRunner:
     def new_runs(world: int) -> tuple[Runs, Runs]:
         return {r: [] for r in range(world)}, {r: [] for r in range(world)}
 
-    def move(self, outgoing: Runs, incoming: Runs, dtypes: Sequence[torch.dtype] | None = None) -> None:
+    def move(
+        self,
+        outgoing: Runs,
+        incoming: Runs,
+        dtypes: Sequence[torch.dtype] | None = None,
+        over: tuple[Any, list[int]] | None = None,
+    ) -> None:
         """Send ``outgoing[d]`` to every rank d and fill ``incoming[s]`` from every rank s.
 
         ``dtypes`` must be the same on every rank (default: the home gradients' dtypes, which every
         rank knows). A run of another dtype is an error, never a silent mismatch of the collectives.
+        ``over``: (process group, its global ranks), peers numbered by their place in it, when not
+        the exchange's shard group of ``self.world`` ranks.
         """
+        peers = len(over[1]) if over is not None else self.world
         if dtypes is None:
             dtypes = sorted({g.dtype for g in self.home_grads if g is not None}, key=str)
             stray = {t.dtype for ts in outgoing.values() for t in ts} - set(dtypes)
@@ -51,13 +61,13 @@ class HomeRowsRunner:
                 )
         device = self.exchange.device
         for dtype in dtypes:
-            send_parts = [t for d in range(self.world) for t in outgoing[d] if t.dtype == dtype]
-            send_counts = [sum(t.numel() for t in outgoing[d] if t.dtype == dtype) for d in range(self.world)]
-            recv_counts = [sum(t.numel() for t in incoming[s] if t.dtype == dtype) for s in range(self.world)]
+            send_parts = [t for d in range(peers) for t in outgoing[d] if t.dtype == dtype]
+            send_counts = [sum(t.numel() for t in outgoing[d] if t.dtype == dtype) for d in range(peers)]
+            recv_counts = [sum(t.numel() for t in incoming[s] if t.dtype == dtype) for s in range(peers)]
             send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
-            received = self.exchange.swap_pieces(send, send_counts, recv_counts)
+            received = self.exchange.swap_pieces(send, send_counts, recv_counts, over)
             at = 0
-            for s in range(self.world):
+            for s in range(peers):
                 for t in incoming[s]:
                     if t.dtype == dtype:
                         t.copy_(received[at : at + t.numel()])

@@ -47,8 +47,9 @@ def placements(
     n = len(layouts)
     mb, pb = [moment_bytes] * n, [moment_bytes] * n
 
-    def costs(topology: Topology, splits=None, owners=None) -> list[RankCosts]:
-        return rank_costs(build_plan(layouts, topology, splits), factor_bytes, mb, pb, owners, basis_bytes)
+    def costs(topology: Topology, splits=None, owners=None, grid=None) -> list[RankCosts]:
+        plan = build_plan(layouts, topology, splits)
+        return rank_costs(plan, factor_bytes, mb, pb, owners, basis_bytes, owner_grid=grid)
 
     rows = [Row("single", "1 process", costs(Topology("single", 1, 1, 0)))]
     if world == 1:
@@ -60,10 +61,15 @@ def placements(
         replicas = world // shard
         rows.append(Row("hsdp", f"{replicas} x {shard}", costs(Topology("hsdp", replicas, shard, 0))))
         groups.append((replicas, shard))
-    for replicas, size in groups:
+    for replicas, size in groups:  # owner_scope="world": owners over every rank of the mesh
+        owners, splits = owner_placement(layouts, size, factor_bytes, mb, replicas=replicas)
+        own = costs(Topology(OWNER, 1, world, 0), splits, owners, (replicas, size))
+        rows.append(Row("owner", f"{replicas} x {size}", own))
+    if len(groups) > 1:  # owner_scope="shard_group": each replica's shard group repeats the owners
+        replicas, size = groups[1]
         owners, splits = owner_placement(layouts, size, factor_bytes, mb)
         own = costs(Topology(OWNER, 1, size, 0), splits, owners)
-        rows.append(Row("owner", f"{replicas} x {size}", own * replicas))
+        rows.append(Row("owner(sg)", f"{replicas} x {size}", own * replicas))
     return rows
 
 
@@ -126,12 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         fsdp = build_plan(layouts, Topology("fsdp-local", 1, args.world, 0))
         choice = "owner" if prefers_owner(fsdp, fb, [4] * len(layouts)) else "fsdp-local"
         print(f'placement="auto" under FSDP2 at W = {args.world} picks {choice} (docs/design.md, section 6)')
-        for size in sorted(
-            {args.world} | ({args.shard} if args.shard and args.shard < args.world else set())
-        ):
-            spread = spread_params(layouts, size, fb, [4] * len(layouts))
+        meshes = [(1, args.world)]
+        if args.shard and args.shard < args.world:
+            meshes.append((args.world // args.shard, args.shard))
+            print('owner(sg): owner_scope="shard_group", owners repeated in each replica\'s shard group')
+        for replicas, size in meshes:
+            spread = spread_params(layouts, size, fb, [4] * len(layouts), replicas=replicas)
             names = ", ".join(layouts[i].name for i in sorted(spread)) or "none"
-            print(f"owner over {size} shards leaves spread (docs/design.md, section 9): {names}")
+            print(f"owner over {replicas} x {size} ranks leaves spread (docs/design.md, section 9): {names}")
     return 0
 
 

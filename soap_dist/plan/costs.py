@@ -57,11 +57,14 @@ def rank_costs(
     param_bytes: Sequence[int],
     owners: Sequence[int] | None = None,
     basis_bytes: int | None = None,
+    owner_grid: tuple[int, int] | None = None,
 ) -> list[RankCosts]:
     """Every rank's costs (index = grid rank) under ``plan``; ``owners`` for placement owner.
 
     ``moment_bytes[i]``/``param_bytes[i]``: parameter i's bytes per moment and per value element;
-    ``basis_bytes``: per basis element when bases are stored narrower (bf16) than the factors.
+    ``basis_bytes``: per basis element when bases are stored narrower (bf16) than the factors;
+    ``owner_grid``: (replicas, shards) of the HSDP mesh when owner's ranks span all of it (default:
+    one shard group, the owner plan's ranks).
     """
     basis_bytes = factor_bytes if basis_bytes is None else basis_bytes
     topo = plan.topology
@@ -95,9 +98,10 @@ def rank_costs(
             c.step_sent += flags
             c.step_received += flags
     if topo.placement == OWNER:
+        replicas, shards = owner_grid if owner_grid is not None else (1, S)
+        updates = [max(m, factor_bytes) for m in moment_bytes]  # the step's compute dtype
         for r, c in enumerate(out):
-            updates = [max(m, factor_bytes) for m in moment_bytes]  # the step's compute dtype
-            sent, received = step_traffic(plan.layouts, owners, S, r % S, param_bytes, updates)
+            sent, received = step_traffic(plan.layouts, owners, shards, r, param_bytes, updates, replicas)
             c.step_sent += sent
             c.step_received += received
     return out
