@@ -75,8 +75,9 @@ def soap_from_config(config: dict[str, Any], params: Any) -> tuple[Any, dict[str
             f"soap_dist.deepspeed: unknown SOAP params {unknown} in the config's optimizer block; allowed: "
             f"{sorted(_soap_kwargs())}"
         )
-    if isinstance(kwargs.get("factor_dtype"), str):
-        kwargs["factor_dtype"] = getattr(torch, kwargs["factor_dtype"].replace("torch.", ""))
+    for key in ("factor_dtype", "basis_dtype"):  # JSON names a dtype as text: "float64", "torch.bfloat16"
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = getattr(torch, kwargs[key].replace("torch.", ""), kwargs[key])
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     rest = {k: v for k, v in config.items() if k != "optimizer"}

@@ -60,6 +60,23 @@ def _ds_json(tmp_path: Path, params: dict, kind: str = "SOAP") -> Path:
     return path
 
 
+def test_deepspeed_params_carry_every_soap_key_of_the_config(tmp_path):
+    """optim.refresh_schedule, basis_dtype and async_refresh reach SOAP under --deepspeed too (they
+    were left out of the JSON's params, silently)."""
+    from soap_apps.pretrain.ds_backend import resolve_config
+    from soap_dist.deepspeed import soap_from_config
+
+    env = parallel.DistEnv(rank=0, world=2, local_rank=0, local_world=2, device=torch.device("cpu"))
+    overrides = ["optim.refresh_schedule=staggered", "optim.basis_dtype=bfloat16"]
+    overrides.append("optim.async_refresh=false")
+    ds, _, _ = resolve_config(_ds_json(tmp_path, {}), load_config(TINY, overrides), env)
+    got = ds["optimizer"]["params"]
+    want = ("staggered", "bfloat16", False)
+    assert (got["refresh_schedule"], got["basis_dtype"], got["async_refresh"]) == want
+    soap, _ = soap_from_config(json.loads(json.dumps(ds)), [torch.nn.Parameter(torch.zeros(3, 3))])
+    assert (soap.refresh_schedule, soap.basis_dtype, soap.async_refresh) == (want[0], torch.bfloat16, False)
+
+
 def test_deepspeed_json_optimizer_params_win_over_the_config_and_are_checked(tmp_path):
     """Issue 13: the JSON's optimizer.params used to be replaced by the YAML's without a word."""
     from soap_apps.pretrain.ds_backend import resolve_config
@@ -77,7 +94,7 @@ def test_deepspeed_json_optimizer_params_win_over_the_config_and_are_checked(tmp
     assert (
         "SOAP params from the JSON: lr, max_precond_dim, precondition_frequency; from the config (optim.*): "
         "betas, eps, weight_decay, shampoo_beta, merge_dims, precondition_1d, normalize_grads, block_size, "
-        "refresh_delay, fused"
+        "refresh_delay, fused, refresh_schedule, basis_dtype, async_refresh, owner_scope"
     ) in notes
     assert merged.optim.max_precond_dim == 64  # an optim.* key too since the two apps share SOAP_KEYS
     with pytest.raises(ConfigError, match=r"unknown SOAP key 'precondition_freq' in optimizer.params; .*lr,"):

@@ -15,7 +15,7 @@ import yaml
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.train import soap_kwargs as finetune_kwargs
 from soap_apps.pretrain.config import load_config
-from soap_apps.pretrain.optim import build_optimizer, param_groups
+from soap_apps.pretrain.optim import PRETRAIN_SOAP_KEYS, build_optimizer, param_groups
 from soap_apps.pretrain.optim import soap_kwargs as pretrain_kwargs
 from soap_apps.soap_options import SOAP_KEYS, soap_kwargs
 from soap_dist import SOAP
@@ -29,19 +29,33 @@ SOAP_DEFAULTS = {
 def test_both_applications_pass_the_same_soap_keys_with_soaps_defaults():
     pre = pretrain_kwargs(load_config(None, []).optim)
     fine = finetune_kwargs(FinetuneConfig())
-    assert tuple(pre) == tuple(fine) == SOAP_KEYS
-    assert set(SOAP_KEYS) <= set(SOAP_DEFAULTS)
+    assert tuple(fine) == SOAP_KEYS and tuple(pre) == SOAP_KEYS + PRETRAIN_SOAP_KEYS
+    assert set(SOAP_KEYS + PRETRAIN_SOAP_KEYS) <= set(SOAP_DEFAULTS)
+    for key in PRETRAIN_SOAP_KEYS:  # the pretrain config's defaults are SOAP's
+        assert pre[key] == SOAP_DEFAULTS[key], key
     for key in ("shampoo_beta", "max_precond_dim", "merge_dims", "precondition_1d", "normalize_grads"):
         assert pre[key] == fine[key] == SOAP_DEFAULTS[key], key
     with pytest.raises(TypeError, match="max_precond_dim"):  # no application can leave a key out
-        soap_kwargs(**{k: v for k, v in pre.items() if k != "max_precond_dim"})
+        soap_kwargs(**{k: v for k, v in fine.items() if k != "max_precond_dim"})
 
 
 def test_pretrain_config_reaches_soap():
-    cfg = load_config(None, ["optim.shampoo_beta=0.9", "optim.max_precond_dim=16", "optim.merge_dims=true"])
+    cfg = load_config(
+        None,
+        [
+            "optim.shampoo_beta=0.9",
+            "optim.max_precond_dim=16",
+            "optim.merge_dims=true",
+            "optim.owner_scope=shard_group",
+            "optim.basis_dtype=bfloat16",
+            "optim.refresh_schedule=staggered",
+        ],
+    )
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Linear(32, 4))
     opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, torch.device("cpu"))
     assert isinstance(opt, SOAP)
+    chosen = (opt.owner_scope, opt.basis_dtype, opt.refresh_schedule)
+    assert chosen == ("shard_group", torch.bfloat16, "staggered")
     assert (opt.defaults["shampoo_beta"], opt.defaults["max_precond_dim"], opt.defaults["merge_dims"]) == (
         0.9,
         16,

@@ -22,6 +22,7 @@ from soap_apps.config_loader import ConfigError, parse_override, read_mapping, r
 
 OPTIMIZERS = ("soap", "adamw")
 PARALLEL_MODES = ("fsdp2", "ddp", "hsdp", "single")
+OWNER_SCOPES = ("world", "shard_group")  # SOAP's owner_scope
 
 
 @dataclass
@@ -69,6 +70,7 @@ class OptimConfig:
     refresh_schedule: str = "all"  # "staggered": each matrix refreshes at its own phase of the k steps
     basis_dtype: str | None = None  # null: the factors' dtype; "bfloat16": half the bases' memory
     async_refresh: bool | None = None  # null: on CUDA with refresh_delay >= 1, refresh beside the next step
+    owner_scope: str = "world"  # hsdp under placement owner: "world" (state 1/W) or "shard_group"
 
 
 @dataclass
@@ -155,6 +157,7 @@ def _validate(cfg: Config) -> None:
     require(o.precondition_frequency >= 1, "optim.precondition_frequency", o.precondition_frequency, ">= 1")
     require(o.block_size is None or o.block_size >= 1, "optim.block_size", o.block_size, ">= 1 or null")
     require(o.max_precond_dim >= 1, "optim.max_precond_dim", o.max_precond_dim, ">= 1")
+    require(o.owner_scope in OWNER_SCOPES, "optim.owner_scope", o.owner_scope, "'world' or 'shard_group'")
     require(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, ">= 0")
     require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "in [0, 1]")
     for key in ("steps", "micro_batch", "grad_accum", "log_every", "eval_batches"):

@@ -32,7 +32,7 @@ import torch
 from soap_apps.pretrain import checkpoint, data
 from soap_apps.pretrain.config import Config, ConfigError, apply_overrides
 from soap_apps.pretrain.model import GPT, lm_loss
-from soap_apps.pretrain.optim import param_groups, soap_kwargs
+from soap_apps.pretrain.optim import PRETRAIN_SOAP_KEYS, param_groups, soap_kwargs
 from soap_apps.pretrain.parallel import DistEnv
 from soap_apps.quiet import (
     deepspeed_cpu_without_probe,
@@ -43,8 +43,8 @@ from soap_apps.soap_options import SOAP_KEYS
 
 DS_OPTIMIZER_TYPES = {"soap": "SOAP", "adamw": "AdamW"}
 ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
-# optimizer params that are also keys of the pretrain config's optim section: all SOAP_KEYS
-OPTIM_KEYS = SOAP_KEYS
+# optimizer params that are also keys of the pretrain config's optim section
+OPTIM_KEYS = SOAP_KEYS + PRETRAIN_SOAP_KEYS
 # SOAP arguments the launcher decides (DeepSpeed's partitions pick the placement): not JSON params
 LAUNCHER_OWNED = ("self", "params", "placement", "process_group", "device_mesh")
 

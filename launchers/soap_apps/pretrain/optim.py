@@ -33,9 +33,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+# optim.* keys that reach SOAP beyond the SOAP_KEYS fine-tuning shares (as JSON-ready values)
+PRETRAIN_SOAP_KEYS = ("refresh_schedule", "basis_dtype", "async_refresh", "owner_scope")
+
+
 def soap_kwargs(cfg: OptimConfig) -> dict[str, Any]:
-    """SOAP's keyword arguments from the config (shared with the DeepSpeed JSON's optimizer params)."""
-    return soap_options.soap_kwargs(**{key: getattr(cfg, key) for key in soap_options.SOAP_KEYS})
+    """SOAP's keyword arguments from the config (shared with the DeepSpeed JSON's optimizer params):
+    ``basis_dtype`` as its name ("bfloat16"), which SOAP's builders here and in soap_dist.deepspeed
+    turn into a torch dtype."""
+    kwargs = soap_options.soap_kwargs(**{key: getattr(cfg, key) for key in soap_options.SOAP_KEYS})
+    return kwargs | {key: getattr(cfg, key) for key in PRETRAIN_SOAP_KEYS}
 
 
 def build_optimizer(
@@ -48,14 +55,7 @@ def build_optimizer(
             raise ValueError(
                 f"optim.basis_dtype={cfg.basis_dtype!r}: expected null, float32, float64 or bfloat16"
             )
-        basis = dtypes[cfg.basis_dtype]
-        return SOAP(
-            groups,
-            **soap_kwargs(cfg),
-            refresh_schedule=cfg.refresh_schedule,
-            basis_dtype=basis,
-            async_refresh=cfg.async_refresh,
-        )
+        return SOAP(groups, **{**soap_kwargs(cfg), "basis_dtype": dtypes[cfg.basis_dtype]})
     fused = True if device.type == "cuda" else None  # torch's default (foreach) elsewhere
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
