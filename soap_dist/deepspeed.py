@@ -32,6 +32,7 @@ from .integrations.deepspeed_zero import (  # noqa: F401  (re-exported: the plug
     zero_optimizer_of,
 )
 from .optimizer import SOAP
+from .options import as_pair
 
 UNSUPPORTED = {
     "offload_optimizer": "SOAP keeps its state next to the partitions it updates; remove "
@@ -79,7 +80,7 @@ def soap_from_config(config: dict[str, Any], params: Any) -> tuple[Any, dict[str
         if isinstance(kwargs.get(key), str):
             kwargs[key] = getattr(torch, kwargs[key].replace("torch.", ""), kwargs[key])
     if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
+        kwargs["betas"] = as_pair(kwargs["betas"])
     rest = {k: v for k, v in config.items() if k != "optimizer"}
     return SOAP(params, **kwargs), rest
 

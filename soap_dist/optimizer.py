@@ -22,9 +22,12 @@ from .layout import ParamLayout, plan_in_group
 from .optimizer_state import StateMixin
 from .options import (
     FACTOR_DTYPES,
+    as_pair,
     async_refresh_on,
     check,
     check_async_refresh,
+    check_group_keys,
+    check_layout_unchanged,
     check_placement,
     validate_group,
 )
@@ -37,35 +40,6 @@ from .plan.schedule import SCHEDULES
 from .state_io import load_engine_state, save_engine_state
 
 Tensor = torch.Tensor
-
-
-COPIED = (
-    "refresh_delay",
-    "factor_dtype",
-    "qr_method",
-    "fused",
-    "placement",
-    "collective_timeout",
-    "refresh_schedule",
-    "basis_dtype",
-    "async_refresh",
-    "_calls",
-)
-COPIED_DEFAULTS: dict[str, Any] = dict(
-    refresh_delay=0,
-    factor_dtype=torch.float32,
-    qr_method="auto",
-    fused=None,
-    placement="auto",
-    process_group=None,
-    device_mesh=None,
-    collective_timeout=DEFAULT_TIMEOUT_S,
-    refresh_schedule="all",
-    basis_dtype=None,
-    async_refresh=None,
-    owner_scope="world",
-    _calls=0,
-)
 
 
 class SOAP(StateMixin, torch.optim.Optimizer):
@@ -168,7 +142,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         )
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=as_pair(betas),
             shampoo_beta=shampoo_beta,
             eps=eps,
             weight_decay=weight_decay,
@@ -185,6 +159,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self.refresh_delay = refresh_delay
         self.factor_dtype = factor_dtype
         self.qr_method = qr_method
+        check(fused is None or isinstance(fused, bool), "fused", fused, "None, True or False")
         self.fused = fused
         check(
             isinstance(collective_timeout, (int, float)) and collective_timeout > 0,
@@ -218,6 +193,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self._carried_state: dict[int, dict[str, Tensor]] = {}
         self._zero_owner: Any = None  # DeepSpeed's ZeRO stage 1-3 optimizer, when it drives this one
         self._zero: ZeroRunner | None = None
+        self._built_layout: list[tuple] | None = None  # the groups' layout options when state was built
         self._declared_groups: list[dict[str, Any]] = []  # the group dicts as given (DeepSpeed edits them)
         self._declared_shapes: list[tuple[int, ...]] = []
         super().__init__(params, defaults)
@@ -230,17 +206,11 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                 "SOAP: a parameter group lists the same tensor twice; list every parameter once "
                 "(torch.optim packs the repeat to one state, SOAP would keep two)"
             )
+        check_group_keys(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["betas"] = tuple(group["betas"])
-        validate_group(group)
-        delay_ok = self.refresh_delay < group["precondition_frequency"]
-        check(
-            delay_ok,
-            "refresh_delay",
-            self.refresh_delay,
-            f"an integer < precondition_frequency ({group['precondition_frequency']})",
-        )
+        group["betas"] = as_pair(group["betas"])
+        validate_group(group, self.refresh_delay)
         self._declared_groups.append(group)
         self._declared_shapes += [tuple(getattr(p, "ds_shape", p.shape)) for p in group["params"]]
         for p in group["params"]:
@@ -406,7 +376,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         if zero is not None:
             zero.exchange.step = self._calls
             for f in zero.flats_in(self.param_groups):
-                validate_group(zero.groups[zero.part.flat_group[f]])
+                validate_group(zero.groups[zero.part.flat_group[f]], self.refresh_delay)
                 zero.step(f)
             return loss
         params = self._params()
@@ -414,7 +384,9 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise TypeError("SOAP: sparse gradients are not supported (e.g. nn.Embedding(sparse=True))")
         for group in self.param_groups:
-            validate_group(group)
+            validate_group(group, self.refresh_delay)
+        built = self._built_layout if self._engine is not None else None
+        self._built_layout = check_layout_unchanged(self.param_groups, built)
         engine = self._ensure_engine()
         if self._exchange is not None:
             self._exchange.step = self._calls
@@ -465,35 +437,3 @@ class SOAP(StateMixin, torch.optim.Optimizer):
     def _stateful_markers(self, params: list[Tensor]) -> None:
         for p in params:  # torch.optim/DCP read a non-empty ``state`` as "already initialised"
             self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
-
-    def __getstate__(self) -> dict[str, Any]:
-        """copy.deepcopy, pickle and torch.save(opt): the options and, once built, the whole state."""
-        state = super().__getstate__()
-        state.update({k: getattr(self, k) for k in COPIED})
-        if self._engine is not None or self._zero is not None:
-            if self._exchange is not None or self._zero is not None:
-                raise TypeError(
-                    "SOAP: a distributed optimizer cannot be copied or pickled (its process groups and "
-                    "sharded state cannot travel); save it with state_dict() on every rank instead"
-                )
-            state["_soap_state"] = {
-                k: v for k, v in self._state_dict()["state"].items() if isinstance(k, int)
-            }
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        carried = state.pop("_soap_state", {})
-        super().__setstate__(state)
-        self.__dict__.setdefault("_engine", None)
-        self.__dict__.setdefault("_owner", None)
-        self.__dict__["_carried_state"] = carried  # loaded when the engine is built, at the next step
-        for key, value in COPIED_DEFAULTS.items():
-            self.__dict__.setdefault(key, value)
-        self.__dict__.setdefault("_exchange", None)
-        self.__dict__.setdefault("_placement", None)
-        self.__dict__.setdefault("_zero_owner", None)
-        self.__dict__.setdefault("_zero", None)
-        self.__dict__.setdefault("_declared_groups", list(self.param_groups))
-        self.__dict__.setdefault(
-            "_declared_shapes", [tuple(p.shape) for g in self.param_groups for p in g["params"]]
-        )

@@ -13,10 +13,40 @@ from typing import Any
 
 import torch
 
+from .comm.guard import DEFAULT_TIMEOUT_S
 from .options import adopt_saved_group
 from .placements import wrapper
 from .placements.zero import ZeroRunner
 from .state_io import load_engine_state, save_engine_state
+
+COPIED = (
+    "refresh_delay",
+    "factor_dtype",
+    "qr_method",
+    "fused",
+    "placement",
+    "collective_timeout",
+    "refresh_schedule",
+    "basis_dtype",
+    "async_refresh",
+    "owner_scope",
+    "_calls",
+)
+COPIED_DEFAULTS: dict[str, Any] = dict(
+    refresh_delay=0,
+    factor_dtype=torch.float32,
+    qr_method="auto",
+    fused=None,
+    placement="auto",
+    process_group=None,
+    device_mesh=None,
+    collective_timeout=DEFAULT_TIMEOUT_S,
+    refresh_schedule="all",
+    basis_dtype=None,
+    async_refresh=None,
+    owner_scope="world",
+    _calls=0,
+)
 
 
 class StateMixin:
@@ -125,7 +155,7 @@ class StateMixin:
                 "the partition boundaries). Resume at the same data-parallel size."
             )
         for group, saved in zip(self._declared_groups, state_dict["param_groups"], strict=True):
-            adopt_saved_group(group, saved)
+            adopt_saved_group(group, saved, self.refresh_delay)
         if state_dict["state"]:
             zero.load_state_dict(state_dict["state"])
 
@@ -140,6 +170,12 @@ class StateMixin:
             hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            got = sorted(state_dict)[:8] if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                "SOAP.load_state_dict: expected an optimizer state_dict with 'state' and 'param_groups' "
+                f"(got {got}); pass what SOAP.state_dict() (or DCP's get_optimizer_state_dict) returned"
+            )
         zero = self._zero_mode()
         if zero is not None or "zero_world" in state_dict:
             if zero is None:
@@ -158,7 +194,7 @@ class StateMixin:
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError("SOAP.load_state_dict: a param group's size differs from the saved one")
-            adopt_saved_group(group, saved)
+            adopt_saved_group(group, saved, self.refresh_delay)
         # Saved params are ids (torch.optim) or FQNs (DCP's set_optimizer_state_dict): map by position.
         by_saved_id: dict[Any, int] = {}
         index = 0
@@ -205,3 +241,36 @@ class StateMixin:
                 "SOAP.load_state_dict: other ranks refused the checkpoint: "
                 + "; ".join(f"rank {r}: {e}" for r, e in bad)
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy, pickle and torch.save(opt): the options and, once built, the whole state."""
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in COPIED})
+        if self._engine is not None or self._zero is not None:
+            if self._exchange is not None or self._zero is not None:
+                raise TypeError(
+                    "SOAP: a distributed optimizer cannot be copied or pickled (its process groups and "
+                    "sharded state cannot travel); save it with state_dict() on every rank instead"
+                )
+            state["_soap_state"] = {
+                k: v for k, v in self._state_dict()["state"].items() if isinstance(k, int)
+            }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        carried = state.pop("_soap_state", {})
+        super().__setstate__(state)
+        self.__dict__.setdefault("_engine", None)
+        self.__dict__.setdefault("_owner", None)
+        self.__dict__["_carried_state"] = carried  # loaded when the engine is built, at the next step
+        for key, value in COPIED_DEFAULTS.items():
+            self.__dict__.setdefault(key, value)
+        self.__dict__.setdefault("_exchange", None)
+        self.__dict__.setdefault("_placement", None)
+        self.__dict__.setdefault("_zero_owner", None)
+        self.__dict__.setdefault("_zero", None)
+        self.__dict__.setdefault("_built_layout", None)
+        self.__dict__.setdefault("_declared_groups", list(self.param_groups))
+        self.__dict__.setdefault(
+            "_declared_shapes", [tuple(p.shape) for g in self.param_groups for p in g["params"]]
+        )

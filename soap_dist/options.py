@@ -6,6 +6,7 @@ Checked at construction and again at every step (a user may edit a param group b
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -35,44 +36,128 @@ def check_placement(placement: str) -> None:
     check(placement in ("auto", *PLACEMENTS), "placement", placement, allowed)
 
 
-def validate_group(group: dict[str, Any]) -> None:
-    """Raise a ValueError naming the argument and its allowed range."""
+BOOL_KEYS = ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias")
+# SOAP's keyword-only options that hold for the whole optimizer: in a param group they would do nothing
+WHOLE_OPTIMIZER_KEYS = (
+    "refresh_delay",
+    "factor_dtype",
+    "qr_method",
+    "fused",
+    "placement",
+    "process_group",
+    "device_mesh",
+    "collective_timeout",
+    "refresh_schedule",
+    "basis_dtype",
+    "async_refresh",
+    "owner_scope",
+)
+
+
+def check_group_keys(group: dict[str, Any]) -> None:
+    """A whole-optimizer option given in a param group would be ignored there: say where it goes."""
+    for key in WHOLE_OPTIMIZER_KEYS:
+        if key in group:
+            raise ValueError(
+                f"SOAP: {key!r} in a param group has no effect: it holds for the whole optimizer; pass "
+                f"SOAP(..., {key}=...) instead"
+            )
+
+
+def _number(x: Any) -> bool:
+    """A real number (numpy's too, or a 1-element tensor), never a bool: True would pass as 1."""
+    if torch.is_tensor(x):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def as_pair(betas: Any) -> Any:
+    """betas as a tuple when it is a sequence; anything else is left for validate_group to name."""
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_group(group: dict[str, Any], refresh_delay: int | None = None) -> None:
+    """Raise a ValueError naming the argument and its allowed range (types first, so a string or a
+    bool gets this message, not Python's). ``refresh_delay``: also check it against the group's
+    precondition_frequency, which a user may edit or a checkpoint bring."""
     lr = group["lr"]
     if torch.is_tensor(lr):  # torch.optim accepts a 1-element tensor lr (read with .item() at each step)
         check(lr.numel() == 1 and not lr.requires_grad, "lr", lr, "a number or a 1-element tensor")
         lr = float(lr)
-    check(isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
+    check(_number(lr) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
     betas = group["betas"]
     check(
-        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(_number(b) and 0.0 <= b < 1.0 for b in betas),
         "betas",
         betas,
         "two numbers in [0, 1)",
     )
     sb = group["shampoo_beta"]
-    check(sb < 1.0, "shampoo_beta", sb, "a number < 1 (negative means: use betas[1])")
-    check(group["eps"] > 0, "eps", group["eps"], "a number > 0")
-    check(group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], "a number >= 0")
+    check(_number(sb) and sb < 1.0, "shampoo_beta", sb, "a number < 1 (negative means: use betas[1])")
+    eps = group["eps"]
+    check(_number(eps) and math.isfinite(eps) and eps > 0, "eps", eps, "a finite number > 0")
+    wd = group["weight_decay"]
+    check(_number(wd) and math.isfinite(wd) and wd >= 0, "weight_decay", wd, "a finite number >= 0")
     pf = group["precondition_frequency"]
-    check(isinstance(pf, int) and pf >= 1, "precondition_frequency", pf, "an integer >= 1")
+    check(_integer(pf) and pf >= 1, "precondition_frequency", pf, "an integer >= 1")
     mpd = group["max_precond_dim"]
-    check(isinstance(mpd, int) and mpd >= 0, "max_precond_dim", mpd, "an integer >= 0")
+    check(_integer(mpd) and mpd >= 0, "max_precond_dim", mpd, "an integer >= 0")
+    for key in BOOL_KEYS:
+        check(isinstance(group[key], bool), key, group[key], "True or False")
     df = group["data_format"]
     check(df in DATA_FORMATS, "data_format", df, "'channels_first' or 'channels_last'")
     bs = group["block_size"]
-    check(bs is None or (isinstance(bs, int) and bs >= 1), "block_size", bs, "None or an integer >= 1")
+    check(bs is None or (_integer(bs) and bs >= 1), "block_size", bs, "None or an integer >= 1")
+    if refresh_delay is not None:
+        check(
+            refresh_delay < pf,
+            "refresh_delay",
+            refresh_delay,
+            f"an integer < precondition_frequency ({pf}, this param group's): a basis installed after the "
+            "next refresh would never be used",
+        )
 
 
-def adopt_saved_group(group: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Take a saved group's hyperparameters; its layout options must equal ours (state depends on them)."""
+def check_layout_unchanged(groups: list[dict[str, Any]], built: list[tuple] | None) -> list[tuple]:
+    """The layout options of every group, checked against those the state was built with: the factors'
+    shapes follow them, so an edit after the first step would be ignored (and saved beside state of
+    the old layout). Returns the current ones."""
+    now = [tuple(g[k] for k in LAYOUT_KEYS) for g in groups]
+    for g, (old, new) in enumerate(zip(built or [], now, strict=False)):
+        for key, a, b in zip(LAYOUT_KEYS, old, new, strict=True):
+            if a != b:
+                raise ValueError(
+                    f"SOAP: param_groups[{g}]['{key}'] changed from {a!r} to {b!r} after the optimizer "
+                    "state was built; the factors' layout is fixed then. Build a new SOAP with the new "
+                    f"value (state_dict() of this one will not load into it), or set {key} back."
+                )
+    return now
+
+
+def adopt_saved_group(group: dict[str, Any], saved: dict[str, Any], refresh_delay: int) -> None:
+    """Take a saved group's hyperparameters; its layout options must equal ours (state depends on them),
+    and the result must be valid here (checked before anything changes)."""
     for key in LAYOUT_KEYS:
         if key in saved and saved[key] != group[key]:
             raise ValueError(
                 f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
                 f"{group[key]!r}; the state layout depends on it"
             )
-    group.update({k: v for k, v in saved.items() if k != "params"})  # saved param_names too, as torch
-    group["betas"] = tuple(group["betas"])
+    merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}  # saved param_names too
+    merged["betas"] = as_pair(merged["betas"])
+    try:
+        validate_group(merged, refresh_delay)
+    except ValueError as error:
+        raise ValueError(
+            f"SOAP.load_state_dict: a saved param group does not fit this optimizer: {error}"
+        ) from None
+    group.update(merged)
 
 
 def check_async_refresh(value: Any, refresh_delay: int) -> None:
