@@ -2,9 +2,10 @@
 
 Everything here is a function of shapes and options only, so every rank of a job computes the
 same table with no communication. The rules are the algorithm page's (1-D, n-D, merge_dims with
-channels_first/channels_last, strict max_precond_dim, precondition_1d) plus DESIGN.md's blocking
-rule: dim 0 is cut into row blocks of at most ``block_size`` rows, each with its own row factor,
-while the factors of the other dims stay whole and are shared by all row blocks.
+channels_first/channels_last, strict max_precond_dim, precondition_1d) plus the blocking rule of
+the design brief (../shared/DESIGN.md; docs/design.md, section 1): dim 0 is cut into row blocks of at
+most ``block_size`` rows, each with its own row factor, while the factors of the other dims stay
+whole and are shared by all row blocks.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fused",
         choices=("auto", "on", "off"),
         default="auto",
-        help="soap_dist.SOAP fused= (auto = SOAP's default: compile, fall back to eager)",
+        help="soap_dist.SOAP fused= (auto = SOAP's default: eager on CPU; on CUDA compile, "
+        "falling back to eager with a warning)",
     )
     p.add_argument(
         "--device",

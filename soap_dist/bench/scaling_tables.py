@@ -115,10 +115,11 @@ NOTES = [
     "in the install step, t = jk + 1 + delay). 'of which before bcast' is stats() owner_seconds.",
     "- state bytes: stats() factor_bytes + basis_bytes + moment_bytes. '+ pending stash' adds the engine's "
     "buffer of refreshed bases waiting to be installed (engine.pending: bases, perms, flags), which stats() "
-    "does not count; the distributed path allocates it even with refresh_delay=0.",
+    "does not count; it exists only with refresh_delay >= 1 (delay 0 installs the bases directly).",
     "- bytes: stats()' logical payload counters (a broadcast's sender counts its buffer once per receiver), "
-    "after the first call; they leave out the per-step finite-flag all_reduce (fsdp-local) and the "
-    "first-step plan all_gather. 'sent / step, avg' = all bytes sent after the first call / steps.",
+    "after the first call: they include the per-step all_reduce of finite flags and agreement words; the "
+    "plan all_gather, which stats() counts too, falls in the first call. 'sent / step, avg' = all bytes "
+    "sent after the first call / steps.",
     "- owner: each parameter's whole state at one rank; its bytes include the two row exchanges of every "
     "step (gradients to the owner, each row's update back), and nothing at refresh time.",
     "- fsdp-local with block_size=None: each shard's rows get their own row factors, so a refresh at "

@@ -256,8 +256,8 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
                 self.counters.nonfinite_params_warned += 1
                 warnings.warn(
                     f"SOAP: non-finite gradient for {self._name(i)}; the steps where it occurred were "
-                    "skipped "
-                    "for this parameter (moments and weights unchanged, factors decayed). Shown once.",
+                    "skipped for this parameter (moments unchanged, weights given only the weight decay, "
+                    "factors decayed). Shown once.",
                     RuntimeWarning,
                     stacklevel=4,
                 )

@@ -46,7 +46,7 @@ class FinetuneConfig:
     data: str | None = field(
         default=None,
         metadata={
-            "help": "a text file or a directory of .txt/.py files, read as bytes "
+            "help": "a text file or a directory of .txt/.py/.md/.rst files (read in path order), as bytes "
             "(default: the Python standard library's own source)"
         },
     )
