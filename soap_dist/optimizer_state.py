@@ -62,6 +62,7 @@ class StateMixin:
         engine, exchange = (zero.engine, zero.exchange) if zero else (self._engine, self._exchange)
         if engine is None:
             return {"built": False}
+        engine.report_nonfinite()  # skipped gradients are counted (and named) now, not at the next refresh
         c = engine.counters
         plan = engine.plan
         me = plan.topology.rank

@@ -53,6 +53,21 @@ def test_nonfinite_gradient_is_skipped_and_named(bad):
     assert loss_fn().item() < start
 
 
+def test_a_skipped_gradient_is_reported_by_stats_before_the_next_refresh():
+    """The steps leave the host read to the refresh (k = 50 here); stats() reads it at once."""
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    opt = SOAP([param], precondition_frequency=50)
+    for step in range(3):
+        param.grad = torch.randn(4, 3)
+        if step == 2:
+            param.grad[0, 0] = float("nan")
+        opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert opt.stats()["nonfinite_params_warned"] == 1
+    assert any("non-finite gradient for param_groups[0].params[0]" in str(w.message) for w in caught)
+
+
 def test_failing_eigh_keeps_the_old_basis_and_warns(monkeypatch):
     p = torch.nn.Parameter(torch.randn(5, 5))
     opt = SOAP([p], precondition_frequency=2)

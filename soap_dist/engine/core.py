@@ -247,6 +247,11 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
                     stacklevel=4,
                 )
 
+    def report_nonfinite(self) -> None:
+        """Warn now about every parameter whose gradient was skipped so far (a host read; the steps
+        leave that to the next refresh; stats() calls it)."""
+        self._warn_nonfinite(list(range(self.nonfinite_seen.numel())))
+
     def _warn_nonfinite(self, param_ids: list[int], seen: list[bool] | None = None) -> None:
         if seen is None:
             seen = self.nonfinite_seen.tolist()  # a host sync, only at refresh time
