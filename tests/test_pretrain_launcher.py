@@ -316,3 +316,27 @@ def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     assert f"{out} already holds a run (checkpoints/, config.yaml, ds_config.json" in proc.stderr
     assert "pass --resume to continue that run, or --out another directory" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.eps=0", "optim.eps must be a finite number > 0"),
+        ("optim.refresh_delay=20", "optim.refresh_delay must be < optim.precondition_frequency (10)"),
+        ("optim.refresh_schedule=bogus", "optim.refresh_schedule must be 'all' or 'staggered'"),
+        ("optim.owner_scope=replica", "optim.owner_scope must be 'world' or 'shard_group'"),
+        ("optim.async_refresh=true", "optim.async_refresh must be null or false with optim.refresh_delay=0"),
+    ],
+)
+def test_values_soap_would_refuse_are_config_errors_naming_the_key(override, message):
+    """Caught with the config, as one line naming the optim.* key, not as SOAP's traceback later."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_finetune_betas_and_eps_are_checked_with_the_flags():
+    from soap_apps.finetune.config import FinetuneConfig
+
+    for field, value in (("beta1", 1.5), ("beta2", -0.1), ("eps", 0.0)):
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            FinetuneConfig(**{field: value}).validate()

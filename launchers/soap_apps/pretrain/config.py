@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from soap_apps.config_loader import ConfigError, parse_override, read_mapping, r
 OPTIMIZERS = ("soap", "adamw")
 PARALLEL_MODES = ("fsdp2", "ddp", "hsdp", "single")
 OWNER_SCOPES = ("world", "shard_group")  # SOAP's owner_scope
+SCHEDULES = ("all", "staggered")  # SOAP's refresh_schedule
 
 
 @dataclass
@@ -158,6 +160,24 @@ def _validate(cfg: Config) -> None:
     require(o.block_size is None or o.block_size >= 1, "optim.block_size", o.block_size, ">= 1 or null")
     require(o.max_precond_dim >= 1, "optim.max_precond_dim", o.max_precond_dim, ">= 1")
     require(o.owner_scope in OWNER_SCOPES, "optim.owner_scope", o.owner_scope, "'world' or 'shard_group'")
+    # SOAP's own checks, here so that a bad value is a one-line config error naming the optim.* key
+    require(o.eps > 0 and math.isfinite(o.eps), "optim.eps", o.eps, "a finite number > 0")
+    require(o.shampoo_beta < 1, "optim.shampoo_beta", o.shampoo_beta, "< 1 (negative: betas[1])")
+    require(o.refresh_delay >= 0, "optim.refresh_delay", o.refresh_delay, ">= 0")
+    require(
+        o.refresh_delay < o.precondition_frequency,
+        "optim.refresh_delay",
+        o.refresh_delay,
+        f"< optim.precondition_frequency ({o.precondition_frequency})",
+    )
+    schedule = o.refresh_schedule
+    require(schedule in SCHEDULES, "optim.refresh_schedule", schedule, "'all' or 'staggered'")
+    require(
+        not (o.async_refresh and o.refresh_delay == 0),
+        "optim.async_refresh",
+        o.async_refresh,
+        "null or false with optim.refresh_delay=0 (set refresh_delay: 1 to use it)",
+    )
     require(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, ">= 0")
     require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "in [0, 1]")
     for key in ("steps", "micro_batch", "grad_accum", "log_every", "eval_batches"):
