@@ -131,7 +131,7 @@ def largest_state(
     """The largest rank's state bytes: its owned parameters' whole state, plus, of each spread one,
     its moment rows and (where it holds rows) the whole column statistics and bases."""
     ranks = replicas * shards
-    owners = assign_owners(layouts, ranks, factor_bytes, moment_bytes, spread)
+    owners = assign_owners(layouts, ranks, factor_bytes, moment_bytes, spread, replicas)
     loads = [0] * ranks
     for k, lay in enumerate(layouts):
         mb = moment_bytes[lay.index]
@@ -171,9 +171,12 @@ def assign_owners(
     factor_bytes: int,
     moment_bytes: Sequence[int],
     spread: frozenset[int] = frozenset(),
+    replicas: int = 1,
 ) -> list[int]:
     """Owner of every parameter among ``shards`` ranks (``SPREAD`` for those in ``spread``): LPT on
-    state bytes, ties broken by refresh work then rank.
+    state bytes, ties broken by refresh work then rank. With ``replicas`` > 1 the ``shards`` ranks
+    form replicas x (shards / replicas), and ties go round the replicas first, so parameters fewer
+    than ranks land in every replica alike (each replica sends its rows' updates to the others).
 
     ``moment_bytes[i]`` is parameter i's bytes per moment element (8 for float64 parameters, else 4).
     """
@@ -182,10 +185,11 @@ def assign_owners(
     order = sorted(range(len(layouts)), key=lambda k: (-weights[k], -costs[k], k))
     loads, work = [0] * shards, [0] * shards
     owners = [SPREAD] * len(layouts)
+    per_replica = shards // replicas
     for k in order:
         if layouts[k].index in spread:
             continue
-        best = min(range(shards), key=lambda r: (loads[r], work[r], r))
+        best = min(range(shards), key=lambda r: (loads[r], work[r], r % per_replica, r))
         owners[k] = best
         loads[best] += weights[k]
         work[best] += costs[k]
@@ -219,7 +223,7 @@ def owner_placement(
     """Placement owner under FSDP2/HSDP: the owners (``SPREAD`` where spread) among ``replicas *
     shards`` ranks, and the engine's splits."""
     spread = spread_params(layouts, shards, factor_bytes, moment_bytes, normalized, replicas=replicas)
-    owners = assign_owners(layouts, replicas * shards, factor_bytes, moment_bytes, spread)
+    owners = assign_owners(layouts, replicas * shards, factor_bytes, moment_bytes, spread, replicas)
     return owners, owner_splits(layouts, owners, shards, replicas)
 
 

@@ -101,6 +101,23 @@ def test_owner_over_an_hsdp_mesh_moves_each_row_update_to_every_rank_holding_it(
     assert sum(c for _, c in splits[layouts[wte].index]) == layouts[wte].shape[0]
 
 
+def test_owners_over_an_hsdp_mesh_give_every_replica_a_like_share_of_rows():
+    """Each replica sends its owned rows' updates to the others, so LPT's ties go round the replicas:
+    llama-8b has fewer parameters than the 512 ranks of 64 x 8, and filling ranks in order put
+    whole matrices in the first replicas only (the largest replica held 4.3x the mean)."""
+    from soap_dist.owner_layout import SPREAD, owner_placement
+    from soap_dist.plan.__main__ import layouts_of
+
+    layouts = layouts_of("llama-8b", None, 10000)
+    for replicas, tolerance in ((64, 1.3), (8, 1.01)):
+        owners, _ = owner_placement(layouts, 8, 4, [4] * len(layouts), replicas=replicas)
+        rows = [0] * replicas
+        for k, lay in enumerate(layouts):
+            if owners[k] != SPREAD:
+                rows[owners[k] // 8] += rows_of(lay) * lay.row_elements
+        assert max(rows) <= tolerance * sum(rows) / replicas, (replicas, max(rows), sum(rows) / replicas)
+
+
 def test_owner_spreads_only_row_free_parameters_and_only_where_the_largest_rank_gains():
     """An embedding too large for one owner is left spread; at W = 2 LPT's real outcome would be no
     better, so nothing is; a parameter with a row factor is never spread."""
