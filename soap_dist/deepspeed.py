@@ -94,7 +94,10 @@ def check_config(config: dict[str, Any]) -> None:
             value = str(value.get("device", "none")).lower() not in ("none", "")
         if value:
             raise ValueError(f"soap_dist.deepspeed: zero_optimization.{key} is not supported: {why}")
-    if int(zero.get("stage", 0)) > 0:
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3, "0", "1", "2", "3"):
+        raise ValueError(f"soap_dist.deepspeed: zero_optimization.stage={stage!r}; expected 0, 1, 2 or 3")
+    if int(stage) > 0:
         check_version()
 
 

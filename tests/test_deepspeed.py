@@ -238,3 +238,18 @@ def test_initialize_drops_only_deepspeeds_untested_optimizer_banner(caplog):
         "something else",
         "You are using ZeRO with an untested optimizer (outside initialize)",
     ]
+
+
+def test_json_values_are_named_when_wrong():
+    """A JSON's dtype names and the ZeRO stage are checked with SOAP's and the plugin's messages."""
+    from soap_dist.deepspeed import check_config, soap_from_config
+
+    with pytest.raises(ValueError, match=r"zero_optimization.stage='two'; expected 0, 1, 2 or 3"):
+        check_config({"zero_optimization": {"stage": "two"}})
+    params = [torch.nn.Parameter(torch.zeros(3, 3))]
+    with pytest.raises(ValueError, match="invalid factor_dtype='fp32'"):
+        soap_from_config({"optimizer": {"type": "SOAP", "params": {"factor_dtype": "fp32"}}}, params)
+    with pytest.raises(ValueError, match="invalid betas=0.9"):
+        soap_from_config({"optimizer": {"type": "SOAP", "params": {"betas": 0.9}}}, params)
+    soap, _ = soap_from_config({"optimizer": {"type": "SOAP", "params": {"basis_dtype": "bfloat16"}}}, params)
+    assert soap.basis_dtype == torch.bfloat16
