@@ -21,7 +21,9 @@ from soap_apps.pretrain.compare import compare  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    parser = argparse.ArgumentParser(
+        prog="launchers/compare_runs.py", description=__doc__, formatter_class=raw
+    )
     parser.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     parser.add_argument("--names", nargs="+", help="one label per run (default: the directory names)")
     parser.add_argument("--out", default="loss_comparison.png", help="where to write the plot")
@@ -33,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the plot's x axis: tokens seen, optimizer steps, or wall-clock seconds in the loop (elapsed_s)",
     )
     args = parser.parse_args(argv)
-    result = compare(args.runs, args.out, args.names, args.title, args.x)
+    if args.names is not None and len(args.names) != len(args.runs):
+        parser.error(f"--names has {len(args.names)} entries for {len(args.runs)} run directories")
+    try:
+        result = compare(args.runs, args.out, args.names, args.title, args.x)
+    except FileNotFoundError as error:  # a run directory without training records, or no --out folder
+        parser.error(str(error))
     print(result["table"])
     print(f"\nplot: {result['plot']}")
 

@@ -30,6 +30,7 @@ image has them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import tarfile
@@ -47,6 +48,18 @@ from soap_apps.gpu_suite.step_bench import part_a
 from soap_apps.gpu_suite.summary import Summary
 from soap_apps.gpu_suite.training_loop import part_b
 
+PARTS = "rabc"  # the parts, in the order they run
+
+
+def _parts_problem(parts: str) -> str | None:
+    """What is wrong with a --parts value (None: nothing)."""
+    if not parts:
+        return "empty"
+    unknown = [c for c in dict.fromkeys(parts) if c not in PARTS]
+    if unknown:
+        return "unknown " + ", ".join(map(repr, unknown))
+    return "repeated" if len(set(parts)) != len(parts) else None
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts in turn, writing the summary after each; always end with the archive."""
@@ -58,13 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="where summary.md and the raw outputs go")
     p.add_argument("--smoke", action="store_true", help="every part tiny, on the CPU (checks the plumbing)")
     p.add_argument(
-        "--budget", type=float, default=None, help="total seconds (default 480 on GPU, 100 with --smoke)"
+        "--budget",
+        type=float,
+        default=None,
+        help="total seconds, > 0 (default 480 on GPU, 100 with --smoke)",
     )
-    p.add_argument("--parts", default="rabc", help="which parts to run (default: rabc)")
+    p.add_argument(
+        "--parts",
+        default=PARTS,
+        help="which parts to run: some of the letters r, a, b, c, each at most once (they run in that "
+        "order): r = where a refresh's time goes (each refresh piece per factor size, then the "
+        "GPU-marked tests of the QR and the side-stream refresh); a = the step benchmark, gpt2-medium "
+        "shapes, default and staggered refresh; b = a gpt2-small training loop, refresh on and off; "
+        "c = the race, SOAP against AdamW on gpu-race.yaml, loss against wall-clock (default: rabc)",
+    )
     p.add_argument("--commit", default=None, help="the commit to report when there is no git checkout")
     p.add_argument("--keep-raw", action="store_true", help="leave raw/ as a folder beside raw.tar.gz")
     args = p.parse_args(argv)
-    budget = args.budget or (100.0 if args.smoke else 480.0)
+    if (problem := _parts_problem(args.parts)) is not None:
+        p.error(
+            f"--parts must be some of the letters r, a, b, c, each at most once; "
+            f"got {args.parts!r} ({problem})"
+        )
+    if args.budget is not None and not (args.budget > 0 and math.isfinite(args.budget)):
+        p.error(f"--budget must be a number of seconds > 0, got {args.budget:g}")
+    budget = args.budget if args.budget is not None else (100.0 if args.smoke else 480.0)
     clock = Clock(budget)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="5")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])

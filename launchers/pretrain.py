@@ -18,7 +18,7 @@ from pathlib import Path
 
 from soap_apps.config_loader import add_override_flag
 from soap_apps.pretrain.config import ConfigError, load_config
-from soap_apps.pretrain.trainer import backend_name, run
+from soap_apps.pretrain.trainer import NonFiniteLoss, backend_name, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
 
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # bad input: a one-line message naming the key, not a traceback
         print(f"launchers/pretrain.py: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLoss:  # every rank stops at the same step; rank 0 has printed why
+        return 1
     return 0
 
 

@@ -97,7 +97,16 @@ def parse_override(
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"an override must look like {form} (e.g. {example}), got {text!r}")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).replace("\n", " ")
+        raise ConfigError(
+            f"the override {text!r}: its value {raw!r} is not valid YAML ({problem}); "
+            "quote a string, write a list as [a, b]"
+        ) from None
 
 
 def read_mapping(path: str | Path, *, examples: str, top: str) -> dict[str, Any]:
@@ -105,9 +114,43 @@ def read_mapping(path: str | Path, *, examples: str, top: str) -> dict[str, Any]
     top level is not a mapping. ``examples`` says where example files are, ``top`` what the top
     level maps (``sections``, ``keys``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (see {examples})")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist (see {examples} for examples)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not a YAML file: byte {error.start} is not UTF-8 text "
+            f"(see {examples} for examples)"
+        ) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error, text)} "
+            f"(see {examples} for examples)"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of {top}, got {type(raw).__name__}")
     return raw
+
+
+def _yaml_problem(error: yaml.YAMLError, text: str) -> str:
+    """What PyYAML found wrong, on one line: the problem, where, and that line of ``text`` (or, when
+    that line is blank, the line where the unfinished construct began)."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem is None or mark is None:
+        return " ".join(str(error).split())
+    lines = text.splitlines()
+
+    def shown(line: int) -> str:
+        content = lines[line].rstrip() if line < len(lines) else ""
+        return f": {content[:80] + (' ...' if len(content) > 80 else '')!r}" if content.strip() else ""
+
+    message = f"{problem} at line {mark.line + 1}, column {mark.column + 1}{shown(mark.line)}"
+    context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        message += f" ({context} at line {start.line + 1}{shown(start.line)})"
+    return message

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from soap_apps.config_loader import ConfigError
+
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 MIN_BYTES = 1_000
@@ -48,8 +50,8 @@ def load_bytes(path: str | None, limit: int) -> torch.Tensor:
         if total >= limit:
             break
     blob = b"".join(chunks)[:limit]
-    if len(blob) < MIN_BYTES:
-        raise ValueError(
+    if len(blob) < MIN_BYTES:  # a ConfigError (a ValueError): the launcher shows it in one line
+        raise ConfigError(
             f"{where} holds only {len(blob)} bytes of {'/'.join(TEXT_SUFFIXES)} text; need >= {MIN_BYTES}"
         )
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8).long()
@@ -73,7 +75,7 @@ class Windows(Dataset):
     ) -> None:
         self.slots = len(data) // context
         if self.slots < 1:
-            raise ValueError(f"the data has {len(data)} bytes, fewer than one --context={context} window")
+            raise ConfigError(f"the data has {len(data)} bytes, fewer than one --context={context} window")
         self.data, self.context, self.length, self.seed, self.as_dict = data, context, length, seed, as_dict
         self._perms: dict[int, torch.Tensor] = {}
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from soap_apps import schedule, soap_options
+from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
@@ -243,6 +245,21 @@ def resume_dir(cfg: FinetuneConfig) -> Path | None:
     return found[-1][1]
 
 
+def check_inputs(cfg: FinetuneConfig) -> Path | None:
+    """The paths the run reads, checked before any work: ConfigError naming the flag and the path
+    as given (--data, --init-from, --resume). Returns the checkpoint to resume from (``resume_dir``)."""
+    for flag, value, what in (
+        ("--data", cfg.data, "give a text file or a directory of them"),
+        ("--init-from", cfg.init_from, "give the final/ directory a pre-training run wrote (runs/X/final)"),
+    ):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{flag} {value!r} does not exist; {what}")
+    try:
+        return resume_dir(cfg)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _as_float(x: Any) -> float | None:
     if x is None:
         return None
@@ -272,7 +289,12 @@ def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, Data
     samples = cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     train_dl = DataLoader(Windows(train_ids, cfg.context, samples, cfg.seed), batch_size=cfg.batch_size)
     eval_dl = DataLoader(eval_windows(eval_ids, cfg.context, cfg.eval_windows), batch_size=cfg.batch_size)
-    model = build_model(cfg)  # same seed on every rank, so the same initial weights
+    try:
+        model = build_model(cfg)  # same seed on every rank, so the same initial weights
+    except FileNotFoundError as error:  # --init-from a directory without an export in it
+        if not cfg.init_from:
+            raise
+        raise ConfigError(f"--init-from {cfg.init_from!r}: {error}") from None
     optimizer = make_optimizer(cfg, model)
     with no_untested_optimizer_banner():  # under DeepSpeed: SOAP is not on its list; soap_dist supports it
         return accelerator.prepare(model, optimizer, train_dl, eval_dl)
@@ -292,6 +314,7 @@ def train(
     out = Path(cfg.output_dir or f"runs/finetune-{backend_name(accelerator)}")
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     check_output_dir(out, cfg.resume)
+    start = check_inputs(cfg)
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
     model, optimizer, train_dl, eval_dl = prepare(cfg, accelerator)
     if on_prepared is not None:
@@ -299,7 +322,6 @@ def train(
 
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    start = resume_dir(cfg)
     if start is not None:
         accelerator.load_state(str(start))
     log = JsonlLog(out / METRICS, accelerator.is_main_process)  # pre-training's writer too
@@ -387,8 +409,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     accelerator = make_accelerator(cfg)
     try:
         rows = train(cfg, accelerator)
-    except FileExistsError as error:  # a used --output-dir: the message says what to do, no traceback
-        raise SystemExit(f"launchers/finetune.py: error: {error}") from None
+    except (ConfigError, FileExistsError) as error:  # bad input (a path, a used --output-dir, too
+        # little data): one line that says what to do, no traceback; exit 2 as for a bad flag
+        print(f"launchers/finetune.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     metrics = Path(rows[0]["config"]["output_dir"]) / METRICS  # the start row has the resolved dir
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     curve = [(r["step"], r["loss"]) for r in rows if "loss" in r]

@@ -136,6 +136,11 @@ def export(
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
     """The GPT saved by ``export``; ``path`` is its directory or its ``model.pt`` (config.json beside it)."""
     path = Path(path)
+    if not path.exists():  # named as given: its parent's model.pt would be the wrong file to name
+        raise FileNotFoundError(
+            f"load_exported: {path} does not exist; pass the final/ directory a pre-training run wrote "
+            "(it holds model.pt and config.json)"
+        )
     directory = path if path.is_dir() else path.parent
     weights = path if path.is_file() else directory / "model.pt"
     for needed in (weights, directory / "config.json"):

@@ -3,7 +3,9 @@
 One step reads top to bottom: set the scheduled lr, run the micro-batches (gradients synchronised
 on the last one only), clip, step, zero the gradients. The loop itself knows nothing of the
 parallelism: a backend (``TorchBackend`` here, ``ds_backend.DeepSpeedBackend`` under --deepspeed)
-does the steps, evaluation, checkpoints and the export.
+does the steps, evaluation, checkpoints and the export. A training loss (mean over ranks) that is
+not finite stops the loop on every rank at the same step, before the next evaluation, checkpoint or
+export (``NonFiniteLoss``); it is checked where the loss is logged anyway, so no step pays a sync.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from soap_apps.jsonl import read_records
 from soap_apps.pretrain import checkpoint, data, parallel
 from soap_apps.pretrain.config import Config, ConfigError, save_config
 from soap_apps.pretrain.metrics import Metrics
@@ -206,6 +210,73 @@ def check_run_dir(run_dir: Path, resume: bool, backend: str) -> None:
         )
 
 
+def check_out_path(run_dir: Path) -> None:
+    """Make sure ``run_dir`` can be the run directory, before anything else happens: ConfigError when
+    it exists and is not a directory, or cannot be created (a parent is a file, no permission, ...).
+    Creates it (empty) when it is missing, on every rank (harmless: mkdir with exist_ok)."""
+    try:
+        if run_dir.exists() or run_dir.is_symlink():
+            if not run_dir.is_dir():
+                raise ConfigError(
+                    f"--out {run_dir} exists and is not a directory; pass --out a new or empty directory"
+                )
+            if not os.access(run_dir, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out {run_dir}: the directory is not writable")
+            return
+        parent = Path(os.path.abspath(run_dir)).parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"--out {run_dir} cannot be created: {parent} is a file, not a directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # no permission, a read-only or special file system, ...
+        raise ConfigError(f"--out {run_dir} cannot be created: {error.strerror or error}") from None
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss (the mean over ranks) is NaN or infinite; raised on every rank at the same
+    step, after which nothing is saved or exported. Rank 0 has printed the message already."""
+
+
+class _LossWatch:
+    """Each step's training loss, kept on the device (no host sync per step) until ``first_bad``
+    averages them over ranks: every rank sees the same means, so every rank decides the same."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self._steps: list[int] = []
+        self._losses: list[torch.Tensor] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self._steps.append(step)
+        self._losses.append(loss.detach().float().reshape(()))
+
+    def first_bad(self) -> tuple[int, float] | None:
+        """The first step since the previous call whose loss is not finite, with that loss; every
+        rank calls it at the same steps (it is a collective)."""
+        if not self._losses:
+            return None
+        means = parallel.all_reduce_mean(torch.stack(self._losses), self.env).tolist()
+        steps, self._steps, self._losses = self._steps, [], []
+        return next(((s, m) for s, m in zip(steps, means, strict=True) if not math.isfinite(m)), None)
+
+
+def _non_finite_message(
+    cfg: Config, run_dir: Path, bad: tuple[int, float], found_at: int, last_saved: int | None
+) -> str:
+    step, loss = bad
+    seen = f" (found at step {found_at})" if found_at != step else ""
+    if last_saved is None:
+        saved = "no checkpoint was written before it"
+    else:
+        saved = f"the last checkpoint, from before it, is {checkpoint.step_dir(run_dir, last_saved)}"
+    return (
+        f"the training loss is {loss} at step {step}{seen}; stopped, and no model was exported; "
+        f"{saved}. Lower optim.lr (now {cfg.optim.lr:g}) or check the data "
+        f"(data.path: {cfg.data.path or 'the standard library'})"
+    )
+
+
 def _soap_placement(backend: Backend) -> str | None:
     """The placement SOAP runs under the torch backend (``placement="auto"`` picks it at the first
     step: owner or fsdp-local/hsdp under FSDP2/HSDP, docs/design.md section 6); None for AdamW and
@@ -219,10 +290,17 @@ def _soap_placement(backend: Backend) -> str | None:
     return counters.get("placement", "") + note
 
 
-def _resume(backend: Backend, run_dir: Path, sampler: data.BatchSampler) -> int:
-    """The step to start from: the newest checkpoint's (0 without one); called only under ``resume``."""
+def _resume(backend: Backend, run_dir: Path, sampler: data.BatchSampler, env: DistEnv) -> int:
+    """The step to start from: the newest checkpoint's (0, with a warning, without one); called only
+    under ``resume``."""
     latest = backend.latest_checkpoint(run_dir)
     if latest is None:
+        if env.is_main:
+            print(
+                f"pretrain: warning: --resume: no checkpoint under {run_dir}; starting a new run",
+                file=sys.stderr,
+                flush=True,
+            )
         return 0
     state = backend.load(run_dir, latest, {"step": 0, "data": sampler.state_dict()})
     sampler.load_state_dict(state["data"])
@@ -240,8 +318,11 @@ def run(
 ) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (see docs/pretrain.md); every rank calls it.
 
-    ``resume``: continue from the newest checkpoint in ``run_dir`` (from scratch if there is none);
-    without it a non-empty ``run_dir`` is refused.
+    ``resume``: continue from the newest checkpoint in ``run_dir`` (from scratch, with a warning, if
+    there is none); without it a non-empty ``run_dir`` is refused. A ``run_dir`` that is a file or
+    cannot be created is refused first (ConfigError). A training loss (mean over ranks) that is not
+    finite ends the run with NonFiniteLoss, on every rank at the same step, before any further
+    checkpoint and without the export.
     ``stop_after``: end after that step with a checkpoint, as if interrupted (the lr schedule still
     spans ``train.steps``). ``deepspeed_config``: a DeepSpeed JSON; the DeepSpeed backend replaces
     the torch one (and ``parallel`` is ignored). ``name``: the config's, for loss.png's title
@@ -249,6 +330,7 @@ def run(
     """
     if stop_after is not None and not 1 <= stop_after <= cfg.train.steps:
         raise ConfigError(f"--stop-after must be in [1, train.steps={cfg.train.steps}], got {stop_after}")
+    check_out_path(Path(run_dir))
     env = parallel.init_distributed()
     try:
         result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config, name)
@@ -293,7 +375,7 @@ def _run(
     else:
         backend = TorchBackend(model, cfg, env)
         mode = cfg.parallel.mode if env.distributed else "single process"
-    start_step = _resume(backend, run_dir, d.sampler) if resume else 0
+    start_step = _resume(backend, run_dir, d.sampler, env) if resume else 0
     global_batch = t.micro_batch * t.grad_accum * env.world
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -324,6 +406,8 @@ def _run(
         )
 
     last = stop_after or t.steps
+    watch = _LossWatch(env)
+    last_saved = start_step or None  # the checkpoint this run resumed from
     for step in range(start_step + 1, last + 1):
         lr = lr_at(
             step,
@@ -336,11 +420,24 @@ def _run(
         if step == start_step + 1 and env.is_main and (placement := _soap_placement(backend)):
             print(f"pretrain: SOAP placement {placement}, world {env.world}", flush=True)
         metrics.log_train(step, loss, norm, lr, force=step == last)
-        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+        watch.add(step, loss)
+        evaluating = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+        saving = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last
+        # checked where the loss is logged anyway, and before anything is evaluated or saved
+        if (evaluating or saving or step % t.log_every == 0) and (bad := watch.first_bad()) is not None:
+            message = _non_finite_message(cfg, run_dir, bad, step, last_saved)
+            metrics.close(plot=env.is_main and any("loss" in r for r in read_records(metrics.path)))
+            if env.is_main:
+                print(f"pretrain: error: {message}", file=sys.stderr, flush=True)
+            # rank 0 has said why before any rank exits (torchrun ends the others once one has)
+            parallel.barrier(env)
+            raise NonFiniteLoss(message)
+        if evaluating:
             evaluate(step)
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last:
+        if saving:
             backend.save(run_dir, step, {"step": step, "data": d.sampler.state_dict()})
             checkpoint.prune(run_dir, t.keep_checkpoints, env)
+            last_saved = step
     final_step = max(last, start_step)
     exported = None
     if final_step == t.steps:

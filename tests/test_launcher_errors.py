@@ -1,0 +1,247 @@
+"""The launchers' answers to bad input and to a diverging run: one line that names the problem and
+the way out, a non-zero exit, and no traceback (launchers/pretrain.py, finetune.py, compare_runs.py,
+gpu_suite.py). Everything runs in this process and takes seconds; the one training run is tiny.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pretrain_helpers import LAUNCHER, TINY, temporary_cache
+
+from soap_apps.config_loader import ConfigError, parse_override, read_mapping
+from soap_apps.pretrain.config import load_config
+from soap_apps.pretrain.model import load_exported
+from soap_apps.pretrain.trainer import NonFiniteLoss, run
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# a model small enough that a step takes milliseconds (as in tests/test_pretrain_launcher.py)
+SMALL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.seq_len=32",
+    "optim.block_size=16",
+    "train.micro_batch=4",
+    "train.eval_batches=2",
+    "train.threads=1",
+    "data.eval_fraction=0.1",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    yield from temporary_cache(tmp_path_factory)
+
+
+@pytest.fixture
+def texts(tmp_path) -> Path:
+    """A small byte-level corpus (no standard-library scan)."""
+    path = tmp_path / "texts"
+    path.mkdir()
+    (path / "a.txt").write_text("hello soap " * 400)
+    return path
+
+
+@pytest.fixture
+def one_process(monkeypatch) -> None:
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _launcher(name: str):
+    sys.path.insert(0, str(LAUNCHER.parent))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _sets(*overrides: str) -> list[str]:
+    return [arg for o in (*SMALL, *overrides) for arg in ("--set", o)]
+
+
+# ----- pre-training: a diverging run -----
+def test_pretrain_stops_at_the_first_non_finite_loss(tmp_path, texts, cache, one_process, capsys):
+    """lr 1e9: the loss is NaN from step 3. The run stops at the next check (step 4: a checkpoint is
+    due), says where and why, exits 1, keeps the step-2 checkpoint and exports nothing."""
+    out = tmp_path / "run"
+    argv = [*_sets("train.steps=10", "train.log_every=5", "train.checkpoint_every=2", "optim.lr=1e9")]
+    assert _launcher("pretrain").main([*argv, "--data", str(texts), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = re.search(r"pretrain: error: (.*)", err).group(1)
+    assert message.startswith("the training loss is nan at step 3 (found at step 4); stopped, and no model")
+    assert f"the last checkpoint, from before it, is {out / 'checkpoints' / 'step_2'}" in message
+    assert "Lower optim.lr (now 1e+09) or check the data" in message
+    assert not (out / "final").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # no NaN checkpoint
+
+    cfg = load_config(TINY, [*SMALL, "train.steps=3", "optim.lr=1e9", f"data.path={texts}"])
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 3; .* no checkpoint was written before it"):
+        run(cfg, run_dir=tmp_path / "direct")  # the last step: checked before the export
+    assert not (tmp_path / "direct" / "final").exists()
+
+
+def test_resume_without_a_checkpoint_warns(tmp_path, texts, cache, one_process, capsys):
+    cfg = load_config(TINY, [*SMALL, "train.steps=1", f"data.path={texts}"])
+    result = run(cfg, run_dir=tmp_path / "new", resume=True)
+    assert result.step == 1 and result.exported is not None  # otherwise a new run, as before
+    warning = f"pretrain: warning: --resume: no checkpoint under {tmp_path / 'new'}; starting a new run"
+    assert warning in capsys.readouterr().err
+
+
+# ----- pre-training: --config, --set and --out -----
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            "train:\n  steps: [1, 2\n",
+            "at line 3, column 1 (while parsing a flow sequence at line 2: '  steps: [1, 2')",
+        ),
+        ("a: b: c\n", "mapping values are not allowed here at line 1, column 5: 'a: b: c'"),
+        ("x:\n\t- 1\n", "found character '\\t' that cannot start any token at line 2, column 1: '\\t- 1'"),
+    ],
+)
+def test_a_config_that_is_not_yaml_names_the_file_and_the_line(tmp_path, text, problem):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        read_mapping(bad, examples="configs/x/", top="keys")
+    message = str(exc.value)
+    assert message.startswith(f"config file '{bad}' is not valid YAML: ") and problem in message, message
+
+
+def test_config_and_override_errors_reach_the_launcher_as_one_line(tmp_path, capsys):
+    launcher = _launcher("pretrain")
+    binary = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(3)}, binary)
+    for argv, message in (
+        (["--config", str(LAUNCHER)], "is not valid YAML: expected '<document start>'"),
+        (["--config", str(binary)], f"config file '{binary}' is not a YAML file: byte"),
+        (["--config", str(tmp_path)], "is a directory; give a YAML file"),
+        (["--set", "train.steps=[1"], "the override 'train.steps=[1': its value '[1' is not valid YAML"),
+    ):
+        assert launcher.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err, err
+    with pytest.raises(ConfigError, match=r"override 'steps=a: b: c': its value 'a: b: c' is not valid"):
+        parse_override("steps=a: b: c", "key=value", "steps=20")
+
+
+def test_a_bad_out_is_refused_before_anything_happens(tmp_path, one_process, capsys, monkeypatch):
+    from soap_apps.pretrain import trainer
+
+    monkeypatch.setattr(trainer.parallel, "init_distributed", lambda: pytest.fail("started"))
+    launcher = _launcher("pretrain")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in (
+        (afile, f"--out {afile} exists and is not a directory; pass --out a new or empty directory"),
+        (afile / "run", f"--out {afile / 'run'} cannot be created: {afile} is a file, not a directory"),
+    ):
+        assert launcher.main(["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"launchers/pretrain.py: error: {message}\n"
+    assert afile.read_text() == "x"
+
+
+# ----- fine-tuning -----
+def test_load_exported_names_the_path_it_was_given(tmp_path):
+    nope = re.escape(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=rf"load_exported: {nope} does not exist; pass the final/"):
+        load_exported(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(tmp_path / 'model.pt'))} is missing"):
+        load_exported(tmp_path)  # a directory without an export: its model.pt is what is missing
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--init-from", "/nonexistent"], "--init-from '/nonexistent' does not exist; give the final/"),
+        (["--data", "/nodata"], "--data '/nodata' does not exist; give a text file or a directory of them"),
+        (["--resume", "/nope"], "--resume '/nope' is not a directory written by save_state"),
+        (["--resume", "latest"], "--resume latest: no checkpoints/step_N under --output-dir '"),
+    ],
+)
+def test_finetune_missing_paths_exit_2_in_one_line(tmp_path, flags, message, capsys, monkeypatch):
+    from soap_apps.finetune import train
+
+    # the paths are checked before the Accelerator is used: a stand-in that must not be touched
+    monkeypatch.setattr(train, "make_accelerator", lambda cfg: None)
+    with pytest.raises(SystemExit) as exc:
+        train.main([*flags, "--output-dir", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"launchers/finetune.py: error: {message}") and err.count("\n") == 1, err
+
+
+def test_finetune_too_little_data_is_a_config_error(tmp_path):
+    from soap_apps.finetune.data import load_bytes
+
+    (tmp_path / "a.txt").write_text("hi")
+    with pytest.raises(ConfigError, match=r"holds only 2 bytes"):
+        load_bytes(str(tmp_path), 1000)
+
+
+# ----- compare_runs.py -----
+def test_compare_runs_bad_run_dirs_and_names_exit_2(tmp_path, capsys):
+    compare_runs = _launcher("compare_runs")
+    (tmp_path / "empty").mkdir()
+    for argv, message in (
+        ([str(tmp_path / "missing")], f"{tmp_path / 'missing' / 'metrics.jsonl'}: no training records"),
+        ([str(tmp_path / "empty")], "is " + str(tmp_path / "empty") + " a finished pretrain run directory?"),
+        ([str(tmp_path / "empty"), "--names", "a", "b"], "--names has 2 entries for 1 run directories"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            compare_runs.main([*argv, "--out", str(tmp_path / "x.png")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "launchers/compare_runs.py: error: " in err and message in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+# ----- gpu_suite.py -----
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--parts", "xyz"], "--parts must be some of the letters r, a, b, c, each at most once; got 'xyz'"),
+        (["--parts", "xyz"], "(unknown 'x', 'y', 'z')"),
+        (["--parts", "rbx"], "got 'rbx' (unknown 'x')"),
+        (["--parts", "abca"], "got 'abca' (repeated)"),
+        (["--parts", ""], "got '' (empty)"),
+        (["--budget", "-5"], "--budget must be a number of seconds > 0, got -5"),
+        (["--budget", "0"], "--budget must be a number of seconds > 0, got 0"),
+        (["--budget", "nan"], "--budget must be a number of seconds > 0, got nan"),
+    ],
+)
+def test_gpu_suite_refuses_bad_parts_and_budgets(tmp_path, flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # never starts the suite
+    with pytest.raises(SystemExit) as exc:
+        _launcher("gpu_suite").main(["--out", str(tmp_path / "out"), *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_suite_accepts_parts_in_any_order_and_describes_them(tmp_path, capsys, monkeypatch):
+    gpu_suite = _launcher("gpu_suite")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):  # past the checks of --parts and --budget: the missing GPU
+        gpu_suite.main(["--out", str(tmp_path / "out"), "--parts", "cb", "--budget", "30"])
+    assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for part in (
+        "r = where a refresh's time goes",
+        "a = the step benchmark",
+        "b = a gpt2-small training loop",
+        "c = the race, SOAP against AdamW",
+    ):
+        assert part in help_text, help_text
