@@ -226,6 +226,19 @@ def owner_errors(world):
     attempt("mismatch", [sharded((4 * world, width))])
     shapes = [(4 * world, 4), (2 * world, 3)] if rank == 0 else [(4 * world, 4)]  # missing elsewhere
     attempt("missing", [sharded(s) for s in shapes])
+    # a gradient in another dtype than its values: every rank refuses it before any exchange (the
+    # owner, which sends nothing, used to wait in the all_to_all until the timeout)
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(6, 12), mesh, [Shard(0)]))
+    p.grad_dtype = None  # torch refuses a .grad of another dtype unless told to accept it
+    opt = SOAP([p], placement="owner", collective_timeout=30)
+    for _ in range(2):
+        p.grad = distribute_tensor(torch.randn(6, 12).bfloat16(), mesh, [Shard(0)])
+        try:
+            opt.step()
+            out["grad_dtype"] = ""
+        except TypeError as error:
+            out["grad_dtype"] = f"{type(error).__name__}: {error}"
+            break
     return out
 
 

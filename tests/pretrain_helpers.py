@@ -14,6 +14,17 @@ from soap_apps.pretrain import data
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launchers" / "pretrain.py"
 TINY = REPO / "configs" / "pretrain" / "tiny-cpu.yaml"
+# --set overrides for a model small enough that a step takes milliseconds, at world 1 or 2
+SMALL_MODEL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.seq_len=32",
+    "optim.block_size=16",
+    "train.micro_batch=4",
+    "train.eval_batches=2",
+    "train.threads=1",
+]
 
 
 def temporary_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_helpers import LAUNCHER, TINY, temporary_cache
+from pretrain_helpers import LAUNCHER, SMALL_MODEL, TINY, temporary_cache
 
 from soap_apps.config_loader import ConfigError, parse_override, read_mapping
 from soap_apps.pretrain.config import load_config
@@ -20,18 +20,7 @@ from soap_apps.pretrain.trainer import NonFiniteLoss, run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-# a model small enough that a step takes milliseconds (as in tests/test_pretrain_launcher.py)
-SMALL = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.seq_len=32",
-    "optim.block_size=16",
-    "train.micro_batch=4",
-    "train.eval_batches=2",
-    "train.threads=1",
-    "data.eval_fraction=0.1",
-]
+SMALL = [*SMALL_MODEL, "data.eval_fraction=0.1"]  # as in tests/test_pretrain_launcher.py
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ def test_owner_bad_input_fails_with_a_message_on_every_rank(world2):
         assert (
             "different parameter counts [2, 1]" in res["missing"] and "missing on ranks [1]" in res["missing"]
         )
+        assert "torch.bfloat16 gradient for torch.float32 values" in res["grad_dtype"], res["grad_dtype"]
 
 
 @pytest.mark.parametrize("prefix", ["", "spread_"], ids=["whole", "spread"])

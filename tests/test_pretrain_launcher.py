@@ -21,7 +21,7 @@ from unittest.mock import ANY
 import numpy as np
 import pytest
 import torch
-from pretrain_helpers import LAUNCHER, REPO, TINY, temporary_cache
+from pretrain_helpers import LAUNCHER, REPO, SMALL_MODEL, TINY, temporary_cache
 
 from soap_apps.pretrain import data, parallel
 from soap_apps.pretrain.config import ConfigError, load_config
@@ -29,18 +29,7 @@ from soap_apps.pretrain.metrics import read_records
 from soap_apps.pretrain.model import load_exported
 from soap_apps.pretrain.trainer import run
 
-# a model small enough that a world-2 step takes milliseconds
-SMALL = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.seq_len=32",
-    "optim.block_size=16",
-    "train.micro_batch=4",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "train.threads=1",
-]
+SMALL = [*SMALL_MODEL, "train.log_every=1"]  # a world-2 step takes milliseconds
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

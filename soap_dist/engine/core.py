@@ -228,8 +228,10 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
     # ----- the step -----
     @torch.no_grad()
     def _name(self, index: int) -> str:
-        lay = self.layouts[index]
-        return f"{lay.name} (shape {tuple(lay.shape)})"
+        """The parameter's name and whole shape (this rank's layout may hold a shard or no rows)."""
+        full = self.plan.layouts if self.plan is not None and self.plan.layouts else self.layouts
+        whole = full[index]
+        return f"{whole.name} (shape {tuple(whole.shape)})"
 
     def _report_failures(self, store: FactorStore, slots: list[int], ok: list[bool], what: str) -> None:
         for slot, good in zip(slots, ok, strict=True):

@@ -44,7 +44,7 @@ from ..owner_layout import SPREAD, crossing_elements, held_rows, owner_placement
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
-from .rows import HomeRowsRunner, apply_updates
+from .rows import HomeRowsRunner, Runs, apply_updates
 from .tensors import Placement, is_dtensor, local, wrapper
 
 Tensor = torch.Tensor
@@ -134,6 +134,13 @@ class OwnerRunner(HomeRowsRunner):
     ) -> None:
         """``params``/``grads``: this rank's local rows (FSDP2 shards); ``active``: the same on every rank."""
         self._check_spread_groups(groups)
+        for i, a in enumerate(active):  # on every rank (each has a local gradient, maybe empty)
+            if a and grads[i].dtype != params[i].dtype:
+                raise TypeError(
+                    f"SOAP (placement owner): {self.layouts[i].name} has a {grads[i].dtype} gradient for "
+                    f"{params[i].dtype} values; the rows travel in the values' dtype, so cast the gradient "
+                    "to it before step()"
+                )
         self._gather(grads, active, self._crossing_of(active))
         # A parameter's first step only starts its statistics: the engine writes no update for it.
         updated = [a and started for a, started in zip(active, self.engine.started, strict=True)]
@@ -316,6 +323,34 @@ class OwnerRunner(HomeRowsRunner):
                 out.append((stepper, holder, lo, hi))
         return out
 
+    def _route_rows(
+        self,
+        lay: ParamLayout,
+        to_holders: bool,
+        source: tuple[Tensor, int],
+        target: tuple[Tensor, int],
+        outgoing: Runs,
+        incoming: Runs,
+    ) -> None:
+        """Queue one row-indexed tensor's runs (``_pieces``): from this rank's ``source`` (a tensor and
+        the parameter row it starts at) to the ranks receiving them, and into its ``target`` from
+        the ranks sending them; a run it both sends and receives is copied here."""
+        per_row = lay.block_rows_per_row
+        (src, src_first), (dst, dst_first) = source, target
+        for stepper, holder, lo, hi in self._pieces(lay, to_holders):
+            sender, receiver = (stepper, holder) if to_holders else (holder, stepper)
+            rows = there = None
+            if sender == self.rank:
+                rows = _rows(src, (lo - src_first) * per_row, (hi - src_first) * per_row)
+            if receiver == self.rank:
+                there = dst[(lo - dst_first) * per_row : (hi - dst_first) * per_row]
+            if rows is not None and there is not None:
+                there.copy_(rows)
+            elif rows is not None:
+                outgoing[receiver].append(rows.reshape(-1))
+            else:
+                incoming[sender].append(there.view(-1))
+
     def state_dict(self) -> dict[int, dict]:
         """The one-process state of every parameter; row-indexed tensors sharded like the parameters."""
         state = save_engine_state(self.engine, self.exchange)
@@ -329,18 +364,7 @@ class OwnerRunner(HomeRowsRunner):
             mine = t.new_empty((count * per_row, *t.shape[1:]))
             pieces[(i, key)] = mine
             stepped = self.stepped_rows(lay, self.rank)[0]
-            for stepper, holder, lo, hi in self._pieces(lay, to_holders=True):
-                rows = there = None
-                if stepper == self.rank:
-                    rows = _rows(t, (lo - stepped) * per_row, (hi - stepped) * per_row)
-                if holder == self.rank:
-                    there = mine[(lo - first) * per_row : (hi - first) * per_row]
-                if rows is not None and there is not None:
-                    there.copy_(rows)
-                elif rows is not None:
-                    outgoing[holder].append(rows.reshape(-1))
-                else:
-                    incoming[stepper].append(there.view(-1))
+            self._route_rows(lay, True, (t, stepped), (mine, first), outgoing, incoming)
         self.move(outgoing, incoming, _dtypes(state[i][k] for i, k in moves), over=self.scope)
         wrap = wrapper(self.mesh_placement)
         for (i, key), mine in pieces.items():
@@ -373,18 +397,7 @@ class OwnerRunner(HomeRowsRunner):
                 whole = part.new_zeros((count * per_row, *part.shape[1:]))
                 out[key] = whole
                 held = held_rows(lay, self.shards, self.shard)[0]
-                for stepper, holder, lo, hi in self._pieces(lay, to_holders=False):
-                    rows = there = None
-                    if holder == self.rank:
-                        rows = _rows(part, (lo - held) * per_row, (hi - held) * per_row)
-                    if stepper == self.rank:
-                        there = whole[(lo - stepped) * per_row : (hi - stepped) * per_row]
-                    if rows is not None and there is not None:
-                        there.copy_(rows)
-                    elif rows is not None:
-                        outgoing[stepper].append(rows.reshape(-1))
-                    else:
-                        incoming[holder].append(there.view(-1))
+                self._route_rows(lay, False, (part, held), (whole, stepped), outgoing, incoming)
             full[i] = out
         dtypes = _dtypes(local(state_of(state, i)[k]) for i, k in moved)
         self.move(outgoing, incoming, dtypes, over=self.scope)
