@@ -6,18 +6,24 @@
     torchrun --standalone --nproc_per_node=2 launchers/pretrain.py --deepspeed configs/deepspeed/zero2.json
 
 Everything else (flags, config keys, outputs, multi-node, resume) is in docs/pretrain.md. This file
-only parses arguments; the work is in soap_apps.pretrain.
+only parses arguments, and turns SIGTERM (a preemption; torchrun forwards it) into the interrupt
+Ctrl-C raises while the run lasts; the work is in soap_apps.pretrain.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from soap_apps.config_loader import add_override_flag
 from soap_apps.pretrain.config import ConfigError, load_config
+from soap_apps.pretrain.resume_check import Interrupted, Terminated, resume_command
 from soap_apps.pretrain.trainer import NonFiniteLoss, backend_name, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
@@ -74,6 +80,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) inside the block, so that a preempted run
+    ends like one stopped with Ctrl-C; the previous handler is back afterwards. Signals reach the
+    main thread only: elsewhere (a launcher called from a thread) nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _script() -> str:
+    """This launcher's path as it is best typed here (relative to the working directory if it can be)."""
+    try:
+        return os.path.relpath(__file__)
+    except ValueError:  # another drive
+        return str(Path(__file__).resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides: list[str | tuple[str, object]] = list(args.overrides)
@@ -82,24 +115,35 @@ def main(argv: list[str] | None = None) -> int:
         for flag, (key, _, _) in SHORTCUTS.items()
         if getattr(args, flag) is not None
     ]
+    world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun and the deepspeed launcher
     try:
-        cfg = load_config(args.config, overrides)
-        world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun and the deepspeed launcher
-        backend = backend_name(cfg, world, args.deepspeed)
-        out = args.out or Path("runs") / f"pretrain-{args.config.stem}-{backend}"
-        run(
-            cfg,
-            run_dir=out,
-            resume=args.resume,
-            stop_after=args.stop_after,
-            deepspeed_config=args.deepspeed,
-            name=args.config.stem,
-        )
+        with sigterm_as_interrupt():
+            cfg = load_config(args.config, overrides)
+            backend = backend_name(cfg, world, args.deepspeed)
+            out = args.out or Path("runs") / f"pretrain-{args.config.stem}-{backend}"
+            run(
+                cfg,
+                run_dir=out,
+                resume=args.resume,
+                stop_after=args.stop_after,
+                deepspeed_config=args.deepspeed,
+                name=args.config.stem,
+            )
     except ConfigError as error:  # bad input: a one-line message naming the key, not a traceback
         print(f"launchers/pretrain.py: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss:  # every rank stops at the same step; rank 0 has printed why
         return 1
+    except Interrupted as stop:  # Ctrl-C or SIGTERM during the run: rank 0 says what was kept
+        if stop.is_main:
+            command = resume_command(_script(), sys.argv[1:] if argv is None else argv, out, world > 1)
+            print(f"pretrain: {stop.message}; to continue: {command}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt as stop:  # before the run began (reading the config, ...)
+        signame, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"pretrain: interrupted by {signame} before training started", file=sys.stderr, flush=True)
+        return code
     return 0
 
 

@@ -28,6 +28,7 @@ from soap_apps.pretrain.metrics import Metrics
 from soap_apps.pretrain.model import GPT, export, lm_loss
 from soap_apps.pretrain.optim import build_optimizer, param_groups
 from soap_apps.pretrain.parallel import DistEnv
+from soap_apps.pretrain.resume_check import Progress, check_resume_config, interrupt_in
 from soap_apps.schedule import lr_at
 
 
@@ -322,7 +323,8 @@ def run(
     there is none); without it a non-empty ``run_dir`` is refused. A ``run_dir`` that is a file or
     cannot be created is refused first (ConfigError). A training loss (mean over ranks) that is not
     finite ends the run with NonFiniteLoss, on every rank at the same step, before any further
-    checkpoint and without the export.
+    checkpoint and without the export. A KeyboardInterrupt (Ctrl-C, or SIGTERM through the launcher's
+    handler) ends it with ``resume_check.Interrupted``, saying what was kept, without a checkpoint.
     ``stop_after``: end after that step with a checkpoint, as if interrupted (the lr schedule still
     spans ``train.steps``). ``deepspeed_config``: a DeepSpeed JSON; the DeepSpeed backend replaces
     the torch one (and ``parallel`` is ignored). ``name``: the config's, for loss.png's title
@@ -332,12 +334,17 @@ def run(
         raise ConfigError(f"--stop-after must be in [1, train.steps={cfg.train.steps}], got {stop_after}")
     check_out_path(Path(run_dir))
     env = parallel.init_distributed()
+    progress = Progress(Path(run_dir), cfg.train.steps, deepspeed=deepspeed_config is not None)
     try:
-        result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config, name)
+        result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config, name, progress)
         # Every rank past its last collective before any rank tears the groups down: a gloo rank
         # that destroyed its groups while its peer was still finishing once aborted at exit.
         parallel.barrier(env)
         return result
+    except BaseException as error:  # an interrupt: no collective from here, the other ranks may be anywhere
+        if (stop := interrupt_in(error)) is None:
+            raise
+        raise progress.interrupted(stop, env.is_main) from None
     finally:
         parallel.shutdown(env)
 
@@ -350,6 +357,7 @@ def _run(
     stop_after: int | None,
     deepspeed_config: str | None,
     name: str | None,
+    progress: Progress,
 ) -> RunResult:
     t = cfg.train
     check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
@@ -361,6 +369,8 @@ def _run(
         for line in notes if env.is_main else []:
             print(f"pretrain: {deepspeed_config}: {line}", flush=True)
         t = cfg.train
+    if resume:  # before any checkpoint is read: a config that differs is named key by key
+        check_resume_config(cfg, run_dir, env.is_main)
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // env.local_world))  # share the node
     d = _load_data(cfg, env)
     torch.manual_seed(t.seed)  # the same initial weights on every rank, before any sharding
@@ -376,6 +386,7 @@ def _run(
         backend = TorchBackend(model, cfg, env)
         mode = cfg.parallel.mode if env.distributed else "single process"
     start_step = _resume(backend, run_dir, d.sampler, env) if resume else 0
+    progress.step, progress.total_steps = start_step, t.steps
     global_batch = t.micro_batch * t.grad_accum * env.world
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -399,6 +410,7 @@ def _run(
         f"world {env.world}",
         unit=unit,
     )
+    progress.closers.append(metrics)  # an interrupt closes the bar before its message
 
     def evaluate(step: int, *, record: bool = True) -> None:
         metrics.log_eval(
@@ -409,6 +421,7 @@ def _run(
     watch = _LossWatch(env)
     last_saved = start_step or None  # the checkpoint this run resumed from
     for step in range(start_step + 1, last + 1):
+        progress.step = step
         lr = lr_at(
             step,
             lr=cfg.optim.lr,

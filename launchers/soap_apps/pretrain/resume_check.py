@@ -1,0 +1,191 @@
+"""What ``--resume`` checks before loading a checkpoint, and what an interrupted run says on its way out.
+
+``check_resume_config``: a checkpoint fits only the configuration that wrote it. The run directory's
+``config.yaml`` (written by rank 0 at every start) is compared with this run's configuration, and
+every key that differs among those the checkpoint depends on is named in one ConfigError, before
+torch.distributed.checkpoint (or DeepSpeed) would stop with a size mismatch or a missing key deep in
+its own traceback. Keys the loop reads afresh at every step (``train.steps``, the log, eval and
+checkpoint cadence, ``optim.lr``, ``schedule.*``, ``train.threads``, the parallel layout, ...) may
+change. Every rank reads the same file, so every rank decides the same.
+
+``Progress`` and ``Interrupted``: Ctrl-C (SIGINT), or SIGTERM turned into the same exception by the
+launcher's handler (``Terminated``), ends the run where it is, without a checkpoint (the ranks could
+not agree on one); rank 0 then prints one line: the step, the newest complete checkpoint and the
+command that continues the run.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soap_apps.pretrain import checkpoint
+from soap_apps.pretrain.config import Config, ConfigError, load_config
+
+CONFIG_FILE = "config.yaml"
+
+# the checkpoint's tensors (their names and shapes) or its data position depend on these
+SHAPE_KEYS = ("optim.name", "data.path", "data.eval_fraction", "train.seed")
+# SOAP's state layout: the factors' shapes and which tensors exist (refresh_delay adds pending_* keys)
+SOAP_LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "block_size", "refresh_delay")
+# saved in the optimizer's param_groups, which loading restores over the configured values
+RESTORED_KEYS = ("betas", "eps", "weight_decay")
+SOAP_RESTORED_KEYS = ("shampoo_beta", "precondition_frequency", "normalize_grads")
+
+MAY_CHANGE = (
+    "keys such as train.steps, the log, eval and checkpoint cadence, optim.lr and schedule.* may change "
+    "on resume"
+)
+
+
+def _value(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _keys(saved: Config, now: Config) -> tuple[list[str], list[str]]:
+    """The config keys compared on resume: (the checkpoint depends on them, the checkpoint restores them)."""
+    fixed = [f"model.{key}" for key in saved.to_dict()["model"]] + list(SHAPE_KEYS)
+    restored = [f"optim.{key}" for key in RESTORED_KEYS]
+    if saved.optim.name == now.optim.name == "soap":  # SOAP's options mean nothing to AdamW
+        fixed += [f"optim.{key}" for key in SOAP_LAYOUT_KEYS]
+        restored += [f"optim.{key}" for key in SOAP_RESTORED_KEYS]
+    return fixed, restored
+
+
+def config_differences(saved: Config, now: Config) -> tuple[list[str], list[str]]:
+    """``key (saved X, now Y)`` for each compared key that differs, split as ``_keys`` splits them."""
+    old, new = saved.to_dict(), now.to_dict()
+
+    def diffs(keys: list[str]) -> list[str]:
+        out = []
+        for key in keys:
+            section, _, name = key.partition(".")
+            if old[section][name] != new[section][name]:
+                out.append(f"{key} (saved {_value(old[section][name])}, now {_value(new[section][name])})")
+        return out
+
+    fixed, restored = _keys(saved, now)
+    return diffs(fixed), diffs(restored)
+
+
+def check_resume_config(cfg: Config, run_dir: Path, is_main: bool = True) -> None:
+    """ConfigError when ``cfg`` differs from ``run_dir``'s config.yaml in a key its checkpoints depend
+    on. Skipped without a checkpoint (the run starts afresh) or without config.yaml (older runs); a
+    config.yaml this version cannot read is skipped with a warning (the load itself then decides)."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file() or not checkpoint.formats_present(run_dir):
+        return
+    try:
+        saved = load_config(path)
+    except ConfigError as error:
+        if is_main:
+            print(
+                f"pretrain: warning: --resume: cannot compare with {path} ({error}); loading the checkpoint "
+                "as is",
+                file=sys.stderr,
+                flush=True,
+            )
+        return
+    fixed, restored = config_differences(saved, cfg)
+    if not (fixed or restored):
+        return
+    parts = []
+    if fixed:
+        parts.append(f"in keys its checkpoints depend on: {', '.join(fixed)}")
+    if restored:
+        parts.append(
+            "in optimizer hyperparameters the checkpoint restores (a new value would be ignored): "
+            + ", ".join(restored)
+        )
+    raise ConfigError(
+        f"--resume: this configuration differs from the run's {path} {'; and '.join(parts)}. Resume "
+        f"with the saved values, or pass --out another directory to start a new run; {MAY_CHANGE}"
+    )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's preemption; torchrun forwards it), raised by the launcher's handler so that
+    it ends the run the way Ctrl-C does."""
+
+
+def interrupt_in(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt behind ``error``: itself, or the one torch.distributed.checkpoint wrapped
+    into a CheckpointException (it catches BaseException) when the interrupt came during a save or a
+    load; None when ``error`` is something else."""
+    seen: list[BaseException] = []
+    todo = [error]
+    while todo and len(seen) < 20:
+        e = todo.pop()
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.append(e)
+        failures = getattr(e, "failures", None)
+        todo += [f[0] for f in failures.values()] if isinstance(failures, dict) else []
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None and c not in seen]
+    return None
+
+
+def newest_checkpoint(run_dir: Path, deepspeed: bool) -> Path | None:
+    """The newest complete checkpoint under ``run_dir``: DCP's newest step_N with its .metadata, or
+    the one DeepSpeed's ``latest`` names (written once a save completed); None without one."""
+    if not deepspeed:
+        steps = checkpoint.checkpoint_steps(run_dir)
+        return checkpoint.step_dir(run_dir, steps[-1]) if steps else None
+    latest = run_dir / checkpoint.CHECKPOINTS / "latest"
+    try:
+        tag = latest.read_text().strip()
+    except OSError:
+        return None
+    return latest.parent / tag if tag and (latest.parent / tag).is_dir() else None
+
+
+class Interrupted(Exception):
+    """The run was interrupted (SIGINT or SIGTERM) on this rank; ``message`` says what was kept."""
+
+    def __init__(self, signame: str, message: str, is_main: bool) -> None:
+        super().__init__(message)
+        self.signame, self.message, self.is_main = signame, message, is_main
+        self.exit_code = 128 + (signal.SIGTERM if signame == "SIGTERM" else signal.SIGINT)
+
+
+@dataclass
+class Progress:
+    """Where the run is, kept up to date by the loop so that an interrupt can say it."""
+
+    run_dir: Path
+    total_steps: int
+    deepspeed: bool = False
+    step: int | None = None  # the step being trained (None: still starting up)
+    closers: list[Any] = field(default_factory=list)  # Metrics to close on an interrupt
+
+    def interrupted(self, stop: KeyboardInterrupt, is_main: bool) -> Interrupted:
+        """Close the metrics (no plot, no collective) and describe the interrupt ``stop``."""
+        for metrics in self.closers:
+            metrics.close(plot=False)
+        signame = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT"
+        where = "during start-up" if self.step is None else f"at step {self.step} of {self.total_steps}"
+        newest = newest_checkpoint(self.run_dir, self.deepspeed)
+        kept = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint"
+        message = f"interrupted by {signame} {where} (no checkpoint is written on an interrupt); {kept}"
+        return Interrupted(signame, message, is_main)
+
+
+def resume_command(script: str, argv: list[str], out: Path, distributed: bool) -> str:
+    """The command that continues a run: the launcher's arguments ``argv`` with ``--out out`` and
+    ``--resume`` (and without the deepspeed launcher's ``--local_rank``)."""
+    with_value, flags = ("--out", "--local_rank", "--local-rank"), ("--resume",)
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in with_value:
+            skip = True
+        elif arg not in flags and not arg.startswith(tuple(f"{flag}=" for flag in with_value)):
+            args.append(arg)
+    command = shlex.join([script, *args, "--out", str(out), "--resume"])
+    return f"the same torchrun (or deepspeed) command with {command}" if distributed else f"python {command}"

@@ -1,0 +1,293 @@
+"""--resume against a changed configuration, and an interrupted run (soap_apps.pretrain.resume_check,
+launchers/pretrain.py): a config that differs from the run's config.yaml in a key the checkpoint
+depends on is one error naming every such key, before anything is loaded; Ctrl-C and SIGTERM end a
+run with one line (the step, the newest complete checkpoint, the command that continues) and exit
+codes 130 and 143. The comparisons need no training; the end-to-end runs are tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pretrain_helpers import LAUNCHER, TINY, temporary_cache
+
+from soap_apps.jsonl import read_records
+from soap_apps.pretrain import checkpoint
+from soap_apps.pretrain.config import ConfigError, load_config, save_config
+from soap_apps.pretrain.resume_check import (
+    MAY_CHANGE,
+    Terminated,
+    check_resume_config,
+    interrupt_in,
+    resume_command,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# a model small enough that a step takes milliseconds (as in tests/test_launcher_errors.py)
+SMALL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.seq_len=32",
+    "optim.block_size=16",
+    "train.micro_batch=4",
+    "train.eval_batches=2",
+    "train.threads=1",
+    "data.eval_fraction=0.1",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    yield from temporary_cache(tmp_path_factory)
+
+
+@pytest.fixture
+def texts(tmp_path) -> Path:
+    """A small byte-level corpus (no standard-library scan)."""
+    path = tmp_path / "texts"
+    path.mkdir()
+    (path / "a.txt").write_text("hello soap " * 400)
+    return path
+
+
+@pytest.fixture
+def one_process(monkeypatch) -> None:
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _saved_run(tmp_path: Path, *overrides: str, config: bool = True) -> Path:
+    """A run directory as a run leaves it: config.yaml and a complete DCP checkpoint (its .metadata)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_2").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_2" / ".metadata").write_bytes(b"")
+    if config:
+        save_config(load_config(TINY, [*SMALL, *overrides]), run_dir / "config.yaml")
+    return run_dir
+
+
+# ----- the configuration check -----
+def test_resume_names_every_key_the_checkpoint_depends_on(tmp_path):
+    run_dir = _saved_run(tmp_path)
+    now = load_config(
+        TINY,
+        [
+            *SMALL,
+            "model.d_model=64",
+            "optim.block_size=null",
+            "optim.refresh_delay=1",
+            "optim.weight_decay=0.1",
+            "optim.betas=[0.9,0.95]",
+            "data.path=/elsewhere",
+            "train.steps=1000",  # may change: not named
+            "optim.lr=1e-4",
+        ],
+    )
+    with pytest.raises(ConfigError) as error:
+        check_resume_config(now, run_dir)
+    message = str(error.value)
+    assert message.startswith(
+        f"--resume: this configuration differs from the run's {run_dir / 'config.yaml'} in keys its "
+        "checkpoints depend on: model.d_model (saved 32, now 64), data.path (saved null, now "
+        '"/elsewhere"), optim.block_size (saved 16, now null), optim.refresh_delay (saved 0, now 1); '
+        "and in optimizer hyperparameters the checkpoint restores (a new value would be ignored): "
+        "optim.betas (saved [0.95, 0.95], now [0.9, 0.95]), optim.weight_decay (saved 0.01, now 0.1). "
+        "Resume with the saved values, or pass --out another directory to start a new run; "
+    )
+    assert message.endswith(MAY_CHANGE) and "train.steps (" not in message and "optim.lr (" not in message
+
+
+def test_resume_allows_what_the_loop_reads_afresh(tmp_path):
+    """The step count, cadences, lr and schedule, batch and threads, the parallel layout and SOAP's
+    execution options (not its state's layout) may all change."""
+    run_dir = _saved_run(tmp_path)
+    changed = [
+        "train.steps=1000",
+        "train.log_every=3",
+        "train.eval_every=7",
+        "train.checkpoint_every=5",
+        "train.keep_checkpoints=null",
+        "train.threads=2",
+        "train.micro_batch=8",
+        "train.grad_accum=2",
+        "train.eval_batches=4",
+        "train.bf16=false",
+        "optim.lr=1e-4",
+        "optim.grad_clip=null",
+        "optim.fused=false",
+        "optim.basis_dtype=bfloat16",
+        "optim.refresh_schedule=staggered",
+        "schedule.warmup_steps=5",
+        "schedule.min_lr_ratio=0.5",
+        "parallel.mode=ddp",
+        "data.cache_dir=/tmp/elsewhere",
+    ]
+    check_resume_config(load_config(TINY, [*SMALL, *changed]), run_dir)
+
+
+def test_resume_compares_soap_options_only_between_soap_runs(tmp_path):
+    adamw = _saved_run(tmp_path, "optim.name=adamw")
+    check_resume_config(load_config(TINY, [*SMALL, "optim.name=adamw", "optim.block_size=8"]), adamw)
+    with pytest.raises(
+        ConfigError, match=r"depend on: optim.name \(saved \"adamw\", now \"soap\"\)\. Resume"
+    ):
+        check_resume_config(load_config(TINY, [*SMALL, "optim.block_size=8"]), adamw)
+
+
+def test_resume_check_is_skipped_without_config_or_checkpoint(tmp_path, capsys):
+    other = load_config(TINY, [*SMALL, "model.d_model=64"])
+    check_resume_config(other, _saved_run(tmp_path / "old", config=False))  # an older run: no config.yaml
+    fresh = tmp_path / "fresh"  # no checkpoint: --resume starts afresh, whatever config.yaml says
+    fresh.mkdir()
+    save_config(load_config(TINY, SMALL), fresh / "config.yaml")
+    check_resume_config(other, fresh)
+    unknown = _saved_run(tmp_path / "unknown")  # another version's: skipped, with a warning
+    (unknown / "config.yaml").write_text("model:\n  d_model: 32\n  rotary: true\n")
+    check_resume_config(other, unknown)
+    assert "pretrain: warning: --resume: cannot compare with" in capsys.readouterr().err
+    deepspeed = tmp_path / "ds"  # DeepSpeed's checkpoints count too
+    (deepspeed / "checkpoints" / "step_2").mkdir(parents=True)
+    (deepspeed / "checkpoints" / "latest").write_text("step_2")
+    save_config(load_config(TINY, SMALL), deepspeed / "config.yaml")
+    with pytest.raises(ConfigError, match=r"model.d_model \(saved 32, now 64\)"):
+        check_resume_config(other, deepspeed)
+
+
+def _launcher():
+    sys.path.insert(0, str(LAUNCHER.parent))
+    try:
+        return __import__("pretrain")
+    finally:
+        sys.path.pop(0)
+
+
+def _sets(*overrides: str) -> list[str]:
+    return [arg for o in (*SMALL, *overrides) for arg in ("--set", o)]
+
+
+def test_launcher_refuses_a_changed_resume_before_loading(tmp_path, texts, cache, one_process, capsys):
+    """The errors that used to come from deep inside DCP (a size mismatch, a missing param_groups
+    key) are one line naming the key; more steps and another lr still resume."""
+    out = tmp_path / "run"
+    argv = [*_sets("train.steps=2", "train.log_every=1"), "--data", str(texts), "--out", str(out)]
+    assert _launcher().main(argv) == 0
+    capsys.readouterr()
+    for extra, named in (
+        (["--set", "model.d_model=64"], "model.d_model (saved 32, now 64)"),
+        (["--optimizer", "adamw"], 'optim.name (saved "soap", now "adamw")'),
+        (["--set", "optim.block_size=8"], "optim.block_size (saved 16, now 8)"),
+    ):
+        assert _launcher().main([*argv, "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert (
+            f"launchers/pretrain.py: error: --resume: this configuration differs from the run's {out}" in err
+        )
+        assert named in err
+    assert _launcher().main([*argv, "--resume", "--steps", "3", "--set", "optim.lr=1e-3"]) == 0
+    assert [r["step"] for r in read_records(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+    assert load_config(out / "config.yaml").optim.lr == 1e-3
+
+
+# ----- interrupts -----
+def test_resume_command_and_interrupt_in():
+    argv = ["--set", "train.steps=9", "--out", "a", "--resume", "--local_rank=1", "--out=b"]
+    assert resume_command("launchers/pretrain.py", argv, Path("runs/x"), False) == (
+        "python launchers/pretrain.py --set train.steps=9 --out runs/x --resume"
+    )
+    assert resume_command("p.py", ["--local_rank", "0"], Path("r"), True) == (
+        "the same torchrun (or deepspeed) command with p.py --out r --resume"
+    )
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    stop = KeyboardInterrupt()
+    assert interrupt_in(stop) is stop  # DCP wraps an interrupt during a save or a load:
+    assert interrupt_in(CheckpointException("save", {0: _wrap_exception(stop)})) is stop
+    assert interrupt_in(RuntimeError("boom")) is None
+
+
+def test_sigterm_handler_raises_terminated_and_is_restored():
+    pretrain = _launcher()
+
+    def mine(signum, frame):
+        raise AssertionError("the launcher's handler should be in place")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(Terminated), pretrain.sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode: never reached
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    return [checkpoint.step_dir(out, s) for s in checkpoint.checkpoint_steps(out)]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_says_what_was_kept(tmp_path, texts, cache, one_process, sig, code):
+    """A run far from its end gets the signal once its first checkpoint is complete: it exits with
+    128 + the signal's number and one line on stderr; metrics.jsonl is whole and the run resumes."""
+    out = tmp_path / "run"
+    steps = 1_000_000
+    args = [*_sets(f"train.steps={steps}", "train.checkpoint_every=2", "train.log_every=1")]
+    args += ["--data", str(texts), "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SOAP_DIST_CACHE": str(cache)},
+        # Ctrl-C's default action, even where this test runs with SIGINT ignored (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _complete_checkpoints(out):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # an interrupt raised inside a __del__ is dropped by Python
+            proc.send_signal(sig)
+            stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, (stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("pretrain:")]
+    assert len(lines) == 1, stderr
+    name = signal.Signals(sig).name
+    found = re.fullmatch(
+        rf"pretrain: interrupted by {name} at step (\d+) of {steps} \(no checkpoint is written on an "
+        r"interrupt\); the newest complete checkpoint is (\S+); to continue: python (.*)",
+        lines[0],
+    )
+    assert found, lines[0]
+    at, kept, command = int(found.group(1)), Path(found.group(2)), found.group(3)
+    assert kept == _complete_checkpoints(out)[-1] and int(kept.name.removeprefix("step_")) <= at
+    assert command.endswith(f"--data {texts} --out {out} --resume")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("step" in r for r in records)
+    # the hint's command continues the run (one more step here)
+    saved = int(kept.name.removeprefix("step_"))
+    assert _launcher().main([*args, "--resume", "--stop-after", str(saved + 1)]) == 0
+    assert [r["step"] for r in read_records(out / "metrics.jsonl") if "loss" in r] == list(
+        range(1, saved + 2)
+    )
