@@ -474,8 +474,11 @@ def _run(
     )
     if env.is_main:
         held_out = f", eval loss {result.eval_loss:.4f}" if math.isfinite(result.eval_loss) else ""
+        trained = f"train loss {result.train_loss:.4f}" if math.isfinite(result.train_loss) else ""
+        if start_step >= t.steps:  # a finished run resumed: nothing trained
+            trained = f"already at train.steps={t.steps}, nothing to train (raise train.steps to go on)"
         print(
-            f"pretrain: done at step {result.step}: train loss {result.train_loss:.4f}{held_out} "
+            f"pretrain: done at step {result.step}: {trained}{held_out} "
             f"({unit}), {result.seconds:.1f} s in the loop; outputs in {run_dir}"
             + (f", model exported to {exported}" if exported else ""),
             flush=True,
