@@ -96,10 +96,12 @@ class StateMixin:
             "collectives": (traffic.reduce_calls + traffic.broadcast_calls + traffic.small_calls)
             if traffic
             else 0,
-            # placement owner: the parameters left spread over the shard group (docs/design.md, 9)
+            # placement owner: the parameters left spread over the ranks (docs/design.md, 9)
             "spread_params": [lay.name for lay, s in zip(runner.layouts, runner.spread, strict=True) if s]
             if (runner := self._owner or zero) is not None
             else [],
+            # placement owner: the (replicas, shards) its owners span (HSDP: owner_scope decides)
+            "owner_grid": [self._owner.replicas, self._owner.shards] if self._owner is not None else None,
         }
 
     def state_dict(self) -> dict[str, Any]:

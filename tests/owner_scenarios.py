@@ -185,6 +185,7 @@ def owner_hsdp(world):
         out["placement"] = stats["placement"]
         out[f"same_{name}"] = ds._same_on_every_rank(got)
         out[f"spread_{name}"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
+        out[f"grid_{name}"] = stats["owner_grid"]
         out[f"state_{name}"] = _gather_objects(
             stats["factor_bytes"] + stats["basis_bytes"] + stats["moment_bytes"]
         )

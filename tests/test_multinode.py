@@ -171,7 +171,8 @@ def test_hsdp_2x2_checkpoint_resumes_as_1x4_and_as_2x2(tmp_path, cache):
         "2x2",
     )
     assert "soap, hsdp, world 4 on cpu" in out and f"done at step {STEPS}" in out, out
-    assert "pretrain: SOAP placement owner, world 4" in out, out  # "auto" under HSDP, 2 shard groups of 2
+    # "auto" under HSDP picks owner; its owners span both shard groups of 2
+    assert "pretrain: SOAP placement owner over 2 x 2 ranks, world 4" in out, out
     for step in (SAVED, STEPS):
         assert (whole / "checkpoints" / f"step_{step}" / ".metadata").exists()
     assert (whole / "final" / "model.pt").exists()
@@ -215,7 +216,7 @@ def test_hsdp_2x2_checkpoint_resumes_as_1x4_and_as_2x2(tmp_path, cache):
         "2x2-resume",
     )
     assert f"resuming at step {SAVED}" in out and f"done at step {STEPS}" in out, out
-    assert "pretrain: SOAP placement owner, world 4" in out, out
+    assert "pretrain: SOAP placement owner over 2 x 2 ranks, world 4" in out, out
     got = _train_records(two_nodes)
     assert [r["step"] for r in got] == list(range(SAVED + 1, STEPS + 1))
     # the same mesh, data and reduction order as the uninterrupted run: its steps 4..6 again

@@ -39,6 +39,7 @@ def test_owner_under_hsdp_2x2_equals_one_process_and_replicas_agree(world4):
         assert res[f"rel_{name}"] <= 1e-10 and res[f"same_{name}"], (name, res)
     assert res["spread_b_none"] == [] and res["spread_spread_b3_delay1"] == [2]
     assert res["spread_shard_group_spread_b3_delay1"] == [2]
+    assert res["grid_b_none"] == [2, 2] and res["grid_shard_group_b_none"] == [1, 2]  # stats()
 
 
 def test_owner_under_hsdp_holds_each_byte_of_state_once_over_the_mesh(world4):

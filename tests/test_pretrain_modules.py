@@ -307,5 +307,8 @@ def test_the_placement_line_names_what_owner_leaves_spread():
     assert _soap_placement(backend({"placement": "owner", "spread_params": []})) == "owner"
     spread = {"placement": "owner", "spread_params": ["tok.weight", "head.weight"]}
     assert _soap_placement(backend(spread)) == "owner (tok.weight, head.weight spread over the shards)"
+    hsdp = {"placement": "owner", "spread_params": [], "owner_grid": [2, 2]}  # owners over the mesh
+    assert _soap_placement(backend(hsdp)) == "owner over 2 x 2 ranks"
+    assert _soap_placement(backend({**hsdp, "owner_grid": [1, 4]})) == "owner"
     assert _soap_placement(backend({"built": False})) == ""  # falsy: the launcher prints nothing
     assert _soap_placement(SimpleNamespace()) is None  # AdamW and DeepSpeed

@@ -288,7 +288,9 @@ def _soap_placement(backend: Backend) -> str | None:
     counters = stats()
     spread = counters.get("spread_params") or []  # owner: parameters left spread (docs/design.md, 9)
     note = f" ({', '.join(spread)} spread over the shards)" if spread else ""
-    return counters.get("placement", "") + note
+    grid = counters.get("owner_grid")  # HSDP: owners over the whole mesh, or in each shard group
+    over = f" over {grid[0]} x {grid[1]} ranks" if grid and grid[0] > 1 else ""
+    return counters.get("placement", "") + over + note
 
 
 def _resume(backend: Backend, run_dir: Path, sampler: data.BatchSampler, env: DistEnv) -> int:
