@@ -1,6 +1,7 @@
 """The launchers' answers to bad input and to a diverging run: one line that names the problem and
-the way out, a non-zero exit, and no traceback (launchers/pretrain.py, finetune.py, compare_runs.py,
-gpu_suite.py). Everything runs in this process and takes seconds; the one training run is tiny.
+the way out, a non-zero exit, and no traceback (launchers/pretrain.py, finetune.py,
+finetune_trainer.py, compare_runs.py, gpu_suite.py). Everything runs in this process and takes
+seconds; the one training run is tiny.
 """
 
 from __future__ import annotations
@@ -177,6 +178,93 @@ def test_finetune_too_little_data_is_a_config_error(tmp_path):
     (tmp_path / "a.txt").write_text("hi")
     with pytest.raises(ConfigError, match=r"holds only 2 bytes"):
         load_bytes(str(tmp_path), 1000)
+
+
+def _export(directory: Path, **model: int) -> Path:
+    """A tiny pre-training export (launchers/pretrain.py's final/) in ``directory``."""
+    from soap_apps.pretrain.config import ModelConfig
+    from soap_apps.pretrain.model import GPT, export
+
+    cfg = ModelConfig(**{"d_model": 16, "n_layers": 1, "n_heads": 2, **model})
+    return export(GPT(cfg).state_dict(), cfg, directory)
+
+
+def test_finetune_export_mismatch_names_the_flag_and_the_fix(tmp_path, texts, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from soap_apps.finetune import train
+    from soap_apps.finetune.model import load_export
+
+    short = str(_export(tmp_path / "short", seq_len=32))
+    with pytest.raises(ConfigError) as exc:
+        load_export(short, 64)
+    assert str(exc.value) == (
+        f"--context=64 exceeds the exported model's context of 32 (--init-from {short!r}); "
+        "pass --context 32 or less"
+    )
+    assert load_export(short, 32) is not None
+    tokens = str(_export(tmp_path / "tokens", vocab_size=100, seq_len=32))
+    with pytest.raises(ConfigError) as exc:
+        load_export(tokens, 32)
+    assert str(exc.value).startswith(
+        f"--init-from {tokens!r}: the exported model's vocab_size=100 is smaller than the 256 byte values "
+        "fine-tuning feeds it; pass --init-from the final/ directory of a byte-level pre-training run"
+    )
+    # what the user sees: one line, exit 2 (a stand-in Accelerator: no training starts)
+    accelerator = SimpleNamespace(wait_for_everyone=lambda: None, num_processes=1)
+    monkeypatch.setattr(train, "make_accelerator", lambda cfg: accelerator)
+    monkeypatch.setattr(train, "make_optimizer", lambda cfg, model: pytest.fail("got past the model"))
+    argv = ["--init-from", short, "--data", str(texts), "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*argv, "--context", "64", "--max-bytes", "4000"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("launchers/finetune.py: error: --context=64 exceeds") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "/nodata"], "--data '/nodata' does not exist; give a text file or a directory of them"),
+        (["--init-from", "/nonexistent"], "--init-from is not supported by the Trainer route"),
+        (["--resume", "/nope"], "--resume '/nope' is not a directory; give a checkpoint-N directory"),
+        (["--resume", "latest"], "--resume latest: no checkpoint-N under --output-dir '"),
+        (["--output-dir", "USED"], "--output-dir 'USED' already holds a run (metrics.jsonl); pass --resume"),
+    ],
+)
+def test_finetune_trainer_bad_inputs_exit_2_in_one_line(
+    tmp_path, flags, message, capsys, monkeypatch, one_process
+):
+    """The HF Trainer route checks what launchers/finetune.py checks, before the model or the data."""
+    from soap_apps.finetune import hf
+
+    for heavy in ("build_gpt2", "load_bytes", "shared_schedule_trainer"):
+        monkeypatch.setattr(hf, heavy, lambda *a, **k: pytest.fail("started building"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "USED").mkdir()
+    (tmp_path / "USED" / "metrics.jsonl").write_text("{}\n")
+    out = [] if "--output-dir" in flags else ["--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        _launcher("finetune_trainer").main([*flags, *out])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"launchers/finetune_trainer.py: error: {message}") and err.count("\n") == 1, err
+
+
+def test_finetune_trainer_resume_finds_the_trainers_checkpoints(tmp_path):
+    from soap_apps.finetune.config import FinetuneConfig
+    from soap_apps.finetune.hf import trainer_resume
+    from soap_apps.finetune.train import check_inputs
+
+    for name in ("checkpoint-2", "checkpoint-10", "step_30"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-99").write_text("not a directory")
+    latest = FinetuneConfig(resume="latest")
+    assert trainer_resume(latest, tmp_path) == tmp_path / "checkpoint-10"  # as the Trainer picks it
+    assert check_inputs(latest, lambda c: trainer_resume(c, tmp_path)) == tmp_path / "checkpoint-10"
+    given = FinetuneConfig(resume=str(tmp_path / "checkpoint-2"))
+    assert trainer_resume(given, tmp_path / "elsewhere") == tmp_path / "checkpoint-2"
+    assert trainer_resume(FinetuneConfig(), tmp_path) is None
 
 
 # ----- compare_runs.py -----

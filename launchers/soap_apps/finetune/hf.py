@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 
+from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_gpt2
 from soap_apps.finetune.train import (
     backend_name,
+    check_inputs,
     check_output_dir,
     lr_at,
     skip_deepspeed_shm_build,
@@ -42,6 +44,31 @@ from soap_dist import SOAP
 def output_dir(cfg: FinetuneConfig) -> str:
     """--output-dir, by default runs/finetune-trainer-<backend> (apart from launchers/finetune.py's)."""
     return cfg.output_dir or f"runs/finetune-trainer-{backend_name()}"
+
+
+def trainer_resume(cfg: FinetuneConfig, out: Path) -> Path | None:
+    """The checkpoint ``trainer.train(resume_from_checkpoint=...)`` will load: ``--resume DIR``, or
+    with ``--resume latest`` the newest ``checkpoint-N`` the Trainer wrote in ``out`` (the one the
+    Trainer picks for ``True``); FileNotFoundError naming the flag where there is none."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"--resume {cfg.resume!r} is not a directory; give a checkpoint-N directory the Trainer "
+                "wrote, or --resume latest"
+            )
+        return path
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise FileNotFoundError(
+            f"--resume latest: no checkpoint-N under --output-dir {str(out)!r}; drop --resume to start a "
+            "new run, or pass the --output-dir of the run to continue"
+        )
+    return Path(last)
 
 
 def shared_lr_factor(cfg: FinetuneConfig) -> Callable[[int], float]:
@@ -106,14 +133,17 @@ def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
 def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
     """A Trainer for ``cfg``: gpt2-tiny on the byte windows, SOAP through ``optimizer_cls_and_kwargs``
     (``--optimizer adamw``: the Trainer's own torch AdamW), the shared lr schedule. ``overrides`` go
-    to TrainingArguments."""
+    to TrainingArguments. Bad input (see ``launchers/finetune_trainer.py``) fails first, before the
+    model or the data: ConfigError, or FileExistsError for a used --output-dir."""
     cfg.validate()
     if cfg.init_from:
-        raise ValueError(
+        raise ConfigError(
             "--init-from is not supported by the Trainer route (the export is not a transformers model); "
             "use launchers/finetune.py --init-from DIR"
         )
-    check_output_dir(Path(overrides.get("output_dir") or output_dir(cfg)), cfg.resume)
+    out = Path(overrides.get("output_dir") or output_dir(cfg))
+    check_output_dir(out, cfg.resume)
+    check_inputs(cfg, lambda c: trainer_resume(c, out))  # --data, --resume: the other route's check
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soap_apps.config_loader import ConfigError
+
 BYTE_VOCAB = 256
 GPT2_PRESETS: dict[str, dict[str, int]] = {
     # ~0.45M parameters (at context 128): 2 blocks of width 128; trains on 2 CPU cores in minutes
@@ -53,7 +55,8 @@ def _config_value(model: nn.Module, names: tuple[str, ...]) -> int | None:
 
 
 def load_export(path: str, context: int) -> nn.Module:
-    """A pre-training export as an nn.Module, checked against the fine-tuning window and byte vocabulary."""
+    """A pre-training export as an nn.Module, checked against the fine-tuning window and byte vocabulary
+    (a mismatch is a ConfigError naming the flag to change)."""
     try:
         from soap_apps.pretrain.model import load_exported
     except ImportError as err:
@@ -64,14 +67,17 @@ def load_export(path: str, context: int) -> nn.Module:
     model = load_exported(path)
     limit = _config_value(model, CONTEXT_ATTRS)
     if limit is not None and context > limit:
-        raise ValueError(
-            f"--context={context} exceeds the exported model's context of {limit}; lower --context"
+        raise ConfigError(
+            f"--context={context} exceeds the exported model's context of {limit} (--init-from {path!r}); "
+            f"pass --context {limit} or less"
         )
     vocab = _config_value(model, ("vocab_size",))
     if vocab is not None and vocab < BYTE_VOCAB:
-        raise ValueError(
-            f"the exported model's vocab_size={vocab} is smaller than the {BYTE_VOCAB} byte values this "
-            "launcher feeds; fine-tune a byte-level export (pre-training with data.path of text files)"
+        raise ConfigError(
+            f"--init-from {path!r}: the exported model's vocab_size={vocab} is smaller than the "
+            f"{BYTE_VOCAB} byte values fine-tuning feeds it; pass --init-from the final/ directory of a "
+            "byte-level pre-training run (data.path a directory of text files, "
+            f"model.vocab_size {BYTE_VOCAB})"
         )
     if getattr(model, "_no_split_modules", None) is None:
         # Accelerate's transformer-based FSDP wrap shards the classes named here (HF models name

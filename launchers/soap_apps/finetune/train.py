@@ -245,9 +245,13 @@ def resume_dir(cfg: FinetuneConfig) -> Path | None:
     return found[-1][1]
 
 
-def check_inputs(cfg: FinetuneConfig) -> Path | None:
+def check_inputs(
+    cfg: FinetuneConfig, find_resume: Callable[[FinetuneConfig], Path | None] = resume_dir
+) -> Path | None:
     """The paths the run reads, checked before any work: ConfigError naming the flag and the path
-    as given (--data, --init-from, --resume). Returns the checkpoint to resume from (``resume_dir``)."""
+    as given (--data, --init-from, --resume). Returns the checkpoint to resume from: ``find_resume``'s
+    answer (``resume_dir``; the HF Trainer route passes its own, for its checkpoint-N layout), whose
+    FileNotFoundError becomes the ConfigError."""
     for flag, value, what in (
         ("--data", cfg.data, "give a text file or a directory of them"),
         ("--init-from", cfg.init_from, "give the final/ directory a pre-training run wrote (runs/X/final)"),
@@ -255,7 +259,7 @@ def check_inputs(cfg: FinetuneConfig) -> Path | None:
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{flag} {value!r} does not exist; {what}")
     try:
-        return resume_dir(cfg)
+        return find_resume(cfg)
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
 
