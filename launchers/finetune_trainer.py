@@ -17,7 +17,7 @@ from soap_apps.finetune.hf import build_trainer
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, prog="launchers/finetune_trainer.py")
     try:
         trainer = build_trainer(cfg)
     except (ConfigError, FileExistsError) as error:  # bad input: one line, no traceback; exit 2 as for

@@ -209,12 +209,13 @@ def build_parser(prog: str = "launchers/finetune.py") -> argparse.ArgumentParser
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    """Flags -> a validated FinetuneConfig; a bad value exits with argparse's usage and the reason.
+def parse_args(argv: list[str] | None = None, prog: str = "launchers/finetune.py") -> FinetuneConfig:
+    """Flags -> a validated FinetuneConfig; a bad value exits with argparse's usage and the reason,
+    under ``prog``'s name.
 
     ``--config`` and ``--set`` become the parser's defaults, so an explicit flag wins over both.
     """
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         base = load_config(args.config, args.overrides, validate=False)
