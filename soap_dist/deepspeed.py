@@ -85,6 +85,15 @@ def soap_from_config(config: dict[str, Any], params: Any) -> tuple[Any, dict[str
     return SOAP(params, **kwargs), rest
 
 
+# top-level keys the shipped configs/deepspeed/*.json leave "auto" for a launcher to fill
+AUTO_FILLED = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+)
+
+
 def check_config(config: dict[str, Any]) -> None:
     """Refuse, at start, the ZeRO options SOAP does not support, saying what to use instead."""
     zero = config.get("zero_optimization", {}) or {}
@@ -94,6 +103,13 @@ def check_config(config: dict[str, Any]) -> None:
             value = str(value.get("device", "none")).lower() not in ("none", "")
         if value:
             raise ValueError(f"soap_dist.deepspeed: zero_optimization.{key} is not supported: {why}")
+    unresolved = [k for k in AUTO_FILLED if config.get(k) == "auto"]
+    if unresolved:
+        raise ValueError(
+            f'soap_dist.deepspeed: {", ".join(unresolved)} = "auto" in the config; DeepSpeed itself does '
+            'not resolve "auto" (the pre-training launcher and Accelerate fill these in): give numbers '
+            "when calling initialize yourself"
+        )
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3, "0", "1", "2", "3"):
         raise ValueError(f"soap_dist.deepspeed: zero_optimization.stage={stage!r}; expected 0, 1, 2 or 3")

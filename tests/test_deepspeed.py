@@ -6,8 +6,10 @@ exact (multiples of 1/8), so the one-process reference sees bitwise the same glo
 
 from __future__ import annotations
 
+import json
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,6 +248,9 @@ def test_json_values_are_named_when_wrong():
 
     with pytest.raises(ValueError, match=r"zero_optimization.stage='two'; expected 0, 1, 2 or 3"):
         check_config({"zero_optimization": {"stage": "two"}})
+    shipped = json.loads((Path(__file__).parents[1] / "configs" / "deepspeed" / "zero2.json").read_text())
+    with pytest.raises(ValueError, match='train_micro_batch_size_per_gpu, .* = "auto" in the config'):
+        check_config(shipped)  # DeepSpeed itself raised a TypeError comparing "auto" with an int
     params = [torch.nn.Parameter(torch.zeros(3, 3))]
     with pytest.raises(ValueError, match="invalid factor_dtype='fp32'"):
         soap_from_config({"optimizer": {"type": "SOAP", "params": {"factor_dtype": "fp32"}}}, params)
