@@ -199,6 +199,21 @@ def owner_hsdp(world):
     return out
 
 
+def owner_scope_mismatch(world):
+    """Under HSDP, a rank with another owner_scope fails the plan check with every other rank (it
+    would otherwise wait in other groups' collectives)."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Replicate(), Shard(0)]))
+    scope = "shard_group" if dist.get_rank() == world - 1 else "world"
+    opt = SOAP([p], placement="owner", owner_scope=scope, collective_timeout=60)
+    p.grad = distribute_tensor(torch.randn(8, 6), mesh, [Replicate(), Shard(0)])
+    try:
+        opt.step()
+        return {"error": ""}
+    except RuntimeError as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def owner_errors(world):
     """Bad input fails on every rank with a message, never a hang."""
     mesh = init_device_mesh("cpu", (world,))
@@ -259,6 +274,7 @@ SCENARIOS = {
         owner_hsdp,
         ckpt.owner_checkpoint,
         ckpt.owner_hsdp_checkpoint,
+        owner_scope_mismatch,
     ],
 }
 

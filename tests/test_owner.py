@@ -52,6 +52,12 @@ def test_owner_under_hsdp_holds_each_byte_of_state_once_over_the_mesh(world4):
     assert max(res["state_b_none"]) < max(res["state_shard_group_b_none"])
 
 
+def test_ranks_that_disagree_on_owner_scope_stop_with_a_plan_mismatch(world4):
+    for rank in world4:
+        error = rank["owner_scope_mismatch"]["error"]
+        assert error.startswith("PlanMismatchError: SOAP: ranks disagree on the block/factor plan"), error
+
+
 def test_owner_under_hsdp_checkpoint_continues_and_reshards(world4):
     res = result(world4, "owner_hsdp_checkpoint")
     assert res["spread"] == [0], res  # the (200, 6) embedding: rows cut among shards and replicas
