@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from soap_apps.config_loader import add_override_flag, parse_override
+from soap_apps.config_loader import add_override_flag
 from soap_apps.pretrain.config import ConfigError, load_config
 from soap_apps.pretrain.resume_check import Interrupted, Terminated, resume_command
 from soap_apps.pretrain.trainer import NonFiniteLoss, backend_name, run
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "override one config key, e.g. --set train.steps=20 (repeatable; value parsed as YAML)",
     )
     for flag, (key, kind, what) in SHORTCUTS.items():
-        p.add_argument(f"--{flag}", type=kind, help=f"{what} (same as --set {key}=...)")
+        p.add_argument(f"--{flag}", type=kind, help=f"{what} (same as --set {key}=..., and wins over it)")
     p.add_argument(
         "--out",
         type=Path,
@@ -107,18 +107,6 @@ def _script() -> str:
         return str(Path(__file__).resolve())
 
 
-def check_shortcuts(args: argparse.Namespace) -> None:
-    """A shortcut flag and a --set of the same key must agree: the flag used to win silently."""
-    given = dict(parse_override(text) for text in args.overrides)
-    for flag, (key, _, _) in SHORTCUTS.items():
-        value = getattr(args, flag)
-        if value is not None and key in given and given[key] != value:
-            raise ConfigError(
-                f"--{flag} {value} and --set {key}={given[key]} set the same key to different values; "
-                "give one of them"
-            )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides: list[str | tuple[str, object]] = list(args.overrides)
@@ -130,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun and the deepspeed launcher
     try:
         with sigterm_as_interrupt():
-            check_shortcuts(args)
             cfg = load_config(args.config, overrides)
             backend = backend_name(cfg, world, args.deepspeed)
             out = args.out or Path("runs") / f"pretrain-{args.config.stem}-{backend}"
