@@ -94,3 +94,22 @@ def result(ranks, name):
     for r, res in enumerate(ranks):
         assert "exception" not in res[name], f"rank {r} raised:\n{res[name]['exception']}"
     return ranks[0][name]
+
+
+# ----- the launchers' small runs (tests/test_launcher_errors.py, tests/test_resume_check.py) -----
+
+
+@pytest.fixture
+def texts(tmp_path) -> Path:
+    """A small byte-level corpus (no standard-library scan)."""
+    path = tmp_path / "texts"
+    path.mkdir()
+    (path / "a.txt").write_text("hello soap " * 400)
+    return path
+
+
+@pytest.fixture
+def one_process(monkeypatch) -> None:
+    """No torchrun variables: the launcher runs as one process."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)

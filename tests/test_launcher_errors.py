@@ -29,21 +29,6 @@ def cache(tmp_path_factory) -> Path:
     yield from temporary_cache(tmp_path_factory)
 
 
-@pytest.fixture
-def texts(tmp_path) -> Path:
-    """A small byte-level corpus (no standard-library scan)."""
-    path = tmp_path / "texts"
-    path.mkdir()
-    (path / "a.txt").write_text("hello soap " * 400)
-    return path
-
-
-@pytest.fixture
-def one_process(monkeypatch) -> None:
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-
-
 def _launcher(name: str):
     sys.path.insert(0, str(LAUNCHER.parent))
     try:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pretrain_helpers import LAUNCHER, TINY, temporary_cache
+from pretrain_helpers import LAUNCHER, SMALL_MODEL, TINY, temporary_cache
 
 from soap_apps.jsonl import read_records
 from soap_apps.pretrain import checkpoint
@@ -32,38 +32,12 @@ from soap_apps.pretrain.resume_check import (
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-# a model small enough that a step takes milliseconds (as in tests/test_launcher_errors.py)
-SMALL = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.seq_len=32",
-    "optim.block_size=16",
-    "train.micro_batch=4",
-    "train.eval_batches=2",
-    "train.threads=1",
-    "data.eval_fraction=0.1",
-]
+SMALL = [*SMALL_MODEL, "data.eval_fraction=0.1"]  # as in tests/test_launcher_errors.py
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     yield from temporary_cache(tmp_path_factory)
-
-
-@pytest.fixture
-def texts(tmp_path) -> Path:
-    """A small byte-level corpus (no standard-library scan)."""
-    path = tmp_path / "texts"
-    path.mkdir()
-    (path / "a.txt").write_text("hello soap " * 400)
-    return path
-
-
-@pytest.fixture
-def one_process(monkeypatch) -> None:
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def _saved_run(tmp_path: Path, *overrides: str, config: bool = True) -> Path:
