@@ -40,7 +40,7 @@ import torch
 
 from ..comm import Groups
 from ..layout import ParamLayout
-from ..owner_layout import SPREAD, crossing_elements, held_rows, owner_placement, spread_rows
+from ..owner_layout import SPREAD, crossing_elements, held_rows, owner_placement
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
@@ -72,13 +72,13 @@ class OwnerRunner(HomeRowsRunner):
         factor_bytes = torch.empty((), dtype=soap.factor_dtype).element_size()
         moment_bytes = [torch.empty((), dtype=moment_dtype(p.dtype)).element_size() for p in params]
         normalized = [bool(soap.param_groups[lay.group]["normalize_grads"]) for lay in layouts]
-        self.owners, splits = owner_placement(
+        self.owners, self.splits = owner_placement(
             layouts, self.shards, factor_bytes, moment_bytes, normalized, replicas=self.replicas
         )
         self.spread = [o == SPREAD for o in self.owners]
         self._spread_layouts = [lay for lay in layouts if self.spread[lay.index]]
         self.topology = Topology(OWNER, 1, self.ranks, self.rank)
-        plan = build_plan(layouts, self.topology, splits)
+        plan = build_plan(layouts, self.topology, self.splits)
         groups = where.groups
         shard_ranks = groups.ranks[grid.replica * self.shards : (grid.replica + 1) * self.shards]
         self.shard_group = (groups.shard, shard_ranks)
@@ -108,18 +108,15 @@ class OwnerRunner(HomeRowsRunner):
         ]
         self.update_dtypes = sorted(set(update_dtypes), key=str)  # the update exchanges', every step
         dtypes_only = [torch.empty(0, dtype=p.dtype, device=device) for p in params]  # what the engine reads
-        mine = local_layouts(layouts, self.topology, splits)
+        mine = local_layouts(layouts, self.topology, self.splits)
         self.engine = soap._new_engine(mine, dtypes_only, plan, self.exchange, writes_updates=True)
         self._crossing: dict[tuple[bool, ...], int] = {}
         self._routes: dict[tuple[bool, ...], list[tuple[int, ParamLayout, int, bool, list[int]]]] = {}
 
     def stepped_rows(self, lay: ParamLayout, rank: int) -> tuple[int, int]:
-        """(first row, row count) of a parameter that a rank steps: all at its owner, none elsewhere;
-        of a spread one, ``owner_layout.spread_rows``."""
-        owner = self.owners[lay.index]
-        if owner == SPREAD:
-            return spread_rows(lay, self.shards, rank, self.replicas)
-        return (0, rows_of(lay)) if owner == rank else (0, 0)
+        """(first row, row count) of a parameter that a rank steps (``owner_layout.owner_splits``): all
+        at its owner, none elsewhere; of a spread one, ``owner_layout.spread_rows``."""
+        return self.splits[lay.index][rank]
 
     def _home(self, lay: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The rows this rank steps, in the parameter's shape (the whole parameter at its owner)."""
@@ -159,8 +156,12 @@ class OwnerRunner(HomeRowsRunner):
         """This rank's part of its shard's rows of a spread parameter (all of them without replicas)."""
         if rows is None or self.replicas == 1:
             return rows
-        first, count = self.stepped_rows(lay, self.rank)
-        return rows.narrow(0, first - held_rows(lay, self.shards, self.shard)[0], count)
+        return rows.narrow(0, *self._part_rows(lay, self.replica))
+
+    def _part_rows(self, lay: ParamLayout, replica: int) -> tuple[int, int]:
+        """(first row within this shard's rows, row count) that a replica steps of a spread parameter."""
+        first, count = self.stepped_rows(lay, replica * self.shards + self.shard)
+        return first - held_rows(lay, self.shards, self.shard)[0], count
 
     def _check_spread_groups(self, groups: list[dict]) -> None:
         """A spread parameter's rows are stepped apart, which is exact only without normalize_grads
@@ -264,9 +265,9 @@ class OwnerRunner(HomeRowsRunner):
 
     def _part(self, lay: ParamLayout, shard_rows: Tensor, replica: int) -> Tensor:
         """The elements of a flat run of this shard's rows that a replica steps (spread parameters)."""
-        first, count = spread_rows(lay, self.shards, replica * self.shards + self.shard, self.replicas)
-        start = (first - held_rows(lay, self.shards, self.shard)[0]) * lay.row_elements
-        return shard_rows[start : start + count * lay.row_elements]
+        first, count = self._part_rows(lay, replica)
+        width = lay.row_elements
+        return shard_rows[first * width : (first + count) * width]
 
     def _share_across_replicas(
         self, params: list[Tensor], updated: list[bool], updates: dict[int, Tensor]
