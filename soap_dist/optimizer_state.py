@@ -13,40 +13,15 @@ from typing import Any
 
 import torch
 
-from .comm.guard import DEFAULT_TIMEOUT_S
-from .options import adopt_saved_group
+from .options import WHOLE_OPTIMIZER_DEFAULTS, adopt_saved_group
 from .placements import wrapper
 from .placements.zero import ZeroRunner
 from .state_io import load_engine_state, save_engine_state
 
-COPIED = (
-    "refresh_delay",
-    "factor_dtype",
-    "qr_method",
-    "fused",
-    "placement",
-    "collective_timeout",
-    "refresh_schedule",
-    "basis_dtype",
-    "async_refresh",
-    "owner_scope",
-    "_calls",
-)
-COPIED_DEFAULTS: dict[str, Any] = dict(
-    refresh_delay=0,
-    factor_dtype=torch.float32,
-    qr_method="auto",
-    fused=None,
-    placement="auto",
-    process_group=None,
-    device_mesh=None,
-    collective_timeout=DEFAULT_TIMEOUT_S,
-    refresh_schedule="all",
-    basis_dtype=None,
-    async_refresh=None,
-    owner_scope="world",
-    _calls=0,
-)
+# what copy.deepcopy and pickle carry beside torch.optim's state: the whole-optimizer options (not the
+# process groups, which cannot travel) and the step count
+COPIED = (*(k for k in WHOLE_OPTIMIZER_DEFAULTS if k not in ("process_group", "device_mesh")), "_calls")
+COPIED_DEFAULTS: dict[str, Any] = {**WHOLE_OPTIMIZER_DEFAULTS, "_calls": 0}
 
 
 class StateMixin:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .comm.guard import DEFAULT_TIMEOUT_S
+
 LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "block_size")
 DATA_FORMATS = ("channels_first", "channels_last")
 FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -37,26 +39,27 @@ def check_placement(placement: str) -> None:
 
 
 BOOL_KEYS = ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias")
-# SOAP's keyword-only options that hold for the whole optimizer: in a param group they would do nothing
-WHOLE_OPTIMIZER_KEYS = (
-    "refresh_delay",
-    "factor_dtype",
-    "qr_method",
-    "fused",
-    "placement",
-    "process_group",
-    "device_mesh",
-    "collective_timeout",
-    "refresh_schedule",
-    "basis_dtype",
-    "async_refresh",
-    "owner_scope",
+# SOAP's keyword-only options that hold for the whole optimizer, with their defaults: what a copy of
+# the optimizer carries (optimizer_state) and what a param group may not set (check_group_keys)
+WHOLE_OPTIMIZER_DEFAULTS: dict[str, Any] = dict(
+    refresh_delay=0,
+    factor_dtype=torch.float32,
+    qr_method="auto",
+    fused=None,
+    placement="auto",
+    process_group=None,
+    device_mesh=None,
+    collective_timeout=DEFAULT_TIMEOUT_S,
+    refresh_schedule="all",
+    basis_dtype=None,
+    async_refresh=None,
+    owner_scope="world",
 )
 
 
 def check_group_keys(group: dict[str, Any]) -> None:
     """A whole-optimizer option given in a param group would be ignored there: say where it goes."""
-    for key in WHOLE_OPTIMIZER_KEYS:
+    for key in WHOLE_OPTIMIZER_DEFAULTS:
         if key in group:
             raise ValueError(
                 f"SOAP: {key!r} in a param group has no effect: it holds for the whole optimizer; pass "

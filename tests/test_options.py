@@ -99,3 +99,16 @@ def test_a_copy_keeps_every_keyword_option():
     opt = SOAP(_params(), owner_scope="shard_group", refresh_schedule="staggered", refresh_delay=1)
     again = copy.deepcopy(opt)
     assert (again.owner_scope, again.refresh_schedule, again.refresh_delay) == ("shard_group", "staggered", 1)
+
+
+def test_the_whole_optimizer_options_are_the_signatures_keyword_only_ones_with_its_defaults():
+    """One list serves copies (optimizer_state) and the param-group check; it must not drift from
+    SOAP's signature."""
+    import inspect
+
+    from soap_dist.options import WHOLE_OPTIMIZER_DEFAULTS
+
+    signature = inspect.signature(SOAP.__init__).parameters.values()
+    keyword_only = {p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY}
+    assert keyword_only.pop("block_size") is None  # a param-group option
+    assert keyword_only == WHOLE_OPTIMIZER_DEFAULTS

@@ -33,6 +33,12 @@ def test_both_applications_pass_the_same_soap_keys_with_soaps_defaults():
     assert set(SOAP_KEYS + PRETRAIN_SOAP_KEYS) <= set(SOAP_DEFAULTS)
     for key in PRETRAIN_SOAP_KEYS:  # the pretrain config's defaults are SOAP's
         assert pre[key] == SOAP_DEFAULTS[key], key
+    # the config checks these values without importing torch: the same lists as SOAP's
+    from soap_apps.pretrain import config as pretrain_config
+    from soap_dist.placements.owner import OWNER_SCOPES
+    from soap_dist.plan.schedule import SCHEDULES
+
+    assert pretrain_config.OWNER_SCOPES == OWNER_SCOPES and pretrain_config.SCHEDULES == SCHEDULES
     for key in ("shampoo_beta", "max_precond_dim", "merge_dims", "precondition_1d", "normalize_grads"):
         assert pre[key] == fine[key] == SOAP_DEFAULTS[key], key
     with pytest.raises(TypeError, match="max_precond_dim"):  # no application can leave a key out
