@@ -51,11 +51,18 @@ def checkpoint_steps(run_dir: Path, marker: str = ".metadata") -> list[int]:
     return sorted(steps)
 
 
+def deepspeed_latest(run_dir: Path) -> str | None:
+    """The tag in DeepSpeed's ``latest`` file under ``run_dir`` (DeepSpeed writes it once a save has
+    completed); None when there is no such file."""
+    latest = run_dir / CHECKPOINTS / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
 def formats_present(run_dir: Path) -> list[str]:
     """The checkpoint formats found under ``run_dir``: "DCP" (a complete step_N/.metadata) and/or
     "DeepSpeed" (its ``latest`` file); lets a backend tell another backend's checkpoints from none."""
     found = ["DCP"] if checkpoint_steps(run_dir) else []
-    return found + (["DeepSpeed"] if (run_dir / CHECKPOINTS / "latest").is_file() else [])
+    return found + (["DeepSpeed"] if deepspeed_latest(run_dir) is not None else [])
 
 
 def prune(run_dir: Path, keep: int | None, env: DistEnv) -> None:

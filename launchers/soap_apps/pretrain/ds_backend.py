@@ -213,12 +213,14 @@ class DeepSpeedBackend:
 
     def latest_checkpoint(self, run_dir: Path) -> int | None:
         """The step named by DeepSpeed's ``latest`` file, which it writes once a save has completed."""
-        latest = run_dir / checkpoint.CHECKPOINTS / "latest"
-        if not latest.is_file():
+        tag = checkpoint.deepspeed_latest(run_dir)
+        if tag is None:
             return None
-        tag = latest.read_text().strip()
-        if not tag.startswith("step_") or not (latest.parent / tag).is_dir():
-            raise ConfigError(f"{latest} names {tag!r}, which is not a step_N checkpoint of this launcher")
+        root = run_dir / checkpoint.CHECKPOINTS
+        if not tag.startswith("step_") or not (root / tag).is_dir():
+            raise ConfigError(
+                f"{root / 'latest'} names {tag!r}, which is not a step_N checkpoint of this launcher"
+            )
         return int(tag.removeprefix("step_"))
 
     def save(self, run_dir: Path, step: int, train_state: dict[str, Any]) -> None:

@@ -136,12 +136,12 @@ def newest_checkpoint(run_dir: Path, deepspeed: bool) -> Path | None:
     if not deepspeed:
         steps = checkpoint.checkpoint_steps(run_dir)
         return checkpoint.step_dir(run_dir, steps[-1]) if steps else None
-    latest = run_dir / checkpoint.CHECKPOINTS / "latest"
     try:
-        tag = latest.read_text().strip()
-    except OSError:
+        tag = checkpoint.deepspeed_latest(run_dir)
+    except OSError:  # on the way out of an interrupt: say there is none rather than fail
         return None
-    return latest.parent / tag if tag and (latest.parent / tag).is_dir() else None
+    root = run_dir / checkpoint.CHECKPOINTS
+    return root / tag if tag and (root / tag).is_dir() else None
 
 
 class Interrupted(Exception):
