@@ -49,6 +49,7 @@ class Metrics:
         self.path = run_dir / METRICS_FILE
         self.plot_path = run_dir / PLOT_FILE
         self.last_train_loss = math.nan
+        self.last_record_step: int | None = None  # the step of the latest training record
         self.last_eval_loss = math.nan
         self._loss_sum: torch.Tensor | None = None
         self._count = 0
@@ -87,7 +88,7 @@ class Metrics:
         mean = all_reduce_mean(self._loss_sum / self._count, self.env).item()
         now = time.perf_counter()
         tokens_per_s = self._count * self.tokens_per_step / max(now - self._mark, 1e-9)
-        self.last_train_loss = mean
+        self.last_train_loss, self.last_record_step = mean, step
         record = {
             "step": step,
             "loss": mean,

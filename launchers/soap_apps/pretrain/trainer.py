@@ -5,7 +5,8 @@ on the last one only), clip, step, zero the gradients. The loop itself knows not
 parallelism: a backend (``TorchBackend`` here, ``ds_backend.DeepSpeedBackend`` under --deepspeed)
 does the steps, evaluation, checkpoints and the export. A training loss (mean over ranks) that is
 not finite stops the loop on every rank at the same step, before the next evaluation, checkpoint or
-export (``NonFiniteLoss``); it is checked where the loss is logged anyway, so no step pays a sync.
+export (``NonFiniteLoss``); it is checked where the loss is logged, from the logged mean, and with
+one small all_reduce at an evaluation or checkpoint step that falls between records.
 """
 
 from __future__ import annotations
@@ -252,10 +253,16 @@ class _LossWatch:
         self._steps.append(step)
         self._losses.append(loss.detach().float().reshape(()))
 
-    def first_bad(self) -> tuple[int, float] | None:
+    def first_bad(self, logged_mean: float | None = None) -> tuple[int, float] | None:
         """The first step since the previous call whose loss is not finite, with that loss; every
-        rank calls it at the same steps (it is a collective)."""
+        rank calls it at the same steps (it may be a collective). ``logged_mean``: the metrics' mean
+        over the steps since their previous record, when they wrote one at this step (the same on
+        every rank); it covers every step since the previous call, so a finite one settles it with
+        no reduction of its own."""
         if not self._losses:
+            return None
+        if logged_mean is not None and math.isfinite(logged_mean):
+            self._steps, self._losses = [], []
             return None
         means = parallel.all_reduce_mean(torch.stack(self._losses), self.env).tolist()
         steps, self._steps, self._losses = self._steps, [], []
@@ -438,8 +445,9 @@ def _run(
         watch.add(step, loss)
         evaluating = (t.eval_every and step % t.eval_every == 0) or step == t.steps
         saving = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last
-        # checked where the loss is logged anyway, and before anything is evaluated or saved
-        if (evaluating or saving or step % t.log_every == 0) and (bad := watch.first_bad()) is not None:
+        # checked where the loss is logged (from its mean), and before anything is evaluated or saved
+        logged = metrics.last_train_loss if metrics.last_record_step == step else None
+        if (evaluating or saving or logged is not None) and (bad := watch.first_bad(logged)) is not None:
             message = _non_finite_message(cfg, run_dir, bad, step, last_saved)
             metrics.close(plot=env.is_main and any("loss" in r for r in read_records(metrics.path)))
             if env.is_main:
