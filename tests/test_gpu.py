@@ -60,3 +60,35 @@ def test_cuda_matches_cpu_in_full_fp32():
             assert ((a - b).norm() / a.norm()).item() < 1e-4
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_a_soap_collective_on_nccl_does_not_block_the_host(tmp_path):
+    """comm.guard: on CUDA a SOAP collective's wait is stream-ordered; the host must not wait for
+    the kernels queued before it (a 1-rank NCCL group; the GPU is kept busy with a spin kernel)."""
+    import time
+
+    import torch.distributed as dist
+
+    from soap_dist.comm.guard import Guard, host_waits_for
+
+    if not dist.is_nccl_available():
+        pytest.skip("needs NCCL")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        assert not host_waits_for(torch.device("cuda", 0))
+        buffer = torch.ones(4, device="cuda")
+        dist.all_reduce(buffer)  # NCCL's communicator is built here, not in the timed part
+        torch.cuda.synchronize()
+        busy = 200_000_000  # spin cycles: about 0.1 s at H100 clocks
+        start = time.perf_counter()
+        torch.cuda._sleep(busy)
+        work = dist.all_reduce(buffer, async_op=True)
+        Guard(60.0, host_waits=host_waits_for(buffer.device)).wait(work, "test all_reduce", [0])
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        assert host < 0.5 * total, (host, total)
+        assert buffer.tolist() == [1.0] * 4
+    finally:
+        dist.destroy_process_group()

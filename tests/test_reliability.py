@@ -94,3 +94,33 @@ def test_state_dict_on_rank_0_only_fails_with_the_rule_before_any_collective():
 def test_collective_timeout_is_validated():
     with pytest.raises(ValueError, match="collective_timeout"):
         SOAP([torch.nn.Parameter(torch.zeros(2, 2))], collective_timeout=0)
+
+
+class _RecordingWork:
+    """A stand-in for a collective's Work that records how it was waited on."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wait(self, **kwargs):
+        self.calls.append(kwargs)
+        return True
+
+
+def test_collectives_wait_on_the_host_only_off_a_gpu_or_when_nccl_blocks(monkeypatch):
+    from datetime import timedelta
+
+    from soap_dist.comm.guard import BLOCKING_WAIT_VARIABLES, Guard, host_waits_for
+
+    for name in BLOCKING_WAIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert host_waits_for(torch.device("cpu"))
+    assert not host_waits_for(torch.device("cuda", 0))  # NCCL's wait(timeout) would block the host
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")
+    assert host_waits_for(torch.device("cuda", 0))  # NCCL blocks anyway: SOAP's message then applies
+
+    stream_ordered, on_host = _RecordingWork(), _RecordingWork()
+    Guard(5.0, host_waits=False).wait(stream_ordered, "x", [0, 1])
+    Guard(5.0, host_waits=True).wait(on_host, "x", [0, 1])
+    assert stream_ordered.calls == [{}]  # no timeout: the current stream waits, the host goes on
+    assert on_host.calls == [{"timeout": timedelta(seconds=5.0)}]

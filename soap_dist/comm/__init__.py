@@ -2,9 +2,10 @@
 
 The engine calls these at the first step (plan check), at every distributed step (finite flags and
 agreement words; under owner and zero, the rows' all_to_alls) and at refresh time (statistics to
-owners, bases from owners). Every wait goes through ``guard``, which times out with a message. Everything is
-coalesced: one flat buffer per (group, owner), never one collective per factor. Collectives are
-issued in an order every rank derives from the plan, so they always match up.
+owners, bases from owners). Every wait goes through ``guard``, which times out with a message (on CUDA
+the waits are stream-ordered and never block the host: see comm.guard). Everything is coalesced: one
+flat buffer per (group, owner), never one collective per factor. Collectives are issued in an order
+every rank derives from the plan, so they always match up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..plan import FactorEntry, Plan
-from .guard import DEFAULT_TIMEOUT_S, CollectiveTimeout, Guard, arrive_all
+from .guard import DEFAULT_TIMEOUT_S, CollectiveTimeout, Guard, arrive_all, host_waits_for
 
 __all__ = ["CollectiveTimeout", "Exchange", "Groups", "PlanMismatchError", "RanksDisagreeError", "arrive_all"]
 
@@ -127,7 +128,7 @@ class Exchange:
         self.plan, self.groups, self.dtype, self.device = plan, groups, dtype, device
         self.topology = plan.topology
         self.traffic = Traffic()
-        self.guard = Guard(timeout_s)
+        self.guard = Guard(timeout_s, host_waits=host_waits_for(device))
 
     @property
     def step(self) -> int:

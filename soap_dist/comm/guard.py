@@ -6,18 +6,26 @@ exception and went on), each rank that gave up writes its name into the process 
 after a short grace period, reads which participants wrote nothing: those did not arrive. The error
 names the collective, the optimizer step and those ranks.
 
-On gloo the wait really returns at the timeout. NCCL's ``Work.wait`` only blocks the host with
-``TORCH_NCCL_BLOCKING_WAIT=1``; otherwise the process group's own timeout and watchdog apply.
+That needs the host to wait, which is free on gloo (a CPU collective completes on the host anyway)
+but not on a GPU: NCCL's ``Work.wait(timeout)`` blocks the host until the collective has run, and
+so until every kernel queued before it has, which would turn each SOAP collective into a device
+synchronisation and the side-stream refresh into a blocking one. So on CUDA the wait is the
+stream-ordered ``Work.wait()`` (the current stream waits on the GPU; the host goes on), and a
+collective that never completes is ended by NCCL's watchdog after the process group's timeout
+(``init_process_group(timeout=...)``), with NCCL's message. ``TORCH_NCCL_BLOCKING_WAIT=1`` makes
+NCCL block the host anyway; then SOAP's timeout and its message naming the absent ranks apply too.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 600.0  # SOAP's own collectives; the process group's default is 30 minutes
@@ -38,18 +46,34 @@ def _store() -> Any:
         return None
 
 
+BLOCKING_WAIT_VARIABLES = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")
+
+
+def host_waits_for(device: torch.device) -> bool:
+    """Whether SOAP's collectives on ``device`` wait on the host with SOAP's timeout: off a GPU, or
+    when the user asked NCCL for blocking waits (then the host blocks whatever SOAP passes)."""
+    if device.type != "cuda":
+        return True
+    return any(os.environ.get(name, "0").strip() == "1" for name in BLOCKING_WAIT_VARIABLES)
+
+
 class Guard:
     """Waits on one exchange's collectives; counts them so every rank names the same one."""
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, host_waits: bool = True) -> None:
         self.timeout_s = float(timeout_s)
+        self.host_waits = host_waits  # False: stream-ordered waits (CUDA), see host_waits_for
         self.id = next(_guards)
         self.seq = 0
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
 
     def wait(self, work: Any, name: str, participants: Sequence[int]) -> None:
-        """Wait for ``work``; on a timeout (or a broken peer) raise CollectiveTimeout naming the absent."""
+        """Wait for ``work``; on a timeout (or a broken peer) raise CollectiveTimeout naming the absent.
+        Without host waits, only the current stream waits (NCCL's watchdog owns the timeout)."""
         self.seq += 1
+        if not self.host_waits:
+            work.wait()
+            return
         try:
             work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as error:

@@ -9,7 +9,7 @@ import sys
 from soap_apps.gpu_suite.context import Ctx
 from soap_apps.gpu_suite.settings import MIN_CMD_S
 
-GPU_TESTS = ["tests/test_qr.py", "tests/test_async_refresh.py"]
+GPU_TESTS = ["tests/test_qr.py", "tests/test_async_refresh.py", "tests/test_gpu.py"]
 
 
 def part_r(ctx: Ctx) -> None:
