@@ -6,7 +6,8 @@ still written):
 
 r. where a refresh's time goes (``python -m soap_dist.bench.refresh_parts``): each piece of the
    refresh per factor size of the gpt2-medium set, and the full refresh summed from them; then the
-   GPU-marked tests of the QR and of the side-stream refresh (``pytest -m gpu``);
+   GPU-marked tests (``pytest -m gpu``): the QR, the side-stream refresh, no host sync in a step, and
+   a SOAP collective's wait on NCCL that must not block the host;
 a. the step benchmark, gpt2-medium shapes, TF32 (``python -m soap_dist.bench --json``), twice: the
    default refresh schedule and ``refresh_schedule='staggered'`` with ``refresh_delay=1``;
 b. a real training loop: gpt2-small (configs/pretrain/gpt2-small.yaml, launchers/pretrain.py, one

@@ -51,5 +51,5 @@ def _gpu_tests(ctx: Ctx) -> None:
         return
     t = ctx.runner.run("r_gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS], left)
     failed = int(t["rc"] != 0 or t["timed_out"])
-    what = "GPU tests of the QR and the async refresh (pytest -m gpu), failed runs"
+    what = "GPU tests: QR, async refresh, host syncs, NCCL waits (pytest -m gpu), failed runs"
     s.check("r", what, "0", failed, 0, "{}", f"rc {t['rc']}; log raw/{t['log']}")
