@@ -118,9 +118,35 @@ def test_collectives_wait_on_the_host_only_off_a_gpu_or_when_nccl_blocks(monkeyp
     assert not host_waits_for(torch.device("cuda", 0))  # NCCL's wait(timeout) would block the host
     monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")
     assert host_waits_for(torch.device("cuda", 0))  # NCCL blocks anyway: SOAP's message then applies
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", " True ")  # torch's words, in any case
+    assert host_waits_for(torch.device("cuda", 0))
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "0")  # the newer name decides, as in torch
+    monkeypatch.setenv("NCCL_BLOCKING_WAIT", "1")
+    assert not host_waits_for(torch.device("cuda", 0))
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
+    assert host_waits_for(torch.device("cuda", 0))
 
     stream_ordered, on_host = _RecordingWork(), _RecordingWork()
     Guard(5.0, host_waits=False).wait(stream_ordered, "x", [0, 1])
     Guard(5.0, host_waits=True).wait(on_host, "x", [0, 1])
     assert stream_ordered.calls == [{}]  # no timeout: the current stream waits, the host goes on
     assert on_host.calls == [{"timeout": timedelta(seconds=5.0)}]
+
+
+def test_cpu_shards_under_an_nccl_only_group_are_refused_naming_the_fix(monkeypatch):
+    """FSDP2's CPUOffloadPolicy puts the shards on the CPU; an NCCL-only group cannot move them."""
+    import torch.distributed as dist
+
+    from soap_dist.comm import Groups, check_backend_serves
+
+    configs = {"world": "cuda:nccl", "shard": "cpu:gloo,cuda:nccl"}
+    world, shard = object(), object()
+    monkeypatch.setattr(
+        dist, "get_backend_config", lambda group: configs["world" if group is world else "shard"]
+    )
+    groups = Groups(world=world, shard=shard, replicate=None, ranks=[0, 1])
+    with pytest.raises(ValueError, match=r"world process group's backend is 'cuda:nccl'.*cpu:gloo,cuda:nccl"):
+        check_backend_serves(groups, torch.device("cpu"))
+    check_backend_serves(groups, torch.device("cuda", 0))
+    configs["world"] = "cpu:gloo,cuda:nccl"
+    check_backend_serves(groups, torch.device("cpu"))

@@ -114,6 +114,41 @@ def _first_difference(table: Tensor, me: int) -> tuple[int, list[int]] | None:
     return None
 
 
+def backend_devices(group: dist.ProcessGroup | None) -> set[str] | None:
+    """The device types ``group``'s backends move tensors of ("cpu:gloo,cuda:nccl" -> cpu, cuda);
+    None when torch cannot say."""
+    try:
+        config = dist.get_backend_config(group)
+    except Exception:  # pragma: no cover - an older torch or a custom group
+        return None
+    kinds = {part.split(":")[0].strip() for part in config.split(",") if ":" in part}
+    return kinds or None
+
+
+def check_backend_serves(groups: Groups, device: torch.device) -> None:
+    """SOAP's collectives run on the parameters' device: every group's backend must serve it, or
+    the first collective fails deep inside the backend. The case met in practice: FSDP2's
+    CPUOffloadPolicy puts the shards (and so the optimizer) on the CPU under an NCCL-only group."""
+    for name in ("world", "shard", "replicate"):
+        group = getattr(groups, name)
+        if group is None and name != "world":  # no such group here (None world: the default group)
+            continue
+        kinds = backend_devices(group)
+        if kinds is not None and device.type not in kinds:
+            config = dist.get_backend_config(group)
+            fix = (
+                "with FSDP2's CPUOffloadPolicy, create the process group with a CPU backend too: "
+                "init_process_group(backend='cpu:gloo,cuda:nccl')"
+                if device.type == "cpu"
+                else f"create the process group with a backend for {device.type} tensors"
+            )
+            raise ValueError(
+                f"SOAP: the parameters' local tensors are on {device.type}, but the {name} process group's "
+                f"backend is '{config}', which has no {device.type} backend, and SOAP's collectives run on "
+                f"the parameters' device. Fix: {fix}."
+            )
+
+
 class Exchange:
     """Collectives of one engine over its grid of ranks."""
 
@@ -126,6 +161,8 @@ class Exchange:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.plan, self.groups, self.dtype, self.device = plan, groups, dtype, device
+        if plan.topology.world > 1:
+            check_backend_serves(groups, device)
         self.topology = plan.topology
         self.traffic = Traffic()
         self.guard = Guard(timeout_s, host_waits=host_waits_for(device))

@@ -46,15 +46,23 @@ def _store() -> Any:
         return None
 
 
-BLOCKING_WAIT_VARIABLES = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")
+BLOCKING_WAIT_VARIABLES = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")  # the first one set decides
+TRUE_WORDS = ("1", "y", "yes", "t", "true")  # what torch's own reading of these accepts, in any case
+
+
+def nccl_blocks_host() -> bool:
+    """Whether NCCL's waits block the host, read from the environment as torch reads it."""
+    for name in BLOCKING_WAIT_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None:
+            return value.strip().lower() in TRUE_WORDS
+    return False
 
 
 def host_waits_for(device: torch.device) -> bool:
     """Whether SOAP's collectives on ``device`` wait on the host with SOAP's timeout: off a GPU, or
     when the user asked NCCL for blocking waits (then the host blocks whatever SOAP passes)."""
-    if device.type != "cuda":
-        return True
-    return any(os.environ.get(name, "0").strip() == "1" for name in BLOCKING_WAIT_VARIABLES)
+    return device.type != "cuda" or nccl_blocks_host()
 
 
 class Guard:

@@ -32,6 +32,7 @@ __all__ = ["Counters", "Hyper", "INSTALLED_AT_KEPT", "SoapEngine", "apply_update
 
 
 INSTALLED_AT_KEPT = 4096  # installed_at keeps the most recent entries only: state must not grow with steps
+INDEX_CACHE_SIZE = 4096  # index tensors kept by _index; cleared when full
 
 
 @dataclass
@@ -219,11 +220,27 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
         )
 
     def _index(self, values: list[int]) -> Tensor:
-        """A device index tensor, cached: a host-to-device copy would synchronise on CUDA."""
+        """A device index tensor, cached. On CUDA it is copied from pinned memory without blocking (a
+        plain host-to-device copy waits for every queued kernel). The cache is bounded: a model whose
+        set of parameters with gradients changes from step to step meets new keys."""
         key = tuple(values)
         if key not in self._indices:
-            self._indices[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+            if len(self._indices) >= INDEX_CACHE_SIZE:
+                self._forget_indices()
+            host = torch.tensor(key, dtype=torch.long)
+            if self.device.type == "cuda":
+                host = host.pin_memory()  # the host allocator keeps it until the copy has run
+            self._indices[key] = host.to(self.device, non_blocking=True)
         return self._indices[key]
+
+    def _forget_indices(self) -> None:
+        """Empty the index cache. A launched refresh may still read these on the side stream: the
+        allocator must not hand their memory to the step's stream before that work has run."""
+        stream = self.side.stream if self.side is not None else None
+        if stream is not None:
+            for index in self._indices.values():
+                index.record_stream(stream)
+        self._indices.clear()
 
     # ----- the step -----
     @torch.no_grad()

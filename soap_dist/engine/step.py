@@ -208,7 +208,8 @@ class StepMixin:
             return None
         text = repr((self.calls, self._refreshing(hypers, active_ids), [astuple(h) for h in hypers]))
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-        words = [torch.tensor([int.from_bytes(digest, "little") >> 2], dtype=torch.int64, device=self.device)]
+        word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
+        words = [torch.full((1,), word, dtype=torch.int64, device=self.device)]
         if self.plan.topology.placement == "replicated":
             words.append(norms.double().sum().reshape(1).view(torch.int64))
         return torch.cat(words)
