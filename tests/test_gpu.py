@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped without CUDA): no host sync in an ordinary step; GPU agrees with CPU."""
+"""GPU-only checks (skipped without CUDA): no host sync in an ordinary step or in the launch of the
+asynchronous refresh; GPU agrees with CPU; SOAP's collective waits on NCCL leave the host free."""
 
 from __future__ import annotations
 
@@ -41,6 +42,29 @@ def test_ordinary_step_has_no_host_sync():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_step_that_launches_the_async_refresh_has_no_host_sync():
+    """engine.async_refresh: the launch reads nothing on the host (the CholeskyQR2 runs without its
+    host-side fallback; new index tensors come from pinned memory), so the step that launches a
+    refresh on the side stream never waits for the GPU."""
+    params = _params("cuda")
+    opt = SOAP(params, precondition_frequency=3, refresh_delay=1)  # async_refresh: on by default here
+    grads = _grads(7)
+    for step_grads in grads[:6]:  # the first bases, a launch at the 4th call, its finish at the 5th
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.cuda()
+        opt.step()
+    assert opt._engine.side is not None and not opt._engine._launched
+    for p, g in zip(params, grads[6], strict=True):
+        p.grad = g.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()  # the 7th call launches the second refresh
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt._engine._launched
 
 
 def test_cuda_matches_cpu_in_full_fp32():
