@@ -4,8 +4,11 @@ The refresh's QR (``orthonormalize_``) is CholeskyQR2 on the column-normalised p
 Gram matrix, Cholesky, then Q = X L^-T, twice. cuSOLVER's triangular solve on a 4096 x 4096 matrix
 runs as many small kernels off the tensor cores; here X L^-T is one GEMM with L^-1 formed by a
 recursive block inverse (``lower_inverse``: d^3/3 flops, all but the small leaves GEMMs). On CUDA
-the products run in "3xTF32" (``accurate_matmul``): float32 accuracy at tensor-core speed. Only
-the Cholesky itself (d^3/3, a sixth of the flops) stays cuSOLVER's.
+the products run in "3xTF32" (``accurate_matmul``): float32 accuracy at tensor-core speed. The
+Cholesky itself (d^3/3, a sixth of the flops) is cuSOLVER's, unless the factor is at least
+``BLOCKED_CHOLESKY_FROM``: then ``inverse_cholesky`` gives L^-1 directly, by halves, with every
+product above its small leaves a 3xTF32 GEMM (off by default until a GPU has timed both:
+``python -m soap_dist.bench.refresh_parts``, the GPU suite's part r).
 
 ``EMULATE_TF32`` makes CPU float32 take the CUDA arithmetic, with every product's inputs rounded
 to TF32 as tensor cores do, so the accuracy of that path is tested without a GPU.
@@ -24,6 +27,8 @@ Tensor = torch.Tensor
 EMULATE_TF32 = False  # tests: run the tensor-core arithmetic on CPU float32
 INVERSE_LEAF = 64  # diagonal blocks this small are inverted by a batched triangular solve
 CLOSE_TO_ORTHONORMAL = 0.5  # a second Gram matrix further than this from I means the first pass failed
+BLOCKED_CHOLESKY_FROM: int | None = None  # on the fast path, factors this large use inverse_cholesky
+CHOLESKY_LEAF = 128  # inverse_cholesky's diagonal blocks this small go to cholesky_ex (batched)
 
 
 def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,12 +168,46 @@ def _lower_inverse_by_halves(lower: Tensor) -> Tensor:
     return out
 
 
+def inverse_cholesky(a: Tensor) -> tuple[Tensor, Tensor]:
+    """L^-1 for L L^T = a (a batch of symmetric positive definite matrices), and an ok flag per
+    matrix (False: a leaf's Cholesky broke down; the inverse is then not to be used).
+
+    By halves: L11 = chol(A11), L21 = A21 L11^-T, L22 = chol(A22 - L21 L21^T), and
+    L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]. Above the leaves every product is
+    accurate_matmul (about 2 d^3 TF32 flops in all), where cuSOLVER's Cholesky runs off the tensor
+    cores and ``lower_inverse`` then adds d^3 of its own. L itself is never assembled: CholeskyQR
+    needs only L^-1.
+    """
+    d = a.shape[-1]
+    if d <= CHOLESKY_LEAF:
+        lower, info = torch.linalg.cholesky_ex(a)
+        eye = torch.eye(d, dtype=a.dtype, device=a.device).expand_as(lower)
+        return torch.linalg.solve_triangular(lower, eye, upper=False), info == 0
+    half = (d // 2) // 32 * 32 or d // 2  # aligned halves tile GEMMs well
+    first, ok_first = inverse_cholesky(a[:, :half, :half])
+    below = accurate_matmul(a[:, half:, :half], first.mT)  # L21
+    last, ok_last = inverse_cholesky(a[:, half:, half:] - accurate_matmul(below, below.mT))
+    out = torch.zeros_like(a)
+    out[:, :half, :half] = first
+    out[:, half:, half:] = last
+    out[:, half:, :half] = accurate_matmul(last, accurate_matmul(below, first)).neg_()
+    return out, ok_first & ok_last
+
+
+def _blocked_cholesky(x: Tensor) -> bool:
+    return fast_path(x) and BLOCKED_CHOLESKY_FROM is not None and x.shape[-1] >= BLOCKED_CHOLESKY_FROM
+
+
 def cholesky_qr(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One CholeskyQR pass: Q = X L^-T with L L^T = X^T X. Returns Q, ok, and the Gram matrix."""
     gram = accurate_gram(x)
-    lower, info = torch.linalg.cholesky_ex(gram)
-    q = accurate_matmul(x, lower_inverse(lower).mT)
-    return q, info == 0, gram
+    if _blocked_cholesky(x):
+        inverse, ok = inverse_cholesky(gram)
+    else:
+        lower, info = torch.linalg.cholesky_ex(gram)
+        inverse, ok = lower_inverse(lower), info == 0
+    q = accurate_matmul(x, inverse.mT)
+    return q, ok, gram
 
 
 def all_finite(x: Tensor) -> Tensor:

@@ -31,11 +31,20 @@ def _errors(q, reference, lam, factors):
     return orth, misalign, residual
 
 
+def _blocked_cholesky(monkeypatch, on: bool) -> None:
+    """qr.inverse_cholesky for every size, with leaves small enough that a d = 96 problem recurses."""
+    if on:
+        monkeypatch.setattr(qr, "BLOCKED_CHOLESKY_FROM", 0)
+        monkeypatch.setattr(qr, "CHOLESKY_LEAF", 32)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["cusolver_cholesky", "blocked_cholesky"])
 @pytest.mark.parametrize("cond", [1e6, 1e8, 1e10])
-def test_tensor_core_refresh_reaches_float64_eigh_like_lapack(cond, monkeypatch):
+def test_tensor_core_refresh_reaches_float64_eigh_like_lapack(cond, blocked, monkeypatch):
     factors, reference, lam, near = problem(2, 96, cond)
     lapack = _errors(_iterate(factors, near, torch.float32, "householder", 40), reference, lam, factors)
     monkeypatch.setattr(qr, "EMULATE_TF32", True)
+    _blocked_cholesky(monkeypatch, blocked)
     gemm = _errors(_iterate(factors, near, torch.float32, "cholesky_qr2", 40), reference, lam, factors)
     orth, misalign, residual = gemm
     assert orth < 2e-6, gemm  # float32 Householder's is ~6e-7
@@ -65,6 +74,42 @@ def test_lower_inverse_is_the_inverse(d):
     inverse = qr.lower_inverse(lower)
     assert torch.equal(inverse, inverse.tril())
     torch.testing.assert_close(inverse @ lower, torch.eye(d, dtype=F64).expand(3, d, d), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("d", [40, 96, 200, 257, 768])  # a leaf, aligned and odd halves, depth 4
+def test_inverse_cholesky_is_the_inverse_of_the_cholesky_factor(d, monkeypatch):
+    monkeypatch.setattr(qr, "CHOLESKY_LEAF", 48)
+    gen = torch.Generator().manual_seed(d)
+    a = torch.randn(3, d, d, dtype=F64, generator=gen)
+    spd = a @ a.mT + d * torch.eye(d, dtype=F64)
+    inverse, ok = qr.inverse_cholesky(spd)
+    assert ok.all() and torch.equal(inverse, inverse.tril())
+    expected = torch.linalg.inv(torch.linalg.cholesky(spd))
+    torch.testing.assert_close(inverse, expected, atol=1e-12 * expected.abs().max().item(), rtol=0)
+
+
+def test_inverse_cholesky_flags_a_breakdown_in_either_half(monkeypatch):
+    monkeypatch.setattr(qr, "CHOLESKY_LEAF", 32)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 100, 100, dtype=F64, generator=gen)
+    spd = a @ a.mT + torch.eye(100, dtype=F64)
+    spd[1, 10, 10] = -1.0  # not positive definite in the first half
+    spd[2, 90, 90] = -50.0  # in the Schur complement of the second
+    assert qr.inverse_cholesky(spd)[1].tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("d", [12, 72])  # a leaf; halves, with the breakdown in the second
+@pytest.mark.parametrize("blocked", [False, True], ids=["cusolver_cholesky", "blocked_cholesky"])
+def test_a_breakdown_falls_back_to_householder_with_either_cholesky(d, blocked, monkeypatch):
+    monkeypatch.setattr(qr, "EMULATE_TF32", True)
+    _blocked_cholesky(monkeypatch, blocked)
+    x = torch.randn(3, d, d)
+    x[1, :, d - 2] = x[1, :, d - 7]  # two equal columns: the Gram matrix is singular
+    q, ok = qr.orthonormalize_(x.clone(), "cholesky_qr2")
+    assert ok.all()
+    torch.testing.assert_close(q[1], qr.householder(x[1:2].clone())[0], atol=1e-5, rtol=0)
+    _, ok = qr.orthonormalize_(x.clone(), "cholesky_qr2", fallback=False)
+    assert ok.tolist() == [True, False, True]
 
 
 def test_round_tf32_keeps_ten_mantissa_bits():
@@ -110,9 +155,11 @@ def test_without_fallback_a_nonfinite_matrix_comes_back_nan():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("blocked", [False, True], ids=["cusolver_cholesky", "blocked_cholesky"])
 @pytest.mark.parametrize("cond", [1e6, 1e10])
-def test_cuda_tensor_core_refresh_reaches_float64_eigh_like_cusolver(cond):
+def test_cuda_tensor_core_refresh_reaches_float64_eigh_like_cusolver(cond, blocked, monkeypatch):
     """The real thing: 3xTF32 products on tensor cores against cuSOLVER's float32 Householder."""
+    _blocked_cholesky(monkeypatch, blocked)
     factors, reference, lam, near = problem(2, 256, cond)
     results = {}
     for method in ("householder", "cholesky_qr2"):

@@ -2,8 +2,10 @@
 
 For a batch of float32 factors of each size (one refresh chunk), times each piece of the refresh
 (the power product, the Gram matrix, the Cholesky, the triangular inverse, X L^-T, and, for
-comparison, the triangular solve the GEMM form replaced and Householder QR), the whole refresh by
-each QR, and one plain TF32 GEMM of the same shape (the floor). The last table sums the whole
+comparison, the triangular solve the GEMM form replaced and Householder QR; cuSOLVER's Cholesky
+plus ``lower_inverse`` against ``qr.inverse_cholesky``, which gives the same L^-1 in GEMMs), the
+whole refresh by each QR (CholeskyQR2 with either Cholesky), and one plain TF32 GEMM of the same
+shape (the floor). The last table sums the whole
 refresh over a model's factor set (``--model``, the bench's shape sets), per factor of each size,
 to compare with the full-refresh target without running the optimizer.
 """
@@ -56,6 +58,19 @@ def _problem(n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.
     return factors, near
 
 
+def _with_blocked_cholesky(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with qr.inverse_cholesky in place of cuSOLVER's Cholesky, for every size."""
+
+    def run() -> object:
+        previous, qr.BLOCKED_CHOLESKY_FROM = qr.BLOCKED_CHOLESKY_FROM, 0
+        try:
+            return fn()
+        finally:
+            qr.BLOCKED_CHOLESKY_FROM = previous
+
+    return run
+
+
 def measure(d: int, n: int, device: torch.device, repeats: int) -> dict[str, float]:
     """Seconds per piece for a batch of n factors of size d."""
     time_it = _timer(device, repeats)
@@ -76,6 +91,10 @@ def measure(d: int, n: int, device: torch.device, repeats: int) -> dict[str, flo
         "cholesky": time_it(lambda: torch.linalg.cholesky_ex(gram)),
         "lower_inverse": time_it(lambda: qr.lower_inverse(lower)),
         "lower_inverse by halves (recursive)": time_it(lambda: qr._lower_inverse_by_halves(lower)),
+        "L^-1: cholesky + lower_inverse": time_it(
+            lambda: qr.lower_inverse(torch.linalg.cholesky_ex(gram)[0])
+        ),
+        "L^-1: inverse_cholesky (blocked, 3xTF32)": time_it(lambda: qr.inverse_cholesky(gram)),
         "X L^-T (3xTF32)": time_it(lambda: qr.accurate_matmul(x, inverse.mT)),
         "trsm X L^-T (old path)": time_it(
             lambda: torch.linalg.solve_triangular(lower.mT, x, upper=True, left=False)
@@ -86,6 +105,9 @@ def measure(d: int, n: int, device: torch.device, repeats: int) -> dict[str, flo
             lambda: linalg.power_iteration_refresh(factors, basis, "cholesky_qr2")
         ),
         "refresh householder": time_it(lambda: linalg.power_iteration_refresh(factors, basis, "householder")),
+        "refresh cholesky_qr2_blocked": time_it(
+            _with_blocked_cholesky(lambda: linalg.power_iteration_refresh(factors, basis, "cholesky_qr2"))
+        ),
     }
     return {k: v / n for k, v in out.items()}  # per factor
 
@@ -125,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {piece} | " + " | ".join(f"{rows[d][piece] * 1e3:.2f}" for d in sizes) + " |")
     totals = {
         qr_name: sum(counts.get(d, 0) * rows[d][f"refresh {qr_name}"] for d in sizes)
-        for qr_name in ("cholesky_qr2", "householder")
+        for qr_name in ("cholesky_qr2", "householder", "cholesky_qr2_blocked")
     }
     floor = sum(counts.get(d, 0) * rows[d]["gemm_floor (one TF32 GEMM)"] for d in sizes)
     print(f"\n{args.model}: {sum(counts.get(d, 0) for d in sizes)} factors {dict(sorted(counts.items()))}")
