@@ -13,9 +13,10 @@ a. the step benchmark, gpt2-medium shapes, TF32 (``python -m soap_dist.bench --j
 b. a real training loop: gpt2-small (configs/pretrain/gpt2-small.yaml, launchers/pretrain.py, one
    process, bf16 autocast, SOAP with refresh_delay=1), a short run twice: as configured, and with the
    refresh switched off (precondition_frequency 10**9); mean step time from metrics.jsonl;
-c. the race: configs/pretrain/gpu-race.yaml with AdamW, then SOAP (a short SOAP calibration run first
-   shortens both, schedule included, when the whole config would not fit the time left), then
-   launchers/compare_runs.py for loss against wall-clock and against step.
+c. the race: configs/pretrain/gpu-race.yaml with AdamW, then SOAP, then (when four runs fit) AdamW at
+   half and twice its lr, the race being against the best AdamW run (a short SOAP calibration run
+   first shortens every run, schedule included, when the whole config would not fit the time left),
+   then launchers/compare_runs.py for loss against wall-clock and against step.
 
 Everything goes under --out: ``summary.md`` (the card, torch, commit, date, and one table of target
 vs measured with PASS/FAIL), ``summary.json``, the race's two plots, and ``raw.tar.gz`` (every
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=float,
         default=None,
-        help="total seconds, > 0 (default 480 on GPU, 100 with --smoke)",
+        help="total seconds, > 0 (default 480 on GPU, 140 with --smoke)",
     )
     p.add_argument(
         "--parts",
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.budget is not None and not (args.budget > 0 and math.isfinite(args.budget)):
         p.error(f"--budget must be a number of seconds > 0, got {args.budget:g}")
-    budget = args.budget if args.budget is not None else (100.0 if args.smoke else 480.0)
+    budget = args.budget if args.budget is not None else (140.0 if args.smoke else 480.0)
     clock = Clock(budget)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="5")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])

@@ -65,3 +65,52 @@ def test_race_config_fits_one_gpu_and_trains():
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def _race():
+    sys.path.insert(0, str(REPO / "launchers"))
+    from soap_apps.gpu_suite import race
+
+    return race
+
+
+class _FakeCtx:
+    """What race._size reads of the suite's context: the part's time left and the summary's notes."""
+
+    def __init__(self, left: float):
+        self.smoke, self.left, self.notes = False, left, []
+        self.summary = self
+
+    def part_left(self, part):
+        return self.left
+
+    def note(self, part, text):
+        self.notes.append(text)
+
+
+def test_the_race_sweeps_adamw_only_when_four_runs_fit():
+    race = _race()
+    sweep_steps, sweep = race._size(_FakeCtx(240.0), 1000, 0.11, 15.0)  # (224 / 4 - 15) / 0.121 s
+    assert sweep and sweep_steps == 330
+    ctx = _FakeCtx(130.0)
+    steps, sweep = race._size(ctx, 1000, 0.11, 15.0)  # four runs: 110 steps; two: (57 - 15) / 0.121
+    assert not sweep and steps == 340 and "2 runs" in ctx.notes[0]
+    assert race._size(_FakeCtx(5000.0), 1000, 0.11, 15.0) == (1000, True)  # the config's steps, no note
+    assert race._size(_FakeCtx(130.0), 1000, None, 30.0) == (1000, False)  # no calibration: as configured
+
+
+def test_the_race_is_against_the_best_adamw_run_that_finished():
+    race = _race()
+
+    def run(final, last_step=100):
+        return [{"step": last_step, "loss": 3.0, "elapsed_s": 10.0}, {"step": last_step, "eval_loss": final}]
+
+    lrs = {"c1_race_adamw": 2e-3, "c3_adamw_lr_x0.5": 1e-3, "c4_adamw_lr_x2": 4e-3}
+    records = {"c1_race_adamw": run(2.0), "c3_adamw_lr_x0.5": run(1.9), "c4_adamw_lr_x2": run(1.5, 60)}
+    timed_out = {"c1_race_adamw": False, "c3_adamw_lr_x0.5": False, "c4_adamw_lr_x2": True}
+    best, rows = race._best_adamw(records, timed_out, lrs, 100)
+    assert best == "c3_adamw_lr_x0.5"  # the lowest final loss among finished runs; the cut one is out
+    assert [r["finished"] for r in rows] == [True, True, False] and rows[2]["last_eval_step"] == 60
+    timed_out = dict.fromkeys(lrs, True)
+    assert race._best_adamw(records, timed_out, lrs, 100)[0] == "c1_race_adamw"  # none finished
+    assert race._best_adamw({}, {}, lrs, 100)[0] is None

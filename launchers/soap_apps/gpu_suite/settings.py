@@ -29,6 +29,10 @@ RESERVE_S = 12.0  # kept back for the comparison plots, the summary and the arch
 MIN_CMD_S = 20.0  # a command given less than this is not started
 B_STEPS, B_DROP = 40, 10  # part b: steps per run, and the first steps left out of the mean
 CALIBRATE_STEPS = 20
+# Part c's AdamW learning-rate sweep (the brief: AdamW at its best lr of at least three): the config's
+# lr times each factor. It runs when all four runs fit at SWEEP_MIN_STEPS steps (or the config's).
+ADAMW_LR_FACTORS = (1.0, 0.5, 2.0)  # the first is the run the race falls back on without the sweep
+SWEEP_MIN_STEPS = 300
 
 # Smoke mode: the same commands, shrunk to seconds on a CPU.
 SMOKE_BENCH = [
