@@ -55,6 +55,7 @@ class StateMixin:
             "nonfinite_params_warned": c.nonfinite_params_warned,
             "refresh_seconds": c.refresh_seconds,
             "eigh_seconds": c.eigh_seconds,
+            "refresh_side_stream_seconds": c.side_stream_seconds,
             "installed_at": list(c.installed_at),
             "owner_seconds": c.owner_seconds,
             "placement": engine.plan.topology.placement,

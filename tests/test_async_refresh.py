@@ -107,6 +107,12 @@ def test_a_failed_refresh_is_reported_a_step_later_and_keeps_the_old_basis(monke
         assert torch.equal(old, store.bases)
 
 
+def test_side_stream_seconds_are_reported_and_zero_without_a_stream():
+    _, opt = _train(steps=8, refresh_delay=1, async_refresh=True)  # inline on a CPU: no side stream
+    stats = opt.stats()
+    assert stats["refreshes"] >= 2 and stats["refresh_side_stream_seconds"] == 0.0
+
+
 def test_checkpoint_waits_for_the_async_refresh():
     params, opt = _train(steps=4, refresh_delay=1, async_refresh=True)  # a refresh in flight
     state = opt.state_dict()

@@ -65,6 +65,11 @@ def test_a_step_that_launches_the_async_refresh_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt._engine._launched
+    timed = opt.stats()["refresh_side_stream_seconds"]  # the first refresh's GPU time, finished at call 5
+    for p, g in zip(params, grads[0], strict=True):
+        p.grad = g.cuda()
+    opt.step()  # the 8th call finishes the second
+    assert 0 < timed < opt.stats()["refresh_side_stream_seconds"]
 
 
 def test_cuda_matches_cpu_in_full_fp32():

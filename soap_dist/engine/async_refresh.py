@@ -50,6 +50,7 @@ class LaunchedRefresh:
     install_call: int
     chunks: list[LaunchedChunk]
     nonfinite_seen: HostCopy
+    marks: tuple[Any, Any] | None = None  # CUDA timing events around the launched work
 
 
 class AsyncRefreshMixin:
@@ -58,9 +59,13 @@ class AsyncRefreshMixin:
     def _launch(self, param_ids: list[int]) -> None:
         chunks: list[LaunchedChunk] = []
         with self.side.launch():
+            start = self.side.mark()
             self._decompose(param_ids, first=False, launched=chunks)
             seen = self.side.to_host(self.nonfinite_seen)
-        self._launched.append(LaunchedRefresh(param_ids, self._delay_installs(param_ids), chunks, seen))
+            end = self.side.mark()
+        marks = (start, end) if start is not None else None
+        install = self._delay_installs(param_ids)
+        self._launched.append(LaunchedRefresh(param_ids, install, chunks, seen, marks))
 
     def _launch_chunk(
         self,
@@ -99,6 +104,10 @@ class AsyncRefreshMixin:
             flight = self.exchange.broadcast_bases(entries, shared)
             self._inflight.append((refresh.install_call, flight, refresh.param_ids))
             self._warn_nonfinite(refresh.param_ids, refresh.nonfinite_seen.tolist())
+            if refresh.marks is not None:  # the flags read above were the side stream's last work
+                start, end = refresh.marks
+                end.synchronize()
+                self.counters.side_stream_seconds += start.elapsed_time(end) / 1e3
 
     def _finish_chunk(self, chunk: LaunchedChunk, shared: dict[FactorEntry, Any]) -> None:
         ok, redo = chunk.flags.tolist()

@@ -41,6 +41,15 @@ class RefreshStream:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
             self.busy = False
 
+    def mark(self) -> torch.cuda.Event | None:
+        """A timing event recorded on the current stream (the side stream inside ``launch``); None
+        off CUDA. Two marks time the side stream's work on the GPU, not the host's launch of it."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     def to_host(self, t: torch.Tensor) -> HostCopy:
         """A copy of ``t`` for the host to read later, started now without waiting (pinned memory)."""
         if self.stream is None:
