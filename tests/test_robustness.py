@@ -232,3 +232,21 @@ def test_an_all_zero_first_gradient_does_not_start_the_preconditioner():
 
     for a, b in zip(run(True), run(False), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_index_cache_is_bounded_and_stays_correct(monkeypatch):
+    """engine._index caches device index tensors; a model whose set of stepped parameters changes
+    meets new keys every step, so the cache is emptied when full instead of growing."""
+    from soap_dist.engine import core
+
+    monkeypatch.setattr(core, "INDEX_CACHE_SIZE", 3)
+    params = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(2)]
+    opt = SOAP(params, precondition_frequency=2, fused=False)
+    for p in params:
+        p.grad = torch.randn(4, 4)
+    opt.step()
+    engine = opt._engine
+    for n in range(1, 12):
+        keys = list(range(n))
+        assert engine._index(keys).tolist() == keys
+        assert len(engine._indices) <= 3
