@@ -82,7 +82,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         collective_timeout: seconds SOAP's own collectives wait before failing with a message that
             names the collective, the step and the ranks that did not arrive (600). On CUDA only
             with TORCH_NCCL_BLOCKING_WAIT=1: else the waits are stream-ordered (the host never
-            blocks) and NCCL's watchdog ends a stuck collective after the process group's timeout.
+            blocks), NCCL's watchdog ends a stuck collective after the process group's timeout,
+            and another value than the default is warned about.
         refresh_schedule: "all" (the reference: every factor at the steps divisible by k) or
             "staggered" (each parameter at a fixed phase of its k steps, balanced by refresh cost
             per owner, so each step carries about 1/k of the refresh).

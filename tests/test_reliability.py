@@ -126,6 +126,14 @@ def test_collectives_wait_on_the_host_only_off_a_gpu_or_when_nccl_blocks(monkeyp
     monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
     assert host_waits_for(torch.device("cuda", 0))
 
+    from soap_dist.comm.guard import unheeded_timeout
+
+    assert unheeded_timeout(torch.device("cuda", 0), 60.0) is None  # NCCL blocks: SOAP's timeout applies
+    monkeypatch.delenv("NCCL_BLOCKING_WAIT")
+    assert "collective_timeout=60 s does not apply on CUDA" in unheeded_timeout(torch.device("cuda", 0), 60.0)
+    assert unheeded_timeout(torch.device("cuda", 0), 600.0) is None  # the default: nothing to say
+    assert unheeded_timeout(torch.device("cpu"), 60.0) is None
+
     stream_ordered, on_host = _RecordingWork(), _RecordingWork()
     Guard(5.0, host_waits=False).wait(stream_ordered, "x", [0, 1])
     Guard(5.0, host_waits=True).wait(on_host, "x", [0, 1])

@@ -10,6 +10,7 @@ every rank derives from the plan, so they always match up.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..plan import FactorEntry, Plan
-from .guard import DEFAULT_TIMEOUT_S, CollectiveTimeout, Guard, arrive_all, host_waits_for
+from .guard import DEFAULT_TIMEOUT_S, CollectiveTimeout, Guard, arrive_all, host_waits_for, unheeded_timeout
 
 __all__ = ["CollectiveTimeout", "Exchange", "Groups", "PlanMismatchError", "RanksDisagreeError", "arrive_all"]
 
@@ -163,6 +164,9 @@ class Exchange:
         self.plan, self.groups, self.dtype, self.device = plan, groups, dtype, device
         if plan.topology.world > 1:
             check_backend_serves(groups, device)
+            unheeded = unheeded_timeout(device, timeout_s)
+            if unheeded is not None:
+                warnings.warn(unheeded, stacklevel=2)
         self.topology = plan.topology
         self.traffic = Traffic()
         self.guard = Guard(timeout_s, host_waits=host_waits_for(device))

@@ -65,6 +65,18 @@ def host_waits_for(device: torch.device) -> bool:
     return device.type != "cuda" or nccl_blocks_host()
 
 
+def unheeded_timeout(device: torch.device, timeout_s: float) -> str | None:
+    """What to tell a user who chose a collective_timeout that SOAP cannot apply here (None: it does)."""
+    if host_waits_for(device) or timeout_s == DEFAULT_TIMEOUT_S:
+        return None
+    return (
+        f"SOAP: collective_timeout={timeout_s:g} s does not apply on CUDA: SOAP's collectives are waited "
+        "stream-ordered there, so they never block the host, and NCCL's watchdog ends a stuck one after "
+        "the process group's timeout (init_process_group(timeout=...)). Set TORCH_NCCL_BLOCKING_WAIT=1 for "
+        "SOAP's timeout and its message naming the absent ranks, at one host synchronisation per collective."
+    )
+
+
 class Guard:
     """Waits on one exchange's collectives; counts them so every rank names the same one."""
 
