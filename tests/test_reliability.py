@@ -118,7 +118,7 @@ def test_collectives_wait_on_the_host_only_off_a_gpu_or_when_nccl_blocks(monkeyp
     assert not host_waits_for(torch.device("cuda", 0))  # NCCL's wait(timeout) would block the host
     monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")
     assert host_waits_for(torch.device("cuda", 0))  # NCCL blocks anyway: SOAP's message then applies
-    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", " True ")  # torch's words, in any case
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "True")  # torch's words, in any case
     assert host_waits_for(torch.device("cuda", 0))
     monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "0")  # the newer name decides, as in torch
     monkeypatch.setenv("NCCL_BLOCKING_WAIT", "1")
@@ -133,6 +133,9 @@ def test_collectives_wait_on_the_host_only_off_a_gpu_or_when_nccl_blocks(monkeyp
     assert "collective_timeout=60 s does not apply on CUDA" in unheeded_timeout(torch.device("cuda", 0), 60.0)
     assert unheeded_timeout(torch.device("cuda", 0), 600.0) is None  # the default: nothing to say
     assert unheeded_timeout(torch.device("cpu"), 60.0) is None
+    assert unheeded_timeout(torch.device("cuda", 0), 60.0, "gloo") is None  # gloo waits on the host
+    cuda = torch.device("cuda", 0)
+    assert host_waits_for(cuda, "gloo") and not host_waits_for(cuda, "nccl")
 
     stream_ordered, on_host = _RecordingWork(), _RecordingWork()
     Guard(5.0, host_waits=False).wait(stream_ordered, "x", [0, 1])
@@ -145,7 +148,7 @@ def test_cpu_shards_under_an_nccl_only_group_are_refused_naming_the_fix(monkeypa
     """FSDP2's CPUOffloadPolicy puts the shards on the CPU; an NCCL-only group cannot move them."""
     import torch.distributed as dist
 
-    from soap_dist.comm import Groups, check_backend_serves
+    from soap_dist.comm import Groups, backend_for, check_backend_serves
 
     configs = {"world": "cuda:nccl", "shard": "cpu:gloo,cuda:nccl"}
     world, shard = object(), object()
@@ -158,3 +161,5 @@ def test_cpu_shards_under_an_nccl_only_group_are_refused_naming_the_fix(monkeypa
     check_backend_serves(groups, torch.device("cuda", 0))
     configs["world"] = "cpu:gloo,cuda:nccl"
     check_backend_serves(groups, torch.device("cpu"))
+    assert backend_for(world, torch.device("cuda", 0)) == "nccl"
+    assert backend_for(world, torch.device("cpu")) == "gloo"

@@ -115,15 +115,20 @@ def _first_difference(table: Tensor, me: int) -> tuple[int, list[int]] | None:
     return None
 
 
-def backend_devices(group: dist.ProcessGroup | None) -> set[str] | None:
-    """The device types ``group``'s backends move tensors of ("cpu:gloo,cuda:nccl" -> cpu, cuda);
-    None when torch cannot say."""
+def backend_names(group: dist.ProcessGroup | None) -> dict[str, str] | None:
+    """``group``'s backend per device type ("cpu:gloo,cuda:nccl" -> cpu: gloo, cuda: nccl); None when
+    torch cannot say."""
     try:
         config = dist.get_backend_config(group)
     except Exception:  # pragma: no cover - an older torch or a custom group
         return None
-    kinds = {part.split(":")[0].strip() for part in config.split(",") if ":" in part}
-    return kinds or None
+    names = dict(part.strip().split(":", 1) for part in config.split(",") if ":" in part)
+    return {kind.strip(): name.strip() for kind, name in names.items()} or None
+
+
+def backend_for(group: dist.ProcessGroup | None, device: torch.device) -> str | None:
+    """The name of ``group``'s backend for ``device``'s tensors ("nccl", "gloo"); None when unknown."""
+    return (backend_names(group) or {}).get(device.type)
 
 
 def check_backend_serves(groups: Groups, device: torch.device) -> None:
@@ -134,8 +139,8 @@ def check_backend_serves(groups: Groups, device: torch.device) -> None:
         group = getattr(groups, name)
         if group is None and name != "world":  # no such group here (None world: the default group)
             continue
-        kinds = backend_devices(group)
-        if kinds is not None and device.type not in kinds:
+        names = backend_names(group)
+        if names is not None and device.type not in names:
             config = dist.get_backend_config(group)
             fix = (
                 "with FSDP2's CPUOffloadPolicy, create the process group with a CPU backend too: "
@@ -162,14 +167,16 @@ class Exchange:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.plan, self.groups, self.dtype, self.device = plan, groups, dtype, device
+        backend = None
         if plan.topology.world > 1:
             check_backend_serves(groups, device)
-            unheeded = unheeded_timeout(device, timeout_s)
-            if unheeded is not None:
+            backend = backend_for(groups.world, device)
+            unheeded = unheeded_timeout(device, timeout_s, backend)
+            if unheeded is not None and dist.get_rank() == 0:  # one warning, not one per rank
                 warnings.warn(unheeded, stacklevel=2)
         self.topology = plan.topology
         self.traffic = Traffic()
-        self.guard = Guard(timeout_s, host_waits=host_waits_for(device))
+        self.guard = Guard(timeout_s, host_waits=host_waits_for(device, backend))
 
     @property
     def step(self) -> int:

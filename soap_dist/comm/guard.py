@@ -55,19 +55,22 @@ def nccl_blocks_host() -> bool:
     for name in BLOCKING_WAIT_VARIABLES:
         value = os.environ.get(name)
         if value is not None:
-            return value.strip().lower() in TRUE_WORDS
+            return value.lower() in TRUE_WORDS
     return False
 
 
-def host_waits_for(device: torch.device) -> bool:
-    """Whether SOAP's collectives on ``device`` wait on the host with SOAP's timeout: off a GPU, or
+def host_waits_for(device: torch.device, backend: str | None = None) -> bool:
+    """Whether SOAP's collectives on ``device`` wait on the host with SOAP's timeout: off a GPU, under
+    a backend other than NCCL for it (``backend``, e.g. gloo, whose waits are on the host anyway), or
     when the user asked NCCL for blocking waits (then the host blocks whatever SOAP passes)."""
-    return device.type != "cuda" or nccl_blocks_host()
+    if device.type != "cuda" or (backend is not None and backend != "nccl"):
+        return True
+    return nccl_blocks_host()
 
 
-def unheeded_timeout(device: torch.device, timeout_s: float) -> str | None:
+def unheeded_timeout(device: torch.device, timeout_s: float, backend: str | None = None) -> str | None:
     """What to tell a user who chose a collective_timeout that SOAP cannot apply here (None: it does)."""
-    if host_waits_for(device) or timeout_s == DEFAULT_TIMEOUT_S:
+    if host_waits_for(device, backend) or timeout_s == DEFAULT_TIMEOUT_S:
         return None
     return (
         f"SOAP: collective_timeout={timeout_s:g} s does not apply on CUDA: SOAP's collectives are waited "

@@ -47,7 +47,7 @@ class Counters:
     refresh_seconds: float = 0.0
     owner_seconds: float = 0.0  # refresh time spent before the broadcasts start (stats in, owned work)
     eigh_seconds: float = 0.0
-    side_stream_seconds: float = 0.0  # GPU time of the asynchronous refreshes on their CUDA stream
+    side_stream_seconds: float = 0.0  # span of the asynchronous refreshes on their CUDA stream
     installed_at: deque[tuple[int, int]] = field(  # (param, first step using it), the most recent only
         default_factory=lambda: deque(maxlen=INSTALLED_AT_KEPT)
     )

@@ -15,7 +15,7 @@ GPU_TESTS = ["tests/test_qr.py", "tests/test_async_refresh.py", "tests/test_gpu.
 def part_r(ctx: Ctx) -> None:
     """Where a refresh's time goes (soap_dist.bench.refresh_parts): per piece, per factor size."""
     s = ctx.summary
-    timeout = ctx.cmd_timeout("r", "bench_cmd")
+    timeout = ctx.cmd_timeout("r", "refresh_cmd")  # shorter than part a's: the GPU tests need the rest
     if timeout is None:
         s.note("r", "refresh pieces: skipped, no time left in the part's budget")
         return
@@ -50,6 +50,9 @@ def _gpu_tests(ctx: Ctx) -> None:
         s.note("r", "GPU tests: skipped, no time left in the part's budget")
         return
     t = ctx.runner.run("r_gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS], left)
-    failed = int(t["rc"] != 0 or t["timed_out"])
     what = "GPU tests: QR, async refresh, host syncs, NCCL waits (pytest -m gpu), failed runs"
-    s.check("r", what, "0", failed, 0, "{}", f"rc {t['rc']}; log raw/{t['log']}")
+    if t["timed_out"]:  # not a failure: the tests ran out of the part's time (the log says how far)
+        note = f"timed out after {t['seconds']:.0f} s, not a test failure; log raw/{t['log']}"
+        s.check("r", what, "0", None, 0, "{}", note)
+        return
+    s.check("r", what, "0", int(t["rc"] != 0), 0, "{}", f"rc {t['rc']}; log raw/{t['log']}")
