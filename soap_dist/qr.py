@@ -181,8 +181,7 @@ def inverse_cholesky(a: Tensor) -> tuple[Tensor, Tensor]:
     d = a.shape[-1]
     if d <= CHOLESKY_LEAF:
         lower, info = torch.linalg.cholesky_ex(a)
-        eye = torch.eye(d, dtype=a.dtype, device=a.device).expand_as(lower)
-        return torch.linalg.solve_triangular(lower, eye, upper=False), info == 0
+        return lower_inverse(lower), info == 0
     half = (d // 2) // 32 * 32 or d // 2  # aligned halves tile GEMMs well
     first, ok_first = inverse_cholesky(a[:, :half, :half])
     below = accurate_matmul(a[:, half:, :half], first.mT)  # L21
