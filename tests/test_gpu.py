@@ -26,15 +26,15 @@ def _grads(steps):
     return [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(steps)]
 
 
-def test_ordinary_step_has_no_host_sync():
-    params = _params("cuda")
-    opt = SOAP(params, precondition_frequency=10)
-    grads = _grads(4)
-    for step_grads in grads[:3]:  # first call, then two steps (compilation happens here)
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.cuda()
-        opt.step()
-    for p, g in zip(params, grads[3], strict=True):
+def _step(opt, params, step_grads):
+    for p, g in zip(params, step_grads, strict=True):
+        p.grad = g.cuda()
+    opt.step()
+
+
+def _step_without_host_sync(opt, params, step_grads):
+    """One step under set_sync_debug_mode("error"): any host synchronisation inside it raises."""
+    for p, g in zip(params, step_grads, strict=True):
         p.grad = g.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -42,6 +42,15 @@ def test_ordinary_step_has_no_host_sync():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_ordinary_step_has_no_host_sync():
+    params = _params("cuda")
+    opt = SOAP(params, precondition_frequency=10)
+    grads = _grads(4)
+    for step_grads in grads[:3]:  # first call, then two steps (compilation happens here)
+        _step(opt, params, step_grads)
+    _step_without_host_sync(opt, params, grads[3])
 
 
 def test_a_step_that_launches_the_async_refresh_has_no_host_sync():
@@ -52,23 +61,12 @@ def test_a_step_that_launches_the_async_refresh_has_no_host_sync():
     opt = SOAP(params, precondition_frequency=3, refresh_delay=1)  # async_refresh: on by default here
     grads = _grads(7)
     for step_grads in grads[:6]:  # the first bases, a launch at the 4th call, its finish at the 5th
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.cuda()
-        opt.step()
+        _step(opt, params, step_grads)
     assert opt._engine.side is not None and not opt._engine._launched
-    for p, g in zip(params, grads[6], strict=True):
-        p.grad = g.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()  # the 7th call launches the second refresh
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _step_without_host_sync(opt, params, grads[6])  # the 7th call launches the second refresh
     assert opt._engine._launched
-    timed = opt.stats()["refresh_side_stream_seconds"]  # the first refresh's GPU time, finished at call 5
-    for p, g in zip(params, grads[0], strict=True):
-        p.grad = g.cuda()
-    opt.step()  # the 8th call finishes the second
+    timed = opt.stats()["refresh_side_stream_seconds"]  # the first refresh's span, finished at call 5
+    _step(opt, params, grads[0])  # the 8th call finishes the second
     assert 0 < timed < opt.stats()["refresh_side_stream_seconds"]
 
 
