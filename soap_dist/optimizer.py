@@ -378,9 +378,10 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         zero = self._zero_mode()
         if zero is not None:
             zero.exchange.step = self._calls
-            for f in zero.flats_in(self.param_groups):
-                validate_group(zero.groups[zero.part.flat_group[f]], self.refresh_delay)
-                zero.step(f)
+            with zero.engine.stepping():
+                for f in zero.flats_in(self.param_groups):
+                    validate_group(zero.groups[zero.part.flat_group[f]], self.refresh_delay)
+                    zero.step(f)
             return loss
         params = self._params()
         for p in params:
@@ -395,7 +396,10 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             self._exchange.step = self._calls
         active = [p.grad is not None and p.numel() > 0 for p in params]
         runner = self._owner if self._owner is not None else engine
-        runner.step(self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active)
+        with engine.stepping():  # a raise that leaves the ranks apart: refuse later steps, tell the others
+            runner.step(
+                self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active
+            )
         return loss
 
     # ----- DeepSpeed ZeRO stages 1-3 (soap_dist.deepspeed) -----

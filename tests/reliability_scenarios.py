@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import traceback
 
 import torch
@@ -18,6 +19,7 @@ from soap_dist import SOAP
 
 KW = dict(lr=0.02, precondition_frequency=3, max_precond_dim=20, factor_dtype=torch.float64, fused=False)
 SHAPES = [(6, 4), (6, 4), (5, 3)]  # two of the same shape, so a swap keeps every shape in place
+NOTICED_TIMEOUT_S = 60  # a rank whose peer raised must stop long before it: the failure notice tells it
 
 
 def _params(seed=0):
@@ -139,7 +141,45 @@ def corrupt_shard(rank):
     return {"error": _error(lambda: opt.load_state_dict(sd))}
 
 
-SHARED = [swapped_params, nan_on_one_replica, frequency_changed, unsynced_gradients, corrupt_shard]
+def raised_before_any_collective_and_stepped_again(rank):
+    """A raise before the step's first collective leaves nothing apart: after the user fixes the cause
+    and steps again, both ranks end where a run without the fault ends (placement owner, whose step
+    checks its input before its first collective, the gather of gradient rows)."""
+    mesh = init_device_mesh("cpu", (2,))
+    results = {}
+    for inject in (False, True):
+        gen = torch.Generator().manual_seed(5)
+        full = [torch.randn(8, 4, dtype=torch.float64, generator=gen) for _ in range(2)]
+        params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in full]
+        opt = SOAP(params, placement="owner", collective_timeout=NOTICED_TIMEOUT_S, **KW)
+        errors = []
+        for step in range(6):
+            for p in params:  # (distribute_tensor is a collective: called alike on both ranks)
+                p.grad = distribute_tensor(
+                    torch.randn(8, 4, dtype=torch.float64, generator=gen), mesh, [Shard(0)]
+                )
+            if inject and step == 3 and rank == 0:
+
+                def boom(*args, **kwargs):
+                    raise ValueError("injected: before the gather")
+
+                opt._owner._check_spread_groups = boom  # the first thing the owner's step does
+                errors.append(_error(opt.step))
+                del opt._owner._check_spread_groups  # the method again: the user fixed the cause
+            opt.step()
+        results[inject] = ([p.full_tensor() for p in params], errors)
+    (clean, _), (faulted, errors) = results[False], results[True]
+    same = all(torch.equal(a, b) for a, b in zip(clean, faulted, strict=True))
+    return {"errors": errors, "same_as_clean": same}
+
+
+SHARED = [
+    swapped_params,
+    nan_on_one_replica,
+    frequency_changed,
+    unsynced_gradients,
+    corrupt_shard,
+]
 
 
 # ----- scenarios that leave a collective unmatched: one spawn each, short timeouts -----
@@ -162,52 +202,55 @@ def only_rank0_steps(rank):
     return {"error": _error(opt.step)}
 
 
+def _stepping_and_catching(opt, params, steps: int, before) -> dict:
+    """Step as a user who catches step()'s exceptions and goes on (``before(step)`` injects the fault):
+    the errors, and the longest step in seconds."""
+    errors, longest = [], 0.0
+    for step in range(steps):
+        before(step)
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        began = time.monotonic()
+        try:
+            opt.step()
+        except Exception as error:
+            errors.append(f"{type(error).__name__}: {error}")
+        longest = max(longest, time.monotonic() - began)
+    return {"errors": errors, "longest_step_s": longest}
+
+
 def refresh_raised_and_was_caught(rank):
     import soap_dist.linalg as linalg
 
     params = _params()
-    opt = SOAP(params, collective_timeout=3, **KW)
+    opt = SOAP(params, collective_timeout=NOTICED_TIMEOUT_S, **KW)
     real = linalg.power_iteration_refresh
-    errors = []
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected: out of memory in the refresh")
+
+    def before(step):
+        linalg.power_iteration_refresh = boom if step == 3 and rank == 0 else real
+
     try:
-        for step in range(6):
-            if step == 3 and rank == 0:
-
-                def boom(*args, **kwargs):
-                    raise RuntimeError("injected: out of memory in the refresh")
-
-                linalg.power_iteration_refresh = boom
-            for p, g in zip(params, _grads(step), strict=True):
-                p.grad = g
-            try:
-                opt.step()
-            except Exception as error:  # the user catches it and goes on
-                errors.append(f"{type(error).__name__}: {error}")
-            linalg.power_iteration_refresh = real
+        return _stepping_and_catching(opt, params, 6, before)
     finally:
         linalg.power_iteration_refresh = real
-    return {"errors": errors}
 
 
 def async_finish_raised_and_was_caught(rank):
     """async_refresh: the finish of a launched refresh raises on rank 0 at the next step."""
     params = _params()
-    opt = SOAP(params, collective_timeout=3, refresh_delay=1, async_refresh=True, **KW)
-    errors = []
-    for step in range(7):
-        for p, g in zip(params, _grads(step), strict=True):
-            p.grad = g
+    opt = SOAP(params, collective_timeout=NOTICED_TIMEOUT_S, refresh_delay=1, async_refresh=True, **KW)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected: out of memory in the finish")
+
+    def before(step):
         if step == 4 and rank == 0:  # the refresh launched by the 4th call is finished by the 5th
-
-            def boom(*args, **kwargs):
-                raise RuntimeError("injected: out of memory in the finish")
-
             opt._engine._finish_chunk = boom
-        try:
-            opt.step()
-        except Exception as error:  # the user catches it and goes on
-            errors.append(f"{type(error).__name__}: {error}")
-    return {"errors": errors}
+
+    return _stepping_and_catching(opt, params, 7, before)
 
 
 def save_on_rank0_only(rank):
@@ -218,7 +261,12 @@ def save_on_rank0_only(rank):
     return {"error": _error(opt.state_dict)}
 
 
-ALONE = [only_rank0_steps, refresh_raised_and_was_caught, save_on_rank0_only]
+ALONE = [
+    only_rank0_steps,
+    refresh_raised_and_was_caught,
+    save_on_rank0_only,
+    raised_before_any_collective_and_stepped_again,  # alone: were the rule broken, a collective is left open
+]
 
 
 def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> None:

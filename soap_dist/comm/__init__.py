@@ -20,9 +20,25 @@ import torch
 import torch.distributed as dist
 
 from ..plan import FactorEntry, Plan
-from .guard import DEFAULT_TIMEOUT_S, CollectiveTimeout, Guard, arrive_all, host_waits_for, unheeded_timeout
+from .guard import (
+    DEFAULT_TIMEOUT_S,
+    CollectiveTimeout,
+    Guard,
+    PeerFailed,
+    arrive_all,
+    host_waits_for,
+    unheeded_timeout,
+)
 
-__all__ = ["CollectiveTimeout", "Exchange", "Groups", "PlanMismatchError", "RanksDisagreeError", "arrive_all"]
+__all__ = [
+    "CollectiveTimeout",
+    "Exchange",
+    "Groups",
+    "PeerFailed",
+    "PlanMismatchError",
+    "RanksDisagreeError",
+    "arrive_all",
+]
 
 Tensor = torch.Tensor
 Result = tuple[Tensor, Tensor, Tensor]  # basis [d, d], sort permutation [d], ok flag []
@@ -39,6 +55,8 @@ class PlanMismatchError(RuntimeError):
 class RanksDisagreeError(RuntimeError):
     """After the first step, ranks disagree on something that must be identical (options, refreshes,
     gradients under replicated)."""
+
+    state_unchanged = True  # raised on every rank before anything of the step is applied
 
 
 @dataclass
@@ -176,11 +194,21 @@ class Exchange:
                 warnings.warn(unheeded, stacklevel=2)
         self.topology = plan.topology
         self.traffic = Traffic()
-        self.guard = Guard(timeout_s, host_waits=host_waits_for(device, backend))
+        # gloo lets a timed-out wait be waited again: it waits in slices and reads peers' failure notices
+        self.guard = Guard(timeout_s, host_waits=host_waits_for(device, backend), rewaits=backend == "gloo")
 
     @property
     def step(self) -> int:
         return self.guard.step
+
+    def collectives_begun(self) -> int:
+        """How many SOAP collectives this rank has waited on (or begun to): the engine compares two
+        readings to tell whether a raise came after a step's first collective."""
+        return self.guard.seq
+
+    def tell_peers(self, step: int, error: str) -> None:
+        """This rank's step ``step`` raised ``error`` and it will not join: the waiting ranks stop."""
+        self.guard.post_failure(step, error)
 
     @step.setter
     def step(self, value: int) -> None:

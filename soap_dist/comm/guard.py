@@ -14,6 +14,13 @@ stream-ordered ``Work.wait()`` (the current stream waits on the GPU; the host go
 collective that never completes is ended by NCCL's watchdog after the process group's timeout
 (``init_process_group(timeout=...)``), with NCCL's message. ``TORCH_NCCL_BLOCKING_WAIT=1`` makes
 NCCL block the host anyway; then SOAP's timeout and its message naming the absent ranks apply too.
+
+A rank whose ``step()`` raised after that step's collectives began will not join the next one, and
+its peers should not wait the whole timeout to learn that: it posts a failure notice to the store
+(``Guard.post_failure``; the first notice stays, so it names the root cause), and a rank waiting on
+gloo waits in slices of ``NOTICE_POLL_S``, reading the notice between them, so it stops within about
+a second with the failing rank's own error (``PeerFailed``). gloo lets a timed-out wait be waited
+again; NCCL under blocking waits does not, so there the notice is read only once the wait failed.
 """
 
 from __future__ import annotations
@@ -30,10 +37,16 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 600.0  # SOAP's own collectives; the process group's default is 30 minutes
 GRACE_S = 30.0  # how long a rank that timed out waits for the others to report theirs
+NOTICE_POLL_S = 1.0  # gloo: how often a waiting rank looks for a peer's failure notice
 
 
 class CollectiveTimeout(RuntimeError):
     """A SOAP collective did not complete in time; the message names what and who."""
+
+
+class PeerFailed(CollectiveTimeout):
+    """A SOAP collective cannot complete: another rank's step() raised after its collectives began
+    (the message carries that rank's error). A CollectiveTimeout, so one ``except`` catches both."""
 
 
 _guards = itertools.count()  # optimizers are built in the same order on every rank: same ids
@@ -83,32 +96,96 @@ def unheeded_timeout(device: torch.device, timeout_s: float, backend: str | None
 class Guard:
     """Waits on one exchange's collectives; counts them so every rank names the same one."""
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, host_waits: bool = True) -> None:
+    def __init__(
+        self, timeout_s: float = DEFAULT_TIMEOUT_S, host_waits: bool = True, rewaits: bool = False
+    ) -> None:
         self.timeout_s = float(timeout_s)
         self.host_waits = host_waits  # False: stream-ordered waits (CUDA), see host_waits_for
+        self.rewaits = rewaits  # the backend lets a timed-out wait be waited again (gloo): wait in slices
         self.id = next(_guards)
         self.seq = 0
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
+        self.generation = 0  # bumped when every rank loads a state: older failure notices no longer apply
+
+    # ----- failure notices: a rank that raised tells the ranks waiting for it -----
+    def _notice_key(self) -> str:
+        return f"soap_dist/guard{self.id}/failed{self.generation}"
+
+    def post_failure(self, step: int, error: str) -> None:
+        """Tell the other ranks that this one's step ``step`` raised ``error`` and it will not join
+        their collectives; the first notice stays (it names the root cause, not the ranks it stopped)."""
+        store = _store()
+        if store is None or not dist.is_initialized():
+            return
+        try:
+            store.compare_set(self._notice_key(), "", f"{dist.get_rank()}\n{step}\n{error}")
+        except Exception:  # pragma: no cover - the store itself is gone: the timeout still applies
+            pass
+
+    def peer_failure(self) -> tuple[int, int, str] | None:
+        """(rank, step, error) of another rank's failure notice, or None."""
+        store = _store()
+        if store is None or not dist.is_initialized():
+            return None
+        try:
+            if not store.check([self._notice_key()]):
+                return None
+            rank, step, error = store.get(self._notice_key()).decode().split("\n", 2)
+        except Exception:  # pragma: no cover - the store itself is gone
+            return None
+        return None if int(rank) == dist.get_rank() else (int(rank), int(step), error)
+
+    def forget_failures(self) -> None:
+        """Every rank loaded a state (a collective): notices posted before no longer apply."""
+        self.generation += 1
 
     def wait(self, work: Any, name: str, participants: Sequence[int]) -> None:
-        """Wait for ``work``; on a timeout (or a broken peer) raise CollectiveTimeout naming the absent.
-        Without host waits, only the current stream waits (NCCL's watchdog owns the timeout)."""
+        """Wait for ``work``; raise PeerFailed when a peer's step raised (it posted a notice), or
+        CollectiveTimeout naming the absent ranks when the wait timed out or broke. Without host waits,
+        only the current stream waits (NCCL's watchdog owns the timeout)."""
         self.seq += 1
         if not self.host_waits:
             work.wait()
             return
-        try:
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
-        except RuntimeError as error:
-            cause = str(error).splitlines()[0] if str(error) else ""
-            missing = self.missing(name, participants)
-            who = f"ranks {missing} did not arrive" if missing else "every rank arrived late or failed"
-            raise CollectiveTimeout(
-                f"SOAP: the {name} of optimizer step {self.step} (SOAP collective #{self.seq}) did not "
-                f"complete in {self.timeout_s:g} s: {who}. Every rank must call step() (and state_dict()) "
-                "the same number of times, with the same parameters and options; a rank whose step() "
-                f"raised must not go on. ({type(error).__name__}: {cause})"
-            ) from None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            span = max(deadline - time.monotonic(), 0.001)
+            if self.rewaits:
+                span = min(NOTICE_POLL_S, span)
+            began = time.monotonic()
+            try:
+                work.wait(timeout=timedelta(seconds=span))
+                return
+            except RuntimeError as error:
+                failed = error
+            self._raise_if_a_peer_failed(name)
+            # The whole slice passed and time is left: wait again. A wait that broke early (a peer's
+            # connection closed) or the last slice goes on to name the absent ranks.
+            waited_out = time.monotonic() - began >= 0.9 * span
+            if not (self.rewaits and waited_out and time.monotonic() < deadline):
+                break
+        cause = str(failed).splitlines()[0] if str(failed) else ""
+        missing = self.missing(name, participants)
+        self._raise_if_a_peer_failed(name)  # a notice may have come during the grace period
+        who = f"ranks {missing} did not arrive" if missing else "every rank arrived late or failed"
+        raise CollectiveTimeout(
+            f"SOAP: the {name} of optimizer step {self.step} (SOAP collective #{self.seq}) did not "
+            f"complete in {self.timeout_s:g} s: {who}. Every rank must call step() (and state_dict()) "
+            "the same number of times, with the same parameters and options; a rank whose step() "
+            f"raised must not go on. ({type(failed).__name__}: {cause})"
+        ) from None
+
+    def _raise_if_a_peer_failed(self, name: str) -> None:
+        failure = self.peer_failure()
+        if failure is None:
+            return
+        rank, step, error = failure
+        raise PeerFailed(
+            f"SOAP: the {name} of optimizer step {self.step} cannot complete: rank {rank}'s step() raised "
+            f"in its optimizer step {step}, after that step's collectives had begun, and it will not join "
+            f"(rank {rank}: {error}). The ranks' optimizer states may differ now: fix the cause and load "
+            "a checkpoint on every rank (load_state_dict) before stepping again."
+        ) from None
 
     def missing(self, name: str, participants: Sequence[int]) -> list[int] | None:
         """The participants (global ranks) that did not report this collective within the grace period."""

@@ -31,6 +31,12 @@ class LocalExchange:
 
     step = 0  # the optimizer step, for messages (kept alike with comm.Exchange)
 
+    def collectives_begun(self) -> int:
+        return 0
+
+    def tell_peers(self, step: int, error: str) -> None:
+        """No peers to tell."""
+
     def all_finite(self, flags: Tensor, words: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         return flags, None
 

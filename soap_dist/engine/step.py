@@ -108,12 +108,6 @@ class StepMixin:
             grads = [p.grad for p in params]
         if active is None:
             active = [g is not None and p.numel() > 0 for p, g in zip(params, grads, strict=True)]
-        if self.broken is not None:
-            raise RuntimeError(
-                f"SOAP: step() raised during the basis refresh of optimizer step {self.broken[0]} "
-                f"({self.broken[1]}); the ranks' optimizer state may differ since. Load it from a "
-                "checkpoint (load_state_dict) before stepping again."
-            )
         self.calls += 1
         with self._refusing_after_a_raise():  # a refresh launched on the side stream last step ends now
             self.join_refresh()
@@ -175,13 +169,47 @@ class StepMixin:
                 self._refresh(due, first=False)
 
     @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Around all of one optimizer step on this rank (``SOAP.step`` wraps its placement's runner).
+
+        Under several ranks, a raise after the step's first collective (or inside a refresh) may leave
+        the ranks' states apart, and the others are waiting in a collective this rank will not join:
+        mark the engine broken, so that later steps refuse until a state is loaded, and post a failure
+        notice, so that the waiting ranks stop within about a second with this error (comm.guard). A
+        raise before any collective leaves nothing apart: the rank may fix the cause and step again.
+        """
+        self.refuse_if_broken()
+        begun = self.exchange.collectives_begun()
+        try:
+            yield
+        except BaseException as error:
+            if self.plan.topology.world > 1:
+                apart = self.exchange.collectives_begun() > begun and not getattr(
+                    error, "state_unchanged", False
+                )
+                if self.broken is None and apart:
+                    self.broken = (self.exchange.step, f"{type(error).__name__}: {error}")
+                if self.broken is not None:
+                    self.exchange.tell_peers(*self.broken)
+            raise
+
+    def refuse_if_broken(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(
+                f"SOAP: step() raised in optimizer step {self.broken[0]} after that step's collectives had "
+                f"begun ({self.broken[1]}); the ranks' optimizer states may differ since. Load a checkpoint "
+                "on every rank (load_state_dict) before stepping again."
+            )
+
+    @contextmanager
     def _refusing_after_a_raise(self) -> Iterator[None]:
-        """A refresh that raised under several ranks leaves their state apart: refuse later steps."""
+        """A refresh that raised under several ranks leaves their state apart, even where it raised
+        before this step's collectives (the finish of last step's launched refresh): refuse later steps."""
         try:
             yield
         except BaseException as error:
             if self.plan.topology.world > 1:  # other ranks may be inside the refresh's collectives now
-                self.broken = (self.calls, f"{type(error).__name__}: {error}")
+                self.broken = (self.exchange.step, f"{type(error).__name__}: {error}")
             raise
 
     def _rotation_dtype(self, compute: torch.dtype) -> torch.dtype:
