@@ -104,7 +104,8 @@ def frequency_changed(rank):
                 p.grad = g
             opt.step()
 
-    return {"error": _error(run)}
+    # Raised on every rank before anything of the step is applied: no rank is marked as broken
+    return {"error": _error(run), "broken": opt._engine.broken}
 
 
 def unsynced_gradients(rank):
@@ -253,6 +254,20 @@ def async_finish_raised_and_was_caught(rank):
     return _stepping_and_catching(opt, params, 7, before)
 
 
+def a_peer_slower_than_a_wait_slice(rank):
+    """gloo waits in slices (comm.guard.NOTICE_POLL_S) and waits again: a healthy peer 2.5 s late
+    must not end the step."""
+    params = _params()
+    opt = SOAP(params, collective_timeout=NOTICED_TIMEOUT_S, **KW)
+    for step in range(5):
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        if step == 3 and rank == 1:
+            time.sleep(2.5)
+        opt.step()
+    return {"same": _same_everywhere(params)}
+
+
 def save_on_rank0_only(rank):
     """The usual DDP idiom, ``if rank == 0: torch.save(opt.state_dict(), f)``: a clear error on rank 0."""
     _, opt = _two_steps_with_a_short_timeout()
@@ -266,6 +281,7 @@ ALONE = [
     refresh_raised_and_was_caught,
     save_on_rank0_only,
     raised_before_any_collective_and_stepped_again,  # alone: were the rule broken, a collective is left open
+    a_peer_slower_than_a_wait_slice,  # alone: were the re-wait broken, a collective is left open
 ]
 
 

@@ -42,6 +42,7 @@ def test_a_frequency_changed_on_one_rank_is_an_error_on_every_rank(shared):
         error = res["error"]
         assert error.startswith("RanksDisagreeError"), error
         assert "precondition_frequency: [3, 2]" in error and "optimizer step" in error
+        assert res["broken"] is None  # nothing was applied: no rank refuses, no notice was posted
 
 
 def test_unsynchronised_gradients_are_named(shared):
@@ -79,6 +80,11 @@ def test_a_refresh_exception_caught_by_the_user_ends_in_errors_not_a_hang():
     assert "injected: out of memory in the refresh" in one["errors"][0]
     assert "raised in optimizer step 4" in one["errors"][1], one  # it refuses to go on as well
     assert one["longest_step_s"] < rs.NOTICED_TIMEOUT_S / 3, one
+
+
+def test_a_healthy_peer_slower_than_a_wait_slice_does_not_end_the_step():
+    ranks = rs.run(["a_peer_slower_than_a_wait_slice"])
+    assert all(res["same"] for res in _ok(ranks, "a_peer_slower_than_a_wait_slice"))
 
 
 def test_a_raise_before_any_collective_leaves_the_rank_free_to_step_again():
@@ -222,7 +228,7 @@ def store_as_rank(monkeypatch):
 def test_gloo_waits_in_slices_and_a_peers_failure_notice_ends_the_wait(store_as_rank):
     from soap_dist.comm.guard import CollectiveTimeout, Guard, PeerFailed
 
-    guard = Guard(30.0, rewaits=True)
+    guard = Guard(30.0, rewaits=True, ranks=[0, 1, 2])
     slow = _GlooLikeWork(3)
     guard.wait(slow, "x", [0, 1])  # a slow peer: waited again, slice by slice, until it completes
     assert len(slow.waits) == 4 and max(slow.waits) <= 0.05, slow.waits
@@ -242,8 +248,28 @@ def test_gloo_waits_in_slices_and_a_peers_failure_notice_ends_the_wait(store_as_
     assert "rank 1: RuntimeError: out of memory" in str(e.value) and isinstance(e.value, CollectiveTimeout)
     assert len(never.waits) == 1 and time.monotonic() - began < 5
 
-    guard.forget_failures()  # every rank loaded a state: the notice no longer applies
-    guard.wait(_GlooLikeWork(2), "x", [0, 1])
+    guard.wait(_GlooLikeWork(2), "replica all_reduce", [0, 2])  # rank 1 takes no part: not its concern
+
+
+def test_failure_notices_stay_within_their_exchanges_ranks(store_as_rank, monkeypatch):
+    """Optimizers over other groups (data parallel beside tensor parallel) build guards with the
+    same ids on their ranks: a failure in one group says nothing to the other."""
+    import itertools
+
+    from soap_dist.comm import guard as guard_module
+
+    guards = []
+    for ranks in ([0, 1], [2, 3]):
+        monkeypatch.setattr(guard_module, "_guards", itertools.count(50))
+        guards.append(guard_module.Guard(30.0, rewaits=True, ranks=ranks))
+    assert guards[0].id == guards[1].id
+    store_as_rank(0)
+    guards[0].post_failure(4, "RuntimeError: boom")
+    store_as_rank(3)
+    guards[1].wait(_GlooLikeWork(2), "x", [2, 3])
+    store_as_rank(1)
+    with pytest.raises(guard_module.PeerFailed, match="rank 0: RuntimeError: boom"):
+        guards[0].wait(_GlooLikeWork(10**6), "x", [0, 1])
 
 
 def test_a_wait_that_breaks_early_is_not_waited_again(store_as_rank):

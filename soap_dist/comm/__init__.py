@@ -195,7 +195,12 @@ class Exchange:
         self.topology = plan.topology
         self.traffic = Traffic()
         # gloo lets a timed-out wait be waited again: it waits in slices and reads peers' failure notices
-        self.guard = Guard(timeout_s, host_waits=host_waits_for(device, backend), rewaits=backend == "gloo")
+        self.guard = Guard(
+            timeout_s,
+            host_waits=host_waits_for(device, backend),
+            rewaits=backend == "gloo",
+            ranks=groups.ranks,
+        )
 
     @property
     def step(self) -> int:

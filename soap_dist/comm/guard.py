@@ -17,14 +17,17 @@ NCCL block the host anyway; then SOAP's timeout and its message naming the absen
 
 A rank whose ``step()`` raised after that step's collectives began will not join the next one, and
 its peers should not wait the whole timeout to learn that: it posts a failure notice to the store
-(``Guard.post_failure``; the first notice stays, so it names the root cause), and a rank waiting on
-gloo waits in slices of ``NOTICE_POLL_S``, reading the notice between them, so it stops within about
-a second with the failing rank's own error (``PeerFailed``). gloo lets a timed-out wait be waited
-again; NCCL under blocking waits does not, so there the notice is read only once the wait failed.
+(``Guard.post_failure``, under a key of the exchange's ranks; the first notice stays, so it names the
+root cause), and a rank waiting on gloo waits in slices of ``NOTICE_POLL_S``, reading the notice
+between them, so it stops within about a second with the failing rank's own error (``PeerFailed``)
+when that rank takes part in the collective. gloo lets a timed-out wait be waited again; NCCL under
+blocking waits does not, so there the notice is read only once the wait failed. The collectives the
+ranks abandoned stay queued in the process group, so the way on is a restart from a checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import time
@@ -97,7 +100,11 @@ class Guard:
     """Waits on one exchange's collectives; counts them so every rank names the same one."""
 
     def __init__(
-        self, timeout_s: float = DEFAULT_TIMEOUT_S, host_waits: bool = True, rewaits: bool = False
+        self,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        host_waits: bool = True,
+        rewaits: bool = False,
+        ranks: Sequence[int] = (),
     ) -> None:
         self.timeout_s = float(timeout_s)
         self.host_waits = host_waits  # False: stream-ordered waits (CUDA), see host_waits_for
@@ -105,12 +112,12 @@ class Guard:
         self.id = next(_guards)
         self.seq = 0
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
-        self.generation = 0  # bumped when every rank loads a state: older failure notices no longer apply
+        # Failure notices are the exchange's own: optimizers over other groups (other data-parallel
+        # groups beside tensor parallelism, pipeline stages) build guards with the same ids.
+        digest = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
+        self._notice_key = f"soap_dist/guard{self.id}/ranks{digest}/failed"
 
     # ----- failure notices: a rank that raised tells the ranks waiting for it -----
-    def _notice_key(self) -> str:
-        return f"soap_dist/guard{self.id}/failed{self.generation}"
-
     def post_failure(self, step: int, error: str) -> None:
         """Tell the other ranks that this one's step ``step`` raised ``error`` and it will not join
         their collectives; the first notice stays (it names the root cause, not the ranks it stopped)."""
@@ -118,26 +125,23 @@ class Guard:
         if store is None or not dist.is_initialized():
             return
         try:
-            store.compare_set(self._notice_key(), "", f"{dist.get_rank()}\n{step}\n{error}")
+            store.compare_set(self._notice_key, "", f"{dist.get_rank()}\n{step}\n{error}")
         except Exception:  # pragma: no cover - the store itself is gone: the timeout still applies
             pass
 
-    def peer_failure(self) -> tuple[int, int, str] | None:
-        """(rank, step, error) of another rank's failure notice, or None."""
+    def peer_failure(self, participants: Sequence[int]) -> tuple[int, int, str] | None:
+        """(rank, step, error) of a failure notice posted by one of the other ``participants``, or None."""
         store = _store()
         if store is None or not dist.is_initialized():
             return None
         try:
-            if not store.check([self._notice_key()]):
+            if not store.check([self._notice_key]):
                 return None
-            rank, step, error = store.get(self._notice_key()).decode().split("\n", 2)
+            rank, step, error = store.get(self._notice_key).decode().split("\n", 2)
         except Exception:  # pragma: no cover - the store itself is gone
             return None
-        return None if int(rank) == dist.get_rank() else (int(rank), int(step), error)
-
-    def forget_failures(self) -> None:
-        """Every rank loaded a state (a collective): notices posted before no longer apply."""
-        self.generation += 1
+        mine = int(rank) == dist.get_rank() or int(rank) not in participants
+        return None if mine else (int(rank), int(step), error)
 
     def wait(self, work: Any, name: str, participants: Sequence[int]) -> None:
         """Wait for ``work``; raise PeerFailed when a peer's step raised (it posted a notice), or
@@ -149,7 +153,7 @@ class Guard:
             return
         deadline = time.monotonic() + self.timeout_s
         while True:
-            span = max(deadline - time.monotonic(), 0.001)
+            span = max(deadline - time.monotonic(), 0.001)  # never 0: torch reads a zero timeout as none
             if self.rewaits:
                 span = min(NOTICE_POLL_S, span)
             began = time.monotonic()
@@ -158,7 +162,7 @@ class Guard:
                 return
             except RuntimeError as error:
                 failed = error
-            self._raise_if_a_peer_failed(name)
+            self._raise_if_a_peer_failed(name, participants)
             # The whole slice passed and time is left: wait again. A wait that broke early (a peer's
             # connection closed) or the last slice goes on to name the absent ranks.
             waited_out = time.monotonic() - began >= 0.9 * span
@@ -166,7 +170,7 @@ class Guard:
                 break
         cause = str(failed).splitlines()[0] if str(failed) else ""
         missing = self.missing(name, participants)
-        self._raise_if_a_peer_failed(name)  # a notice may have come during the grace period
+        self._raise_if_a_peer_failed(name, participants)  # a notice may have come during the grace period
         who = f"ranks {missing} did not arrive" if missing else "every rank arrived late or failed"
         raise CollectiveTimeout(
             f"SOAP: the {name} of optimizer step {self.step} (SOAP collective #{self.seq}) did not "
@@ -175,16 +179,16 @@ class Guard:
             f"raised must not go on. ({type(failed).__name__}: {cause})"
         ) from None
 
-    def _raise_if_a_peer_failed(self, name: str) -> None:
-        failure = self.peer_failure()
+    def _raise_if_a_peer_failed(self, name: str, participants: Sequence[int]) -> None:
+        failure = self.peer_failure(participants)
         if failure is None:
             return
         rank, step, error = failure
         raise PeerFailed(
             f"SOAP: the {name} of optimizer step {self.step} cannot complete: rank {rank}'s step() raised "
             f"in its optimizer step {step}, after that step's collectives had begun, and it will not join "
-            f"(rank {rank}: {error}). The ranks' optimizer states may differ now: fix the cause and load "
-            "a checkpoint on every rank (load_state_dict) before stepping again."
+            f"(rank {rank}: {error}). The ranks' optimizer states may differ and their collectives no longer "
+            "pair: end the run on every rank and restart it from the last checkpoint."
         ) from None
 
     def missing(self, name: str, participants: Sequence[int]) -> list[int] | None:

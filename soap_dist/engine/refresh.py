@@ -271,10 +271,11 @@ class RefreshMixin:
     def complete_inflight(self) -> None:
         """Wait for every outstanding refresh and broadcast (before a checkpoint or a load); installs
         keep their step."""
-        self.join_refresh()
-        while self._inflight:
-            _, flight, ids = self._inflight.pop(0)
-            self._receive(flight, ids, first=False)
+        with self._refusing_after_a_raise():
+            self.join_refresh()
+            while self._inflight:
+                _, flight, ids = self._inflight.pop(0)
+                self._receive(flight, ids, first=False)
 
     def pending_for(self, store: FactorStore) -> Pending:
         """The stash of refreshed bases waiting for their install step (refresh_delay >= 1)."""

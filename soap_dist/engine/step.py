@@ -197,19 +197,22 @@ class StepMixin:
         if self.broken is not None:
             raise RuntimeError(
                 f"SOAP: step() raised in optimizer step {self.broken[0]} after that step's collectives had "
-                f"begun ({self.broken[1]}); the ranks' optimizer states may differ since. Load a checkpoint "
-                "on every rank (load_state_dict) before stepping again."
+                f"begun ({self.broken[1]}); the ranks' optimizer states may differ since, and their "
+                "collectives no longer pair: end the run on every rank and restart it from the last "
+                "checkpoint."
             )
 
     @contextmanager
     def _refusing_after_a_raise(self) -> Iterator[None]:
         """A refresh that raised under several ranks leaves their state apart, even where it raised
-        before this step's collectives (the finish of last step's launched refresh): refuse later steps."""
+        before this step's collectives (the finish of a launched refresh, at the next step or in a
+        checkpoint's save or load): refuse later steps and tell the others."""
         try:
             yield
         except BaseException as error:
             if self.plan.topology.world > 1:  # other ranks may be inside the refresh's collectives now
                 self.broken = (self.exchange.step, f"{type(error).__name__}: {error}")
+                self.exchange.tell_peers(*self.broken)
             raise
 
     def _rotation_dtype(self, compute: torch.dtype) -> torch.dtype:
