@@ -1,5 +1,6 @@
 """GPU-only checks (skipped without CUDA): no host sync in an ordinary step or in the launch of the
-asynchronous refresh; GPU agrees with CPU; SOAP's collective waits on NCCL leave the host free."""
+asynchronous refresh; GPU agrees with CPU; SOAP's collective waits on NCCL leave the host free; the
+refresh with no host reads replays from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -119,3 +120,28 @@ def test_a_soap_collective_on_nccl_does_not_block_the_host(tmp_path):
         assert buffer.tolist() == [1.0] * 4
     finally:
         dist.destroy_process_group()
+
+
+def test_the_refresh_with_no_host_reads_replays_from_a_cuda_graph():
+    """refresh_parts times this replay against the eager refresh (the launch cost); it must be the
+    same refresh: the same bases, permutations and ok flags on fresh inputs copied into the graph's."""
+    from soap_dist import linalg
+    from soap_dist.bench.refresh_parts import _captured, _problem
+
+    factors, basis = _problem(4, 256, torch.device("cuda"))
+    out = {}
+
+    def refresh():
+        out["result"] = linalg.power_iteration_refresh(factors, basis, "cholesky_qr2", fallback=False)
+
+    replay = _captured(refresh)
+    new_factors, new_basis = _problem(4, 256, torch.device("cuda"))
+    new_factors.mul_(2.0)
+    factors.copy_(new_factors)
+    basis.copy_(new_basis)
+    replay()
+    torch.cuda.synchronize()
+    graphed = [t.clone() for t in out["result"]]
+    eager = linalg.power_iteration_refresh(new_factors, new_basis, "cholesky_qr2", fallback=False)
+    assert torch.equal(graphed[1], eager[1]) and torch.equal(graphed[2], eager[2]) and bool(eager[2].all())
+    assert torch.allclose(graphed[0], eager[0], atol=1e-5), (graphed[0] - eager[0]).abs().max()

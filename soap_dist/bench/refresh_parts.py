@@ -8,6 +8,11 @@ whole refresh by each QR (CholeskyQR2 with either Cholesky), and one plain TF32 
 shape (the floor). The last table sums the whole
 refresh over a model's factor set (``--model``, the bench's shape sets), per factor of each size,
 to compare with the full-refresh target without running the optimizer.
+
+On CUDA it then times the refresh that reads nothing on the host (the one ``async_refresh`` runs)
+eagerly and replayed from a CUDA graph captured once: the gap is what kernel launches cost, the
+lever the last GPU measurements pointed at. A capture that fails is reported, not fatal; the
+numbers before it are written first.
 """
 
 from __future__ import annotations
@@ -112,6 +117,50 @@ def measure(d: int, n: int, device: torch.device, repeats: int) -> dict[str, flo
     return {k: v / n for k, v in out.items()}  # per factor
 
 
+NO_HOST_READS = "refresh cholesky_qr2, no host reads"
+GRAPHED = "refresh cholesky_qr2, no host reads, CUDA graph replay"
+
+
+def _captured(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph, as its replay (warmed up on a side stream first, as capture
+    needs); raises what the capture raised."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure_graphed(d: int, n: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds per factor of the refresh with no host reads, eager and as a CUDA graph's replay."""
+    time_it = _timer(device, repeats)
+    factors, basis = _problem(n, d, device)
+
+    def refresh() -> object:
+        return linalg.power_iteration_refresh(factors, basis, "cholesky_qr2", fallback=False)
+
+    out = {NO_HOST_READS: time_it(refresh) / n}
+    out[GRAPHED] = time_it(_captured(refresh)) / n
+    return out
+
+
+def _write(path: str, rows: dict, counts: Counter, sizes: list[int], device: torch.device, **extra) -> None:
+    if not path:
+        return
+    names = [name for name in rows[sizes[0]] if name.startswith("refresh ")]
+    totals = {name[len("refresh ") :]: sum(counts.get(d, 0) * rows[d][name] for d in sizes) for name in names}
+    floor = sum(counts.get(d, 0) * rows[d]["gemm_floor (one TF32 GEMM)"] for d in sizes)
+    numbers = {"device": str(device), "per_factor_s": rows, "totals_s": totals, "gemm_floor_s": floor}
+    numbers.update(counts=dict(counts), **extra)
+    with open(path, "w") as f:
+        json.dump(numbers, f, indent=1)
+
+
 def factor_sizes(model: str, max_precond_dim: int = 10000) -> Counter:
     """How many factors of each size the model's matrices have (the page's rule, param_sets)."""
     sizes: Counter = Counter()
@@ -130,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="", help="also write the numbers here")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     counts = factor_sizes(args.model)
@@ -154,11 +204,29 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in totals.items():
         ratio = f" ({seconds / floor:.1f}x one TF32 GEMM per factor)" if floor else ""
         print(f"full refresh of those factors, {name}: {seconds:.3f} s{ratio}")
-    if args.json:
-        numbers = {"device": str(device), "model": args.model, "per_factor_s": rows, "totals_s": totals}
-        numbers.update(gemm_floor_s=floor, counts=dict(counts))
-        with open(args.json, "w") as f:
-            json.dump(numbers, f, indent=1)
+    _write(args.json, rows, counts, sizes, device, model=args.model)
+    if device.type != "cuda" or args.no_graphs:
+        return
+    graphed = {}
+    try:  # after the numbers above are written: a capture that fails must not lose them
+        for d in sizes:
+            n = max(1, min(args.max_batch, args.batch_bytes // (d * d * 4)))
+            graphed[d] = measure_graphed(d, n, device, args.repeats)
+    except Exception as error:  # e.g. a kernel that cannot be captured
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        print(f"\nCUDA graph capture of the refresh failed: {reason}")
+        _write(args.json, rows, counts, sizes, device, model=args.model, graph_error=reason)
+        return
+    for d in sizes:
+        rows[d].update(graphed[d])
+    print("\n| refresh, ms per factor | " + " | ".join(f"d = {d}" for d in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for piece in (NO_HOST_READS, GRAPHED):
+        print(f"| {piece} | " + " | ".join(f"{rows[d][piece] * 1e3:.2f}" for d in sizes) + " |")
+    for piece in (NO_HOST_READS, GRAPHED):
+        seconds = sum(counts.get(d, 0) * rows[d][piece] for d in sizes)
+        print(f"full refresh of those factors, {piece[len('refresh ') :]}: {seconds:.3f} s")
+    _write(args.json, rows, counts, sizes, device, model=args.model)
 
 
 if __name__ == "__main__":
