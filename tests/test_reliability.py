@@ -248,7 +248,8 @@ def test_gloo_waits_in_slices_and_a_peers_failure_notice_ends_the_wait(store_as_
     assert "rank 1: RuntimeError: out of memory" in str(e.value) and isinstance(e.value, CollectiveTimeout)
     assert len(never.waits) == 1 and time.monotonic() - began < 5
 
-    guard.wait(_GlooLikeWork(2), "replica all_reduce", [0, 2])  # rank 1 takes no part: not its concern
+    with pytest.raises(PeerFailed, match="rank 1: RuntimeError: out of memory"):  # any collective of
+        guard.wait(_GlooLikeWork(10**6), "replica all_reduce", [0, 2])  # the exchange: the run must restart
 
 
 def test_failure_notices_stay_within_their_exchanges_ranks(store_as_rank, monkeypatch):

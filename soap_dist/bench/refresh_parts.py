@@ -131,8 +131,13 @@ def _captured(fn: Callable[[], object]) -> Callable[[], object]:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # ending a broken capture raises anew: name the first error
+        cause = error.__context__ or error
+        lines = str(cause).splitlines()
+        raise RuntimeError(f"{type(cause).__name__}: {lines[0] if lines else ''}") from cause
     return graph.replay
 
 

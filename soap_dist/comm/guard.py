@@ -19,10 +19,12 @@ A rank whose ``step()`` raised after that step's collectives began will not join
 its peers should not wait the whole timeout to learn that: it posts a failure notice to the store
 (``Guard.post_failure``, under a key of the exchange's ranks; the first notice stays, so it names the
 root cause), and a rank waiting on gloo waits in slices of ``NOTICE_POLL_S``, reading the notice
-between them, so it stops within about a second with the failing rank's own error (``PeerFailed``)
-when that rank takes part in the collective. gloo lets a timed-out wait be waited again; NCCL under
-blocking waits does not, so there the notice is read only once the wait failed. The collectives the
-ranks abandoned stay queued in the process group, so the way on is a restart from a checkpoint.
+between them, so it stops within about a second with the failing rank's own error (``PeerFailed``),
+whichever of the exchange's collectives it waits in: the run must restart anyway, and only the first
+notice is kept, so a rank that waits on a stopped one rather than on the failed one still learns it.
+gloo lets a timed-out wait be waited again; NCCL under blocking waits does not, so there the notice
+is read only once the wait failed. The collectives the ranks abandoned stay queued in the process
+group, so the way on is a restart from a checkpoint.
 """
 
 from __future__ import annotations
@@ -129,8 +131,8 @@ class Guard:
         except Exception:  # pragma: no cover - the store itself is gone: the timeout still applies
             pass
 
-    def peer_failure(self, participants: Sequence[int]) -> tuple[int, int, str] | None:
-        """(rank, step, error) of a failure notice posted by one of the other ``participants``, or None."""
+    def peer_failure(self) -> tuple[int, int, str] | None:
+        """(rank, step, error) of a failure notice another rank of the exchange posted, or None."""
         store = _store()
         if store is None or not dist.is_initialized():
             return None
@@ -140,8 +142,7 @@ class Guard:
             rank, step, error = store.get(self._notice_key).decode().split("\n", 2)
         except Exception:  # pragma: no cover - the store itself is gone
             return None
-        mine = int(rank) == dist.get_rank() or int(rank) not in participants
-        return None if mine else (int(rank), int(step), error)
+        return None if int(rank) == dist.get_rank() else (int(rank), int(step), error)
 
     def wait(self, work: Any, name: str, participants: Sequence[int]) -> None:
         """Wait for ``work``; raise PeerFailed when a peer's step raised (it posted a notice), or
@@ -162,7 +163,7 @@ class Guard:
                 return
             except RuntimeError as error:
                 failed = error
-            self._raise_if_a_peer_failed(name, participants)
+            self._raise_if_a_peer_failed(name)
             # The whole slice passed and time is left: wait again. A wait that broke early (a peer's
             # connection closed) or the last slice goes on to name the absent ranks.
             waited_out = time.monotonic() - began >= 0.9 * span
@@ -170,7 +171,7 @@ class Guard:
                 break
         cause = str(failed).splitlines()[0] if str(failed) else ""
         missing = self.missing(name, participants)
-        self._raise_if_a_peer_failed(name, participants)  # a notice may have come during the grace period
+        self._raise_if_a_peer_failed(name)  # a notice may have come during the grace period
         who = f"ranks {missing} did not arrive" if missing else "every rank arrived late or failed"
         raise CollectiveTimeout(
             f"SOAP: the {name} of optimizer step {self.step} (SOAP collective #{self.seq}) did not "
@@ -179,8 +180,8 @@ class Guard:
             f"raised must not go on. ({type(failed).__name__}: {cause})"
         ) from None
 
-    def _raise_if_a_peer_failed(self, name: str, participants: Sequence[int]) -> None:
-        failure = self.peer_failure(participants)
+    def _raise_if_a_peer_failed(self, name: str) -> None:
+        failure = self.peer_failure()
         if failure is None:
             return
         rank, step, error = failure
