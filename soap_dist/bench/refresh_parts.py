@@ -154,12 +154,24 @@ def measure_graphed(d: int, n: int, device: torch.device, repeats: int) -> dict[
     return out
 
 
+def _totals(rows: dict, counts: Counter, sizes: list[int]) -> tuple[dict[str, float], float]:
+    """Seconds of a full refresh of the model's factors by each "refresh ..." row, and the floor."""
+    names = [name for name in rows[sizes[0]] if name.startswith("refresh ")]
+    totals = {name[len("refresh ") :]: sum(counts.get(d, 0) * rows[d][name] for d in sizes) for name in names}
+    return totals, sum(counts.get(d, 0) * rows[d]["gemm_floor (one TF32 GEMM)"] for d in sizes)
+
+
+def _print_table(title: str, rows: dict, sizes: list[int], pieces: list[str]) -> None:
+    print(f"| {title} | " + " | ".join(f"d = {d}" for d in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for piece in pieces:
+        print(f"| {piece} | " + " | ".join(f"{rows[d][piece] * 1e3:.2f}" for d in sizes) + " |")
+
+
 def _write(path: str, rows: dict, counts: Counter, sizes: list[int], device: torch.device, **extra) -> None:
     if not path:
         return
-    names = [name for name in rows[sizes[0]] if name.startswith("refresh ")]
-    totals = {name[len("refresh ") :]: sum(counts.get(d, 0) * rows[d][name] for d in sizes) for name in names}
-    floor = sum(counts.get(d, 0) * rows[d]["gemm_floor (one TF32 GEMM)"] for d in sizes)
+    totals, floor = _totals(rows, counts, sizes)
     numbers = {"device": str(device), "per_factor_s": rows, "totals_s": totals, "gemm_floor_s": floor}
     numbers.update(counts=dict(counts), **extra)
     with open(path, "w") as f:
@@ -194,17 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         n = max(1, min(args.max_batch, args.batch_bytes // (d * d * 4)))
         rows[d] = measure(d, n, device, args.repeats)
         print(f"d = {d}: batch {n}", flush=True)
-    pieces = list(next(iter(rows.values())))
     print(f"\nms per factor on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
-    print("| piece | " + " | ".join(f"d = {d}" for d in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for piece in pieces:
-        print(f"| {piece} | " + " | ".join(f"{rows[d][piece] * 1e3:.2f}" for d in sizes) + " |")
-    totals = {
-        qr_name: sum(counts.get(d, 0) * rows[d][f"refresh {qr_name}"] for d in sizes)
-        for qr_name in ("cholesky_qr2", "householder", "cholesky_qr2_blocked")
-    }
-    floor = sum(counts.get(d, 0) * rows[d]["gemm_floor (one TF32 GEMM)"] for d in sizes)
+    _print_table("piece", rows, sizes, list(rows[sizes[0]]))
+    totals, floor = _totals(rows, counts, sizes)
     print(f"\n{args.model}: {sum(counts.get(d, 0) for d in sizes)} factors {dict(sorted(counts.items()))}")
     for name, seconds in totals.items():
         ratio = f" ({seconds / floor:.1f}x one TF32 GEMM per factor)" if floor else ""
@@ -224,13 +228,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     for d in sizes:
         rows[d].update(graphed[d])
-    print("\n| refresh, ms per factor | " + " | ".join(f"d = {d}" for d in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
+    print()
+    _print_table("refresh, ms per factor", rows, sizes, [NO_HOST_READS, GRAPHED])
+    totals, _ = _totals(rows, counts, sizes)
     for piece in (NO_HOST_READS, GRAPHED):
-        print(f"| {piece} | " + " | ".join(f"{rows[d][piece] * 1e3:.2f}" for d in sizes) + " |")
-    for piece in (NO_HOST_READS, GRAPHED):
-        seconds = sum(counts.get(d, 0) * rows[d][piece] for d in sizes)
-        print(f"full refresh of those factors, {piece[len('refresh ') :]}: {seconds:.3f} s")
+        name = piece[len("refresh ") :]
+        print(f"full refresh of those factors, {name}: {totals[name]:.3f} s")
     _write(args.json, rows, counts, sizes, device, model=args.model)
 
 

@@ -206,6 +206,10 @@ class Exchange:
     def step(self) -> int:
         return self.guard.step
 
+    @step.setter
+    def step(self, value: int) -> None:
+        self.guard.step = value
+
     def collectives_begun(self) -> int:
         """How many SOAP collectives this rank has waited on (or begun to): the engine compares two
         readings to tell whether a raise came after a step's first collective."""
@@ -214,10 +218,6 @@ class Exchange:
     def tell_peers(self, step: int, error: str) -> None:
         """This rank's step ``step`` raised ``error`` and it will not join: the waiting ranks stop."""
         self.guard.post_failure(step, error)
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.guard.step = value
 
     # ----- who takes part in which group (global ranks) -----
     def world_ranks(self) -> list[int]:

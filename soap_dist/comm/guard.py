@@ -58,9 +58,12 @@ _guards = itertools.count()  # optimizers are built in the same order on every r
 
 
 def _store() -> Any:
+    """The default process group's store, or None (no group, or a torch without it)."""
+    if not dist.is_initialized():
+        return None
     try:
         return dist.distributed_c10d._get_default_store()
-    except Exception:  # pragma: no cover - no default group, or a torch without it
+    except Exception:  # pragma: no cover - a torch without it
         return None
 
 
@@ -124,7 +127,7 @@ class Guard:
         """Tell the other ranks that this one's step ``step`` raised ``error`` and it will not join
         their collectives; the first notice stays (it names the root cause, not the ranks it stopped)."""
         store = _store()
-        if store is None or not dist.is_initialized():
+        if store is None:
             return
         try:
             store.compare_set(self._notice_key, "", f"{dist.get_rank()}\n{step}\n{error}")
@@ -134,7 +137,7 @@ class Guard:
     def peer_failure(self) -> tuple[int, int, str] | None:
         """(rank, step, error) of a failure notice another rank of the exchange posted, or None."""
         store = _store()
-        if store is None or not dist.is_initialized():
+        if store is None:
             return None
         try:
             if not store.check([self._notice_key]):
@@ -195,7 +198,7 @@ class Guard:
     def missing(self, name: str, participants: Sequence[int]) -> list[int] | None:
         """The participants (global ranks) that did not report this collective within the grace period."""
         store = _store()
-        if store is None or not dist.is_initialized():
+        if store is None:
             return None
         try:
             return _report(

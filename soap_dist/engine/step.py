@@ -174,7 +174,7 @@ class StepMixin:
 
         Under several ranks, a raise after the step's first collective (or inside a refresh) may leave
         the ranks' states apart, and the others are waiting in a collective this rank will not join:
-        mark the engine broken, so that later steps refuse until a state is loaded, and post a failure
+        mark the engine broken, so that later steps refuse (the run must restart), and post a failure
         notice, so that the waiting ranks stop within about a second with this error (comm.guard). A
         raise before any collective leaves nothing apart: the rank may fix the cause and step again.
         """
@@ -183,14 +183,9 @@ class StepMixin:
         try:
             yield
         except BaseException as error:
-            if self.plan.topology.world > 1:
-                apart = self.exchange.collectives_begun() > begun and not getattr(
-                    error, "state_unchanged", False
-                )
-                if self.broken is None and apart:
-                    self.broken = (self.exchange.step, f"{type(error).__name__}: {error}")
-                if self.broken is not None:
-                    self.exchange.tell_peers(*self.broken)
+            apart = self.exchange.collectives_begun() > begun and not getattr(error, "state_unchanged", False)
+            if self.plan.topology.world > 1 and self.broken is None and apart:  # (else posted already)
+                self._mark_broken(error)
             raise
 
     def refuse_if_broken(self) -> None:
@@ -211,9 +206,13 @@ class StepMixin:
             yield
         except BaseException as error:
             if self.plan.topology.world > 1:  # other ranks may be inside the refresh's collectives now
-                self.broken = (self.exchange.step, f"{type(error).__name__}: {error}")
-                self.exchange.tell_peers(*self.broken)
+                self._mark_broken(error)
             raise
+
+    def _mark_broken(self, error: BaseException) -> None:
+        """Refuse later steps, and tell the ranks waiting for this one why it will not join."""
+        self.broken = (self.exchange.step, f"{type(error).__name__}: {error}")
+        self.exchange.tell_peers(*self.broken)
 
     def _rotation_dtype(self, compute: torch.dtype) -> torch.dtype:
         """bf16 bases rotate in bf16 (half the bytes and, on GPUs, the fast matmuls); else ``compute``."""
