@@ -114,3 +114,36 @@ def test_the_race_is_against_the_best_adamw_run_that_finished():
     timed_out = dict.fromkeys(lrs, True)
     assert race._best_adamw(records, timed_out, lrs, 100)[0] == "c1_race_adamw"  # none finished
     assert race._best_adamw({}, {}, lrs, 100)[0] is None
+
+
+def _records(losses: list[float], seconds_per_step: float) -> list[dict]:
+    """metrics.jsonl records of a run: a training record per step, a held-out loss every 4 steps."""
+    out = []
+    for step, loss in enumerate(losses, start=1):
+        out.append({"step": step, "loss": loss, "elapsed_s": step * seconds_per_step})
+        if step % 4 == 0:
+            out.append({"step": step, "eval_loss": loss})
+    return out
+
+
+@pytest.mark.parametrize("soap_seconds_per_step", [0.05, 0.5])  # faster or slower than AdamW's 0.1
+def test_a_soap_run_of_the_races_steps_that_never_reaches_adamws_loss_loses_whatever_the_clock(
+    tmp_path, soap_seconds_per_step
+):
+    """Before, a fast SOAP run that fell short was NOT MEASURED and a slow one FAIL: timing noise
+    decided the verdict (and flaked the smoke run on a loaded CI machine)."""
+    from soap_apps.gpu_suite.summary import Summary
+
+    ctx = _FakeCtx(0.0)
+    ctx.summary, ctx.smoke = Summary(tmp_path, [], smoke=True), True
+    adamw = _records([5.0 - 0.1 * i for i in range(8)], 0.1)
+    _race()._race_verdicts(
+        ctx, adamw, _records([5.0 - 0.01 * i for i in range(8)], soap_seconds_per_step), {}, 8
+    )
+    row = next(r for r in ctx.summary.rows if r["what"] == _race().WHAT_TIME)
+    assert row["verdict"] == "FAIL" and row["measured"] == "not reached in 8 steps", row
+    cut = _records([5.0 - 0.01 * i for i in range(6)], soap_seconds_per_step)  # stopped at step 6 of 8
+    ctx.summary = Summary(tmp_path, [], smoke=True)
+    _race()._race_verdicts(ctx, adamw, cut, {}, 8)
+    row = next(r for r in ctx.summary.rows if r["what"] == _race().WHAT_TIME)
+    assert row["verdict"] == "NOT MEASURED" and "stopped at step 6, before AdamW's 8" in row["note"], row
