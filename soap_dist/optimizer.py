@@ -368,6 +368,10 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         )
 
     # ----- torch.optim contract -----
+    # Eager under torch.compile: the step plans, talks to other ranks and keeps Python-side state that
+    # Dynamo would not replay (a compiled step did nothing, silently); its elementwise core is compiled
+    # on its own (``fused``).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -384,9 +388,17 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                     zero.step(f)
             return loss
         params = self._params()
-        for p in params:
-            if p.grad is not None and p.grad.is_sparse:
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
                 raise TypeError("SOAP: sparse gradients are not supported (e.g. nn.Embedding(sparse=True))")
+            if not p.is_floating_point() or not p.grad.is_floating_point():
+                raise TypeError(
+                    f"SOAP: parameter {i} (shape {tuple(p.shape)}, dtype {p.dtype}) has a gradient of dtype "
+                    f"{p.grad.dtype}; SOAP steps floating-point parameters only: make it a float tensor, or "
+                    "leave it out of the optimizer"
+                )
         for group in self.param_groups:
             validate_group(group, self.refresh_delay)
         built = self._built_layout if self._engine is not None else None

@@ -122,6 +122,20 @@ def unsynced_gradients(rank):
     return {"error": _error(run)}
 
 
+def gradient_missing_on_one_rank(rank):
+    """A parameter with a gradient on rank 0 and none on rank 1: named as such, on every rank."""
+    params = _params()
+    opt = SOAP(params, **KW)
+
+    def run():
+        for step in range(3):
+            for p, g in zip(params, _grads(step), strict=True):
+                p.grad = None if (step == 2 and rank == 1 and p is params[1]) else g
+            opt.step()
+
+    return {"error": _error(run)}
+
+
 def corrupt_shard(rank):
     """A checkpoint whose shard is corrupt on one rank only: every rank refuses it."""
     mesh = init_device_mesh("cpu", (2,))
@@ -179,6 +193,7 @@ SHARED = [
     nan_on_one_replica,
     frequency_changed,
     unsynced_gradients,
+    gradient_missing_on_one_rank,
     corrupt_shard,
 ]
 

@@ -52,6 +52,13 @@ def test_unsynchronised_gradients_are_named(shared):
         ]
 
 
+def test_a_gradient_missing_on_one_rank_is_named(shared):
+    for res in _ok(shared, "gradient_missing_on_one_rank"):
+        error = res["error"]
+        assert error.startswith("RanksDisagreeError") and "has no gradient" in error, error
+        assert "on ranks [1]" in error and "gradients differ" not in error, error
+
+
 def test_a_corrupt_shard_on_one_rank_is_refused_on_every_rank(shared):
     errors = [res["error"] for res in _ok(shared, "corrupt_shard")]
     found = [r for r, e in enumerate(errors) if "corrupt" in e and "exp_avg" in e and "refused" not in e]

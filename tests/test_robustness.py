@@ -171,6 +171,32 @@ def test_parameters_without_gradients_are_left_alone():
     assert steps == {0: 5.0, 1: 0.0}
 
 
+def test_a_compiled_step_runs_eagerly_and_matches():
+    """torch.compile around opt.step() (torch's documented pattern) must train, as the eager step does:
+    without the step's compiler.disable, the compiled call left the weights and the state untouched."""
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randn(5, 4, generator=gen)
+    eager, compiled = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    eager_opt, compiled_opt = SOAP([eager], lr=1e-2), SOAP([compiled], lr=1e-2)
+    compiled_step = torch.compile(compiled_opt.step, backend="eager")
+    for _ in range(5):
+        grad = torch.randn(5, 4, generator=gen)
+        eager.grad, compiled.grad = grad.clone(), grad.clone()
+        eager_opt.step()
+        compiled_step()
+    assert not torch.equal(compiled, start)
+    assert torch.equal(compiled, eager)
+    assert compiled_opt.state_dict()["state"][0]["step"] == 4
+
+
+def test_an_integer_gradient_is_refused_by_name():
+    w, n = torch.nn.Parameter(torch.randn(3, 3)), torch.zeros(3, dtype=torch.int64)
+    opt = SOAP([w, n])
+    w.grad, n.grad = torch.randn(3, 3), torch.ones(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"parameter 1 \(shape \(3,\), dtype torch.int64\).*floating-point"):
+        opt.step()
+
+
 def test_lr_scheduler_and_tensor_lr():
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = SOAP([p], lr=torch.tensor(1e-2))

@@ -252,9 +252,18 @@ class StepMixin:
             "refreshing": [self._name(i) for i in self._refreshing(hypers, active_ids)],
             "groups": [astuple(h) for h in hypers],
             "calls": self.calls,
+            "stepped": active_ids,
         }
         every = self.exchange.gather_objects(mine)
         lines = []
+        for i in sorted(set().union(*(m["stepped"] for m in every))):
+            without = [r for r, m in enumerate(every) if i not in m["stepped"]]
+            if without:
+                lines.append(
+                    f"{self._name(i)} has no gradient on ranks {without} and one on the others: every "
+                    "replica must step the same parameters (under DDP, find_unused_parameters=True gives a "
+                    "parameter that some ranks did not use a gradient on every rank)"
+                )
         for g, fields in enumerate(zip(*[m["groups"] for m in every], strict=True)):
             for k, name in enumerate(Hyper.__dataclass_fields__):
                 values = [f[k] for f in fields]
@@ -264,7 +273,7 @@ class StepMixin:
             lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
         if len({tuple(m["refreshing"]) for m in every}) > 1:
             lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
-        if agreed.numel() > 1 and not bool(agreed[1]):
+        if agreed.numel() > 1 and not bool(agreed[1]) and len({tuple(m["stepped"]) for m in every}) == 1:
             lines.append(
                 "the gradients differ between replicas: step only after DDP's all-reduce (with no_sync, "
                 "on the synchronising pass), and keep every replica's data loader and model in step"
