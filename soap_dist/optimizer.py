@@ -284,8 +284,9 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         return self._engine
 
     def _owner_pays(self, sharded_plan: Any) -> bool:
-        """The cost model of ``placement="auto"`` (docs/design.md, section 6): owner when fsdp-local's
-        column statistics and bases on one rank would exceed its shard of the parameters."""
+        """``placement="auto"``'s rule (docs/design.md, section 6): owner unless fsdp-local would equal
+        one process (``block_size`` divides every shard's rows) and hold no more column statistics and
+        bases on a rank than its shard of the parameters."""
         factor_bytes = torch.empty((), dtype=self.factor_dtype).element_size()
         return prefers_owner(sharded_plan, factor_bytes, [p.element_size() for p in self._params()])
 

@@ -347,12 +347,21 @@ SCENARIOS[4].append(planner_counts)
 
 
 def auto_choice(world):
-    """placement="auto" under FSDP2: owner when fsdp-local's column state would exceed the shard."""
+    """placement="auto" under FSDP2: owner when fsdp-local's column state would exceed the shard, or
+    when fsdp-local would not equal one process (row blocks that are the shards)."""
     mesh = init_device_mesh("cpu", (world,))
-    _, wide = ds._distributed(mesh, [Shard(0)], steps=2)  # column factors as large as the shards
-    tall = [(64 * world, 3), (32 * world, 2)]  # 3 x 3 column factors against long shards
-    _, narrow = ds._distributed(mesh, [Shard(0)], shapes=tall, steps=2)
-    return {"wide": wide.stats()["placement"], "narrow": narrow.stats()["placement"]}
+    wide = [(8 * world, 16), (4 * world, 12)]  # 16 x 16 and 12 x 12 column factors against short shards
+    _, wide = ds._distributed(mesh, [Shard(0)], shapes=wide, steps=2, block_size=4)
+    tall = dict(shapes=[(64 * world, 3), (32 * world, 2)], max_precond_dim=256)  # row factors too
+    _, narrow = ds._distributed(mesh, [Shard(0)], steps=2, block_size=16, **tall)  # 3 x 3 column factors
+    _, unblocked = ds._distributed(mesh, [Shard(0)], steps=2, **tall)
+    _, across = ds._distributed(mesh, [Shard(0)], steps=2, block_size=24, **tall)  # blocks across shards
+    return {
+        "wide": wide.stats()["placement"],
+        "narrow": narrow.stats()["placement"],
+        "unblocked": unblocked.stats()["placement"],
+        "across": across.stats()["placement"],
+    }
 
 
 SCENARIOS[2].append(auto_choice)

@@ -145,10 +145,12 @@ def test_planner_counts_equal_stats_on_every_rank(world, world2, world4):
     )
 
 
-def test_auto_picks_owner_when_the_column_state_exceeds_the_shard(world2):
+def test_auto_picks_owner_when_the_column_state_exceeds_the_shard_or_blocks_are_the_shards(world2):
     res = result(world2, "auto_choice")
     assert res["wide"] == "owner"
-    assert res["narrow"] == "fsdp-local"
+    assert res["narrow"] == "fsdp-local"  # block_size divides the shards' rows: exact, and cheaper
+    assert res["unblocked"] == "owner"  # fsdp-local's blocks would be the shards: not one process's
+    assert res["across"] == "owner"
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -166,3 +166,22 @@ def test_plan_command_names_what_owner_leaves_spread(capsys):
     rows = {line.split()[0] + " " + " ".join(line.split()[1:4]): line for line in out.splitlines()}
     world, group = rows["owner 8 x 8"].split(), rows["owner(sg) 8 x 8"].split()
     assert float(world[7]) < float(group[7]) / 5  # the state: 1/W against 1/S
+
+
+@pytest.mark.parametrize(
+    "block_size, world, exact",
+    [(None, 1, True), (None, 2, False), (3, 2, True), (4, 2, False), (64, 4, True), (128, 4, False)],
+)
+def test_fsdp_local_is_exact_only_where_its_row_blocks_are_one_process_s(block_size, world, exact):
+    """auto picks fsdp-local only then: its trajectory would otherwise depend on W (the audit's case)."""
+    from soap_dist.layout import plan_in_group
+    from soap_dist.plan.costs import prefers_owner, row_blocks_as_one_process
+
+    group = dict(max_precond_dim=1000, merge_dims=False, precondition_1d=False, block_size=block_size)
+    rows = 17 if world == 2 else 768  # 17 rows at W = 2: shards of 9 and 8, one process's blocks of 3 fit
+    layouts = [plan_in_group(0, 0, "w", (rows, 3), {**group, "data_format": "channels_first"})]
+    for topology in (Topology("fsdp-local", 1, world, 0), Topology("hsdp", 2, world, 0)):
+        plan = build_plan(layouts, topology)
+        assert row_blocks_as_one_process(plan) is exact
+        if not exact:
+            assert prefers_owner(plan, 4, [4])

@@ -3,9 +3,9 @@
 Each rank steps its own rows. Its row blocks' factors stay with it; the column factors are shared:
 their partial statistics are reduced to an owner at each refresh, whose basis is broadcast to
 every rank holding rows. The result depends on how rows are cut into blocks: it equals one process
-only when ``block_size`` divides every shard's rows (docs/design.md, section 6). Every column
-statistic and basis is whole on every rank, so ``"auto"`` prefers placement owner when that
-column state would exceed the rank's parameter shard.
+only when ``block_size`` divides every shard's rows (docs/design.md, section 6), and ``"auto"`` picks
+it only then. Every column statistic and basis is whole on every rank, so ``"auto"`` also prefers
+placement owner when that column state would exceed the rank's parameter shard.
 """
 
 from __future__ import annotations

@@ -166,9 +166,28 @@ def shard_bytes(layouts: Sequence[ParamLayout], shards: int, param_bytes: Sequen
     ]
 
 
+def row_blocks_as_one_process(fsdp_plan: Plan) -> bool:
+    """Whether fsdp-local's row blocks (cut within each shard) are the ones one process cuts, so that
+    it equals one process: true when ``block_size`` divides every shard's rows."""
+    for lay in fsdp_plan.layouts:
+        if not lay.preconditioned[0]:
+            continue
+        counts: list[int] = []
+        for shard in range(fsdp_plan.topology.shards):
+            rows = fsdp_plan.shard_range(lay.index, shard)[1]
+            if rows:
+                counts += restrict_rows(lay, rows).row_counts
+        if tuple(counts) != tuple(lay.row_counts):
+            return False
+    return True
+
+
 def prefers_owner(fsdp_plan: Plan, factor_bytes: int, param_bytes: Sequence[int]) -> bool:
-    """``placement="auto"`` under FSDP2/HSDP: owner when fsdp-local's per-rank column state (the
-    shared factors' statistics and bases, which do not shrink with W) exceeds the parameter shard."""
+    """``placement="auto"`` under FSDP2/HSDP: owner unless fsdp-local is exact (its row blocks are one
+    process's) and its per-rank column state (the shared factors' statistics and bases, which do not
+    shrink with W) fits within the parameter shard. Auto never trades the one-process result away."""
+    if not row_blocks_as_one_process(fsdp_plan):
+        return True
     column = max(column_state(fsdp_plan, factor_bytes))
     shard = max(shard_bytes(fsdp_plan.layouts, fsdp_plan.topology.shards, param_bytes))
     return column > shard
