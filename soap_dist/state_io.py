@@ -100,6 +100,9 @@ def save_engine_state(engine: SoapEngine, exchange: Any = None, wrap: Wrap | Non
             "step": torch.tensor(float(engine.steps[i])),
             "initialized": torch.tensor(1.0 if engine.started[i] else 0.0),
         }
+        phase = engine.phases[i] if engine.phases is not None else engine.loaded_phases.get(i)
+        if engine.refresh_schedule == "staggered" and phase is not None:  # loaded, no step since
+            entry["refresh_phase"] = torch.tensor(float(phase))
         moments = _moments(engine, lay, where.get(i, []))
         for key, mine in zip(("exp_avg", "exp_avg_sq"), moments, strict=True):
             entry[key] = wrap(mine, full.block_shape) if wrap is not None and _sharded(engine) else mine
@@ -210,6 +213,8 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
             )
         engine.steps[lay.index] = int(_number(entry["step"]))
         engine.started[lay.index] = _number(entry.get("initialized", entry["step"])) > 0
+        if engine.refresh_schedule == "staggered" and "refresh_phase" in entry:
+            engine.loaded_phases[lay.index] = int(_number(entry["refresh_phase"]))
         pieces = where.get(lay.index, [])
         if pieces:
             exp_avg, exp_avg_sq = local(entry["exp_avg"]), local(entry["exp_avg_sq"])
@@ -246,6 +251,7 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
                 engine.install_step[lay.index] = step
             else:
                 engine.install_step.pop(lay.index, None)
+    engine.apply_loaded_phases()
 
 
 def _number(value: Any) -> float:

@@ -63,7 +63,13 @@ def owner_checkpoint(world, directory):
     y = torch.randn(16, 7, generator=gen, dtype=torch.float64)
     out = _owner_round_trip(world, os.path.join(directory, "owner"), _mlp, x, y)
     spread = _owner_round_trip(world, os.path.join(directory, "owner_spread"), _tagger, ids, y)
-    return out | {f"spread_{k}": v for k, v in spread.items()}
+    # staggered phases follow the owners: two at world 2 hold one matrix each (phases 0, 0), one
+    # process would give them phases 0 and 1; the checkpoint's phases keep the run the same
+    staggered = _owner_round_trip(
+        world, os.path.join(directory, "owner_staggered"), _mlp, x, y, refresh_schedule="staggered"
+    )
+    out |= {f"spread_{k}": v for k, v in spread.items()}
+    return out | {f"staggered_{k}": v for k, v in staggered.items()}
 
 
 def owner_hsdp_checkpoint(world, directory):
@@ -129,13 +135,13 @@ def owner_hsdp_checkpoint(world, directory):
     return out
 
 
-def _owner_round_trip(world, path, model_of, x, y):
+def _owner_round_trip(world, path, model_of, x, y, **options):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
 
     rank = dist.get_rank()
-    kw = {**ds.COMMON, "block_size": 3}
+    kw = {**ds.COMMON, "block_size": 3, **options}
 
     def build():
         model = model_of()
@@ -174,6 +180,7 @@ def _owner_round_trip(world, path, model_of, x, y):
             torch.equal(a, b) for a, b in zip(train(model2, opt2, 6, xs, ys), straight, strict=True)
         )
         out["placement"] = opt.stats()["placement"]
+        out["phases"] = list(opt._engine.phases)
         return out
     straight = torch.load(os.path.join(path, "straight.pt"))
     model, opt = build()
@@ -181,6 +188,7 @@ def _owner_round_trip(world, path, model_of, x, y):
         model, opt, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
     )
     out["rel_world4"] = ds._rel(train(model, opt, 6, xs, ys), straight)
+    out["phases"] = list(opt._engine.phases)
     out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
     # one process (no sharding, placement "single") loads the same checkpoint: a plain-tensor template
     if rank == 0:
@@ -192,8 +200,10 @@ def _owner_round_trip(world, path, model_of, x, y):
         template = {"model": single.state_dict(), "optim": _single_template(single, sopt)}
         dcp.load(template, checkpoint_id=path, no_dist=True)
         single.load_state_dict(template["model"])
+        computed = list(sopt._engine.phases)
         sopt.load_state_dict(template["optim"])
         out["rel_single"] = ds._rel(train(single, sopt, 6, x, y), straight)
+        out["single_phases"] = (computed, list(sopt._engine.phases))
     return out
 
 

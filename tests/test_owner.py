@@ -112,22 +112,26 @@ def test_owner_bad_input_fails_with_a_message_on_every_rank(world2):
         assert "torch.bfloat16 gradient for torch.float32 values" in res["grad_dtype"], res["grad_dtype"]
 
 
-@pytest.mark.parametrize("prefix", ["", "spread_"], ids=["whole", "spread"])
+@pytest.mark.parametrize("prefix", ["", "spread_", "staggered_"], ids=["whole", "spread", "staggered"])
 def test_owner_dcp_round_trip_continues_bitwise_at_world_2(prefix, world2):
     res = result(world2, "owner_checkpoint")
     assert res[f"{prefix}placement"] == "owner"
-    assert res[f"{prefix}spread"] == ([0] if prefix else [])  # the embedding, in the second model
+    assert res[f"{prefix}spread"] == ([0] if prefix == "spread_" else [])  # the second model's embedding
     assert res[f"{prefix}restored_steps"] == [6]
     assert res[f"{prefix}bitwise"]
 
 
-@pytest.mark.parametrize("prefix", ["", "spread_"], ids=["whole", "spread"])
+@pytest.mark.parametrize("prefix", ["", "spread_", "staggered_"], ids=["whole", "spread", "staggered"])
 def test_owner_checkpoint_reshards_to_world_4_and_to_one_process(prefix, world4):
+    """Staggered too: the checkpoint's phases (world 2's owners') continue the run at any world size."""
     res = result(world4, "owner_checkpoint")
-    assert res[f"{prefix}spread"] == ([0] if prefix else [])
+    assert res[f"{prefix}spread"] == ([0] if prefix == "spread_" else [])
     assert res[f"{prefix}restored_steps"] == [6]
     assert res[f"{prefix}rel_world4"] <= 1e-10
     assert res[f"{prefix}rel_single"] <= 1e-10
+    if prefix == "staggered_":
+        computed, loaded = res["staggered_single_phases"]
+        assert computed != loaded and loaded == res["staggered_phases"], res  # the test can fail
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -60,6 +60,7 @@ def test_resume_names_every_key_the_checkpoint_depends_on(tmp_path):
             "model.d_model=64",
             "optim.block_size=null",
             "optim.refresh_delay=1",
+            "optim.refresh_schedule=staggered",
             "optim.weight_decay=0.1",
             "optim.betas=[0.9,0.95]",
             "data.path=/elsewhere",
@@ -73,7 +74,8 @@ def test_resume_names_every_key_the_checkpoint_depends_on(tmp_path):
     assert message.startswith(
         f"--resume: this configuration differs from the run's {run_dir / 'config.yaml'} in keys its "
         "checkpoints depend on: model.d_model (saved 32, now 64), data.path (saved null, now "
-        '"/elsewhere"), optim.block_size (saved 16, now null), optim.refresh_delay (saved 0, now 1); '
+        '"/elsewhere"), optim.block_size (saved 16, now null), optim.refresh_delay (saved 0, now 1), '
+        'optim.refresh_schedule (saved "all", now "staggered"); '
         "and in optimizer hyperparameters the checkpoint restores (a new value would be ignored): "
         "optim.betas (saved [0.95, 0.95], now [0.9, 0.95]), optim.weight_decay (saved 0.01, now 0.1). "
         "Resume with the saved values, or pass --out another directory to start a new run; "
@@ -100,7 +102,6 @@ def test_resume_allows_what_the_loop_reads_afresh(tmp_path):
         "optim.grad_clip=null",
         "optim.fused=false",
         "optim.basis_dtype=bfloat16",
-        "optim.refresh_schedule=staggered",
         "schedule.warmup_steps=5",
         "schedule.min_lr_ratio=0.5",
         "parallel.mode=ddp",

@@ -20,6 +20,7 @@ import torch
 from .. import linalg
 from ..layout import ParamLayout
 from ..plan import SINGLE, FactorEntry, Plan, build_plan
+from ..plan.schedule import refresh_phases
 from ..stores import BlockDim, BlockStack, FactorSlot, FactorStore, moment_dtype
 from .async_refresh import AsyncRefreshMixin, LaunchedRefresh
 from .local import LocalExchange
@@ -127,6 +128,7 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
         self.calls = 0
         self.refresh_schedule = refresh_schedule
         self.phases: list[int] | None = None  # refresh phase of every parameter (plan.schedule)
+        self.loaded_phases: dict[int, int] = {}  # a checkpoint's phases, applied by fix_phases
         self.broken: tuple[int, str] | None = None  # (step, error) when a refresh raised under several ranks
         self._inflight: list[tuple[int, Any, list[int]]] = []  # (wait at call, broadcasts, params)
         self._build(params)
@@ -245,6 +247,23 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
 
     # ----- the step -----
     @torch.no_grad()
+    # ----- the refresh schedule -----
+    def fix_phases(self, frequencies: list[int]) -> None:
+        """Every parameter's refresh phase, fixed at the first step from the plan and the groups' k
+        (``frequencies``, per group), or as a loaded checkpoint saved them: under "staggered" the
+        phases follow the owners, so a run resumed at another world size keeps the saved ones."""
+        if self.phases is None:
+            k_of = [frequencies[lay.group] for lay in self.plan.layouts]
+            self.phases = refresh_phases(self.plan, k_of, self.refresh_schedule)
+        self.apply_loaded_phases()
+
+    def apply_loaded_phases(self) -> None:
+        """A loaded checkpoint's phases over the computed ones (kept until those exist)."""
+        if self.phases is not None:
+            for i, phase in self.loaded_phases.items():
+                self.phases[i] = phase
+            self.loaded_phases = {}
+
     def _name(self, index: int) -> str:
         """The parameter's name and whole shape (this rank's layout may hold a shard or no rows)."""
         full = self.plan.layouts if self.plan is not None and self.plan.layouts else self.layouts

@@ -18,7 +18,6 @@ import torch
 
 from .. import kernels
 from ..layout import ParamLayout
-from ..plan.schedule import refresh_phases
 from ..stores import BlockStack, FactorStore, moment_dtype
 from .refresh import take
 
@@ -109,6 +108,7 @@ class StepMixin:
         if active is None:
             active = [g is not None and p.numel() > 0 for p, g in zip(params, grads, strict=True)]
         self.calls += 1
+        self.fix_phases([Hyper.of(g).precondition_frequency for g in groups])
         with self._refusing_after_a_raise():  # a refresh launched on the side stream last step ends now
             self.join_refresh()
         while self._inflight and self._inflight[0][0] <= self.calls:
@@ -220,9 +220,7 @@ class StepMixin:
 
     def _due(self, step: int, i: int, hypers: list[Hyper]) -> bool:
         """Whether parameter i refreshes after its step ``step``: every k steps, at its phase."""
-        if self.phases is None:  # fixed at the first step, from the plan and the groups' k
-            k_of = [hypers[lay.group].precondition_frequency for lay in self.plan.layouts]
-            self.phases = refresh_phases(self.plan, k_of, self.refresh_schedule)
+        assert self.phases is not None  # fixed at the start of every step
         k = hypers[self.layouts[i].group].precondition_frequency
         return step % k == self.phases[i] % k
 

@@ -31,8 +31,16 @@ CONFIG_FILE = "config.yaml"
 
 # the checkpoint's tensors (their names and shapes) or its data position depend on these
 SHAPE_KEYS = ("optim.name", "data.path", "data.eval_fraction", "train.seed")
-# SOAP's state layout: the factors' shapes and which tensors exist (refresh_delay adds pending_* keys)
-SOAP_LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "block_size", "refresh_delay")
+# SOAP's state layout: the factors' shapes and which tensors exist (refresh_delay adds pending_* keys,
+# refresh_schedule="staggered" refresh_phase)
+SOAP_LAYOUT_KEYS = (
+    "max_precond_dim",
+    "merge_dims",
+    "precondition_1d",
+    "block_size",
+    "refresh_delay",
+    "refresh_schedule",
+)
 # saved in the optimizer's param_groups, which loading restores over the configured values
 RESTORED_KEYS = ("betas", "eps", "weight_decay")
 SOAP_RESTORED_KEYS = ("shampoo_beta", "precondition_frequency", "normalize_grads")
