@@ -49,6 +49,14 @@ def _mlp():
     return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7)).double()
 
 
+def _deep_mlp():
+    """Five layers: at world 2 the owners' staggered phases differ from one process's."""
+    torch.manual_seed(2)
+    layers = [module for _ in range(4) for module in (torch.nn.Linear(6, 6), torch.nn.Tanh())]
+    layers.append(torch.nn.Linear(6, 7))
+    return torch.nn.Sequential(*layers).double()
+
+
 def _tagger():
     torch.manual_seed(2)
     return _Tagger().double()
@@ -63,10 +71,10 @@ def owner_checkpoint(world, directory):
     y = torch.randn(16, 7, generator=gen, dtype=torch.float64)
     out = _owner_round_trip(world, os.path.join(directory, "owner"), _mlp, x, y)
     spread = _owner_round_trip(world, os.path.join(directory, "owner_spread"), _tagger, ids, y)
-    # staggered phases follow the owners: two at world 2 hold one matrix each (phases 0, 0), one
-    # process would give them phases 0 and 1; the checkpoint's phases keep the run the same
+    # staggered phases follow the owners: world 2's differ from one process's; the checkpoint's
+    # phases keep the run the same
     staggered = _owner_round_trip(
-        world, os.path.join(directory, "owner_staggered"), _mlp, x, y, refresh_schedule="staggered"
+        world, os.path.join(directory, "owner_staggered"), _deep_mlp, x, y, refresh_schedule="staggered"
     )
     out |= {f"spread_{k}": v for k, v in spread.items()}
     return out | {f"staggered_{k}": v for k, v in staggered.items()}

@@ -60,6 +60,18 @@ def test_phases_spread_the_refresh_cost_over_the_k_steps():
     assert refresh_phases(build_plan(_layouts(shapes), SINGLE), [K] * 9, "all") == [0] * 9
 
 
+def test_owners_with_one_parameter_each_still_spread_over_the_k_steps():
+    """At W near the number of matrices each owner holds one: per-owner balance alone put every one
+    at phase 0 ("all" again, every broadcast at one step); ties now go to the least loaded phase."""
+    from soap_dist.plan import Topology
+
+    shapes = [(16, 16)] * 4 + [(8, 8)] * 4
+    plan = build_plan(_layouts(shapes), Topology("replicated", 8, 1, 0))
+    assert len({e.owner for e in plan.entries}) == 8  # one parameter per owner
+    phases = refresh_phases(plan, [K] * len(shapes), "staggered")
+    assert sorted(phases[:4]) == [0, 1, 2, 3] and sorted(phases[4:]) == [0, 1, 2, 3], phases
+
+
 def test_each_parameter_still_refreshes_every_k_steps():
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = SOAP(params, precondition_frequency=K, fused=False, refresh_schedule="staggered")
