@@ -185,6 +185,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         check(owner_scope in OWNER_SCOPES, "owner_scope", owner_scope, "'world' or 'shard_group'")
         self.owner_scope = owner_scope
         self._calls = 0  # step() calls, for messages that name a step
+        self._held_state: tuple[int, dict[str, Any]] | None = None  # hold_state_dict's, for one call
         check_placement(placement)
         self.placement = placement
         self.process_group = process_group
@@ -202,6 +203,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._held_state = None  # a held state_dict() no longer describes this optimizer
         params = param_group["params"]
         listed = [params] if isinstance(params, torch.Tensor) else list(params)
         if len({id(p) for p in listed}) != len(listed):  # torch only warns; SOAP would step it twice

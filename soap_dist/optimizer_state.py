@@ -91,7 +91,25 @@ class StateMixin:
                 out = result
         return out
 
+    def hold_state_dict(self, keep: bool = True) -> None:
+        """Run ``state_dict()``'s collective now, on every rank; where ``keep``, hold the result for this
+        rank's next ``state_dict()`` call before the next step, which then needs no other rank.
+
+        For code that calls ``state_dict()`` on the saving rank only: the HF Trainer under DDP does, and
+        ``soap_dist.integrations.hf_trainer.save_callback()`` calls this on every rank first. The held
+        state costs its memory until it is taken or the next step; ranks that will not save pass
+        ``keep=False``. One process needs none of this (its state_dict() is local), and does nothing.
+        """
+        self._held_state = None
+        if self._exchange is None and self._zero is None:
+            return
+        held = (self._calls, self._state_dict())  # torch's state_dict hooks run at the call that takes it
+        self._held_state = held if keep else None
+
     def _state_dict(self) -> dict[str, Any]:
+        held, self._held_state = self.__dict__.get("_held_state"), None
+        if held is not None and held[0] == self._calls:  # hold_state_dict ran on every rank, no step since
+            return held[1]
         zero = self._zero_mode()
         if zero is not None:  # each rank saves its own rows, as DeepSpeed saves each rank's partition
             zero.exchange.arrive("SOAP.state_dict()")
@@ -191,6 +209,7 @@ class StateMixin:
             else:
                 state[index] = value
         self._engine, self._owner = None, None
+        self._held_state = None
         if state:
             engine = self._ensure_engine()
             self._agreed(
@@ -225,6 +244,7 @@ class StateMixin:
         """copy.deepcopy, pickle and torch.save(opt): the options and, once built, the whole state."""
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in COPIED})
+        state["_held_state"] = None
         if self._engine is not None or self._zero is not None:
             if self._exchange is not None or self._zero is not None:
                 raise TypeError(
@@ -249,6 +269,7 @@ class StateMixin:
         self.__dict__.setdefault("_zero_owner", None)
         self.__dict__.setdefault("_zero", None)
         self.__dict__.setdefault("_built_layout", None)
+        self.__dict__.setdefault("_held_state", None)
         self.__dict__.setdefault("_declared_groups", list(self.param_groups))
         self.__dict__.setdefault(
             "_declared_shapes", [tuple(p.shape) for g in self.param_groups for p in g["params"]]

@@ -131,6 +131,30 @@ def _full_and_resumed(workdir: Path, make_accelerator, **overrides) -> dict:
     }
 
 
+def trainer_ddp(workdir: Path) -> dict:
+    """The HF Trainer route under DDP, saving at SAVE_AT, then a fresh Trainer resumed from there. The
+    Trainer calls SOAP's (collective) state_dict() on the saving rank only: without the route's
+    save_callback, the save waited for the other rank until collective_timeout."""
+    from accelerate.state import AcceleratorState
+
+    from soap_apps.finetune.hf import build_trainer
+    from soap_dist.integrations.hf_trainer import soap_inside
+
+    def run(out: Path, resume: str | None) -> tuple[list[float], int]:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        cfg = small_config(str(out), eval_every=0, resume=resume)
+        trainer = build_trainer(cfg, disable_tqdm=True)
+        trainer.train(resume_from_checkpoint=resume)
+        steps_here = soap_inside(trainer.optimizer)._calls
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], steps_here
+
+    full, _ = run(workdir / "trainer_ddp" / "full", None)
+    checkpoint = workdir / "trainer_ddp" / "full" / f"checkpoint-{SAVE_AT}"
+    resumed, stepped = run(workdir / "trainer_ddp" / "resumed", str(checkpoint))
+    saved = sorted(p.name for p in checkpoint.iterdir())
+    return {"full": full, "resumed": resumed, "resumed_steps": stepped, "saved": saved}
+
+
 def zero2_accelerator(cfg):
     """What launchers/finetune.py builds under ``accelerate launch`` with deepspeed_zero2.yaml."""
     from accelerate.state import AcceleratorState
@@ -149,6 +173,7 @@ def zero2_accelerator(cfg):
 SCENARIOS = {
     # DDP with 2 micro-batches per step: no_sync, and resuming mid-stream in micro-batches
     "ddp": lambda workdir: _full_and_resumed(workdir / "ddp", ddp_accelerator, grad_accum=2),
+    "trainer_ddp": trainer_ddp,
     "fsdp2": lambda workdir: _full_and_resumed(workdir / "fsdp2", lambda cfg: fsdp2_accelerator()),
     "zero2": lambda workdir: _full_and_resumed(workdir / "zero2", zero2_accelerator),  # last: sets env
 }

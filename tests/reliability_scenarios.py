@@ -136,6 +136,24 @@ def gradient_missing_on_one_rank(rank):
     return {"error": _error(run)}
 
 
+def held_state_dict(rank):
+    """hold_state_dict on every rank, then state_dict() on rank 0 alone (the HF Trainer's save under
+    DDP): no other rank is needed, and it equals the collective state_dict()."""
+    params = _params()
+    opt = SOAP(params, collective_timeout=20, **KW)
+    for step in range(4):
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        opt.step()
+    opt.hold_state_dict(keep=rank == 0)
+    alone = opt.state_dict() if rank == 0 else None  # without the hold: a timeout naming rank 1
+    both = opt.state_dict()  # the collective, on every rank
+    same = alone is None or all(
+        torch.equal(alone["state"][i][k], v) for i, entry in both["state"].items() for k, v in entry.items()
+    )
+    return {"same": same, "held_after": opt._held_state is not None}
+
+
 def corrupt_shard(rank):
     """A checkpoint whose shard is corrupt on one rank only: every rank refuses it."""
     mesh = init_device_mesh("cpu", (2,))
@@ -194,6 +212,7 @@ SHARED = [
     frequency_changed,
     unsynced_gradients,
     gradient_missing_on_one_rank,
+    held_state_dict,
     corrupt_shard,
 ]
 

@@ -178,6 +178,13 @@ def test_ddp_trains_with_replicated_soap(ddp):
         assert_trains(rank["full"])
 
 
+def test_hf_trainer_under_ddp_saves_and_resumes_identically(spawned):
+    for rank in scenario(spawned, "trainer_ddp"):
+        assert "optimizer.pt" in rank["saved"], rank["saved"]
+        assert rank["resumed_steps"] == STEPS - SAVE_AT, rank  # the log's first losses: the checkpoint's
+        assert len(rank["full"]) == STEPS and rank["resumed"] == rank["full"], rank
+
+
 def test_each_accelerate_backend_has_its_own_default_output_dir(ddp, fsdp2, zero2):
     for ranks, name in ((ddp, "ddp"), (fsdp2, "fsdp2"), (zero2, "deepspeed-zero2")):
         assert all(rank["backend"] == name for rank in ranks), [rank["backend"] for rank in ranks]

@@ -59,6 +59,11 @@ def test_a_gradient_missing_on_one_rank_is_named(shared):
         assert "on ranks [1]" in error and "gradients differ" not in error, error
 
 
+def test_a_held_state_dict_serves_one_rank_alone(shared):
+    for res in _ok(shared, "held_state_dict"):
+        assert res["same"] and not res["held_after"], res  # taken once: the next call is the collective
+
+
 def test_a_corrupt_shard_on_one_rank_is_refused_on_every_rank(shared):
     errors = [res["error"] for res in _ok(shared, "corrupt_shard")]
     found = [r for r, e in enumerate(errors) if "corrupt" in e and "exp_avg" in e and "refused" not in e]

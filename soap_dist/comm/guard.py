@@ -242,5 +242,8 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         raise CollectiveTimeout(
             f"SOAP: {name} is a collective here, and ranks {absent} did not call it within "
             f"{guard.timeout_s:g} s. Call it on every rank (save on one: sd = opt.state_dict(); "
-            "if rank == 0: torch.save(sd, path)); docs/design.md, 'Failure behaviour'."
+            "if rank == 0: torch.save(sd, path)), or where a framework calls it on the saving rank only, "
+            "opt.hold_state_dict(keep=rank == 0) on every rank first (the HF Trainer: "
+            "callbacks=[soap_dist.integrations.hf_trainer.save_callback()]); docs/design.md, "
+            "'Failure behaviour'."
         )

@@ -39,6 +39,7 @@ from soap_apps.finetune.train import (
     soap_kwargs,
 )
 from soap_dist import SOAP
+from soap_dist.integrations.hf_trainer import save_callback
 
 
 def output_dir(cfg: FinetuneConfig) -> str:
@@ -158,6 +159,8 @@ def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
     optimizer: dict[str, Any] = {}
     if cfg.optimizer == "soap":
         optimizer["optimizer_cls_and_kwargs"] = (SOAP, soap_kwargs(cfg))
+        # the Trainer calls state_dict() on the saving rank only; SOAP's is a collective under DDP
+        optimizer["callbacks"] = [save_callback()]
     else:
         overrides.setdefault("optim", "adamw_torch")
     return shared_schedule_trainer(cfg)(
