@@ -32,6 +32,13 @@ def _grads(step):
     return [torch.randn(s, dtype=torch.float64, generator=gen) for s in SHAPES]
 
 
+def _steps(params, opt, steps):
+    for step in range(steps):
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        opt.step()
+
+
 def _error(fn) -> str:
     try:
         fn()
@@ -141,10 +148,7 @@ def held_state_dict(rank):
     DDP): no other rank is needed, and it equals the collective state_dict()."""
     params = _params()
     opt = SOAP(params, collective_timeout=20, **KW)
-    for step in range(4):
-        for p, g in zip(params, _grads(step), strict=True):
-            p.grad = g
-        opt.step()
+    _steps(params, opt, 4)
     opt.hold_state_dict(keep=rank == 0)
     alone = opt.state_dict() if rank == 0 else None  # without the hold: a timeout naming rank 1
     both = opt.state_dict()  # the collective, on every rank
@@ -221,10 +225,7 @@ SHARED = [
 def _two_steps_with_a_short_timeout():
     params = _params()
     opt = SOAP(params, collective_timeout=3, **KW)
-    for step in range(2):
-        for p, g in zip(params, _grads(step), strict=True):
-            p.grad = g
-        opt.step()
+    _steps(params, opt, 2)
     return params, opt
 
 
