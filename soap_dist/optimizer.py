@@ -382,6 +382,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._calls += 1
+        self._held_state = None  # hold_state_dict's copy describes the state before this step
         zero = self._zero_mode()
         if zero is not None:
             zero.exchange.step = self._calls

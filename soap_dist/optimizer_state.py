@@ -96,9 +96,11 @@ class StateMixin:
         rank's next ``state_dict()`` call before the next step, which then needs no other rank.
 
         For code that calls ``state_dict()`` on the saving rank only: the HF Trainer under DDP does, and
-        ``soap_dist.integrations.hf_trainer.save_callback()`` calls this on every rank first. The held
-        state costs its memory until it is taken or the next step; ranks that will not save pass
-        ``keep=False``. One process needs none of this (its state_dict() is local), and does nothing.
+        ``soap_dist.integrations.hf_trainer.save_callback()`` calls this on every rank first. Only the
+        ranks that kept may then call ``state_dict()`` (a rank that did not keep would wait in the
+        collective for them). The held state costs its memory until it is taken or the next step;
+        ranks that will not save pass ``keep=False``. One process needs none of this (its
+        state_dict() is local), and does nothing.
         """
         self._held_state = None
         if self._exchange is None and self._zero is None:

@@ -131,26 +131,34 @@ def _full_and_resumed(workdir: Path, make_accelerator, **overrides) -> dict:
     }
 
 
-def trainer_ddp(workdir: Path) -> dict:
-    """The HF Trainer route under DDP, saving at SAVE_AT, then a fresh Trainer resumed from there. The
+def trainer_run(workdir: Path) -> dict:
+    """The HF Trainer route, saving at SAVE_AT, then a fresh Trainer resumed from there. Under DDP the
     Trainer calls SOAP's (collective) state_dict() on the saving rank only: without the route's
-    save_callback, the save waited for the other rank until collective_timeout."""
+    save_callback, the save waited for the other rank until collective_timeout. Under DeepSpeed it
+    saves through the engine, on every rank, and the callback must stay out of the way."""
     from accelerate.state import AcceleratorState
+    from transformers import TrainerCallback
 
     from soap_apps.finetune.hf import build_trainer
-    from soap_dist.integrations.hf_trainer import soap_inside
+
+    class CountSteps(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
 
     def run(out: Path, resume: str | None) -> tuple[list[float], int]:
         AcceleratorState._reset_state(reset_partial_state=True)
         cfg = small_config(str(out), eval_every=0, resume=resume)
         trainer = build_trainer(cfg, disable_tqdm=True)
+        counter = CountSteps()
+        trainer.add_callback(counter)
         trainer.train(resume_from_checkpoint=resume)
-        steps_here = soap_inside(trainer.optimizer)._calls
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h], steps_here
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], counter.steps
 
-    full, _ = run(workdir / "trainer_ddp" / "full", None)
-    checkpoint = workdir / "trainer_ddp" / "full" / f"checkpoint-{SAVE_AT}"
-    resumed, stepped = run(workdir / "trainer_ddp" / "resumed", str(checkpoint))
+    full, _ = run(workdir / "full", None)
+    checkpoint = workdir / "full" / f"checkpoint-{SAVE_AT}"
+    resumed, stepped = run(workdir / "resumed", str(checkpoint))
     saved = sorted(p.name for p in checkpoint.iterdir())
     return {"full": full, "resumed": resumed, "resumed_steps": stepped, "saved": saved}
 
@@ -173,9 +181,10 @@ def zero2_accelerator(cfg):
 SCENARIOS = {
     # DDP with 2 micro-batches per step: no_sync, and resuming mid-stream in micro-batches
     "ddp": lambda workdir: _full_and_resumed(workdir / "ddp", ddp_accelerator, grad_accum=2),
-    "trainer_ddp": trainer_ddp,
+    "trainer_ddp": lambda workdir: trainer_run(workdir / "trainer_ddp"),
     "fsdp2": lambda workdir: _full_and_resumed(workdir / "fsdp2", lambda cfg: fsdp2_accelerator()),
-    "zero2": lambda workdir: _full_and_resumed(workdir / "zero2", zero2_accelerator),  # last: sets env
+    "zero2": lambda workdir: _full_and_resumed(workdir / "zero2", zero2_accelerator),  # sets env
+    "trainer_zero2": lambda workdir: trainer_run(workdir / "trainer_zero2"),  # under zero2's env
 }
 
 

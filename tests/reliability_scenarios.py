@@ -155,7 +155,10 @@ def held_state_dict(rank):
     same = alone is None or all(
         torch.equal(alone["state"][i][k], v) for i, entry in both["state"].items() for k, v in entry.items()
     )
-    return {"same": same, "held_after": opt._held_state is not None}
+    taken = opt._held_state is None  # taken once: the next call is the collective
+    opt.hold_state_dict(keep=True)
+    _steps(params, opt, 1)
+    return {"same": same, "taken": taken, "dropped_at_step": opt._held_state is None}
 
 
 def corrupt_shard(rank):

@@ -178,9 +178,11 @@ def test_ddp_trains_with_replicated_soap(ddp):
         assert_trains(rank["full"])
 
 
-def test_hf_trainer_under_ddp_saves_and_resumes_identically(spawned):
-    for rank in scenario(spawned, "trainer_ddp"):
-        assert "optimizer.pt" in rank["saved"], rank["saved"]
+@pytest.mark.parametrize("name", ["trainer_ddp", "trainer_zero2"])
+def test_hf_trainer_saves_and_resumes_identically(name, spawned):
+    optimizer_file = "optimizer.pt" if name == "trainer_ddp" else f"global_step{SAVE_AT}"  # DeepSpeed's
+    for rank in scenario(spawned, name):
+        assert optimizer_file in rank["saved"], rank["saved"]
         assert rank["resumed_steps"] == STEPS - SAVE_AT, rank  # the log's first losses: the checkpoint's
         assert len(rank["full"]) == STEPS and rank["resumed"] == rank["full"], rank
 

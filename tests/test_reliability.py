@@ -61,7 +61,7 @@ def test_a_gradient_missing_on_one_rank_is_named(shared):
 
 def test_a_held_state_dict_serves_one_rank_alone(shared):
     for res in _ok(shared, "held_state_dict"):
-        assert res["same"] and not res["held_after"], res  # taken once: the next call is the collective
+        assert res["same"] and res["taken"] and res["dropped_at_step"], res
 
 
 def test_a_corrupt_shard_on_one_rank_is_refused_on_every_rank(shared):

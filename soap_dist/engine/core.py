@@ -245,8 +245,6 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
                 index.record_stream(stream)
         self._indices.clear()
 
-    # ----- the step -----
-    @torch.no_grad()
     # ----- the refresh schedule -----
     def fix_phases(self, frequencies: list[int]) -> None:
         """Every parameter's refresh phase, fixed at the first step from the plan and the groups' k
@@ -264,6 +262,8 @@ class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
                 self.phases[i] = phase
             self.loaded_phases = {}
 
+    # ----- the step -----
+    @torch.no_grad()
     def _name(self, index: int) -> str:
         """The parameter's name and whole shape (this rank's layout may hold a shard or no rows)."""
         full = self.plan.layouts if self.plan is not None and self.plan.layouts else self.layouts

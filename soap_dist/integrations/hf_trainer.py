@@ -25,9 +25,24 @@ def soap_inside(optimizer: Any) -> SOAP | None:
     return None
 
 
+def saves_on_one_rank(soap: SOAP) -> bool:
+    """Whether the Trainer will call ``soap.state_dict()`` on the saving rank alone while SOAP needs
+    every rank: DDP (placement replicated). Under DeepSpeed and FSDP the Trainer saves through
+    DeepSpeed's engine and Accelerate's FSDP helpers, which call it on every rank."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState()
+    if any(getattr(state, plugin, None) is not None for plugin in ("deepspeed_plugin", "fsdp_plugin")):
+        return False
+    where = soap._placement
+    return soap._zero is None and where is not None and where.topology.placement == "replicated"
+
+
 def save_callback() -> Any:
-    """A ``transformers.TrainerCallback`` for ``Trainer(callbacks=[...])``: needed with more than one
-    process whenever the Trainer saves checkpoints (``save_steps``, ``save_strategy``)."""
+    """A ``transformers.TrainerCallback`` for ``Trainer(callbacks=[...])``: needed under DDP with more
+    than one process whenever the Trainer saves checkpoints (``save_steps``, ``save_strategy``);
+    elsewhere (one process, DeepSpeed, FSDP) it does nothing. It sees the ``should_save`` that the
+    callbacks before it set (the Trainer's own come first)."""
     from transformers import TrainerCallback
 
     class SOAPSaveCallback(TrainerCallback):
@@ -37,7 +52,7 @@ def save_callback() -> Any:
 
         def _hold(self, args: Any, optimizer: Any) -> None:
             soap = soap_inside(optimizer)
-            if soap is not None:
+            if soap is not None and not args.save_only_model and saves_on_one_rank(soap):
                 soap.hold_state_dict(keep=bool(args.should_save))
 
         def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
