@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,23 @@ def test_the_placement_line_names_what_owner_leaves_spread():
     assert _soap_placement(backend({**hsdp, "owner_grid": [1, 4]})) == "owner"
     assert _soap_placement(backend({"built": False})) == ""  # falsy: the launcher prints nothing
     assert _soap_placement(SimpleNamespace()) is None  # AdamW and DeepSpeed
+
+
+def test_an_older_checkpoint_without_saved_phases_loads_with_them_recomputed(tmp_path):
+    """DCP refuses a template key the checkpoint lacks: refresh_phase (saved by newer versions only)
+    is dropped from the template where the checkpoint has none, with a warning; kept where it has."""
+    from soap_apps.pretrain.checkpoint import _drop_unsaved_phases
+
+    def template():
+        entry = {"step": torch.tensor(4.0), "refresh_phase": torch.tensor(1.0)}
+        return {"state": {"w": dict(entry), "b": {"step": torch.tensor(4.0)}}, "param_groups": []}
+
+    old = template()
+    with pytest.warns(UserWarning, match="no refresh_phase .* recomputed"):
+        _drop_unsaved_phases(tmp_path, old, {"optim.state.w.step", "optim.state.b.step"})
+    assert "refresh_phase" not in old["state"]["w"] and "step" in old["state"]["w"]
+    new = template()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _drop_unsaved_phases(tmp_path, new, {"optim.state.w.step", "optim.state.w.refresh_phase"})
+    assert "refresh_phase" in new["state"]["w"]

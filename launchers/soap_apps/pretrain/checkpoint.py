@@ -115,6 +115,23 @@ def save(
         dcp.save(state, checkpoint_id=str(path))
 
 
+def _drop_unsaved_phases(path: Path, optim_sd: dict[str, Any], saved_keys: Any) -> None:
+    """Older soap_dist versions did not save SOAP's staggered phases (``refresh_phase``), and DCP refuses
+    a template key the checkpoint lacks: such a checkpoint loads with the phases recomputed, and says so."""
+    dropped = 0
+    for name, entry in optim_sd.get("state", {}).items():
+        saved = f"optim.state.{name}.refresh_phase" in saved_keys
+        if isinstance(entry, dict) and "refresh_phase" in entry and not saved:
+            del entry["refresh_phase"]
+            dropped += 1
+    if dropped:
+        warnings.warn(
+            f"{path} holds no refresh_phase (saved by an older soap_dist): the staggered refresh phases "
+            "are recomputed for this world size, so refreshes may fall on other steps than in the saved run",
+            stacklevel=3,
+        )
+
+
 def load(
     path: Path,
     model: nn.Module,
@@ -140,6 +157,7 @@ def load(
             "this rank keeps its seeded RNG",
             stacklevel=2,
         )
+    _drop_unsaved_phases(path, optim_sd, saved_keys)
     with _one_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
