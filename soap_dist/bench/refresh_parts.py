@@ -201,11 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     counts = factor_sizes(args.model)
     sizes = [int(s) for s in args.sizes.split(",") if s] or sorted(counts)
+    # factors batched per size, within the byte budget (the graph rows reuse the same batches)
+    batch = {d: max(1, min(args.max_batch, args.batch_bytes // (d * d * 4))) for d in sizes}
     rows = {}
     for d in sizes:
-        n = max(1, min(args.max_batch, args.batch_bytes // (d * d * 4)))
-        rows[d] = measure(d, n, device, args.repeats)
-        print(f"d = {d}: batch {n}", flush=True)
+        rows[d] = measure(d, batch[d], device, args.repeats)
+        print(f"d = {d}: batch {batch[d]}", flush=True)
     print(f"\nms per factor on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     _print_table("piece", rows, sizes, list(rows[sizes[0]]))
     totals, floor = _totals(rows, counts, sizes)
@@ -219,8 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     graphed = {}
     try:  # after the numbers above are written: a capture that fails must not lose them
         for d in sizes:
-            n = max(1, min(args.max_batch, args.batch_bytes // (d * d * 4)))
-            graphed[d] = measure_graphed(d, n, device, args.repeats)
+            graphed[d] = measure_graphed(d, batch[d], device, args.repeats)
     except Exception as error:  # e.g. a kernel that cannot be captured
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         print(f"\nCUDA graph capture of the refresh failed: {reason}")

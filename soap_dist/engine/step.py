@@ -108,7 +108,8 @@ class StepMixin:
         if active is None:
             active = [g is not None and p.numel() > 0 for p, g in zip(params, grads, strict=True)]
         self.calls += 1
-        self.fix_phases([Hyper.of(g).precondition_frequency for g in groups])
+        hypers = [Hyper.of(g) for g in groups]
+        self.fix_phases([h.precondition_frequency for h in hypers])
         with self._refusing_after_a_raise():  # a refresh launched on the side stream last step ends now
             self.join_refresh()
         while self._inflight and self._inflight[0][0] <= self.calls:
@@ -119,7 +120,6 @@ class StepMixin:
         if not active_ids:
             return
         self._grads = grads
-        hypers = [Hyper.of(g) for g in groups]
         finite, norms = self._finite_flags(grads, active_ids)
         words = self._agreement_words(hypers, active_ids, norms)
         finite, agreed = self.exchange.all_finite(finite, words)
@@ -254,6 +254,7 @@ class StepMixin:
         }
         every = self.exchange.gather_objects(mine)
         lines = []
+        stepped_apart = len({tuple(m["stepped"]) for m in every}) > 1
         for i in sorted(set().union(*(m["stepped"] for m in every))):
             without = [r for r, m in enumerate(every) if i not in m["stepped"]]
             if without:
@@ -271,7 +272,7 @@ class StepMixin:
             lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
         if len({tuple(m["refreshing"]) for m in every}) > 1:
             lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
-        if agreed.numel() > 1 and not bool(agreed[1]) and len({tuple(m["stepped"]) for m in every}) == 1:
+        if agreed.numel() > 1 and not bool(agreed[1]) and not stepped_apart:
             lines.append(
                 "the gradients differ between replicas: step only after DDP's all-reduce (with no_sync, "
                 "on the synchronising pass), and keep every replica's data loader and model in step"
