@@ -103,7 +103,7 @@ class StateMixin:
         state_dict() is local), and does nothing.
         """
         self._held_state = None
-        if self._exchange is None and self._zero is None:
+        if self._exchange is None and self._zero_mode() is None:  # (ZeRO's runner is built at first use)
             return
         held = (self._calls, self._state_dict())  # torch's state_dict hooks run at the call that takes it
         self._held_state = held if keep else None

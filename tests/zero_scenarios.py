@@ -223,7 +223,10 @@ def scenario_owner_spread(rank: int, stage: int, gas: int, soap_kw: dict, **zero
 
 
 def scenario_checkpoint(rank: int, stage: int, directory: str, soap_kw=None, shapes=SHAPES):
-    engine, model = build(stage, soap=soap_kw, shapes=shapes)
+    engine, model = build(stage, soap={**(soap_kw or {}), "collective_timeout": 30}, shapes=shapes)
+    # A save on rank 0 alone before the first step (the HF Trainer's pattern), held on every rank first
+    soap_of(engine).hold_state_dict(keep=rank == 0)
+    saved_alone = sorted(soap_of(engine).state_dict()) if rank == 0 else None
     train(engine, rank, 0, 4, 1, shapes)  # past the refresh at step 3
     engine.save_checkpoint(directory, tag="t4")
     train(engine, rank, 4, 4, 1, shapes)
@@ -235,6 +238,7 @@ def scenario_checkpoint(rank: int, stage: int, directory: str, soap_kw=None, sha
     return {
         "bitwise": all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True)),
         "spread": soap_of(again).stats().get("spread_params"),
+        "saved_alone": saved_alone,
     }
 
 
