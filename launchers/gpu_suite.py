@@ -4,10 +4,10 @@ On one GPU, in at most 8 minutes (``--budget``), four parts, each with its own t
 timeout on every command it starts (a part whose time is gone is skipped, and what was measured is
 still written):
 
-r. where a refresh's time goes (``python -m soap_dist.bench.refresh_parts``): each piece of the
-   refresh per factor size of the gpt2-medium set, and the full refresh summed from them; then the
-   GPU-marked tests (``pytest -m gpu``): the QR, the side-stream refresh, no host sync in a step, and
-   a SOAP collective's wait on NCCL that must not block the host;
+r. the GPU-marked tests (``pytest -m gpu``, first: they are the verdict): the QR, the side-stream
+   refresh, no host sync in a step, and a SOAP collective's wait on NCCL that must not block the
+   host; then where a refresh's time goes (``python -m soap_dist.bench.refresh_parts``): each piece
+   of the refresh per factor size of the gpt2-medium set, and the full refresh summed from them;
 a. the step benchmark, gpt2-medium shapes, TF32 (``python -m soap_dist.bench --json``), twice: the
    default refresh schedule and ``refresh_schedule='staggered'`` with ``refresh_delay=1``;
 b. a real training loop: gpt2-small (configs/pretrain/gpt2-small.yaml, launchers/pretrain.py, one

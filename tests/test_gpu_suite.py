@@ -29,7 +29,7 @@ def test_smoke_writes_a_summary_with_every_part(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "SMOKE" in summary and "card: CPU" in summary
     rows = [line for line in summary.splitlines() if line.startswith("| ")]
-    for part in ("a", "b", "c"):
+    for part in ("r", "a", "b", "c"):
         assert any(line.startswith(f"| {part} |") for line in rows), f"part {part} missing:\n{summary}"
     data = json.loads((out / "summary.json").read_text())
     verdicts = {r["verdict"] for r in data["rows"]}
@@ -147,3 +147,44 @@ def test_a_soap_run_of_the_races_steps_that_never_reaches_adamws_loss_loses_what
     _race()._race_verdicts(ctx, adamw, cut, {}, 8)
     row = next(r for r in ctx.summary.rows if r["what"] == _race().WHAT_TIME)
     assert row["verdict"] == "NOT MEASURED" and "stopped at step 6, before AdamW's 8" in row["note"], row
+
+
+class _ScriptedRunner:
+    """Records the commands part r starts; the bench writes ``bench_json`` (None: nothing) and times out."""
+
+    def __init__(self, raw: Path, bench_json: dict | None):
+        self.raw, self.bench_json, self.names = raw, bench_json, []
+
+    def run(self, name, cmd, timeout):
+        self.names.append(name)
+        if name == "r_refresh_parts" and self.bench_json is not None:
+            (self.raw / "r_refresh_parts.json").write_text(json.dumps(self.bench_json))
+        bench = name == "r_refresh_parts"
+        return {"name": name, "rc": -15 if bench else 0, "seconds": 1.0, "timed_out": bench, "log": name}
+
+
+@pytest.mark.parametrize(
+    "bench_json", [None, {"totals_s": {"cholesky_qr2": 0.2}, "complete": False, "sizes": [1024]}]
+)
+def test_part_r_runs_the_gpu_tests_first_whatever_the_bench_does(tmp_path, bench_json):
+    """Before, a bench cut short (no JSON) ended part r before its GPU tests, with no row for them."""
+    import argparse
+
+    _race()
+    from soap_apps.gpu_suite.context import Ctx
+    from soap_apps.gpu_suite.refresh_pieces import part_r
+    from soap_apps.gpu_suite.running import Clock
+    from soap_apps.gpu_suite.summary import Summary
+
+    runner, summary = _ScriptedRunner(tmp_path, bench_json), Summary(tmp_path, [], False)
+    ctx = Ctx(argparse.Namespace(smoke=False), tmp_path, tmp_path, tmp_path, Clock(480), runner, summary)
+    ctx.begin("r")
+    part_r(ctx)
+    assert runner.names == ["r_gpu_tests", "r_refresh_parts"]
+    verdicts = {r["what"].split(" (")[0]: r["verdict"] for r in summary.rows}
+    assert verdicts["GPU tests: QR, async refresh, host syncs, NCCL waits"] == "PASS", summary.rows
+    if bench_json is None:
+        assert any("no JSON" in n for n in summary.notes["r"]), summary.notes
+    else:  # the sizes measured before the cut are kept, and said to be partial
+        row = next(r for r in summary.rows if r["what"].startswith("gpt2-medium full refresh"))
+        assert "only sizes [1024]" in row["what"], row

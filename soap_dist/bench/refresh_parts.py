@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections import Counter
@@ -173,9 +174,11 @@ def _write(path: str, rows: dict, counts: Counter, sizes: list[int], device: tor
         return
     totals, floor = _totals(rows, counts, sizes)
     numbers = {"device": str(device), "per_factor_s": rows, "totals_s": totals, "gemm_floor_s": floor}
-    numbers.update(counts=dict(counts), **extra)
-    with open(path, "w") as f:
+    numbers.update(counts=dict(counts), sizes=sizes, complete=True)
+    numbers.update(extra)
+    with open(f"{path}.part", "w") as f:  # then renamed: a run killed mid-write leaves the last whole file
         json.dump(numbers, f, indent=1)
+    os.replace(f"{path}.part", path)
 
 
 def factor_sizes(model: str, max_precond_dim: int = 10000) -> Counter:
@@ -204,9 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     # factors batched per size, within the byte budget (the graph rows reuse the same batches)
     batch = {d: max(1, min(args.max_batch, args.batch_bytes // (d * d * 4))) for d in sizes}
     rows = {}
-    for d in sizes:
+    for i, d in enumerate(sizes):
         rows[d] = measure(d, batch[d], device, args.repeats)
         print(f"d = {d}: batch {batch[d]}", flush=True)
+        if i + 1 < len(sizes):  # a run cut short keeps what it measured ("complete": false)
+            _write(args.json, rows, counts, sizes[: i + 1], device, model=args.model, complete=False)
     print(f"\nms per factor on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     _print_table("piece", rows, sizes, list(rows[sizes[0]]))
     totals, floor = _totals(rows, counts, sizes)

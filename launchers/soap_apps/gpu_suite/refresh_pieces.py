@@ -3,19 +3,23 @@ the GPU-marked tests of the refresh (the tensor-core QR's accuracy, the side-str
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
 from soap_apps.gpu_suite.context import Ctx
-from soap_apps.gpu_suite.settings import MIN_CMD_S
+from soap_apps.gpu_suite.settings import PER_GPU_TEST_S
 
 GPU_TESTS = ["tests/test_qr.py", "tests/test_async_refresh.py", "tests/test_gpu.py"]
 
 
 def part_r(ctx: Ctx) -> None:
-    """Where a refresh's time goes (soap_dist.bench.refresh_parts): per piece, per factor size."""
+    """The GPU tests first (they are the verdict; the bench is information), then where a refresh's
+    time goes (soap_dist.bench.refresh_parts): per piece, per factor size."""
+    if not ctx.smoke:
+        _gpu_tests(ctx)
     s = ctx.summary
-    timeout = ctx.cmd_timeout("r", "refresh_cmd")  # shorter than part a's: the GPU tests need the rest
+    timeout = ctx.cmd_timeout("r", "refresh_cmd")
     if timeout is None:
         s.note("r", "refresh pieces: skipped, no time left in the part's budget")
         return
@@ -23,17 +27,17 @@ def part_r(ctx: Ctx) -> None:
     extra = ["--sizes", "64,96", "--max-batch", "2", "--repeats", "1"] if ctx.smoke else []
     cmd = [sys.executable, "-m", "soap_dist.bench.refresh_parts", "--model", "gpt2-medium", "--json", js]
     r = ctx.runner.run("r_refresh_parts", cmd + extra, timeout)
-    if not js.is_file():
-        s.note("r", f"refresh pieces: no JSON (rc {r['rc']}); see {r['log']}")
+    try:  # written after each factor size: a bench cut short still leaves the sizes it measured
+        numbers = json.loads(js.read_text())
+    except (OSError, ValueError) as error:
+        s.note("r", f"refresh pieces: no JSON (rc {r['rc']}, {type(error).__name__}); see raw/{r['log']}")
         return
-    numbers = json.loads(js.read_text())
     s.numbers["r"] = numbers
-    if not ctx.smoke:
-        _gpu_tests(ctx)
+    partial = "" if numbers.get("complete", True) else f" (only sizes {numbers['sizes']}: cut short)"
     for name, seconds in numbers["totals_s"].items():
         s.check(
             "r",
-            f"gpt2-medium full refresh from the pieces, {name}",
+            f"gpt2-medium full refresh from the pieces, {name}{partial}",
             "(information)",
             seconds,
             None,
@@ -44,13 +48,18 @@ def part_r(ctx: Ctx) -> None:
 
 
 def _gpu_tests(ctx: Ctx) -> None:
+    """pytest -m gpu, verbose (each test's name, outcome and duration in the log), each test under a
+    timeout where pytest-timeout is installed (the GPU image has it), so one hang names itself."""
     s = ctx.summary
-    left = ctx.part_left("r")
-    if left < MIN_CMD_S:
-        s.note("r", "GPU tests: skipped, no time left in the part's budget")
-        return
-    t = ctx.runner.run("r_gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS], left)
     what = "GPU tests: QR, async refresh, host syncs, NCCL waits (pytest -m gpu), failed runs"
+    timeout = ctx.cmd_timeout("r", "gpu_tests_cmd")
+    if timeout is None:
+        s.check("r", what, "0", None, 0, "{}", "skipped: no time left in the part's budget")
+        return
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-v", "-rA", "--durations=0", "-m", "gpu"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += [f"--timeout={PER_GPU_TEST_S:.0f}"]
+    t = ctx.runner.run("r_gpu_tests", cmd + GPU_TESTS, timeout)
     if t["timed_out"]:  # not a failure: the tests ran out of the part's time (the log says how far)
         note = f"timed out after {t['seconds']:.0f} s, not a test failure; log raw/{t['log']}"
         s.check("r", what, "0", None, 0, "{}", note)
