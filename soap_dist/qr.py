@@ -57,12 +57,14 @@ def tf32_matmuls() -> Iterator[None]:
     H100 image with the compiled step (docs/benchmarks.md).
     """
     matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
+    if matmul.allow_tf32:  # on already (e.g. precision "medium"): a write would mix the two APIs
+        yield
+        return
     matmul.allow_tf32 = True
     try:
         yield
     finally:
-        matmul.allow_tf32 = previous
+        matmul.allow_tf32 = False
 
 
 def _tf32_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:

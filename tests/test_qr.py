@@ -112,6 +112,20 @@ def test_a_breakdown_falls_back_to_householder_with_either_cholesky(d, blocked, 
     assert ok.tolist() == [True, False, True]
 
 
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_tf32_block_leaves_the_callers_matmul_precision_readable(precision):
+    """Under "medium" the legacy flag is already on; writing it back made torch's getter raise
+    ("mix of the legacy and new APIs"), which torch.compile's cache reads."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with qr.tf32_matmuls():
+            assert torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_round_tf32_keeps_ten_mantissa_bits():
     x = torch.randn(1000) * torch.logspace(-20, 20, 1000)
     rounded = qr.round_tf32(x)
