@@ -307,11 +307,13 @@ def a_peer_slower_than_a_wait_slice(rank):
 
 
 def save_on_rank0_only(rank):
-    """The usual DDP idiom, ``if rank == 0: torch.save(opt.state_dict(), f)``: a clear error on rank 0."""
-    _, opt = _two_steps_with_a_short_timeout()
-    if rank != 0:
-        return {"error": ""}
-    return {"error": _error(opt.state_dict)}
+    """The usual DDP idiom, ``if rank == 0: torch.save(opt.state_dict(), f)``: a clear error on rank 0;
+    then, the save fixed, the run steps and saves on every rank as before (nothing left out of step)."""
+    params, opt = _two_steps_with_a_short_timeout()
+    error = _error(opt.state_dict) if rank == 0 else ""
+    dist.barrier()  # rank 1 waits for rank 0's timeout, as a user's rank would at its next collective
+    _steps(params, opt, 1)
+    return {"error": error, "saved_after": _error(opt.state_dict)}
 
 
 ALONE = [

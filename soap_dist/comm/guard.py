@@ -239,6 +239,13 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     prefix = f"soap_dist/guard{guard.id}/arrive{guard.seq}/"
     absent = _report(store, prefix, name, participants, guard.timeout_s, pause=0.05)
     if absent:
+        # Nothing happened: take back this arrival, so that the count stays the other ranks' and a
+        # later call on every rank pairs (else every later state_dict() would time out).
+        guard.seq -= 1
+        try:
+            store.delete_key(prefix + str(dist.get_rank()))
+        except Exception:  # pragma: no cover - a store without deletes: a late peer may pass alone
+            pass
         raise CollectiveTimeout(
             f"SOAP: {name} is a collective here, and ranks {absent} did not call it within "
             f"{guard.timeout_s:g} s. Call it on every rank (save on one: sd = opt.state_dict(); "
