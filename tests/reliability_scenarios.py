@@ -130,17 +130,32 @@ def unsynced_gradients(rank):
 
 
 def gradient_missing_on_one_rank(rank):
-    """A parameter with a gradient on rank 0 and none on rank 1: named as such, on every rank."""
-    params = _params()
-    opt = SOAP(params, **KW)
+    """A parameter with a gradient on rank 0 and none on rank 1, under each placement: named as such,
+    on every rank, before anything of the step is applied (under owner, before the gradient gather,
+    whose sizes follow the parameters stepped: it aborted the process on a size mismatch; under
+    fsdp-local and hsdp it went unnoticed and the ranks drifted apart)."""
+    mesh = init_device_mesh("cpu", (2,))
+    out = {}
+    for placement in ("replicated", "owner", "fsdp-local"):
+        plain = placement == "replicated"
 
-    def run():
-        for step in range(3):
+        def spread(t, plain=plain):
+            return t if plain else distribute_tensor(t, mesh, [Shard(0)])
+
+        params = [torch.nn.Parameter(spread(p.detach())) for p in _params()]
+        opt = SOAP(params, **KW) if plain else SOAP(params, placement=placement, **KW)
+        for step in range(2):
             for p, g in zip(params, _grads(step), strict=True):
-                p.grad = None if (step == 2 and rank == 1 and p is params[1]) else g
+                p.grad = spread(g)
             opt.step()
-
-    return {"error": _error(run)}
+        before = [p.detach().clone() for p in params]
+        grads = [spread(g) for g in _grads(2)]  # (distribute_tensor is a collective: on every rank)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = None if (rank == 1 and p is params[1]) else g
+        error = _error(opt.step)
+        unchanged = all(torch.equal(a.detach(), b) for a, b in zip(params, before, strict=True))
+        out[placement] = {"error": error, "unchanged": unchanged, "broken": opt._engine.broken}
+    return out
 
 
 def held_state_dict(rank):

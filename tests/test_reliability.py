@@ -52,11 +52,14 @@ def test_unsynchronised_gradients_are_named(shared):
         ]
 
 
-def test_a_gradient_missing_on_one_rank_is_named(shared):
-    for res in _ok(shared, "gradient_missing_on_one_rank"):
-        error = res["error"]
-        assert error.startswith("RanksDisagreeError") and "has no gradient" in error, error
-        assert "on ranks [1]" in error and "gradients differ" not in error, error
+def test_a_gradient_missing_on_one_rank_is_named_under_every_placement(shared):
+    for by_placement in _ok(shared, "gradient_missing_on_one_rank"):
+        for placement, res in by_placement.items():
+            error = res["error"]
+            assert error.startswith("RanksDisagreeError") and "has no gradient" in error, (placement, error)
+            assert "on ranks [1]" in error and "gradients differ" not in error, (placement, error)
+            # raised before anything of the step: the parameters as they were, no rank refusing
+            assert res["unchanged"] and res["broken"] is None, (placement, res)
 
 
 def test_a_held_state_dict_serves_one_rank_alone(shared):

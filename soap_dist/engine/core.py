@@ -22,6 +22,7 @@ from ..layout import ParamLayout
 from ..plan import SINGLE, FactorEntry, Plan, build_plan
 from ..plan.schedule import refresh_phases
 from ..stores import BlockDim, BlockStack, FactorSlot, FactorStore, moment_dtype
+from .agreement import AgreementMixin
 from .async_refresh import AsyncRefreshMixin, LaunchedRefresh
 from .local import LocalExchange
 from .refresh import Pending, RefreshMixin, consecutive
@@ -54,7 +55,7 @@ class Counters:
     )
 
 
-class SoapEngine(StepMixin, RefreshMixin, AsyncRefreshMixin):
+class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):
     """Stacks, factor stores and the per-parameter bookkeeping (step counts, installs)."""
 
     def __init__(

@@ -7,12 +7,11 @@ reaches a multiple of its precondition frequency.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +52,17 @@ class Hyper:
             bool(group["normalize_grads"]),
             bool(group["correct_bias"]),
         )
+
+
+@dataclass
+class Agreed:
+    """The step every rank will take: the groups' hyperparameters, the parameters it steps (by index
+    and as flags) and, per parameter, whether its gradient is finite on every rank."""
+
+    hypers: list[Hyper]
+    active: list[bool]
+    active_ids: list[int]
+    finite: Tensor
 
 
 LERP_LIMIT = 1e30  # the lerp form scales the update by ~1/decay: beyond this it would overflow float32
@@ -97,7 +107,8 @@ class StepMixin:
         grads: list[Tensor | None] | None = None,
         active: list[bool] | None = None,
     ) -> None:
-        """One optimizer step on the local blocks.
+        """One optimizer step on the local blocks: the ranks' agreement (engine.agreement), then the
+        step itself.
 
         ``params``/``grads`` are this rank's tensors (local shards under FSDP2); ``active`` says which
         parameters have a gradient this step, decided on the global parameter so that every rank
@@ -107,27 +118,16 @@ class StepMixin:
             grads = [p.grad for p in params]
         if active is None:
             active = [g is not None and p.numel() > 0 for p, g in zip(params, grads, strict=True)]
-        self.calls += 1
-        hypers = [Hyper.of(g) for g in groups]
-        self.fix_phases([h.precondition_frequency for h in hypers])
-        with self._refusing_after_a_raise():  # a refresh launched on the side stream last step ends now
-            self.join_refresh()
-        while self._inflight and self._inflight[0][0] <= self.calls:
-            _, flight, ids = self._inflight.pop(0)
-            self._receive(flight, ids, first=False)
-        active = self._skip_zero_first_gradients(list(active), grads)
-        active_ids = [i for i, a in enumerate(active) if a]
-        if not active_ids:
-            return
+        agreed = self.agree(groups, grads, active)
+        if agreed is not None:
+            self.apply(agreed, params, grads)
+
+    def apply(self, agreed: Agreed, params: list[Tensor], grads: list[Tensor | None]) -> None:
+        """The step the ranks agreed on (``agree``): installs, Adam in the eigenbases, accumulation,
+        and the refreshes due. ``grads`` may be other tensors than the ones agreed on: under owner,
+        the gathered whole gradients at their owners."""
+        hypers, active, active_ids, finite = agreed.hypers, agreed.active, agreed.active_ids, agreed.finite
         self._grads = grads
-        finite, norms = self._finite_flags(grads, active_ids)
-        words = self._agreement_words(hypers, active_ids, norms)
-        finite, agreed = self.exchange.all_finite(finite, words)
-        if agreed is not None and not bool(agreed.all()):  # one small host read per step, distributed only
-            # A gradient skipped as non-finite differs between replicas by nature; the decision is shared.
-            if not bool(agreed[0]) or bool(finite.all()):
-                self._disagree(hypers, active_ids, agreed)
-        self.nonfinite_seen |= ~finite
         upcoming = {i: self.steps[i] + 1 for i in active_ids if self.started[i]}
         due = [i for i, t in upcoming.items() if self.install_step.get(i) == t]
         if due:
@@ -223,93 +223,6 @@ class StepMixin:
         assert self.phases is not None  # fixed at the start of every step
         k = hypers[self.layouts[i].group].precondition_frequency
         return step % k == self.phases[i] % k
-
-    def _refreshing(self, hypers: list[Hyper], active_ids: list[int]) -> list[int]:
-        """Parameters whose refresh (or first bases) this step will run: the collectives ahead."""
-        return [i for i in active_ids if not self.started[i] or self._due(self.steps[i] + 1, i, hypers)]
-
-    def _agreement_words(self, hypers: list[Hyper], active_ids: list[int], norms: Tensor) -> Tensor | None:
-        """What every rank must agree on at this step, as int64 words for the finite-flag all_reduce:
-        a hash of the step count, the refreshes ahead and the hyperparameters; under replicated also
-        the gradients' fingerprint (DDP's all-reduce makes them bitwise equal on every replica)."""
-        if self.plan.topology.world == 1:
-            return None
-        text = repr((self.calls, self._refreshing(hypers, active_ids), [astuple(h) for h in hypers]))
-        digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-        word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
-        words = [torch.full((1,), word, dtype=torch.int64, device=self.device)]
-        if self.plan.topology.placement == "replicated":
-            words.append(norms.double().sum().reshape(1).view(torch.int64))
-        return torch.cat(words)
-
-    def _disagree(self, hypers: list[Hyper], active_ids: list[int], agreed: Tensor) -> None:
-        """Every rank raises the same RanksDisagreeError, naming what differs (an error path only)."""
-        from ..comm import RanksDisagreeError
-
-        mine = {
-            "refreshing": [self._name(i) for i in self._refreshing(hypers, active_ids)],
-            "groups": [astuple(h) for h in hypers],
-            "calls": self.calls,
-            "stepped": active_ids,
-        }
-        every = self.exchange.gather_objects(mine)
-        lines = []
-        stepped_apart = len({tuple(m["stepped"]) for m in every}) > 1
-        for i in sorted(set().union(*(m["stepped"] for m in every))):
-            without = [r for r, m in enumerate(every) if i not in m["stepped"]]
-            if without:
-                lines.append(
-                    f"{self._name(i)} has no gradient on ranks {without} and one on the others: every "
-                    "replica must step the same parameters (under DDP, find_unused_parameters=True gives a "
-                    "parameter that some ranks did not use a gradient on every rank)"
-                )
-        for g, fields in enumerate(zip(*[m["groups"] for m in every], strict=True)):
-            for k, name in enumerate(Hyper.__dataclass_fields__):
-                values = [f[k] for f in fields]
-                if len(set(values)) > 1:
-                    lines.append(f"param group {g} {name}: {values} (by rank)")
-        if len({m["calls"] for m in every}) > 1:
-            lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
-        if len({tuple(m["refreshing"]) for m in every}) > 1:
-            lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
-        if agreed.numel() > 1 and not bool(agreed[1]) and not stepped_apart:
-            lines.append(
-                "the gradients differ between replicas: step only after DDP's all-reduce (with no_sync, "
-                "on the synchronising pass), and keep every replica's data loader and model in step"
-            )
-        raise RanksDisagreeError(
-            f"SOAP: ranks disagree at optimizer step {self.calls} (checked in the finite-flag all_reduce): "
-            + "; ".join(lines or ["details differ in a way SOAP could not name"])
-            + ". Every rank must step the same parameters with the same options."
-        )
-
-    def _skip_zero_first_gradients(self, active: list[bool], grads: list[Tensor | None]) -> list[bool]:
-        """A parameter is started by its first gradient that is not exactly zero everywhere.
-
-        DeepSpeed's fp16/bf16 stage-0 wrappers and DCP call ``step`` once with all-zero gradients to
-        create optimizer state; a preconditioner built from zeros would hold an arbitrary basis until
-        the first refresh. This costs one host sync per step, and only while a parameter is unstarted.
-        """
-        fresh = [i for i, a in enumerate(active) if a and not self.started[i]]
-        if not fresh:
-            return active
-        empty = torch.ones((), dtype=torch.bool, device=self.device)  # an empty shard holds no non-zero
-        zero = torch.stack([(grads[i] == 0).all() if grads[i].numel() else empty for i in fresh])
-        zero, _ = self.exchange.all_finite(zero)  # every shard must be zero: the same decision everywhere
-        for i, z in zip(fresh, zero.tolist(), strict=True):
-            if z:
-                active[i] = False
-        return active
-
-    def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> tuple[Tensor, Tensor]:
-        """One flag per parameter (its gradient's norm is finite: no NaN/Inf, no overflow), and the norms."""
-        norms = torch.stack(torch._foreach_norm([grads[i] for i in active_ids]))
-        flags = norms.isfinite()
-        if len(active_ids) == len(grads):
-            return flags, norms
-        full = torch.ones(len(grads), dtype=torch.bool, device=self.device)
-        full[self._index(active_ids)] = flags
-        return full, norms
 
     def _grad_block(self, lay: ParamLayout, block: int, grad: Tensor, cache: dict[int, Tensor]) -> Tensor:
         if lay.index not in cache:

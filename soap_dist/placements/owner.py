@@ -129,7 +129,8 @@ class OwnerRunner(HomeRowsRunner):
     def step(
         self, groups: list[dict], params: list[Tensor], grads: list[Tensor | None], active: list[bool]
     ) -> None:
-        """``params``/``grads``: this rank's local rows (FSDP2 shards); ``active``: the same on every rank."""
+        """``params``/``grads``: this rank's local rows (FSDP2 shards); ``active``: which have a gradient
+        (the engine's agreement checks that every rank says the same)."""
         self._check_spread_groups(groups)
         for i, a in enumerate(active):  # on every rank (each has a local gradient, maybe empty)
             if a and grads[i].dtype != params[i].dtype:
@@ -138,6 +139,12 @@ class OwnerRunner(HomeRowsRunner):
                     f"{params[i].dtype} values; the rows travel in the values' dtype, so cast the gradient "
                     "to it before step()"
                 )
+        # Agreed first, on this rank's rows: the gather's sizes follow the parameters stepped, so ranks
+        # that differ there must stop before it (else a collective of mismatched sizes).
+        agreed = self.engine.agree(groups, grads, active)
+        if agreed is None:
+            return
+        active = agreed.active
         self._gather(grads, active, self._crossing_of(active))
         # A parameter's first step only starts its statistics: the engine writes no update for it.
         updated = [a and started for a, started in zip(active, self.engine.started, strict=True)]
@@ -149,7 +156,7 @@ class OwnerRunner(HomeRowsRunner):
             else self.home_grads[i]
             for i, a in enumerate(active)
         ]
-        self.engine.step(groups, self.home_updates, home_grads, active)
+        self.engine.apply(agreed, self.home_updates, home_grads)
         self._scatter_updates(groups, params, updated, self._crossing_of(updated))
 
     def _own_part(self, lay: ParamLayout, rows: Tensor | None) -> Tensor | None:

@@ -1,0 +1,155 @@
+"""What the ranks agree on before a step changes anything: one all_reduce per step.
+
+A mixin of ``SoapEngine`` (engine.core). Every rank must step the same parameters with the same
+options at the same step count, skip the same non-finite gradients and start a parameter at the same
+first non-zero gradient. All of it travels in one all_reduce(MIN) of per-parameter flags and a few
+hash words, before any collective whose sizes depend on it (the owner's gradient gather runs after
+``agree``), so that ranks that differ stop with one RanksDisagreeError naming the difference instead
+of a collective of mismatched sizes. One process: the same decisions, with nothing sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import astuple
+
+import torch
+
+from .step import Agreed, Hyper
+
+Tensor = torch.Tensor
+
+
+class AgreementMixin:
+    """``SoapEngine.agree`` and the checks it runs (see engine.core for the attributes)."""
+
+    def agree(self, groups: list[dict], grads: list[Tensor | None], active: list[bool]) -> Agreed | None:
+        """Start step ``calls + 1``: finish last step's refresh, then agree with the other ranks on
+        this step (None: no parameter has a gradient on any rank; nothing to do).
+
+        ``grads``: this rank's gradients (its rows under FSDP2, before any gather); ``active``: which
+        parameters have one, which every rank must see the same.
+        """
+        self.calls += 1
+        hypers = [Hyper.of(g) for g in groups]
+        self.fix_phases([h.precondition_frequency for h in hypers])
+        with self._refusing_after_a_raise():  # a refresh launched on the side stream last step ends now
+            self.join_refresh()
+        while self._inflight and self._inflight[0][0] <= self.calls:
+            _, flight, ids = self._inflight.pop(0)
+            self._receive(flight, ids, first=False)
+        active = list(active)
+        active_ids = [i for i, a in enumerate(active) if a]
+        if not active_ids and self.plan.topology.world == 1:
+            return None
+        n = len(grads)
+        finite, norms = self._finite_flags(grads, active_ids)
+        unstarted = not all(self.started)  # the same on every rank: the zero-first flags ride along
+        flags = torch.cat([finite, self._zero_first_flags(grads, active_ids)]) if unstarted else finite
+        words = self._agreement_words(hypers, active_ids, norms)
+        flags, agreed = self.exchange.all_finite(flags, words)
+        finite = flags[:n]
+        if agreed is not None and not bool(agreed.all()):  # one small host read per step, distributed only
+            # A gradient skipped as non-finite differs between replicas by nature; the decision is shared.
+            if not bool(agreed[0]) or bool(finite.all()):
+                self._disagree(hypers, active_ids, agreed)
+        fresh = [i for i in active_ids if not self.started[i]]
+        if fresh:  # a first gradient that is zero on every rank does not start its parameter
+            zero = flags[n:][self._index(fresh)].tolist()
+            active_ids = [i for i in active_ids if not (i in fresh and zero[fresh.index(i)])]
+            active = [i in set(active_ids) for i in range(n)]
+        if not active_ids:
+            return None
+        self.nonfinite_seen |= ~finite
+        return Agreed(hypers, active, active_ids, finite)
+
+    def _zero_first_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> Tensor:
+        """Per parameter, whether this is its first gradient and it is exactly zero on this rank (True
+        elsewhere: the identity of the MIN), so that a parameter starts at its first gradient that is
+        not zero everywhere.
+
+        DeepSpeed's fp16/bf16 stage-0 wrappers and DCP call ``step`` once with all-zero gradients to
+        create optimizer state; a preconditioner built from zeros would hold an arbitrary basis until
+        the first refresh. This costs one host read per step, and only while a parameter is unstarted.
+        """
+        flags = torch.ones(len(grads), dtype=torch.bool, device=self.device)
+        fresh = [i for i in active_ids if not self.started[i]]
+        if fresh:
+            empty = torch.ones((), dtype=torch.bool, device=self.device)  # an empty shard holds no non-zero
+            zero = torch.stack([(grads[i] == 0).all() if grads[i].numel() else empty for i in fresh])
+            flags[self._index(fresh)] = zero
+        return flags
+
+    def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> tuple[Tensor, Tensor]:
+        """One flag per parameter (its gradient's norm is finite: no NaN/Inf, no overflow), and the norms."""
+        if not active_ids:
+            none = torch.zeros(0, device=self.device)
+            return torch.ones(len(grads), dtype=torch.bool, device=self.device), none
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in active_ids]))
+        flags = norms.isfinite()
+        if len(active_ids) == len(grads):
+            return flags, norms
+        full = torch.ones(len(grads), dtype=torch.bool, device=self.device)
+        full[self._index(active_ids)] = flags
+        return full, norms
+
+    def _refreshing(self, hypers: list[Hyper], active_ids: list[int]) -> list[int]:
+        """Parameters whose refresh (or first bases) this step will run: the collectives ahead."""
+        return [i for i in active_ids if not self.started[i] or self._due(self.steps[i] + 1, i, hypers)]
+
+    def _agreement_words(self, hypers: list[Hyper], active_ids: list[int], norms: Tensor) -> Tensor | None:
+        """What every rank must agree on at this step, as int64 words for the finite-flag all_reduce:
+        a hash of the step count, the parameters with a gradient, the refreshes ahead and the
+        hyperparameters; under replicated also the gradients' fingerprint (DDP's all-reduce makes
+        them bitwise equal on every replica)."""
+        if self.plan.topology.world == 1:
+            return None
+        refreshing = self._refreshing(hypers, active_ids)
+        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers]))
+        digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+        word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
+        words = [torch.full((1,), word, dtype=torch.int64, device=self.device)]
+        if self.plan.topology.placement == "replicated":
+            words.append(norms.double().sum().reshape(1).view(torch.int64))
+        return torch.cat(words)
+
+    def _disagree(self, hypers: list[Hyper], active_ids: list[int], agreed: Tensor) -> None:
+        """Every rank raises the same RanksDisagreeError, naming what differs (an error path only)."""
+        from ..comm import RanksDisagreeError
+
+        mine = {
+            "refreshing": [self._name(i) for i in self._refreshing(hypers, active_ids)],
+            "groups": [astuple(h) for h in hypers],
+            "calls": self.calls,
+            "stepped": active_ids,
+        }
+        every = self.exchange.gather_objects(mine)
+        lines = []
+        stepped_apart = len({tuple(m["stepped"]) for m in every}) > 1
+        for i in sorted(set().union(*(m["stepped"] for m in every))):
+            without = [r for r, m in enumerate(every) if i not in m["stepped"]]
+            if without:
+                lines.append(
+                    f"{self._name(i)} has no gradient on ranks {without} and one on the others: every "
+                    "replica must step the same parameters (under DDP, find_unused_parameters=True gives a "
+                    "parameter that some ranks did not use a gradient on every rank)"
+                )
+        for g, fields in enumerate(zip(*[m["groups"] for m in every], strict=True)):
+            for k, name in enumerate(Hyper.__dataclass_fields__):
+                values = [f[k] for f in fields]
+                if len(set(values)) > 1:
+                    lines.append(f"param group {g} {name}: {values} (by rank)")
+        if len({m["calls"] for m in every}) > 1:
+            lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
+        if len({tuple(m["refreshing"]) for m in every}) > 1:
+            lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
+        if agreed.numel() > 1 and not bool(agreed[1]) and not stepped_apart:
+            lines.append(
+                "the gradients differ between replicas: step only after DDP's all-reduce (with no_sync, "
+                "on the synchronising pass), and keep every replica's data loader and model in step"
+            )
+        raise RanksDisagreeError(
+            f"SOAP: ranks disagree at optimizer step {self.calls} (checked in the finite-flag all_reduce): "
+            + "; ".join(lines or ["details differ in a way SOAP could not name"])
+            + ". Every rank must step the same parameters with the same options."
+        )
