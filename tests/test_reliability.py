@@ -300,6 +300,19 @@ def test_a_wait_that_breaks_early_is_not_waited_again(store_as_rank):
     assert len(broken.waits) == 1
 
 
+def test_a_wait_that_broke_early_with_the_store_gone_says_so(store_as_rank, monkeypatch):
+    """A peer that died on the node hosting the store: the wait breaks at once, and which ranks are
+    missing cannot be read. Before, the message claimed the whole timeout and blamed every rank."""
+    from soap_dist.comm.guard import CollectiveTimeout, Guard
+
+    monkeypatch.setattr(Guard, "missing", lambda self, name, participants: None)
+    with pytest.raises(CollectiveTimeout) as e:
+        Guard(20.0, rewaits=True).wait(_GlooLikeWork(10**6, early=True), "x", [0, 1])
+    text = str(e.value)
+    assert "broke off after 0." in text and "did not complete in 20 s" not in text, text
+    assert "the rendezvous store did not answer" in text and "every rank arrived late" not in text, text
+
+
 def test_nccl_blocking_waits_are_not_sliced_but_still_read_the_notice(store_as_rank):
     from soap_dist.comm.guard import Guard, PeerFailed
 

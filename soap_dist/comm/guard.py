@@ -173,12 +173,23 @@ class Guard:
             if not (self.rewaits and waited_out and time.monotonic() < deadline):
                 break
         cause = str(failed).splitlines()[0] if str(failed) else ""
+        waited = time.monotonic() - (deadline - self.timeout_s)
         missing = self.missing(name, participants)
         self._raise_if_a_peer_failed(name)  # a notice may have come during the grace period
-        who = f"ranks {missing} did not arrive" if missing else "every rank arrived late or failed"
+        if missing:
+            who = f"ranks {missing} did not arrive"
+        elif missing is None:  # the store is gone with the process that hosted it (the first node's)
+            who = "which ranks is unknown: the rendezvous store did not answer (its host may have stopped)"
+        else:
+            who = "every rank arrived late or failed"
+        when = (
+            f"did not complete in {self.timeout_s:g} s"
+            if waited >= 0.9 * self.timeout_s
+            else f"broke off after {waited:.1f} s"
+        )
         raise CollectiveTimeout(
-            f"SOAP: the {name} of optimizer step {self.step} (SOAP collective #{self.seq}) did not "
-            f"complete in {self.timeout_s:g} s: {who}. Every rank must call step() (and state_dict()) "
+            f"SOAP: the {name} of optimizer step {self.step} (SOAP collective #{self.seq}) {when}: "
+            f"{who}. Every rank must call step() (and state_dict()) "
             "the same number of times, with the same parameters and options; a rank whose step() "
             f"raised must not go on. ({type(failed).__name__}: {cause})"
         ) from None
