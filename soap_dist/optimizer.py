@@ -336,10 +336,16 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         given = [n for g in groups for n in (g.get("param_names") or [None] * len(g["params"]))]
         if len(given) != len(full):  # DeepSpeed's groups hold flat partitions, not the parameters
             given = [None] * len(full)
-        fingerprints = [None] * len(full)
-        if params is not None and exchange.plan.topology.placement == "replicated" and params:
-            sums = torch.stack([p.detach().double().sum() for p in params])  # one host read, at build
+        fingerprints: list[Any] = [None] * len(full)
+        grid = self._placement.topology
+        if params and (grid.placement == "replicated" or (grid.placement == "hsdp" and grid.replicas > 1)):
+            # one host read, at build; under HSDP of this rank's shards, compared between the replicas
+            sums = torch.stack([local(p).detach().double().sum() for p in params])
             fingerprints = sums.view(torch.int64).tolist()
+            if grid.placement == "hsdp":
+                groups = self._placement.groups
+                members = [groups.ranks[t] for t in grid.replica_group(grid.shard)]
+                fingerprints = exchange.replicas_agree(fingerprints, groups.replicate, members)
         identities = [
             int.from_bytes(hashlib.blake2b(repr((n, f)).encode(), digest_size=8).digest(), "little") >> 1
             for n, f in zip(given, fingerprints, strict=True)

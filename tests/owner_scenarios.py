@@ -214,6 +214,28 @@ def owner_scope_mismatch(world):
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+def hsdp_replicas_hold_other_tensors(world):
+    """Under HSDP, two same-shape parameters passed in another order on one rank (model.parameters(),
+    no names): the replicas of that shard compare fingerprints of their shards at the plan check, and
+    every rank stops (before, the run went on and the replicas drifted apart)."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.randn(8, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    out = {}
+    for placement in ("hsdp", "owner"):
+        params = [torch.nn.Parameter(distribute_tensor(v, mesh, [Replicate(), Shard(0)])) for v in values]
+        given = params[::-1] if dist.get_rank() == world - 1 else params
+        opt = SOAP(given, placement=placement, factor_dtype=torch.float64, collective_timeout=60)
+        for p, v in zip(params, values, strict=True):
+            p.grad = distribute_tensor(v * 0.5, mesh, [Replicate(), Shard(0)])
+        try:
+            opt.step()
+            out[placement] = ""
+        except RuntimeError as error:
+            out[placement] = f"{type(error).__name__}: {error}"
+    return out
+
+
 def owner_errors(world):
     """Bad input fails on every rank with a message, never a hang."""
     mesh = init_device_mesh("cpu", (world,))
@@ -275,6 +297,7 @@ SCENARIOS = {
         ckpt.owner_checkpoint,
         ckpt.owner_hsdp_checkpoint,
         owner_scope_mismatch,
+        hsdp_replicas_hold_other_tensors,
     ],
 }
 

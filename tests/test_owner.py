@@ -58,6 +58,13 @@ def test_ranks_that_disagree_on_owner_scope_stop_with_a_plan_mismatch(world4):
         assert error.startswith("PlanMismatchError: SOAP: ranks disagree on the block/factor plan"), error
 
 
+def test_hsdp_replicas_holding_other_tensors_stop_at_the_plan_check(world4):
+    for rank in world4:
+        for placement, error in rank["hsdp_replicas_hold_other_tensors"].items():
+            assert error.startswith("PlanMismatchError: SOAP: ranks hold different tensors"), placement
+            assert "between the replicas" in error, (placement, error)
+
+
 def test_owner_under_hsdp_checkpoint_continues_and_reshards(world4):
     res = result(world4, "owner_hsdp_checkpoint")
     assert res["spread"] == [0], res  # the (200, 6) embedding: rows cut among shards and replicas

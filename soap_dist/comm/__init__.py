@@ -310,11 +310,21 @@ class Exchange:
             i, ranks = differing
             raise PlanMismatchError(
                 f"SOAP: ranks hold different tensors at parameter {i} ({names[i]}): this rank ({me}) "
-                f"differs from ranks {ranks} in the parameter's name or, under replicated, in a "
-                "fingerprint of its initial values. Every rank must pass the same parameters in the "
-                "same order (under DDP: build SOAP from the DDP-wrapped model's parameters, after DDP "
-                "has synchronised them)."
+                f"differs from ranks {ranks} in the parameter's name or, under replicated and HSDP, in a "
+                "fingerprint of its initial values (HSDP: of its shard, between the replicas). Every rank "
+                "must pass the same parameters in the same order, and replicas hold the same values "
+                "(under DDP: build SOAP from the DDP-wrapped model's parameters, after DDP has "
+                "synchronised them; under HSDP: initialise every replica alike)."
             )
+
+    def replicas_agree(self, values: list[int], group: Any, members: list[int]) -> list[bool]:
+        """Per value, whether every rank of ``group`` (the replicas of one shard) holds the same; one
+        small all_gather at build. Every member reads the same table, so they decide alike."""
+        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
+        table = torch.empty(len(members) * len(values), dtype=torch.int64, device=self.device)
+        self.guard.wait(_all_gather(table, mine, group=group, async_op=True), "replica check", members)
+        table = table.view(len(members), len(values)).cpu()
+        return (table == table[0]).all(dim=0).tolist()
 
     # ----- every step -----
     def _flag_scope(self) -> tuple[Any, list[int]] | None:

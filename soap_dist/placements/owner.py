@@ -93,7 +93,7 @@ class OwnerRunner(HomeRowsRunner):
         # the same plan, and ranks that disagree on owner_scope fail here instead of waiting in
         # different groups' collectives.
         whole_mesh = (groups.world, grid.world, grid.rank, list(groups.ranks)) if grid.replicas > 1 else None
-        soap._check_plan(self.exchange, layouts, soap.param_groups, across=whole_mesh)
+        soap._check_plan(self.exchange, layouts, soap.param_groups, across=whole_mesh, params=params)
         self.owned = [k for k, o in enumerate(self.owners) if o == self.rank]
         # The owner's engine writes each owned parameter's update into home_updates, in the dtype the
         # step computes in (the moments' and factors' promotion); every rank applies its rows of it.
