@@ -337,8 +337,9 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         if len(given) != len(full):  # DeepSpeed's groups hold flat partitions, not the parameters
             given = [None] * len(full)
         fingerprints: list[Any] = [None] * len(full)
-        grid = self._placement.topology
-        if params and (grid.placement == "replicated" or (grid.placement == "hsdp" and grid.replicas > 1)):
+        grid = self._placement.topology if params and self._placement is not None else None  # (ZeRO: none)
+        replicas = grid is not None and grid.replicas > 1 and grid.placement in ("replicated", "hsdp")
+        if replicas:
             # one host read, at build; under HSDP of this rank's shards, compared between the replicas
             sums = torch.stack([local(p).detach().double().sum() for p in params])
             fingerprints = sums.view(torch.int64).tolist()
