@@ -19,6 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from soap_apps.pretrain.compare import compare  # noqa: E402
 
 
+def _plot_formats() -> set[str]:
+    """The file suffixes matplotlib's Agg backend (the one the plot uses) can write."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return set(FigureCanvasAgg.get_supported_filetypes())
+
+
 def main(argv: list[str] | None = None) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -37,9 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.names is not None and len(args.names) != len(args.runs):
         parser.error(f"--names has {len(args.names)} entries for {len(args.runs)} run directories")
+    formats = _plot_formats()
+    if Path(args.out).suffix.lower().lstrip(".") not in formats:  # before any run is read
+        parser.error(
+            f"--out {args.out}: the plot is written by matplotlib, which cannot write "
+            f"{Path(args.out).suffix or 'a name without a suffix'}; end the name in .png, .pdf or .svg "
+            f"(or one of {', '.join(sorted(formats))})"
+        )
     try:
         result = compare(args.runs, args.out, args.names, args.title, args.x)
-    except FileNotFoundError as error:  # a run directory without training records, or no --out folder
+    except (FileNotFoundError, ValueError) as error:  # no training records, a damaged file, no --out folder
         parser.error(str(error))
     print(result["table"])
     print(f"\nplot: {result['plot']}")

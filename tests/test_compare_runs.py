@@ -71,3 +71,37 @@ def test_plot_against_steps_or_wall_clock(tmp_path):
     assert run.unit == "nats/byte" and summarize(adamw).unit == "nats/token"  # a .bin holds token ids
     with pytest.raises(ValueError, match="--x must be one of tokens, step, time, got 'bytes'"):
         compare([soap], str(tmp_path / "x.png"), x="bytes")
+
+
+def test_a_cut_last_line_is_dropped_with_a_warning_and_a_bad_line_elsewhere_named(tmp_path, capsys):
+    """A kill mid-write leaves a cut last line: read without it (and a warning); any other bad line
+    is an error naming the file and the line."""
+    from soap_apps.config_loader import ConfigError
+    from soap_apps.jsonl import read_records
+
+    run = Path(_run(tmp_path, "cut", [3.0, 2.0], [1.0, 1.0], []))
+    path = run / "metrics.jsonl"
+    with path.open("a") as fh:
+        fh.write('{"step": 30, "loss": 1.')
+    assert [r["step"] for r in read_records(path)] == [10, 20]
+    assert f"warning: {path} line 3 is cut off" in capsys.readouterr().err
+    assert summarize(run).steps == 20
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=f"{path} line 2 is not a JSON object"):
+        read_records(path)
+
+
+def test_out_with_a_suffix_matplotlib_cannot_write_is_refused_up_front(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
+    try:
+        import compare_runs
+    finally:
+        sys.path.pop(0)
+    run = _run(tmp_path, "a", [1.0], [1.0], [])
+    for out in ("x.txt", "x"):
+        with pytest.raises(SystemExit) as exc:
+            compare_runs.main([run, "--out", str(tmp_path / out)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp_path / out}: the plot is written by matplotlib, which cannot write" in err
+        assert "end the name in .png, .pdf or .svg" in err and "Traceback" not in err

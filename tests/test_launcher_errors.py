@@ -307,3 +307,51 @@ def test_gpu_suite_accepts_parts_in_any_order_and_describes_them(tmp_path, capsy
         "c = the race, SOAP against AdamW",
     ):
         assert part in help_text, help_text
+
+
+# ----- python -m soap_dist.bench -----
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--soap-kw", "block_size"], "--soap-kw 'block_size': expected KEY=VALUE"),
+        (["--soap-kw", "blok_size=3"], "--soap-kw 'blok_size=3': soap_dist.SOAP has no argument 'blok_size'"),
+        (["--soap-kw", "block_size=abc"], "'abc' is not a Python literal"),
+        (
+            ["--soap-kw", "precondition_frequency=3"],
+            "sets precondition_frequency itself; use --precondition-f",
+        ),
+        (
+            ["--json", "/nonexistent/x.json"],
+            "--json /nonexistent/x.json: the folder /nonexistent does not exist",
+        ),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+    ],
+)
+def test_bench_refuses_bad_flags_before_any_setup(flags, message, capsys, monkeypatch):
+    """These used to be a SyntaxError, a TypeError after the setup, or a failure after the whole run."""
+    from soap_dist.bench import __main__ as bench
+
+    monkeypatch.setattr(bench, "gpt2_specs", None)  # nothing may be built
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--layers", "1", "--steps", "1", *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])
+        assert "--device cuda: this torch has no usable CUDA" in capsys.readouterr().err
+    assert bench.soap_kwargs(["block_size=8", "factor_dtype=torch.float64"]) == {
+        "block_size": 8,
+        "factor_dtype": torch.float64,
+    }
+
+
+def test_a_cache_dir_that_cannot_be_written_is_a_config_error_naming_it(tmp_path, texts):
+    """It was a PermissionError (or NotADirectoryError) traceback from deep in the data preparation."""
+    from soap_apps.pretrain import data
+    from soap_apps.pretrain.config import DataConfig
+
+    (tmp_path / "afile").write_text("")
+    bad = str(tmp_path / "afile" / "cache")  # not writable even by root: its parent is a file
+    with pytest.raises(ConfigError, match=rf"data.cache_dir='{re.escape(bad)}': cannot write the prepared"):
+        data.prepare_tokens(DataConfig(path=str(texts), cache_dir=bad), writer=True, barrier=lambda: None)

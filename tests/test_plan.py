@@ -185,3 +185,37 @@ def test_fsdp_local_is_exact_only_where_its_row_blocks_are_one_process_s(block_s
         assert row_blocks_as_one_process(plan) is exact
         if not exact:
             assert prefers_owner(plan, 4, [4])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-k", "0"], "--precondition-frequency/-k must be >= 1 (refresh every k steps), got 0"),
+        (["-k", "-2"], "--precondition-frequency/-k must be >= 1 (refresh every k steps), got -2"),
+        (["--max-precond-dim", "-1"], "--max-precond-dim must be >= 1, got -1"),
+    ],
+)
+def test_plan_command_refuses_bad_flags_naming_them(flags, message, capsys):
+    """-k 0 was a ZeroDivisionError, -k -2 printed negative traffic, --max-precond-dim -1 passed."""
+    from soap_dist.plan.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "gpt2-small", "--world", "2", *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    from soap_dist.plan.costs import RankCosts
+
+    with pytest.raises(ValueError, match="k .the precondition frequency. must be >= 1, got 0"):
+        RankCosts().per_step(0)
+
+
+def test_plan_command_says_why_a_large_world_is_quiet(capsys, monkeypatch):
+    import soap_dist.plan.__main__ as plan
+
+    monkeypatch.setattr(plan, "LARGE_WORK", 148 * 4)  # gpt2-small has 148 tensors
+    assert plan.main(["--model", "gpt2-small", "--world", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "soap_dist.plan: costing 148 tensors over 4 ranks for every placement" in captured.err
+    assert "costing" not in captured.out
+    assert plan.main(["--model", "gpt2-small", "--world", "2"]) == 0
+    assert capsys.readouterr().err == ""

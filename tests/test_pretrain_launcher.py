@@ -311,6 +311,8 @@ def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     ("override", "message"),
     [
         ("optim.eps=0", "optim.eps must be a finite number > 0"),
+        ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+        ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
         ("optim.refresh_delay=20", "optim.refresh_delay must be < optim.precondition_frequency (10)"),
         ("optim.refresh_schedule=bogus", "optim.refresh_schedule must be 'all' or 'staggered'"),
         ("optim.owner_scope=replica", "optim.owner_scope must be 'world' or 'shard_group'"),
@@ -326,6 +328,62 @@ def test_values_soap_would_refuse_are_config_errors_naming_the_key(override, mes
 def test_finetune_betas_and_eps_are_checked_with_the_flags():
     from soap_apps.finetune.config import FinetuneConfig
 
-    for field, value in (("beta1", 1.5), ("beta2", -0.1), ("eps", 0.0)):
+    for field, value in (("beta1", 1.5), ("beta2", -0.1), ("eps", 0.0), ("lr", math.inf), ("eps", math.inf)):
         with pytest.raises(ValueError, match=f"{field} must be"):
             FinetuneConfig(**{field: value}).validate()
+
+
+def test_tokens_continue_from_the_kept_records_when_the_batch_changes(tmp_path):
+    """A resume with another global batch (allowed) counts on from the last kept record's tokens;
+    ``step * tokens_per_step`` made the column go backwards."""
+    from soap_apps.pretrain.metrics import Metrics
+
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0, "tokens": 512 * s}) + "\n" for s in (10, 20, 30, 40))
+    )
+    metrics = Metrics(tmp_path, env, start_step=30, total_steps=50, tokens_per_step=128, log_every=1)
+    for step in (31, 32):
+        metrics.log_train(step, torch.tensor(1.0), torch.tensor(1.0), 0.1, force=False)
+    metrics.close(plot=False)
+    assert [r["tokens"] for r in read_records(tmp_path / "metrics.jsonl")] == [
+        5120,
+        10240,
+        15360,
+        15488,
+        15616,
+    ]
+    from soap_apps.pretrain.metrics import tokens_at
+
+    kept = [{"step": 10, "tokens": 5120}, {"step": 20, "eval_loss": 1.0}, {"step": 20, "tokens": 10240}]
+    assert tokens_at(kept, 25, 1) == 10240 + 5 * 512  # steps past the last record: at that run's rate
+    assert tokens_at([], 25, 64) == 25 * 64
+
+
+def test_deepspeed_without_a_launcher_runs_as_one_process(tmp_path, cache, monkeypatch):
+    """`python launchers/pretrain.py --deepspeed ...` used to fail deep in DeepSpeed (no mpi4py);
+    it now runs as a one-rank launch. Part of a launcher's environment is refused, naming the fix."""
+    pytest.importorskip("deepspeed")
+    zero2 = str(REPO / "configs" / "deepspeed" / "zero2.json")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    cmd = [
+        sys.executable,
+        str(LAUNCHER),
+        *_sets("train.steps=1"),
+        "--deepspeed",
+        zero2,
+        "--out",
+        str(tmp_path),
+    ]
+    env.update({data.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
+    assert proc.returncode == 0 and "done at step 1" in proc.stdout, proc.stderr[-3000:]
+    from soap_apps.pretrain.ds_backend import one_process_launch_env
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match=r"sets RANK but not WORLD_SIZE, .*run under `torchrun --nproc"):
+        one_process_launch_env()

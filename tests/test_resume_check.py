@@ -17,15 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from pretrain_helpers import LAUNCHER, SMALL_MODEL, TINY, temporary_cache
 
 from soap_apps.jsonl import read_records
-from soap_apps.pretrain import checkpoint
+from soap_apps.pretrain import checkpoint, parallel
 from soap_apps.pretrain.config import ConfigError, load_config, save_config
 from soap_apps.pretrain.resume_check import (
     MAY_CHANGE,
     Terminated,
     check_resume_config,
+    check_stop_after,
     interrupt_in,
     resume_command,
 )
@@ -169,9 +171,23 @@ def test_launcher_refuses_a_changed_resume_before_loading(tmp_path, texts, cache
             f"launchers/pretrain.py: error: --resume: this configuration differs from the run's {out}" in err
         )
         assert named in err
+    # --stop-after before the checkpoint: refused, naming its step (it used to "finish" garbled)
+    assert _launcher().main([*argv, "--resume", "--steps", "3", "--stop-after", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--stop-after 1 is not past the checkpoint being resumed, {out / 'checkpoints' / 'step_2'}" in err
+    assert "(step 2): pass --stop-after a step in [3, 3] (train.steps), or leave it out" in err
     assert _launcher().main([*argv, "--resume", "--steps", "3", "--set", "optim.lr=1e-3"]) == 0
     assert [r["step"] for r in read_records(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
     assert load_config(out / "config.yaml").optim.lr == 1e-3
+
+
+def test_check_stop_after_lets_through_only_a_step_past_the_checkpoint(tmp_path):
+    for stop_after, latest in ((None, 5), (6, 5), (3, None), (8, 8)):  # (8, 8): a finished run reports
+        check_stop_after(stop_after, latest, 8, tmp_path)
+    with pytest.raises(ConfigError, match=r"step_5 \(step 5\): pass --stop-after a step in \[6, 8\]"):
+        check_stop_after(5, 5, 8, tmp_path)
+    with pytest.raises(ConfigError, match=r"step_8 \(step 8, the run is finished\): leave --stop-after out"):
+        check_stop_after(4, 8, 8, tmp_path)
 
 
 # ----- interrupts -----
@@ -266,3 +282,76 @@ def test_interrupted_run_says_what_was_kept(tmp_path, texts, cache, one_process,
     assert [r["step"] for r in read_records(out / "metrics.jsonl") if "loss" in r] == list(
         range(1, saved + 2)
     )
+
+
+# ----- checkpoints cut short -----
+def _step_dirs(run_dir: Path, complete: tuple[int, ...], partial: tuple[int, ...]) -> None:
+    for step in (*complete, *partial):
+        (run_dir / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"step_{step}" / "__0_0.distcp").write_bytes(b"x")
+    for step in complete:
+        (run_dir / "checkpoints" / f"step_{step}" / ".metadata").write_bytes(b"")
+
+
+def test_prune_counts_only_complete_checkpoints(tmp_path):
+    """A save cut short (no .metadata) never pushes a complete checkpoint out: older partial ones go
+    with the pruned, a newer one is left alone, and the newest complete ones stay."""
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    _step_dirs(tmp_path, complete=(10, 20, 35), partial=(15, 30, 40))
+    checkpoint.prune(tmp_path, 1, env)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_35", "step_40"]
+    assert checkpoint.checkpoint_steps(tmp_path) == [35]
+    checkpoint.prune(tmp_path, None, env)  # null keeps all
+    checkpoint.prune(tmp_path / "none", 2, env)  # no checkpoints directory: nothing to do
+    assert checkpoint.checkpoint_steps(tmp_path) == [35]
+    ds = tmp_path / "ds"  # DeepSpeed: complete up to the step its `latest` names
+    _step_dirs(ds, complete=(), partial=(8, 10, 12, 14))
+    (ds / "checkpoints" / "latest").write_text("step_12")
+    checkpoint.prune(ds, 2, env, deepspeed=True)
+    assert sorted(p.name for p in (ds / "checkpoints").iterdir()) == [
+        "latest",
+        "step_10",
+        "step_12",
+        "step_14",
+    ]
+
+
+def _tiny_checkpoint(run_dir: Path, *steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for step in steps:
+        checkpoint.save(checkpoint.step_dir(run_dir, step), model, optimizer, {"step": step}, env)
+    return model, optimizer
+
+
+@pytest.mark.parametrize(
+    ("damage", "cause"),
+    [
+        (lambda d: (d / "__0_0.distcp").unlink(), "FileNotFoundError"),
+        (lambda d: os.truncate(d / "__0_0.distcp", 100), "on rank 0: "),
+        (lambda d: os.truncate(d / ".metadata", 50), "Error"),
+    ],
+)
+def test_an_unreadable_checkpoint_is_one_error_naming_it_and_the_fix(tmp_path, damage, cause):
+    """A damaged or partly deleted checkpoint: one ConfigError (exit 2 in the launcher) naming the
+    directory, the cause in one line, and the previous complete checkpoint to fall back on."""
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    model, optimizer = _tiny_checkpoint(tmp_path, 2, 4)
+    damage(checkpoint.step_dir(tmp_path, 4))
+    with pytest.raises(ConfigError) as raised:
+        checkpoint.load(checkpoint.step_dir(tmp_path, 4), model, optimizer, {"step": 0}, env)
+    message = str(raised.value)
+    assert "\n" not in message and cause in message, message
+    assert f"the checkpoint {checkpoint.step_dir(tmp_path, 4)} is unreadable (" in message
+    assert f"delete that directory and resume again (--resume then continues from {tmp_path}" in message
+    assert message.endswith("step_2)")
+    assert checkpoint.load(checkpoint.step_dir(tmp_path, 2), model, optimizer, {"step": 0}, env) == {
+        "step": 2
+    }
+    damage(checkpoint.step_dir(tmp_path, 2))  # no earlier one: says the run starts again
+    with pytest.raises(ConfigError, match="no earlier complete checkpoint, so --resume then starts the run"):
+        checkpoint.load(checkpoint.step_dir(tmp_path, 2), model, optimizer, {"step": 0}, env)

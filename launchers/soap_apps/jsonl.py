@@ -8,16 +8,44 @@ record is appended and flushed as it is written, so an interrupted run leaves ev
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from soap_apps.config_loader import ConfigError
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a JSONL file, in order ([] when there is no file)."""
+    """Every record of a JSONL file, in order ([] when there is no file).
+
+    A last line that is not a JSON object is what a kill mid-write leaves: it is dropped with a
+    warning (a resumed run then rewrites the file without it). A bad line elsewhere means the
+    file is damaged: ConfigError naming the file and the line.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        if (record := _record(line)) is not None:
+            records.append(record)
+        elif i == len(lines) - 1:
+            print(f"warning: {path} line {n} is cut off (a write interrupted?); ignoring it", file=sys.stderr)
+        else:
+            raise ConfigError(
+                f"{path} line {n} is not a JSON object ({line[:60]!r}); the file is damaged: "
+                "fix or delete that line"
+            )
+    return records
 
 
 def records_through(path: str | Path, step: int) -> list[dict[str, Any]]:

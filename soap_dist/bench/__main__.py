@@ -75,17 +75,80 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--only: unknown {bad}; choose among {','.join(ORDER)}")
     if args.steps < 1 or args.precondition_frequency < 1 or args.rounds < 1:
         p.error("--steps, --precondition-frequency and --rounds must be >= 1")
+    _check_up_front(p, args)
     return args
 
 
+def _check_up_front(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What used to fail only after the setup or the whole benchmark: the device, --soap-kw, --json."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        p.error(f"--device {args.device!r} is not a torch device ({error}); use cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(
+            f"--device {args.device}: this torch has no usable CUDA (torch {torch.__version__}); "
+            "use --device cpu"
+        )
+    if not args.stand_in and "soap_dist" in args.only:
+        try:
+            soap_kwargs(args.soap_kw)
+        except ValueError as error:
+            p.error(str(error))
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: the folder {folder} does not exist or is not writable")
+
+
+# soap_dist.SOAP arguments the harness sets itself: through these flags, or HYPER's shared values
+HARNESS_KEYS = {
+    "params": "",
+    "precondition_frequency": "--precondition-frequency",
+    "max_precond_dim": "--max-precond-dim",
+}
+
+
 def soap_kwargs(items: list[str]) -> dict[str, Any]:
+    """``--soap-kw KEY=VALUE`` items as SOAP keywords; ValueError naming the item for one that is not
+    KEY=VALUE, names no SOAP argument, or whose VALUE is not a Python literal."""
+    import inspect
+
+    from soap_dist import SOAP
+
+    known = set(inspect.signature(SOAP).parameters) - {"self"}
     out: dict[str, Any] = {}
     for item in items:
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--soap-kw {item!r}: expected KEY=VALUE, e.g. --soap-kw block_size=2048")
+        if key not in known:
+            raise ValueError(
+                f"--soap-kw {item!r}: soap_dist.SOAP has no argument {key!r}; "
+                f"it takes {', '.join(sorted(known))}"
+            )
+        if key in HARNESS_KEYS or key in HYPER:
+            flag = HARNESS_KEYS.get(key)
+            raise ValueError(
+                f"--soap-kw {item!r}: the benchmark sets {key} itself"
+                + (f"; use {flag}" if flag else " (the same for every optimizer)")
+            )
         if key == "factor_dtype":
-            out[key] = getattr(torch, value.removeprefix("torch."))
-        else:
-            out[key] = ast.literal_eval(value)
+            dtype = getattr(torch, value.strip().removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(
+                    f"--soap-kw {item!r}: {value!r} is not a torch dtype (e.g. float32, float64)"
+                )
+            out[key] = dtype
+            continue
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"--soap-kw {item!r}: {value!r} is not a Python literal (a number, string in quotes, "
+                "True/False/None, tuple or list)"
+            ) from None
     return out
 
 

@@ -22,6 +22,7 @@ from .costs import RankCosts, prefers_owner, rank_costs
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
 GiB, MiB = 1 << 30, 1 << 20
+LARGE_WORK = 50_000  # tensors x ranks above which the costing takes seconds (llama-70b at W = 512: ~20 s)
 
 
 @dataclass
@@ -115,7 +116,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--shard {args.shard} must divide --world {args.world}")
     if args.block_size is not None and args.block_size < 1:
         p.error("--block-size must be >= 1")
+    if args.precondition_frequency < 1:
+        p.error(
+            "--precondition-frequency/-k must be >= 1 (refresh every k steps), "
+            f"got {args.precondition_frequency}"
+        )
+    if args.max_precond_dim < 1:
+        p.error(f"--max-precond-dim must be >= 1, got {args.max_precond_dim}")
     layouts = layouts_of(args.model, args.block_size, args.max_precond_dim)
+    if len(layouts) * args.world >= LARGE_WORK:  # the costs grow with tensors x ranks: say why it is quiet
+        print(
+            f"soap_dist.plan: costing {len(layouts)} tensors over {args.world} ranks for every placement; "
+            "this takes a while (it grows with --world)...",
+            file=sys.stderr,
+            flush=True,
+        )
     fb = DTYPE_BYTES[args.factor_dtype]
     params = sum(spec.numel for spec in model_specs(args.model))
     print(

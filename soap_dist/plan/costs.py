@@ -47,6 +47,8 @@ class RankCosts:
 
     def per_step(self, k: int) -> tuple[float, float]:
         """Average bytes (sent, received) per step with a refresh every k steps."""
+        if k < 1:
+            raise ValueError(f"k (the precondition frequency) must be >= 1, got {k}")
         return self.step_sent + self.refresh_sent / k, self.step_received + self.refresh_received / k
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,10 @@ class FinetuneConfig:
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.context >= 2, "context", ">= 2 (a window predicts its bytes 2..context)")
         need(0 < self.eval_fraction <= 0.5, "eval_fraction", "in (0, 0.5]")
-        need(self.lr > 0, "lr", "> 0")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0")
         need(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
         need(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
-        need(self.eps > 0, "eps", "> 0")
+        need(self.eps > 0 and math.isfinite(self.eps), "eps", "a finite number > 0")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         need(self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)")
         need(self.threads is None or self.threads >= 1, "threads", ">= 1 or null")

@@ -26,9 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from soap_apps.pretrain.parallel import DistEnv
+from soap_apps.pretrain.config import ConfigError
+from soap_apps.pretrain.parallel import DistEnv, all_reduce_mean
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -65,14 +67,42 @@ def formats_present(run_dir: Path) -> list[str]:
     return found + (["DeepSpeed"] if deepspeed_latest(run_dir) is not None else [])
 
 
-def prune(run_dir: Path, keep: int | None, env: DistEnv) -> None:
-    """Delete all but the newest ``keep`` step directories (rank 0; after every rank finished saving)."""
+def _step_dirs(run_dir: Path) -> list[int]:
+    """Steps of every ``step_<N>`` directory under ``run_dir``, complete or not, ascending."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir())
+
+
+def complete_steps(run_dir: Path, deepspeed: bool = False) -> list[int]:
+    """Steps of the checkpoints a resume can load, ascending: DCP's with their ``.metadata``; under
+    DeepSpeed, those up to the step its ``latest`` file names (it moves only once a save completed)."""
+    if not deepspeed:
+        return checkpoint_steps(run_dir)
+    tag = deepspeed_latest(run_dir)
+    if tag is None or not _STEP_DIR.match(tag):
+        return []
+    return [s for s in _step_dirs(run_dir) if s <= int(tag.removeprefix("step_"))]
+
+
+def prune(run_dir: Path, keep: int | None, env: DistEnv, deepspeed: bool = False) -> None:
+    """Keep the newest ``keep`` complete checkpoints (rank 0; after every rank finished saving).
+
+    Only complete checkpoints count: a save cut short (Ctrl-C, a kill) leaves a ``step_<N>`` without
+    its ``.metadata``, which no resume can load, so it must never push a complete one out. Such a
+    directory older than the newest complete checkpoint is deleted with the pruned ones (it can
+    never be loaded); a newer one is left alone (a later save of that step overwrites it).
+    """
     if keep is None or not env.is_main:
         return
-    root = run_dir / CHECKPOINTS
-    steps = sorted(int(m.group(1)) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)))
-    for step in steps[:-keep]:
-        shutil.rmtree(step_dir(run_dir, step), ignore_errors=True)
+    complete = complete_steps(run_dir, deepspeed)
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    for step in _step_dirs(run_dir):
+        if step not in kept and step < complete[-1]:
+            shutil.rmtree(step_dir(run_dir, step), ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -132,6 +162,59 @@ def _drop_unsaved_phases(path: Path, optim_sd: dict[str, Any], saved_keys: Any) 
         )
 
 
+def _one_line(error: BaseException) -> str:
+    """``error`` as one line: for DCP's CheckpointException (a traceback per rank), the first
+    failing rank's own exception."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = min(failures.items(), key=lambda item: item[0])
+        return f"on rank {rank}: {_one_line(inner)}"
+    text = str(error).strip().splitlines()
+    line = type(error).__name__ + (f": {text[0]}" if text else "")
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def unreadable(path: Path, error: BaseException | str) -> ConfigError:
+    """The error a checkpoint that cannot be read becomes: names it, the cause in one line, and the
+    fix (delete it, to resume from the previous complete checkpoint when there is one)."""
+    run_dir = path.parent.parent
+    earlier = [s for s in checkpoint_steps(run_dir) if s < _step_of(path)]
+    then = (
+        f"--resume then continues from {step_dir(run_dir, earlier[-1])}"
+        if earlier
+        else "there is no earlier complete checkpoint, so --resume then starts the run again at step 0"
+    )
+    cause = error if isinstance(error, str) else _one_line(error)
+    return ConfigError(
+        f"--resume: the checkpoint {path} is unreadable ({cause}); it was probably cut short or damaged: "
+        f"delete that directory and resume again ({then})"
+    )
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else 0
+
+
+def _reading(path: Path, env: DistEnv, read: Any) -> Any:
+    """``read()``, with a failure turned into ``unreadable`` on every rank: the ranks agree through
+    one all-reduce, so one that failed alone does not leave the others waiting in a collective."""
+    failure: BaseException | None = None
+    result = None
+    try:
+        result = read()
+    except (Exception, CheckpointException) as error:
+        from soap_apps.pretrain.resume_check import interrupt_in  # that module imports this one
+
+        if interrupt_in(error) is not None:
+            raise
+        failure = error
+    flag = torch.tensor(float(failure is not None), device=env.device)
+    if all_reduce_mean(flag, env).item() > 0:
+        raise unreadable(path, failure or "another rank could not read it; see that rank's message")
+    return result
+
+
 def load(
     path: Path,
     model: nn.Module,
@@ -142,12 +225,15 @@ def load(
     """Load ``path`` into ``model`` and ``optimizer`` (a collective); returns the saved ``train`` state.
 
     ``train_template`` has the keys (and value types) of the saved train state. RNG states are
-    restored when the checkpoint has this rank's (it does when the world size is unchanged).
+    restored when the checkpoint has this rank's (it does when the world size is unchanged). A
+    checkpoint that cannot be read (a damaged or deleted file) is a ConfigError on every rank,
+    naming it and the fix (``unreadable``), rather than one traceback per rank.
     """
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train": train_template}
     rng_key = f"rng_rank{env.rank}"
-    saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = _reading(path, env, lambda: dcp.FileSystemReader(str(path)).read_metadata())
+    saved_keys = metadata.state_dict_metadata
     has_rng = any(k == rng_key or k.startswith(rng_key + ".") for k in saved_keys)
     if has_rng:
         state[rng_key] = _rng_state(env)
@@ -159,7 +245,7 @@ def load(
         )
     _drop_unsaved_phases(path, optim_sd, saved_keys)
     with _one_process_quiet():
-        dcp.load(state, checkpoint_id=str(path))
+        _reading(path, env, lambda: dcp.load(state, checkpoint_id=str(path)))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if has_rng:
         torch.set_rng_state(state[rng_key]["cpu"])

@@ -152,7 +152,7 @@ def _validate(cfg: Config) -> None:
     )
     require(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "in (0, 1)")
     require(o.name in OPTIMIZERS, "optim.name", o.name, " or ".join(map(repr, OPTIMIZERS)))
-    require(o.lr > 0, "optim.lr", o.lr, "> 0")
+    require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a finite number > 0")
     require(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
     require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     require(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")

@@ -128,7 +128,14 @@ def prepare_tokens(cfg: DataConfig, *, writer: bool, barrier: Callable[[], None]
         name = f"text-{root.resolve().name}-{_fingerprint(root, files)}.bin"
     out = cache_dir(cfg.cache_dir) / name
     if writer and not out.is_file():
-        write_tokens(_bytes_of(files), out)
+        try:
+            write_tokens(_bytes_of(files), out)
+        except OSError as error:  # a read-only or full cache directory: name the key that moves it
+            where = f"data.cache_dir={cfg.cache_dir!r}" if cfg.cache_dir else f"the token cache {out.parent}"
+            raise ConfigError(
+                f"{where}: cannot write the prepared tokens {out.name} ({error.strerror or error}); set "
+                f"data.cache_dir (or ${CACHE_ENV}) to a writable directory"
+            ) from None
     barrier()
     return out, True
 

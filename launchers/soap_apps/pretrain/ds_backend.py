@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,31 @@ def resolve_config(path: str | Path, cfg: Config, env: DistEnv) -> tuple[dict[st
     return ds, cfg, notes
 
 
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def one_process_launch_env() -> None:
+    """Let ``python launchers/pretrain.py --deepspeed ...`` run as one process. DeepSpeed reads its
+    rank from the launcher's environment (torchrun, deepspeed) and, without it, asks MPI (mpi4py,
+    rarely installed). With none of it set, this sets that of a one-rank launch (a free local port);
+    with only part of it set (not a launcher's doing), a ConfigError says how to launch instead."""
+    present = [k for k in LAUNCH_ENV if os.environ.get(k)]
+    if len(present) == len(LAUNCH_ENV):
+        return
+    if any(k in present for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        missing = ", ".join(k for k in LAUNCH_ENV if k not in present)
+        raise ConfigError(
+            f"--deepspeed: the environment sets {', '.join(present)} but not {missing}; run under "
+            "`torchrun --nproc_per_node=N` or `deepspeed`, which set them all, or unset them for one process"
+        )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
 class DeepSpeedBackend:
     """Steps, evaluation, checkpoints and export through a DeepSpeed engine (ZeRO stage from the JSON)."""
 
@@ -160,6 +187,8 @@ class DeepSpeedBackend:
         deepspeed_cpu_without_probe()
         no_deprecated_all_gather_warning()
         from soap_dist.deepspeed import initialize  # imported here: DeepSpeed is an optional dependency
+
+        one_process_launch_env()  # before DeepSpeed looks for its launcher
 
         self.cfg, self.env = cfg, env
         if env.is_main:

@@ -55,12 +55,15 @@ class Metrics:
         self._count = 0
         self._start = self._mark = time.perf_counter()
         self._elapsed_before = 0.0  # a resumed run's elapsed_s continues from its last kept record
+        self._start_step = start_step
+        self._tokens_at_start = start_step * tokens_per_step  # rank 0: from the kept records
         self._log = JsonlLog(self.path, env.is_main)
         self._open = env.is_main  # rank 0 until close(): loss.png is drawn once
         self._bar = None
         if env.is_main:
             kept = records_through(self.path, start_step)
             self._elapsed_before = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
+            self._tokens_at_start = tokens_at(kept, start_step, tokens_per_step)
             self._log.replace(kept)
             self._bar = tqdm(
                 total=total_steps,
@@ -94,7 +97,7 @@ class Metrics:
             "loss": mean,
             "lr": lr,
             "grad_norm": None if math.isnan(norm := float(grad_norm)) else norm,
-            "tokens": step * self.tokens_per_step,
+            "tokens": self._tokens_at_start + (step - self._start_step) * self.tokens_per_step,
             "tokens_per_s": tokens_per_s,
             "elapsed_s": self._elapsed_before + now - self._start,
         }
@@ -125,6 +128,20 @@ class Metrics:
             self._open = False
             if plot:
                 plot_losses(read_records(self.path), self.plot_path, title=self.title, unit=self.unit)
+
+
+def tokens_at(kept: list[dict[str, Any]], step: int, tokens_per_step: int) -> int:
+    """Tokens trained through ``step`` by the run whose records up to it are ``kept``: the last kept
+    record's count, plus the steps after it at the rate of the two records before (the global batch
+    may change on resume, so ``step * tokens_per_step`` would rewrite history); without a record,
+    ``step * tokens_per_step``."""
+    counted = [(r["step"], r["tokens"]) for r in kept if "tokens" in r]
+    if not counted:
+        return step * tokens_per_step
+    last_step, last = counted[-1]
+    prev_step, prev = counted[-2] if len(counted) > 1 else (0, 0)
+    rate = (last - prev) // max(last_step - prev_step, 1)
+    return last + (step - last_step) * rate
 
 
 def plot_losses(

@@ -116,6 +116,22 @@ def check_resume_config(cfg: Config, run_dir: Path, is_main: bool = True) -> Non
     )
 
 
+def check_stop_after(stop_after: int | None, latest: int | None, steps: int, run_dir: Path) -> None:
+    """ConfigError when ``--stop-after`` is not past the checkpoint being resumed (step ``latest``):
+    there would be nothing to train (a finished run resumed with ``--stop-after train.steps`` is let
+    through: it reports its losses)."""
+    if stop_after is None or latest is None or stop_after > latest or stop_after == latest == steps:
+        return
+    raise ConfigError(
+        f"--stop-after {stop_after} is not past the checkpoint being resumed, "
+        f"{checkpoint.step_dir(run_dir, latest)} (step {latest}): pass --stop-after a step in "
+        f"[{latest + 1}, {steps}] (train.steps), or leave it out"
+        if latest < steps
+        else f"--stop-after {stop_after} is before the checkpoint being resumed, "
+        f"{checkpoint.step_dir(run_dir, latest)} (step {latest}, the run is finished): leave --stop-after out"
+    )
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a cluster's preemption; torchrun forwards it), raised by the launcher's handler so that
     it ends the run the way Ctrl-C does."""

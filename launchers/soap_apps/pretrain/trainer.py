@@ -29,7 +29,7 @@ from soap_apps.pretrain.metrics import Metrics
 from soap_apps.pretrain.model import GPT, export, lm_loss
 from soap_apps.pretrain.optim import build_optimizer, param_groups
 from soap_apps.pretrain.parallel import DistEnv
-from soap_apps.pretrain.resume_check import Progress, check_resume_config, interrupt_in
+from soap_apps.pretrain.resume_check import Progress, check_resume_config, check_stop_after, interrupt_in
 from soap_apps.schedule import lr_at
 
 
@@ -130,12 +130,6 @@ class RunResult:
     seconds: float
     run_dir: Path
     exported: Path | None
-
-
-def _set_threads(cfg: Config, env: DistEnv) -> None:
-    """Share the node's cores between its processes (2 processes on 2 cores: 1 thread each)."""
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, env.local_world))
-    torch.set_num_threads(threads)
 
 
 @dataclass
@@ -300,10 +294,18 @@ def _soap_placement(backend: Backend) -> str | None:
     return counters.get("placement", "") + over + note
 
 
-def _resume(backend: Backend, run_dir: Path, sampler: data.BatchSampler, env: DistEnv) -> int:
+def _resume(
+    backend: Backend,
+    run_dir: Path,
+    sampler: data.BatchSampler,
+    env: DistEnv,
+    stop_after: int | None,
+    steps: int,
+) -> int:
     """The step to start from: the newest checkpoint's (0, with a warning, without one); called only
-    under ``resume``."""
+    under ``resume``. A ``stop_after`` not past that checkpoint is refused before it is loaded."""
     latest = backend.latest_checkpoint(run_dir)
+    check_stop_after(stop_after, latest, steps, run_dir)
     if latest is None:
         if env.is_main:
             print(
@@ -394,7 +396,7 @@ def _run(
     else:
         backend = TorchBackend(model, cfg, env)
         mode = cfg.parallel.mode if env.distributed else "single process"
-    start_step = _resume(backend, run_dir, d.sampler, env) if resume else 0
+    start_step = _resume(backend, run_dir, d.sampler, env, stop_after, t.steps) if resume else 0
     progress.step, progress.total_steps = start_step, t.steps
     global_batch = t.micro_batch * t.grad_accum * env.world
     if env.is_main:
@@ -459,7 +461,7 @@ def _run(
             evaluate(step)
         if saving:
             backend.save(run_dir, step, {"step": step, "data": d.sampler.state_dict()})
-            checkpoint.prune(run_dir, t.keep_checkpoints, env)
+            checkpoint.prune(run_dir, t.keep_checkpoints, env, deepspeed_config is not None)
             last_saved = step
     final_step = max(last, start_step)
     exported = None
