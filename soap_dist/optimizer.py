@@ -340,9 +340,12 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         grid = self._placement.topology if params and self._placement is not None else None  # (ZeRO: none)
         replicas = grid is not None and grid.replicas > 1 and grid.placement in ("replicated", "hsdp")
         if replicas:
-            # one host read, at build; under HSDP of this rank's shards, compared between the replicas
-            sums = torch.stack([local(p).detach().double().sum() for p in params])
-            fingerprints = sums.view(torch.int64).tolist()
+            # one host read, at build; under HSDP of this rank's shards, compared between the replicas.
+            # An integer sum of the bits: exact, so the same whatever the summation order (threads).
+            sums = torch.stack(
+                [local(p).detach().reshape(-1).view(torch.int16).sum(dtype=torch.int64) for p in params]
+            )
+            fingerprints = sums.tolist()
             if grid.placement == "hsdp":
                 groups = self._placement.groups
                 members = [groups.ranks[t] for t in grid.replica_group(grid.shard)]

@@ -222,17 +222,18 @@ def hsdp_replicas_hold_other_tensors(world):
     gen = torch.Generator().manual_seed(3)
     values = [torch.randn(8, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
     out = {}
-    for placement in ("hsdp", "owner"):
+    for placement, fault in (("hsdp", "swap"), ("owner", "swap"), ("hsdp", "fewer"), ("owner", "fewer")):
         params = [torch.nn.Parameter(distribute_tensor(v, mesh, [Replicate(), Shard(0)])) for v in values]
-        given = params[::-1] if dist.get_rank() == world - 1 else params
+        last = dist.get_rank() == world - 1
+        given = (params[::-1] if fault == "swap" else params[:1]) if last else params
         opt = SOAP(given, placement=placement, factor_dtype=torch.float64, collective_timeout=60)
         for p, v in zip(params, values, strict=True):
             p.grad = distribute_tensor(v * 0.5, mesh, [Replicate(), Shard(0)])
         try:
             opt.step()
-            out[placement] = ""
+            out[f"{placement}_{fault}"] = ""
         except RuntimeError as error:
-            out[placement] = f"{type(error).__name__}: {error}"
+            out[f"{placement}_{fault}"] = f"{type(error).__name__}: {error}"
     return out
 
 

@@ -318,12 +318,23 @@ class Exchange:
             )
 
     def replicas_agree(self, values: list[int], group: Any, members: list[int]) -> list[bool]:
-        """Per value, whether every rank of ``group`` (the replicas of one shard) holds the same; one
-        small all_gather at build. Every member reads the same table, so they decide alike."""
+        """Per value, whether every rank of ``group`` (the replicas of one shard) holds the same, at
+        build. First a fixed-size (count, hash) all_gather; the values themselves only when the counts
+        agree (a count that differs is check_plan's to name: no opinion here, every value True).
+        Every member reads the same tables, so they decide alike."""
+        n = len(values)
+        summary = torch.tensor(
+            [n, hash(tuple(values)) & ((1 << 63) - 1)], dtype=torch.int64, device=self.device
+        )
+        every = torch.empty(2 * len(members), dtype=torch.int64, device=self.device)
+        self.guard.wait(_all_gather(every, summary, group=group, async_op=True), "replica check", members)
+        every = every.view(len(members), 2).cpu()
+        if not bool((every[:, 0] == n).all()) or bool((every[:, 1] == every[0, 1]).all()):
+            return [True] * n
         mine = torch.tensor(values, dtype=torch.int64, device=self.device)
-        table = torch.empty(len(members) * len(values), dtype=torch.int64, device=self.device)
+        table = torch.empty(len(members) * n, dtype=torch.int64, device=self.device)
         self.guard.wait(_all_gather(table, mine, group=group, async_op=True), "replica check", members)
-        table = table.view(len(members), len(values)).cpu()
+        table = table.view(len(members), n).cpu()
         return (table == table[0]).all(dim=0).tolist()
 
     # ----- every step -----
