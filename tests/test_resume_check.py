@@ -355,3 +355,19 @@ def test_an_unreadable_checkpoint_is_one_error_naming_it_and_the_fix(tmp_path, d
     damage(checkpoint.step_dir(tmp_path, 2))  # no earlier one: says the run starts again
     with pytest.raises(ConfigError, match="no earlier complete checkpoint, so --resume then starts the run"):
         checkpoint.load(checkpoint.step_dir(tmp_path, 2), model, optimizer, {"step": 0}, env)
+
+
+def test_an_intact_checkpoint_that_does_not_fit_is_not_called_damaged(tmp_path):
+    """A checkpoint whose files are whole but whose shapes differ from the model (another model, or a
+    world size the layout cannot reshard): the cause in one line, and no advice to delete it."""
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    _tiny_checkpoint(tmp_path, 2, 4)
+    wider = torch.nn.Linear(4, 8)
+    optimizer = torch.optim.AdamW(wider.parameters())
+    wider(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    with pytest.raises(ConfigError) as raised:
+        checkpoint.load(checkpoint.step_dir(tmp_path, 4), wider, optimizer, {"step": 0}, env)
+    message = str(raised.value)
+    assert "could not load the checkpoint" in message and "Size mismatch" in message, message
+    assert "delete" not in message and "keep it" in message, message

@@ -15,6 +15,7 @@ documented in docs/design.md section 5).
 from __future__ import annotations
 
 import contextlib
+import pickle
 import re
 import shutil
 import warnings
@@ -174,9 +175,42 @@ def _one_line(error: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+DAMAGE = (FileNotFoundError, EOFError, pickle.UnpicklingError)  # a file missing or cut short
+
+
+def _damaged(error: BaseException) -> bool:
+    """Whether ``error`` (or, for DCP's CheckpointException, a rank's own exception, or any cause in
+    its chain) says a file of the checkpoint is missing or cut short, rather than that an intact
+    checkpoint does not fit (another model or world size), or that memory or the disk failed."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DAMAGE) or "PytorchStreamReader" in str(e):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [inner for inner, _ in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
 def unreadable(path: Path, error: BaseException | str) -> ConfigError:
-    """The error a checkpoint that cannot be read becomes: names it, the cause in one line, and the
-    fix (delete it, to resume from the previous complete checkpoint when there is one)."""
+    """The error a checkpoint that cannot be read becomes: names it and the cause in one line; where
+    a file is missing or cut short, the fix (delete it, to resume from the previous complete
+    checkpoint when there is one); otherwise (an intact checkpoint that does not fit, memory, I/O),
+    nothing is said to be deleted."""
+    if isinstance(error, str):  # another rank's failure: that rank's message says which kind
+        return ConfigError(f"--resume: could not load the checkpoint {path} ({error})")
+    cause = _one_line(error)
+    if not _damaged(error):
+        return ConfigError(
+            f"--resume: could not load the checkpoint {path} ({cause}). Its files look whole, so keep it: "
+            "if the model, parallel.* or optim.block_size changed since it was saved, resume with the saved "
+            "values (docs/pretrain.md, 'Checkpoints and resume')"
+        )
     run_dir = path.parent.parent
     earlier = [s for s in checkpoint_steps(run_dir) if s < _step_of(path)]
     then = (
@@ -184,7 +218,6 @@ def unreadable(path: Path, error: BaseException | str) -> ConfigError:
         if earlier
         else "there is no earlier complete checkpoint, so --resume then starts the run again at step 0"
     )
-    cause = error if isinstance(error, str) else _one_line(error)
     return ConfigError(
         f"--resume: the checkpoint {path} is unreadable ({cause}); it was probably cut short or damaged: "
         f"delete that directory and resume again ({then})"
