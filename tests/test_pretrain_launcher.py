@@ -333,31 +333,37 @@ def test_finetune_betas_and_eps_are_checked_with_the_flags():
             FinetuneConfig(**{field: value}).validate()
 
 
-def test_tokens_continue_from_the_kept_records_when_the_batch_changes(tmp_path):
-    """A resume with another global batch (allowed) counts on from the last kept record's tokens;
-    ``step * tokens_per_step`` made the column go backwards."""
+def test_tokens_count_what_the_data_order_trained_when_the_batch_changes(tmp_path):
+    """A resume with another global batch (allowed) counts on from the sampler's own count of windows
+    trained; ``step * tokens_per_step`` made the column go backwards, and a count from the kept records'
+    rate went wrong after a second change."""
+    from soap_apps.pretrain.data import BatchSampler
     from soap_apps.pretrain.metrics import Metrics
 
+    tokens = np.arange(10_000, dtype=np.uint16)
+    trained = 0
+    order = dict(seq_len=8, grad_accum=1, rank=0, world=2, seed=0)
+    sampler = BatchSampler(tokens, micro_batch=4, **order)
+    for micro_batch, steps in ((4, 10), (2, 5), (8, 3)):  # two resumes, each with another batch
+        state = sampler.state_dict()
+        sampler = BatchSampler(tokens, micro_batch=micro_batch, **order)
+        sampler.load_state_dict(state)
+        for _ in range(steps):
+            sampler.next_step()
+            trained += micro_batch * 2 * 8
+    assert sampler.next_window * 8 == trained
     env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
     (tmp_path / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 1.0, "tokens": 512 * s}) + "\n" for s in (10, 20, 30, 40))
     )
-    metrics = Metrics(tmp_path, env, start_step=30, total_steps=50, tokens_per_step=128, log_every=1)
+    metrics = Metrics(
+        tmp_path, env, start_step=30, total_steps=50, tokens_per_step=128, log_every=1, tokens_at_start=15360
+    )
     for step in (31, 32):
         metrics.log_train(step, torch.tensor(1.0), torch.tensor(1.0), 0.1, force=False)
     metrics.close(plot=False)
-    assert [r["tokens"] for r in read_records(tmp_path / "metrics.jsonl")] == [
-        5120,
-        10240,
-        15360,
-        15488,
-        15616,
-    ]
-    from soap_apps.pretrain.metrics import tokens_at
-
-    kept = [{"step": 10, "tokens": 5120}, {"step": 20, "eval_loss": 1.0}, {"step": 20, "tokens": 10240}]
-    assert tokens_at(kept, 25, 1) == 10240 + 5 * 512  # steps past the last record: at that run's rate
-    assert tokens_at([], 25, 64) == 25 * 64
+    counted = [r["tokens"] for r in read_records(tmp_path / "metrics.jsonl")]
+    assert counted == [5120, 10240, 15360, 15488, 15616]
 
 
 def test_deepspeed_without_a_launcher_runs_as_one_process(tmp_path, cache, monkeypatch):

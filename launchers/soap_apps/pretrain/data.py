@@ -204,7 +204,7 @@ class BatchSampler:
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.micro_batch, self.grad_accum, self.rank, self.world = micro_batch, grad_accum, rank, world
         self.n_windows = (len(tokens) - 1) // seq_len
-        self.next_window = 0  # global window counter: the first window of the next step
+        self.next_window = 0  # global window counter (windows trained so far): the first of the next step
         self._perms: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -41,9 +41,12 @@ class Metrics:
         log_every: int,
         title: str = "",
         unit: str = "nats/token",
+        tokens_at_start: int | None = None,
     ) -> None:
         """``title``: loss.png's (config, optimizer, backend, world size); ``unit``: the loss's, as
-        ``data.loss_unit`` gives it (nats/byte on a byte-level corpus)."""
+        ``data.loss_unit`` gives it (nats/byte on a byte-level corpus); ``tokens_at_start``: tokens
+        trained through ``start_step`` (the data sampler's count, exact when the global batch changed
+        on an earlier resume; default ``start_step * tokens_per_step``)."""
         self.env, self.log_every, self.tokens_per_step = env, log_every, tokens_per_step
         self.title, self.unit = title, unit
         self.path = run_dir / METRICS_FILE
@@ -56,14 +59,13 @@ class Metrics:
         self._start = self._mark = time.perf_counter()
         self._elapsed_before = 0.0  # a resumed run's elapsed_s continues from its last kept record
         self._start_step = start_step
-        self._tokens_at_start = start_step * tokens_per_step  # rank 0: from the kept records
+        self._tokens_at_start = start_step * tokens_per_step if tokens_at_start is None else tokens_at_start
         self._log = JsonlLog(self.path, env.is_main)
         self._open = env.is_main  # rank 0 until close(): loss.png is drawn once
         self._bar = None
         if env.is_main:
             kept = records_through(self.path, start_step)
             self._elapsed_before = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
-            self._tokens_at_start = tokens_at(kept, start_step, tokens_per_step)
             self._log.replace(kept)
             self._bar = tqdm(
                 total=total_steps,
@@ -128,20 +130,6 @@ class Metrics:
             self._open = False
             if plot:
                 plot_losses(read_records(self.path), self.plot_path, title=self.title, unit=self.unit)
-
-
-def tokens_at(kept: list[dict[str, Any]], step: int, tokens_per_step: int) -> int:
-    """Tokens trained through ``step`` by the run whose records up to it are ``kept``: the last kept
-    record's count, plus the steps after it at the rate of the two records before (the global batch
-    may change on resume, so ``step * tokens_per_step`` would rewrite history); without a record,
-    ``step * tokens_per_step``."""
-    counted = [(r["step"], r["tokens"]) for r in kept if "tokens" in r]
-    if not counted:
-        return step * tokens_per_step
-    last_step, last = counted[-1]
-    prev_step, prev = counted[-2] if len(counted) > 1 else (0, 0)
-    rate = (last - prev) // max(last_step - prev_step, 1)
-    return last + (step - last_step) * rate
 
 
 def plot_losses(

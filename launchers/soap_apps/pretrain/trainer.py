@@ -416,6 +416,7 @@ def _run(
         start_step=start_step,
         total_steps=t.steps,
         tokens_per_step=global_batch * cfg.model.seq_len,
+        tokens_at_start=d.sampler.next_window * cfg.model.seq_len,  # the data order's own count
         log_every=t.log_every,
         title=f"{name or run_dir.name}: {cfg.optim.name}, {backend_name(cfg, env.world, deepspeed_config)}, "
         f"world {env.world}",
