@@ -393,3 +393,19 @@ def test_deepspeed_without_a_launcher_runs_as_one_process(tmp_path, cache, monke
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ConfigError, match=r"sets RANK but not WORLD_SIZE, .*run under `torchrun --nproc"):
         one_process_launch_env()
+
+
+def test_deepspeed_under_srun_or_mpirun_without_a_rank_is_refused(monkeypatch):
+    """Several processes started by srun or mpirun, none given RANK: each would set itself up as the
+    one rank of a one-process run and train alone into the same --out."""
+    from soap_apps.pretrain.ds_backend import LAUNCH_ENV, one_process_launch_env
+
+    launched = (*LAUNCH_ENV, "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    environ = {k: v for k, v in os.environ.items() if k not in launched}
+    monkeypatch.setattr(os, "environ", environ)  # what it sets stays out of the other tests
+    environ["OMPI_COMM_WORLD_SIZE"] = "4"
+    with pytest.raises(ConfigError, match=r"one of several \(OMPI_COMM_WORLD_SIZE=4\).*with `deepspeed`"):
+        one_process_launch_env()
+    environ.update(OMPI_COMM_WORLD_SIZE="1", SLURM_NTASKS="1")  # one task: runs as one process
+    one_process_launch_env()
+    assert environ["RANK"] == "0" and environ["WORLD_SIZE"] == "1"

@@ -153,6 +153,7 @@ def resolve_config(path: str | Path, cfg: Config, env: DistEnv) -> tuple[dict[st
 
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+MANY_TASKS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # launchers that set no RANK
 
 
 def one_process_launch_env() -> None:
@@ -163,6 +164,13 @@ def one_process_launch_env() -> None:
     present = [k for k in LAUNCH_ENV if os.environ.get(k)]
     if len(present) == len(LAUNCH_ENV):
         return
+    many = {k: v for k in MANY_TASKS if (v := os.environ.get(k, "1")) != "1"}
+    if not present and many:  # srun / mpirun: N processes, each of which would train alone
+        raise ConfigError(
+            f"--deepspeed: this process is one of several ({', '.join(f'{k}={v}' for k, v in many.items())}) "
+            "but no RANK/WORLD_SIZE is set, so each would train alone; start it with `deepspeed` or "
+            "`torchrun --nproc_per_node=N`, or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
+        )
     if any(k in present for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         missing = ", ".join(k for k in LAUNCH_ENV if k not in present)
         raise ConfigError(
