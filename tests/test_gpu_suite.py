@@ -188,3 +188,30 @@ def test_part_r_runs_the_gpu_tests_first_whatever_the_bench_does(tmp_path, bench
     else:  # the sizes measured before the cut are kept, and said to be partial
         row = next(r for r in summary.rows if r["what"].startswith("gpt2-medium full refresh"))
         assert "only sizes [1024]" in row["what"], row
+
+
+def test_gpu_tests_cut_off_by_the_part_name_the_test_they_were_in(tmp_path):
+    """A test that hangs early hits the command's timeout before its own: the row names the test in
+    progress and counts the failures before it, instead of 'not a test failure'."""
+    import argparse
+
+    _race()
+    from soap_apps.gpu_suite.context import Ctx
+    from soap_apps.gpu_suite.refresh_pieces import _gpu_tests
+    from soap_apps.gpu_suite.running import Clock
+    from soap_apps.gpu_suite.summary import Summary
+
+    log = "tests/test_qr.py::test_a PASSED [ 10%]\ntests/test_qr.py::test_b FAILED [ 20%]\n"
+    log += "tests/test_gpu.py::test_c "  # cut off here
+
+    class CutOff:
+        def run(self, name, cmd, timeout):
+            (tmp_path / name).write_text(log)
+            return {"name": name, "rc": -9, "seconds": timeout, "timed_out": True, "log": name}
+
+    summary = Summary(tmp_path, [], False)
+    ctx = Ctx(argparse.Namespace(smoke=False), tmp_path, tmp_path, tmp_path, Clock(480), CutOff(), summary)
+    ctx.begin("r")
+    _gpu_tests(ctx)
+    (row,) = summary.rows
+    assert row["verdict"] == "FAIL" and "in tests/test_gpu.py::test_c (hung" in row["note"], row

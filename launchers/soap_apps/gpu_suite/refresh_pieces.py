@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 from soap_apps.gpu_suite.context import Ctx
 from soap_apps.gpu_suite.settings import PER_GPU_TEST_S
@@ -56,12 +57,33 @@ def _gpu_tests(ctx: Ctx) -> None:
     if timeout is None:
         s.check("r", what, "0", None, 0, "{}", "skipped: no time left in the part's budget")
         return
-    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-v", "-rA", "--durations=0", "-m", "gpu"]
+    # -u: each test's name reaches the log as it starts, so a run cut off names the test it was in
+    cmd = [sys.executable, "-u", "-m", "pytest", "-o", "addopts=", "-v", "-rA", "--durations=0", "-m", "gpu"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd += [f"--timeout={PER_GPU_TEST_S:.0f}"]
     t = ctx.runner.run("r_gpu_tests", cmd + GPU_TESTS, timeout)
-    if t["timed_out"]:  # not a failure: the tests ran out of the part's time (the log says how far)
-        note = f"timed out after {t['seconds']:.0f} s, not a test failure; log raw/{t['log']}"
-        s.check("r", what, "0", None, 0, "{}", note)
+    if t["timed_out"]:  # the tests ran out of the part's time: say how far they got, and in which test
+        failed, running = _cut_off_at(ctx.raw / t["log"])
+        note = f"timed out after {t['seconds']:.0f} s" + (
+            f" in {running} (hung, or slower than the time left)" if running else ""
+        )
+        s.check("r", what, "0", failed or None, 0, "{}", f"{note}; log raw/{t['log']}")
         return
     s.check("r", what, "0", int(t["rc"] != 0), 0, "{}", f"rc {t['rc']}; log raw/{t['log']}")
+
+
+OUTCOMES = ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")
+
+
+def _cut_off_at(log: Path) -> tuple[int, str | None]:
+    """From a ``pytest -v`` log that was cut off: the tests failed so far, and the test it was in (a
+    line naming a test with no outcome yet), if any."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0, None
+    tests = [line for line in lines if line.startswith("tests/") and "::" in line]
+    failed = sum(any(o in line for o in ("FAILED", "ERROR")) for line in tests)
+    last = tests[-1] if tests else ""
+    running = last.split()[0] if last and not any(o in last for o in OUTCOMES) else None
+    return failed, running
