@@ -313,6 +313,8 @@ def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
         ("optim.eps=0", "optim.eps must be a finite number > 0"),
         ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
         ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
+        ("optim.weight_decay=inf", "optim.weight_decay must be a finite number >= 0, got inf"),
+        ("optim.grad_clip=inf", "optim.grad_clip must be a finite number > 0, or null"),
         ("optim.refresh_delay=20", "optim.refresh_delay must be < optim.precondition_frequency (10)"),
         ("optim.refresh_schedule=bogus", "optim.refresh_schedule must be 'all' or 'staggered'"),
         ("optim.owner_scope=replica", "optim.owner_scope must be 'world' or 'shard_group'"),
@@ -328,7 +330,17 @@ def test_values_soap_would_refuse_are_config_errors_naming_the_key(override, mes
 def test_finetune_betas_and_eps_are_checked_with_the_flags():
     from soap_apps.finetune.config import FinetuneConfig
 
-    for field, value in (("beta1", 1.5), ("beta2", -0.1), ("eps", 0.0), ("lr", math.inf), ("eps", math.inf)):
+    for field, value in (
+        ("beta1", 1.5),
+        ("beta2", -0.1),
+        ("eps", 0.0),
+        ("lr", math.inf),
+        ("eps", math.inf),
+    ) + (
+        ("grad_clip", math.inf),
+        ("weight_decay", math.inf),
+        ("weight_decay", -1.0),
+    ):
         with pytest.raises(ValueError, match=f"{field} must be"):
             FinetuneConfig(**{field: value}).validate()
 

@@ -130,7 +130,16 @@ class FinetuneConfig:
         need(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
         need(self.eps > 0 and math.isfinite(self.eps), "eps", "a finite number > 0")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-        need(self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)")
+        need(
+            self.grad_clip >= 0 and math.isfinite(self.grad_clip),
+            "grad_clip",
+            "a finite number >= 0 (0: none)",
+        )
+        need(
+            self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+            "weight_decay",
+            "a finite number >= 0",
+        )
         need(self.threads is None or self.threads >= 1, "threads", ">= 1 or null")
         need(self.block_size is None or self.block_size >= 1, "block_size", ">= 1 or null")
         need(

@@ -154,8 +154,18 @@ def _validate(cfg: Config) -> None:
     require(o.name in OPTIMIZERS, "optim.name", o.name, " or ".join(map(repr, OPTIMIZERS)))
     require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a finite number > 0")
     require(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
-    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    require(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")
+    require(
+        o.weight_decay >= 0 and math.isfinite(o.weight_decay),
+        "optim.weight_decay",
+        o.weight_decay,
+        "a finite number >= 0",
+    )
+    require(
+        o.grad_clip is None or (o.grad_clip > 0 and math.isfinite(o.grad_clip)),
+        "optim.grad_clip",
+        o.grad_clip,
+        "a finite number > 0, or null (no clipping)",
+    )
     require(o.precondition_frequency >= 1, "optim.precondition_frequency", o.precondition_frequency, ">= 1")
     require(o.block_size is None or o.block_size >= 1, "optim.block_size", o.block_size, ">= 1 or null")
     require(o.max_precond_dim >= 1, "optim.max_precond_dim", o.max_precond_dim, ">= 1")
