@@ -58,6 +58,8 @@ def test_a_gradient_missing_on_one_rank_is_named_under_every_placement(shared):
             error = res["error"]
             assert error.startswith("RanksDisagreeError") and "has no gradient" in error, (placement, error)
             assert "on ranks [1]" in error and "gradients differ" not in error, (placement, error)
+            hint = "find_unused_parameters" if placement == "replicated" else "under FSDP2 and DeepSpeed"
+            assert hint in error, (placement, error)
             # raised before anything of the step: the parameters as they were, no rank refusing
             assert res["unchanged"] and res["broken"] is None, (placement, res)
 

@@ -126,13 +126,19 @@ class AgreementMixin:
         every = self.exchange.gather_objects(mine)
         lines = []
         stepped_apart = len({tuple(m["stepped"]) for m in every}) > 1
+        hint = (
+            "under DDP, find_unused_parameters=True gives a parameter that some ranks did not use a "
+            "gradient on every rank"
+            if self.plan.topology.placement == "replicated"
+            else "under FSDP2 and DeepSpeed every rank holds a gradient of each parameter used in the step: "
+            "look for code that sets or leaves a gradient None on some ranks only"
+        )
         for i in sorted(set().union(*(m["stepped"] for m in every))):
             without = [r for r, m in enumerate(every) if i not in m["stepped"]]
             if without:
                 lines.append(
                     f"{self._name(i)} has no gradient on ranks {without} and one on the others: every "
-                    "replica must step the same parameters (under DDP, find_unused_parameters=True gives a "
-                    "parameter that some ranks did not use a gradient on every rank)"
+                    f"rank must step the same parameters ({hint})"
                 )
         for g, fields in enumerate(zip(*[m["groups"] for m in every], strict=True)):
             for k, name in enumerate(Hyper.__dataclass_fields__):
