@@ -347,9 +347,9 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             )
             fingerprints = sums.tolist()
             if grid.placement == "hsdp":
-                groups = self._placement.groups
-                members = [groups.ranks[t] for t in grid.replica_group(grid.shard)]
-                fingerprints = exchange.replicas_agree(fingerprints, groups.replicate, members)
+                mesh = self._placement.groups
+                members = [mesh.ranks[t] for t in grid.replica_group(grid.shard)]
+                fingerprints = exchange.replicas_agree(fingerprints, mesh.replicate, members)
         identities = [
             int.from_bytes(hashlib.blake2b(repr((n, f)).encode(), digest_size=8).digest(), "little") >> 1
             for n, f in zip(given, fingerprints, strict=True)

@@ -44,8 +44,9 @@ class AgreementMixin:
             return None
         n = len(grads)
         finite, norms = self._finite_flags(grads, active_ids)
+        fresh = [i for i in active_ids if not self.started[i]]
         unstarted = not all(self.started)  # the same on every rank: the zero-first flags ride along
-        flags = torch.cat([finite, self._zero_first_flags(grads, active_ids)]) if unstarted else finite
+        flags = torch.cat([finite, self._zero_first_flags(grads, fresh)]) if unstarted else finite
         words = self._agreement_words(hypers, active_ids, norms)
         flags, agreed = self.exchange.all_finite(flags, words)
         finite = flags[:n]
@@ -53,27 +54,26 @@ class AgreementMixin:
             # A gradient skipped as non-finite differs between replicas by nature; the decision is shared.
             if not bool(agreed[0]) or bool(finite.all()):
                 self._disagree(hypers, active_ids, agreed)
-        fresh = [i for i in active_ids if not self.started[i]]
         if fresh:  # a first gradient that is zero on every rank does not start its parameter
-            zero = flags[n:][self._index(fresh)].tolist()
-            active_ids = [i for i in active_ids if not (i in fresh and zero[fresh.index(i)])]
-            active = [i in set(active_ids) for i in range(n)]
+            skipped = {i for i, z in zip(fresh, flags[n:][self._index(fresh)].tolist(), strict=True) if z}
+            active_ids = [i for i in active_ids if i not in skipped]
+            for i in skipped:
+                active[i] = False
         if not active_ids:
             return None
         self.nonfinite_seen |= ~finite
         return Agreed(hypers, active, active_ids, finite)
 
-    def _zero_first_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> Tensor:
-        """Per parameter, whether this is its first gradient and it is exactly zero on this rank (True
-        elsewhere: the identity of the MIN), so that a parameter starts at its first gradient that is
-        not zero everywhere.
+    def _zero_first_flags(self, grads: list[Tensor | None], fresh: list[int]) -> Tensor:
+        """Per parameter, whether this is its first gradient (``fresh``: the unstarted ones with a
+        gradient) and it is exactly zero on this rank (True elsewhere: the identity of the MIN), so
+        that a parameter starts at its first gradient that is not zero everywhere.
 
         DeepSpeed's fp16/bf16 stage-0 wrappers and DCP call ``step`` once with all-zero gradients to
         create optimizer state; a preconditioner built from zeros would hold an arbitrary basis until
         the first refresh. This costs one host read per step, and only while a parameter is unstarted.
         """
         flags = torch.ones(len(grads), dtype=torch.bool, device=self.device)
-        fresh = [i for i in active_ids if not self.started[i]]
         if fresh:
             empty = torch.ones((), dtype=torch.bool, device=self.device)  # an empty shard holds no non-zero
             zero = torch.stack([(grads[i] == 0).all() if grads[i].numel() else empty for i in fresh])

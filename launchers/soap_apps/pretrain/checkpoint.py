@@ -41,17 +41,17 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step_{step}"
 
 
-def checkpoint_steps(run_dir: Path, marker: str = ".metadata") -> list[int]:
-    """Steps of the complete checkpoints under ``run_dir`` (those whose ``marker`` file exists), ascending."""
+def _step_dirs(run_dir: Path) -> list[int]:
+    """Steps of every ``step_<N>`` directory under ``run_dir``, complete or not, ascending."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    steps = []
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and (d / marker).exists():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    return sorted(int(m.group(1)) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir())
+
+
+def checkpoint_steps(run_dir: Path, marker: str = ".metadata") -> list[int]:
+    """Steps of the complete checkpoints under ``run_dir`` (those whose ``marker`` file exists), ascending."""
+    return [s for s in _step_dirs(run_dir) if (step_dir(run_dir, s) / marker).exists()]
 
 
 def deepspeed_latest(run_dir: Path) -> str | None:
@@ -68,23 +68,16 @@ def formats_present(run_dir: Path) -> list[str]:
     return found + (["DeepSpeed"] if deepspeed_latest(run_dir) is not None else [])
 
 
-def _step_dirs(run_dir: Path) -> list[int]:
-    """Steps of every ``step_<N>`` directory under ``run_dir``, complete or not, ascending."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(int(m.group(1)) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir())
-
-
 def complete_steps(run_dir: Path, deepspeed: bool = False) -> list[int]:
     """Steps of the checkpoints a resume can load, ascending: DCP's with their ``.metadata``; under
     DeepSpeed, those up to the step its ``latest`` file names (it moves only once a save completed)."""
     if not deepspeed:
         return checkpoint_steps(run_dir)
     tag = deepspeed_latest(run_dir)
-    if tag is None or not _STEP_DIR.match(tag):
+    latest = _STEP_DIR.match(tag) if tag is not None else None
+    if latest is None:
         return []
-    return [s for s in _step_dirs(run_dir) if s <= int(tag.removeprefix("step_"))]
+    return [s for s in _step_dirs(run_dir) if s <= int(latest.group(1))]
 
 
 def prune(run_dir: Path, keep: int | None, env: DistEnv, deepspeed: bool = False) -> None:
