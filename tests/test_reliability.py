@@ -326,3 +326,73 @@ def test_nccl_blocking_waits_are_not_sliced_but_still_read_the_notice(store_as_r
     with pytest.raises(PeerFailed, match="rank 1: RuntimeError: boom"):
         guard.wait(once, "x", [0, 1])
     assert len(once.waits) == 1 and once.waits[0] > 0.15  # the whole timeout in one wait
+
+
+class _StaleFirstRead:
+    """A store whose first compare_set returns the value it held before: the state this rank read
+    just before another rank's give-up landed (one interleaving of two ranks, replayed in order)."""
+
+    def __init__(self, store, stale: bytes | None = None, blind_to: str | None = None) -> None:
+        self._store, self._stale, self._blind_to = store, stale, blind_to
+
+    def compare_set(self, key, expected, desired):
+        if self._stale is not None:
+            stale, self._stale = self._stale, None
+            return stale
+        return self._store.compare_set(key, expected, desired)
+
+    def check(self, keys):  # blind_to: a key this rank's polls happened not to see
+        return not (self._blind_to and keys[0].endswith(self._blind_to)) and self._store.check(keys)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def _two_guards(monkeypatch, timeout_s: float):
+    import itertools
+
+    from soap_dist.comm import guard as guard_module
+
+    guards = []
+    for _ in range(2):
+        monkeypatch.setattr(guard_module, "_guards", itertools.count(70))
+        guards.append(guard_module.Guard(timeout_s))
+    return guards
+
+
+def test_a_rank_arriving_as_another_gives_up_does_not_pass_alone(store_as_rank, monkeypatch):
+    """Rank 0 reads the rendezvous open, rank 1 gives up, then rank 0 sees rank 1's arrival: the
+    rendezvous was settled as given up, so rank 0 raises too. Before, it passed alone and its
+    state_dict collectives ran with no partner, while rank 1 raised."""
+    from soap_dist.comm import guard as guard_module
+
+    store = guard_module._store()
+    mine, theirs = _two_guards(monkeypatch, 0.2)
+    store_as_rank(1)
+    with pytest.raises(guard_module.CollectiveTimeout, match=r"ranks \[0\] did not call it within 0.2 s"):
+        guard_module.arrive_all(theirs, "state_dict()", [0, 1])
+    store_as_rank(0)
+    monkeypatch.setattr(guard_module, "_store", lambda: _StaleFirstRead(store, stale=b"0"))
+    with pytest.raises(guard_module.CollectiveTimeout, match="another rank gave up waiting for it"):
+        guard_module.arrive_all(mine, "state_dict()", [0, 1])
+    assert mine.seq == theirs.seq == 0  # both retry at the same count: a later call on both meets
+    monkeypatch.setattr(guard_module, "_store", lambda: store)
+    store.set(f"soap_dist/guard{theirs.id}/arrive1/1/1", "state_dict()")  # rank 1's retry, arrived
+    guard_module.arrive_all(mine, "state_dict()", [0, 1])
+    assert mine.seq == 1
+
+
+def test_a_rank_giving_up_as_the_last_one_arrives_passes_with_it(store_as_rank, monkeypatch):
+    """Rank 1's polls miss rank 0, which arrives, sees rank 1 and settles the rendezvous as met:
+    rank 1 passes too, though it never saw rank 0 (the settled state is what counts)."""
+    from soap_dist.comm import guard as guard_module
+
+    store = guard_module._store()
+    mine, theirs = _two_guards(monkeypatch, 0.2)
+    store.set(f"soap_dist/guard{mine.id}/arrive1/0/1", "state_dict()")  # rank 1 has arrived ...
+    store_as_rank(0)
+    guard_module.arrive_all(mine, "state_dict()", [0, 1])  # ... rank 0 comes and settles it met
+    store_as_rank(1)
+    monkeypatch.setattr(guard_module, "_store", lambda: _StaleFirstRead(store, stale=b"0", blind_to="/0"))
+    guard_module.arrive_all(theirs, "state_dict()", [0, 1])  # never saw rank 0, yet passes
+    assert mine.seq == theirs.seq == 1

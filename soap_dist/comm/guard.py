@@ -241,27 +241,51 @@ def _report(
 
 def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     """A rendezvous through the store, not a collective: every participant must reach ``name`` within
-    the timeout, else CollectiveTimeout on the ranks that did. For calls users make on one rank by
-    mistake (``state_dict()`` under DDP), so that they fail before any collective collides."""
+    the timeout, else CollectiveTimeout on every rank that came. For calls users make on one rank by
+    mistake (``state_dict()`` under DDP), so that they fail before any collective collides.
+
+    Whether a rendezvous met or was given up is settled once, by one ``compare_set`` on its state key,
+    so a rank arriving just as another gives up cannot pass alone. A given-up rendezvous opens the
+    next attempt under the same count: the ranks that never came, and a retry on every rank, meet
+    there (else every later ``state_dict()`` would time out)."""
     store = _store()
     if store is None or len(participants) < 2:
         return
     guard.seq += 1
-    prefix = f"soap_dist/guard{guard.id}/arrive{guard.seq}/"
-    absent = _report(store, prefix, name, participants, guard.timeout_s, pause=0.05)
-    if absent:
-        # Nothing happened: take back this arrival, so that the count stays the other ranks' and a
-        # later call on every rank pairs (else every later state_dict() would time out).
-        guard.seq -= 1
-        try:
-            store.delete_key(prefix + str(dist.get_rank()))
-        except Exception:  # pragma: no cover - a store without deletes: a late peer may pass alone
-            pass
-        raise CollectiveTimeout(
-            f"SOAP: {name} is a collective here, and ranks {absent} did not call it within "
-            f"{guard.timeout_s:g} s. Call it on every rank (save on one: sd = opt.state_dict(); "
-            "if rank == 0: torch.save(sd, path)), or where a framework calls it on the saving rank only, "
-            "opt.hold_state_dict(keep=rank == 0) on every rank first (the HF Trainer: "
-            "callbacks=[soap_dist.integrations.hf_trainer.save_callback()]); docs/design.md, "
-            "'Failure behaviour'."
-        )
+    state_key = f"soap_dist/guard{guard.id}/arrive{guard.seq}/state"
+    attempt = _decode(store.compare_set(state_key, "", "0"))  # the open attempt (opens the first)
+    met = f"{attempt}:met"
+    prefix = f"soap_dist/guard{guard.id}/arrive{guard.seq}/{attempt}/"
+    me = dist.get_rank()
+    store.set(prefix + str(me), name)
+    deadline = time.monotonic() + guard.timeout_s
+    while True:
+        absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
+        state = _decode(store.compare_set(state_key, attempt, met) if not absent else store.get(state_key))
+        if state == met:
+            return
+        if state != attempt:  # another rank gave this attempt up just before or as this one arrived
+            break
+        if time.monotonic() > deadline:
+            state = _decode(store.compare_set(state_key, attempt, str(int(attempt) + 1)))
+            if state == met:  # the last rank came as this one gave up, and settled first
+                return
+            break
+        time.sleep(0.05)
+    guard.seq -= 1  # nothing happened: the next call on every rank is this one's retry
+    who = (
+        f"ranks {absent} did not call it within {guard.timeout_s:g} s"
+        if absent
+        else f"another rank gave up waiting for it ({guard.timeout_s:g} s) just as this one arrived"
+    )
+    raise CollectiveTimeout(
+        f"SOAP: {name} is a collective here, and {who}. Call it on every rank (save on one: "
+        "sd = opt.state_dict(); if rank == 0: torch.save(sd, path)), or where a framework calls it on "
+        "the saving rank only, opt.hold_state_dict(keep=rank == 0) on every rank first (the HF Trainer: "
+        "callbacks=[soap_dist.integrations.hf_trainer.save_callback()]); docs/design.md, "
+        "'Failure behaviour'."
+    )
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
