@@ -215,3 +215,26 @@ def test_gpu_tests_cut_off_by_the_part_name_the_test_they_were_in(tmp_path):
     _gpu_tests(ctx)
     (row,) = summary.rows
     assert row["verdict"] == "FAIL" and "in tests/test_gpu.py::test_c (hung" in row["note"], row
+
+
+def test_the_card_is_named_without_opening_a_cuda_context_in_the_suites_process(monkeypatch):
+    """nvidia-smi names the card (the first visible one); torch only where nvidia-smi is missing."""
+    from soap_apps.gpu_suite import header
+
+    calls = []
+
+    def smi(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "NVIDIA H100 80GB HBM3\n", "")
+
+    monkeypatch.setattr(header.subprocess, "run", smi)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: pytest.fail("opened CUDA"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert header.card_name() == "NVIDIA H100 80GB HBM3" and calls[0][-2:] == ["-i", "3"]
+
+    def missing(cmd, **kw):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(header.subprocess, "run", missing)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "from torch")
+    assert header.card_name() == "from torch"
