@@ -377,7 +377,8 @@ def test_a_rank_arriving_as_another_gives_up_does_not_pass_alone(store_as_rank, 
         guard_module.arrive_all(mine, "state_dict()", [0, 1])
     assert mine.seq == theirs.seq == 0  # both retry at the same count: a later call on both meets
     monkeypatch.setattr(guard_module, "_store", lambda: store)
-    store.set(f"soap_dist/guard{theirs.id}/arrive1/1/1", "state_dict()")  # rank 1's retry, arrived
+    retry = guard_module.rendezvous_prefix(theirs.id, [0, 1], 1) + "1/1"  # attempt 1 at count 1, rank 1
+    store.set(retry, "state_dict()")  # rank 1's retry has arrived
     guard_module.arrive_all(mine, "state_dict()", [0, 1])
     assert mine.seq == 1
 
@@ -389,10 +390,28 @@ def test_a_rank_giving_up_as_the_last_one_arrives_passes_with_it(store_as_rank, 
 
     store = guard_module._store()
     mine, theirs = _two_guards(monkeypatch, 0.2)
-    store.set(f"soap_dist/guard{mine.id}/arrive1/0/1", "state_dict()")  # rank 1 has arrived ...
+    first = guard_module.rendezvous_prefix(mine.id, [0, 1], 1) + "0/1"  # attempt 0 at count 1, rank 1
+    store.set(first, "state_dict()")  # rank 1 has arrived ...
     store_as_rank(0)
     guard_module.arrive_all(mine, "state_dict()", [0, 1])  # ... rank 0 comes and settles it met
     store_as_rank(1)
     monkeypatch.setattr(guard_module, "_store", lambda: _StaleFirstRead(store, stale=b"0", blind_to="/0"))
     guard_module.arrive_all(theirs, "state_dict()", [0, 1])  # never saw rank 0, yet passes
     assert mine.seq == theirs.seq == 1
+
+
+def test_a_refused_load_leaves_the_optimizer_as_it_was_on_every_rank(shared):
+    for res in _ok(shared, "corrupt_shard"):
+        assert res["kept"] and res["lr"] == 0.02 and set(res["steps"]) == {3}, (
+            res
+        )  # 4 calls: the first only starts
+
+
+def test_frozen_parameters_round_trip_through_dcp_and_a_foreign_state_is_named(shared):
+    """DCP's set leaves frozen parameters' entries out (before, SOAP refused the state on every rank); an
+    AdamW state is named as not SOAP's (before: a bare KeyError), and the optimizer steps on."""
+    for res in _ok(shared, "frozen_and_foreign_states"):
+        assert res["loaded"] == "" and res["bitwise"], res
+        error = res["adamw"]["error"]
+        assert error.startswith("ValueError") and "is not a SOAP state" in error, error
+        assert res["adamw"]["stepped"], res

@@ -252,22 +252,24 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     if store is None or len(participants) < 2:
         return
     guard.seq += 1
-    state_key = f"soap_dist/guard{guard.id}/arrive{guard.seq}/state"
-    attempt = _decode(store.compare_set(state_key, "", "0"))  # the open attempt (opens the first)
+    here = rendezvous_prefix(guard.id, participants, guard.seq)
+    attempt = _decode(store.compare_set(here + "state", "", "0"))  # the open attempt (opens the first)
     met = f"{attempt}:met"
-    prefix = f"soap_dist/guard{guard.id}/arrive{guard.seq}/{attempt}/"
+    prefix = f"{here}{attempt}/"
     me = dist.get_rank()
     store.set(prefix + str(me), name)
     deadline = time.monotonic() + guard.timeout_s
     while True:
         absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
-        state = _decode(store.compare_set(state_key, attempt, met) if not absent else store.get(state_key))
+        state = _decode(
+            store.compare_set(here + "state", attempt, met) if not absent else store.get(here + "state")
+        )
         if state == met:
             return
         if state != attempt:  # another rank gave this attempt up just before or as this one arrived
             break
         if time.monotonic() > deadline:
-            state = _decode(store.compare_set(state_key, attempt, str(int(attempt) + 1)))
+            state = _decode(store.compare_set(here + "state", attempt, str(int(attempt) + 1)))
             if state == met:  # the last rank came as this one gave up, and settled first
                 return
             break
@@ -285,6 +287,13 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         "callbacks=[soap_dist.integrations.hf_trainer.save_callback()]); docs/design.md, "
         "'Failure behaviour'."
     )
+
+
+def rendezvous_prefix(guard_id: int, participants: Sequence[int], seq: int) -> str:
+    """The store keys of a guard's rendezvous number ``seq``. Exchanges over other groups (HSDP's shard
+    groups under owner_scope="shard_group") have guards with the same ids: the keys name the ranks."""
+    digest = hashlib.sha1(",".join(map(str, participants)).encode()).hexdigest()[:12]
+    return f"soap_dist/guard{guard_id}/ranks{digest}/arrive{seq}/"
 
 
 def _decode(value: bytes | str) -> str:
