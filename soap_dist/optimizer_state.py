@@ -8,7 +8,9 @@ Loading validates the state (``state_check``) and, when any rank refuses it, eve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,12 +18,23 @@ import torch
 from .options import WHOLE_OPTIMIZER_DEFAULTS, adopt_saved_group
 from .placements import wrapper
 from .placements.zero import ZeroRunner
+from .state_check import check_saved_shapes
 from .state_io import load_engine_state, save_engine_state
 
 # what copy.deepcopy and pickle carry beside torch.optim's state: the whole-optimizer options (not the
 # process groups, which cannot travel) and the step count
 COPIED = (*(k for k in WHOLE_OPTIMIZER_DEFAULTS if k not in ("process_group", "device_mesh")), "_calls")
 COPIED_DEFAULTS: dict[str, Any] = {**WHOLE_OPTIMIZER_DEFAULTS, "_calls": 0}
+# what a load replaces: kept, and put back when the load is refused
+LOAD_REPLACES = (
+    "_engine",
+    "_owner",
+    "_exchange",
+    "_placement",
+    "_engine_params",
+    "_held_state",
+    "_carried_state",
+)
 
 
 class StateMixin:
@@ -175,6 +188,29 @@ class StateMixin:
                 "SOAP.load_state_dict: expected an optimizer state_dict with 'state' and 'param_groups' "
                 f"(got {got}); pass what SOAP.state_dict() (or DCP's get_optimizer_state_dict) returned"
             )
+        with self._unchanged_if_refused():
+            self._load_checked(state_dict)
+
+    @contextmanager
+    def _unchanged_if_refused(self) -> Iterator[None]:
+        """A refused load leaves the optimizer as it was: its groups' hyperparameters, its state and
+        its engine (a load builds a new one), so a caller that catches the error trains on unharmed.
+        Every rank refuses alike (``_agreed``), so every rank puts back the same."""
+        kept = {k: self.__dict__[k] for k in LOAD_REPLACES if k in self.__dict__}
+        groups = [dict(g) for g in self.param_groups]
+        state = dict(self.state)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.update(kept)
+            for group, before in zip(self.param_groups, groups, strict=True):
+                group.clear()
+                group.update(before)
+            self.state.clear()
+            self.state.update(state)
+            raise
+
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
         zero = self._zero_mode()
         if zero is not None or "zero_world" in state_dict:
             if zero is None:
@@ -210,14 +246,37 @@ class StateMixin:
                 self.state[key] = value
             else:
                 state[index] = value
+        layouts = self._layouts()
+        check_saved_shapes(layouts, state)  # the same verdict on every rank: global shapes only
+        params = self._params()
+        fresh = [
+            lay.name
+            for lay, p in zip(layouts, params, strict=True)
+            if lay.index not in state and p.requires_grad
+        ]
         self._engine, self._owner = None, None
         self._held_state = None
         if state:
             engine = self._ensure_engine()
+            # A parameter the state has no entry for starts afresh, as in torch.optim (DCP leaves out
+            # frozen parameters' entries).
             self._agreed(
                 lambda: (
-                    self._owner.load_state_dict(state) if self._owner else load_engine_state(engine, state)
+                    self._owner.load_state_dict(state, partial=True)
+                    if self._owner
+                    else load_engine_state(engine, state, partial=True)
                 )
+            )
+            self._warn_fresh(fresh)
+
+    @staticmethod
+    def _warn_fresh(names: list[str]) -> None:
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            warnings.warn(
+                f"SOAP.load_state_dict: the state has no entry for {len(names)} trainable parameters "
+                f"({shown}); they start afresh, as in torch.optim",
+                stacklevel=5,
             )
 
     def _agreed(self, load: Callable[[], None]) -> None:
@@ -226,9 +285,11 @@ class StateMixin:
         error = None
         try:
             load()
-        except ValueError as found:
+        except (ValueError, KeyError, IndexError, TypeError) as found:  # not a collective's failure
+            if not isinstance(found, ValueError):
+                found = ValueError(f"SOAP.load_state_dict: the state does not fit this optimizer ({found!r})")
             if self._exchange is None:
-                raise
+                raise found from None
             error = str(found)
         if self._exchange is None:
             return

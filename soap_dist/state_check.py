@@ -143,3 +143,42 @@ def check_engine_state(engine: SoapEngine, state: Mapping[Any, Mapping[str, Any]
         if entry is not None:
             label = f"parameter {lay.index} ({lay.name})"
             check_entry(entry, label, sorted(blocks.get(lay.index, [])), tolerance)
+
+
+def check_saved_shapes(layouts: Sequence[Any], state: Mapping[Any, Mapping[str, Any]]) -> None:
+    """Raise ValueError if a saved entry is not SOAP's for these shapes and options, before any value
+    is read: a state of another optimizer (AdamW's has no factors) or of other shapes is named as
+    such, not as corrupt. ``layouts``: the whole parameters' (global shapes, as the entries' DTensors)."""
+    for lay in layouts:
+        entry = state.get(lay.index, state.get(str(lay.index)))
+        if entry is None:
+            continue
+        label = f"parameter {lay.index} ({lay.name}, shape {tuple(lay.shape)})"
+        wanted = ["step", "exp_avg", "exp_avg_sq"]
+        for j, pre in enumerate(lay.preconditioned):
+            wanted += [f"factor_{j}", f"basis_{j}"] if pre else []
+        lacking = [k for k in wanted if k not in entry]
+        if lacking:
+            raise ValueError(
+                f"SOAP.load_state_dict: the saved state of {label} has no {', '.join(lacking)}: it is not "
+                "a SOAP state for these options (another optimizer's, such as AdamW's, or SOAP's with other "
+                "max_precond_dim, precondition_1d or merge_dims)"
+            )
+        block = tuple(lay.block_shape)
+        expected = {"exp_avg": block, "exp_avg_sq": block}
+        for j, pre in enumerate(lay.preconditioned):
+            if pre and j >= 1:
+                expected |= {f"factor_{j}": (block[j], block[j]), f"basis_{j}": (block[j], block[j])}
+        for key, shape in expected.items():
+            if tuple(entry[key].shape) != shape:
+                raise ValueError(
+                    f"SOAP.load_state_dict: {key} of {label} has shape {tuple(entry[key].shape)}, expected "
+                    f"{shape}: the state was saved for another model or other options"
+                )
+        if lay.preconditioned and lay.preconditioned[0]:
+            for key in ("factor_0", "basis_0"):
+                if entry[key].shape[0] != block[0]:
+                    raise ValueError(
+                        f"SOAP.load_state_dict: {key} of {label} has {entry[key].shape[0]} rows, expected "
+                        f"{block[0]}: the state was saved for another model or other options"
+                    )

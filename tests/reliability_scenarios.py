@@ -4,6 +4,7 @@ behaviour"). Scenarios that leave a collective unmatched run in a spawn of their
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -193,7 +194,77 @@ def corrupt_shard(rank):
     value = sd["state"][0]["exp_avg"]
     if rank == 1:
         value.to_local()[0, 0] = float("nan")
-    return {"error": _error(lambda: opt.load_state_dict(sd))}
+    for group in sd["param_groups"]:
+        group["lr"] = 0.5  # a refused load must not take the checkpoint's hyperparameters either
+    error = _error(lambda: opt.load_state_dict(sd))
+    again = opt.state_dict()  # the refused load left the optimizer's state as it was
+    kept = all(
+        torch.equal(again["state"][i][k].to_local(), v.to_local())
+        if isinstance(v, DTensor)
+        else torch.equal(again["state"][i][k], v)
+        for i, entry in sd["state"].items()
+        for k, v in entry.items()
+        if (i, k) != (0, "exp_avg")
+    )
+    return {"error": error, "kept": kept, "lr": opt.param_groups[0]["lr"], "steps": opt._engine.steps}
+
+
+def frozen_and_foreign_states(rank):
+    """FSDP2 under owner with a frozen parameter: DCP leaves its entry out, and the state loads and
+    continues bitwise; an AdamW state is refused on every rank as not SOAP's, the optimizer unharmed."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    gen = torch.Generator().manual_seed(5)
+    x, y = (
+        torch.randn(8, 6, dtype=torch.float64, generator=gen),
+        torch.randn(8, 4, dtype=torch.float64, generator=gen),
+    )
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+        model[0].bias.requires_grad_(False)
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        return model, SOAP(model.parameters(), placement="owner", **KW)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(
+                model(x[rank * 4 : rank * 4 + 4]), y[rank * 4 : rank * 4 + 4]
+            ).backward()
+            opt.step()
+        return [p.detach().full_tensor() for p in model.parameters()]
+
+    model, opt = build()
+    train(model, opt, 4)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    weights = copy.deepcopy(model.state_dict())
+    straight = train(model, opt, 4)
+    model2, opt2 = build()
+    model2.load_state_dict(weights)
+    loaded = _error(lambda: set_optimizer_state_dict(model2, opt2, saved))
+    resumed = train(model2, opt2, 4)
+    return {
+        "loaded": loaded,
+        "bitwise": all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True)),
+        "adamw": _foreign(model, opt, train),
+    }
+
+
+def _foreign(model, opt, train) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    train(model, adamw, 1)
+    foreign = get_optimizer_state_dict(model, adamw)
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    error = _error(lambda: set_optimizer_state_dict(model, opt, foreign))
+    after = train(model, opt, 1)
+    return {"error": error, "stepped": any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))}
 
 
 def raised_before_any_collective_and_stepped_again(rank):
@@ -236,6 +307,7 @@ SHARED = [
     gradient_missing_on_one_rank,
     held_state_dict,
     corrupt_shard,
+    frozen_and_foreign_states,
 ]
 
 

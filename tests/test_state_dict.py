@@ -113,3 +113,86 @@ def test_pending_basis_is_not_dropped_by_a_load_without_refresh_delay():
     other = SOAP([torch.nn.Parameter(w.detach().clone())], precondition_frequency=2, fused=False)
     with pytest.raises(ValueError, match="refresh_delay"):
         other.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "other shapes", "adamw"])
+def test_a_refused_load_leaves_the_optimizer_as_it_was(kind):
+    """Before, the refused load had already taken the checkpoint's lr and thrown the state away: a
+    caller that caught the error trained on from nothing."""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = gradient_stream(SHAPES, 6)
+    params_a, opt_a = _make(init)
+    params_b, opt_b = _make(init)
+    _drive(params_a, opt_a, grads[:3])
+    _drive(params_b, opt_b, grads[:3])
+    bad = copy.deepcopy(opt_b.state_dict())
+    if kind == "corrupt":
+        bad["state"][2]["exp_avg"][0, 0, 0] = float("nan")  # after parameters 0 and 1 would be copied
+    elif kind == "other shapes":
+        bad["state"][3] = copy.deepcopy(bad["state"][0])
+    else:
+        adamw = torch.optim.AdamW([torch.nn.Parameter(w.clone()) for w in init])
+        for p, g in zip(adamw.param_groups[0]["params"], grads[0], strict=True):
+            p.grad = g.float()
+        adamw.step()
+        bad["state"] = adamw.state_dict()["state"]
+    for group in bad["param_groups"]:
+        group["lr"] = 0.5
+    message = {
+        "corrupt": "is corrupt",
+        "other shapes": "saved for another model",
+        "adamw": "not a SOAP state",
+    }
+    with pytest.raises(ValueError, match=message[kind]):
+        opt_b.load_state_dict(bad)
+    assert [g["lr"] for g in opt_b.param_groups] == [g["lr"] for g in opt_a.param_groups]
+    _drive(params_a, opt_a, grads[3:])
+    _drive(params_b, opt_b, grads[3:])
+    for a, b in zip(params_a, params_b, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_frozen_parameters_round_trip_through_dcp():
+    """DCP's set_optimizer_state_dict leaves out frozen parameters' entries; SOAP starts them afresh
+    (they never stepped), as torch.optim does. Before, it refused the state."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        model[0].bias.requires_grad_(False)
+        return model, SOAP(model.parameters(), precondition_frequency=3)
+
+    x, y = torch.randn(16, 6), torch.randn(16, 4)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    model, opt = build()
+    train(model, opt, 4)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    weights = copy.deepcopy(model.state_dict())
+    train(model, opt, 4)
+    again, opt2 = build()
+    again.load_state_dict(weights)
+    set_optimizer_state_dict(again, opt2, saved)
+    train(again, opt2, 4)
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_trainable_parameter_missing_from_the_state_starts_afresh_with_a_warning():
+    init = [torch.randn(s) for s in SHAPES]
+    params, opt = _make(init)
+    _drive(params, opt, gradient_stream(SHAPES, 3))
+    state = copy.deepcopy(opt.state_dict())
+    del state["state"][1]
+    _, fresh = _make(init)
+    with pytest.warns(
+        UserWarning, match=r"no entry for 1 trainable parameters \(param_groups\[0\]\.params\[1\]\)"
+    ):
+        fresh.load_state_dict(state)
+    assert [int(e["step"]) for e in fresh.state_dict()["state"].values()] == [2, 0, 2, 2]
