@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
-from pretrain_helpers import LAUNCHER, SMALL_MODEL, TINY, temporary_cache
+from pretrain_helpers import LAUNCHER, REPO, SMALL_MODEL, TINY, launch_ranks, temporary_cache
 
 from soap_apps.jsonl import read_records
 from soap_apps.pretrain import checkpoint, parallel
@@ -371,3 +374,115 @@ def test_an_intact_checkpoint_that_does_not_fit_is_not_called_damaged(tmp_path):
     message = str(raised.value)
     assert "could not load the checkpoint" in message and "Size mismatch" in message, message
     assert "delete" not in message and "keep it" in message, message
+
+
+# ----- DeepSpeed checkpoints cut short -----
+@pytest.fixture(scope="module")
+def ds_run(tmp_path_factory, cache) -> tuple[Path, list[str]]:
+    """A world-2 ZeRO-2 run with checkpoints at steps 2 and 4, and the arguments it was run with."""
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("ds_run")
+    (root / "texts").mkdir()
+    (root / "texts" / "a.txt").write_text("hello soap " * 400)
+    args = _sets("train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=null")
+    args += ["--data", str(root / "texts"), "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero2.json")]
+    ranks = launch_ranks([*args, "--out", str(root / "run")], world=2)
+    assert [r.returncode for r in ranks] == [0, 0], [r.stderr[-3000:] for r in ranks]
+    return root / "run", args
+
+
+def _resumed(ds_run: tuple[Path, list[str]], tmp_path: Path, damage: Any, world: int) -> tuple[Path, list]:
+    """A copy of ``ds_run``'s directory, its step-4 checkpoint given to ``damage``, resumed by ``world``
+    ranks."""
+    out = tmp_path / "run"
+    shutil.copytree(ds_run[0], out)
+    damage(checkpoint.step_dir(out, 4))
+    return out, launch_ranks([*ds_run[1], "--out", str(out), "--resume"], world)
+
+
+def _one_line(rank: subprocess.CompletedProcess) -> str:
+    assert rank.returncode == 2 and "Traceback" not in rank.stderr, rank.stderr[-3000:]
+    lines = rank.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launchers/pretrain.py: error: --resume: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("damage", "cause", "failing"),
+    [  # rank 1 alone reads its optimizer states: rank 0 used to wait for it in a collective
+        (
+            lambda d: os.truncate(d / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 1000),
+            "EOFError: zero_pp",
+            [1],
+        ),
+        (lambda d: (d / "mp_rank_00_model_states.pt").unlink(), "FileNotFoundError", [0, 1]),
+    ],
+)
+def test_an_unreadable_deepspeed_checkpoint_is_one_line_on_every_rank(
+    ds_run, tmp_path, damage, cause, failing
+):
+    """Under --deepspeed as under torchrun: a file of the checkpoint cut short or deleted stops every
+    rank with one line (exit code 2) naming the checkpoint, the cause and the fix, with no hang and
+    none of DeepSpeed's tracebacks."""
+    out, ranks = _resumed(ds_run, tmp_path, damage, world=2)
+    for rank, proc in enumerate(ranks):
+        line = _one_line(proc)
+        if rank in failing:
+            assert (
+                f"the checkpoint {checkpoint.step_dir(out, 4)} is unreadable (on rank {rank}: {cause}" in line
+            )
+            fix = f"delete that directory and resume again (--resume then continues from {out}/checkpoints"
+            assert line.endswith(f"{fix}/step_2)"), line
+        else:
+            assert line.endswith("(another rank could not read it; see that rank's message)"), line
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda d: None, "(ZeRORuntimeException: The checkpoint being loaded used a DP world size of 2"),
+        (lambda d: os.truncate(d / "mp_rank_00_model_states.pt", 0), "is unreadable (on rank 0: EOFError"),
+    ],
+)
+def test_a_deepspeed_checkpoint_says_to_delete_it_only_when_damaged(ds_run, tmp_path, damage, said):
+    """One process (no launcher) resuming the world-2 checkpoint: ZeRO cannot repartition it, which
+    says to keep it; a file cut short says to delete it."""
+    _, (proc,) = _resumed(ds_run, tmp_path, damage, world=1)
+    line = _one_line(proc)
+    assert said in line, line
+    assert ("Its files look whole, so keep it: if the model or the world size changed" in line) != (
+        "delete that directory" in line
+    ), line
+
+
+def test_deepspeed_resume_goes_back_once_the_unreadable_checkpoint_is_deleted(ds_run, tmp_path):
+    """The fix the message gives works under --deepspeed too, although `latest` still names the
+    deleted checkpoint: the run resumes from the one before it, with a warning."""
+    out, ranks = _resumed(ds_run, tmp_path, shutil.rmtree, world=2)
+    assert [r.returncode for r in ranks] == [0, 0], [r.stderr[-3000:] for r in ranks]
+    assert "resuming at step 2" in ranks[0].stdout
+    latest = out / "checkpoints" / "latest"
+    assert (
+        f"warning: --resume: {latest} names step_4, which is gone; resuming from {out}/checkpoints/step_2"
+        in ranks[0].stderr
+    )
+    assert latest.read_text().strip() == "step_4" and checkpoint.step_dir(out, 4).is_dir()  # saved again
+
+
+def test_a_damaged_deepspeed_latest_says_how_to_mend_it(tmp_path, capsys):
+    from soap_apps.pretrain.ds_backend import DeepSpeedBackend
+
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    backend, latest = SimpleNamespace(env=env), tmp_path / "checkpoints" / "latest"
+    _step_dirs(tmp_path, complete=(), partial=(2, 4))
+    for text in (b"", b"\xff\xfe\x00", b"global_step4"):  # cut short, garbage, another launcher's tag
+        latest.write_bytes(text)
+        assert checkpoint.formats_present(tmp_path) == ["DeepSpeed"]  # no UnicodeDecodeError on the way
+        with pytest.raises(ConfigError) as raised:
+            DeepSpeedBackend.latest_checkpoint(backend, tmp_path)
+        assert str(raised.value).startswith(f"--resume: {latest} does not name a checkpoint (it holds ")
+        assert str(raised.value).endswith("whose save completed (step_2, step_4 are there) and resume again")
+    for text, step, warned in (("step_4", 4, False), ("step_6", 4, True), ("step_1", None, True)):
+        latest.write_text(text + "\n")
+        assert DeepSpeedBackend.latest_checkpoint(backend, tmp_path) == step
+        assert (f"{latest} names {text}, which is gone; " in capsys.readouterr().err) == warned

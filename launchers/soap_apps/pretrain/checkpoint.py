@@ -41,7 +41,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step_{step}"
 
 
-def _step_dirs(run_dir: Path) -> list[int]:
+def steps_present(run_dir: Path) -> list[int]:
     """Steps of every ``step_<N>`` directory under ``run_dir``, complete or not, ascending."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
@@ -51,14 +51,14 @@ def _step_dirs(run_dir: Path) -> list[int]:
 
 def checkpoint_steps(run_dir: Path, marker: str = ".metadata") -> list[int]:
     """Steps of the complete checkpoints under ``run_dir`` (those whose ``marker`` file exists), ascending."""
-    return [s for s in _step_dirs(run_dir) if (step_dir(run_dir, s) / marker).exists()]
+    return [s for s in steps_present(run_dir) if (step_dir(run_dir, s) / marker).exists()]
 
 
 def deepspeed_latest(run_dir: Path) -> str | None:
     """The tag in DeepSpeed's ``latest`` file under ``run_dir`` (DeepSpeed writes it once a save has
     completed); None when there is no such file."""
-    latest = run_dir / CHECKPOINTS / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    latest = run_dir / CHECKPOINTS / "latest"  # decoded leniently: a damaged file is reported as such
+    return latest.read_bytes().decode(errors="replace").strip() if latest.is_file() else None
 
 
 def formats_present(run_dir: Path) -> list[str]:
@@ -77,7 +77,7 @@ def complete_steps(run_dir: Path, deepspeed: bool = False) -> list[int]:
     latest = _STEP_DIR.match(tag) if tag is not None else None
     if latest is None:
         return []
-    return [s for s in _step_dirs(run_dir) if s <= int(latest.group(1))]
+    return [s for s in steps_present(run_dir) if s <= int(latest.group(1))]
 
 
 def prune(run_dir: Path, keep: int | None, env: DistEnv, deepspeed: bool = False) -> None:
@@ -94,7 +94,7 @@ def prune(run_dir: Path, keep: int | None, env: DistEnv, deepspeed: bool = False
     if not complete:
         return
     kept = set(complete[-keep:])
-    for step in _step_dirs(run_dir):
+    for step in steps_present(run_dir):
         if step not in kept and step < complete[-1]:
             shutil.rmtree(step_dir(run_dir, step), ignore_errors=True)
 
@@ -190,22 +190,23 @@ def _damaged(error: BaseException) -> bool:
     return False
 
 
-def unreadable(path: Path, error: BaseException | str) -> ConfigError:
+def unreadable(path: Path, error: BaseException | str, deepspeed: bool = False) -> ConfigError:
     """The error a checkpoint that cannot be read becomes: names it and the cause in one line; where
     a file is missing or cut short, the fix (delete it, to resume from the previous complete
     checkpoint when there is one); otherwise (an intact checkpoint that does not fit, memory, I/O),
-    nothing is said to be deleted."""
+    nothing is said to be deleted. ``deepspeed``: a DeepSpeed checkpoint (``complete_steps``)."""
     if isinstance(error, str):  # another rank's failure: that rank's message says which kind
         return ConfigError(f"--resume: could not load the checkpoint {path} ({error})")
     cause = _one_line(error)
     if not _damaged(error):
+        changed = "the model or the world size" if deepspeed else "the model, parallel.* or optim.block_size"
         return ConfigError(
             f"--resume: could not load the checkpoint {path} ({cause}). Its files look whole, so keep it: "
-            "if the model, parallel.* or optim.block_size changed since it was saved, resume with the saved "
-            "values (docs/pretrain.md, 'Checkpoints and resume')"
+            f"if {changed} changed since it was saved, resume with the saved values (docs/pretrain.md, "
+            "'Checkpoints and resume')"
         )
     run_dir = path.parent.parent
-    earlier = [s for s in checkpoint_steps(run_dir) if s < _step_of(path)]
+    earlier = [s for s in complete_steps(run_dir, deepspeed) if s < _step_of(path)]
     then = (
         f"--resume then continues from {step_dir(run_dir, earlier[-1])}"
         if earlier
@@ -222,9 +223,10 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _reading(path: Path, env: DistEnv, read: Any) -> Any:
+def reading(path: Path, env: DistEnv, read: Any, deepspeed: bool = False) -> Any:
     """``read()``, with a failure turned into ``unreadable`` on every rank: the ranks agree through
-    one all-reduce, so one that failed alone does not leave the others waiting in a collective."""
+    one all-reduce, so one that failed alone does not leave the others waiting in a collective (as
+    long as ``read`` itself has none that a failure can skip)."""
     failure: BaseException | None = None
     result = None
     try:
@@ -237,7 +239,8 @@ def _reading(path: Path, env: DistEnv, read: Any) -> Any:
         failure = error
     flag = torch.tensor(float(failure is not None), device=env.device)
     if all_reduce_mean(flag, env).item() > 0:
-        raise unreadable(path, failure or "another rank could not read it; see that rank's message")
+        elsewhere = "another rank could not read it; see that rank's message"
+        raise unreadable(path, failure or elsewhere, deepspeed)
     return result
 
 
@@ -258,7 +261,7 @@ def load(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train": train_template}
     rng_key = f"rng_rank{env.rank}"
-    metadata = _reading(path, env, lambda: dcp.FileSystemReader(str(path)).read_metadata())
+    metadata = reading(path, env, lambda: dcp.FileSystemReader(str(path)).read_metadata())
     saved_keys = metadata.state_dict_metadata
     has_rng = any(k == rng_key or k.startswith(rng_key + ".") for k in saved_keys)
     if has_rng:
@@ -271,7 +274,7 @@ def load(
         )
     _drop_unsaved_phases(path, optim_sd, saved_keys)
     with _one_process_quiet():
-        _reading(path, env, lambda: dcp.load(state, checkpoint_id=str(path)))
+        reading(path, env, lambda: dcp.load(state, checkpoint_id=str(path)))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if has_rng:
         torch.set_rng_state(state[rng_key]["cpu"])

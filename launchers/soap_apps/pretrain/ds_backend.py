@@ -17,7 +17,8 @@ from where; the resolved JSON is written to ``<run>/ds_config.json``.
 The lr schedule is applied by setting ``lr`` in ``engine.optimizer.param_groups`` before each
 optimizer step. Checkpoints: ``engine.save_checkpoint(<run>/checkpoints, tag="step_N")`` with the
 step and data position as client state (DeepSpeed keeps no RNG state: the model has no dropout and
-the data order is a function of the seed and the position).
+the data order is a function of the seed and the position). A checkpoint that cannot be read on
+``--resume`` is one line on every rank, as under torchrun (``checkpoint.unreadable``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import socket
+import sys
+import traceback
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from soap_apps.pretrain import checkpoint, data
 from soap_apps.pretrain.config import Config, ConfigError, apply_overrides
@@ -249,16 +255,31 @@ class DeepSpeedBackend:
         return total / len(batches)
 
     def latest_checkpoint(self, run_dir: Path) -> int | None:
-        """The step named by DeepSpeed's ``latest`` file, which it writes once a save has completed."""
+        """The step of the checkpoint DeepSpeed's ``latest`` file names (written once a save has
+        completed) or, where that directory is gone (deleted as an unreadable checkpoint's message
+        advises), of the newest one before it, with a warning. A ``latest`` that names no step_N is a
+        ConfigError saying how to mend it."""
         tag = checkpoint.deepspeed_latest(run_dir)
         if tag is None:
             return None
-        root = run_dir / checkpoint.CHECKPOINTS
-        if not tag.startswith("step_") or not (root / tag).is_dir():
+        latest, steps = run_dir / checkpoint.CHECKPOINTS / "latest", checkpoint.complete_steps(run_dir, True)
+        if not re.fullmatch(r"step_\d+", tag):
+            present = [f"step_{s}" for s in checkpoint.steps_present(run_dir)]
             raise ConfigError(
-                f"{root / 'latest'} names {tag!r}, which is not a step_N checkpoint of this launcher"
+                f"--resume: {latest} does not name a checkpoint (it holds {tag[:40]!r}); it was probably "
+                "damaged: write into it the name of the newest checkpoint whose save completed "
+                + (f"({', '.join(present)} are there)" if present else "(there is none: delete it)")
+                + " and resume again"
             )
-        return int(tag.removeprefix("step_"))
+        if self.env.is_main and (not steps or f"step_{steps[-1]}" != tag):
+            then = (
+                f"resuming from {checkpoint.step_dir(run_dir, steps[-1])}"
+                if steps
+                else "no checkpoint is before it"
+            )
+            warning = f"pretrain: warning: --resume: {latest} names {tag}, which is gone; {then}"
+            print(warning, file=sys.stderr, flush=True)
+        return steps[-1] if steps else None
 
     def save(self, run_dir: Path, step: int, train_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(
@@ -266,15 +287,40 @@ class DeepSpeedBackend:
         )
 
     def load(self, run_dir: Path, step: int, train_template: dict[str, Any]) -> dict[str, Any]:
-        path, client_state = self.engine.load_checkpoint(
-            str(run_dir / checkpoint.CHECKPOINTS), tag=f"step_{step}"
+        """Load checkpoint ``step`` into the engine; returns its train state. A checkpoint that cannot
+        be read is a ConfigError on every rank (``checkpoint.unreadable``), as under torchrun."""
+        root, tag = run_dir / checkpoint.CHECKPOINTS, f"step_{step}"
+        checkpoint.reading(root / tag, self.env, lambda: self._open_files(root, tag), deepspeed=True)
+        path, client_state = checkpoint.reading(
+            root / tag, self.env, lambda: self.engine.load_checkpoint(str(root), tag=tag), deepspeed=True
         )
         if path is None or "train" not in (client_state or {}):
             raise ConfigError(
-                f"--resume: {run_dir / checkpoint.CHECKPOINTS / f'step_{step}'} is not a checkpoint "
-                "this launcher wrote under --deepspeed"
+                f"--resume: {root / tag} is not a checkpoint this launcher wrote under --deepspeed"
             )
         return client_state["train"]
+
+    def _open_files(self, root: Path, tag: str) -> None:
+        """Open (tensors mapped, not read) this rank's model states in checkpoint ``tag`` and its share
+        of the files of the ranks that saved it (those of every world-th rank from this one), so that a
+        file missing or cut short fails here, where the ranks agree (``checkpoint.reading``), and not
+        inside ``load_checkpoint``, in whose collectives the other ranks would wait for a rank that
+        failed alone. The file names are DeepSpeed's own (its version is pinned)."""
+        e, where = self.engine, str(root)
+        try:
+            saved = _open(e._get_ckpt_name(where, tag))  # every rank reads its own model states
+            names = set()
+            for rank in range(self.env.rank, int(saved.get("dp_world_size", self.env.world)), self.env.world):
+                if e.zero_optimization_partition_weights():  # ZeRO-3: model states of each rank
+                    names.add(e._get_ckpt_name(where, tag, pp_placeholder=str(rank)))
+                if e.zero_optimization():
+                    mp_rank, bf16 = e.checkpoint_mp_rank, e.bfloat16_enabled()
+                    names.add(e._get_rank_zero_ckpt_name(where, tag, mp_rank, rank, bf16))
+            for name in sorted(names):
+                _open(name)
+        except Exception as error:  # named with this rank, as DCP's CheckpointException names it
+            failure = (error, traceback.extract_tb(error.__traceback__))
+            raise CheckpointException(f"reading {root / tag}", {self.env.rank: failure}) from error
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Rank 0's fp32 copy of the module's weights (gathered from the partitions under ZeRO-3)."""
@@ -287,3 +333,21 @@ class DeepSpeedBackend:
 
     def _copy_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.module.state_dict().items()}
+
+
+def _open(name: str) -> Any:
+    """A DeepSpeed checkpoint file as ``torch.load`` gives it, its tensors memory-mapped (not read). A
+    file that is no whole zip archive (``torch.save``'s format), as one cut short is, is an EOFError
+    naming it: torch says so in several ways (a RuntimeError, an OSError, or for an empty file that
+    mmap needs a zip), which would not read as a file cut short."""
+    try:
+        return torch.load(name, map_location="cpu", mmap=True, weights_only=False)
+    except (RuntimeError, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        try:
+            zipfile.ZipFile(name).close()
+        except zipfile.BadZipFile:
+            whole = f"not a whole zip archive; torch.load raised {type(error).__name__}"
+            raise EOFError(f"{Path(name).name} is cut short ({whole})") from error
+        raise
