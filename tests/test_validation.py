@@ -72,3 +72,26 @@ def test_parameters_on_several_devices_rejected_with_a_message():
     opt.param_groups[0]["params"][-1].grad = torch.randn(2)
     with pytest.raises(RuntimeError, match="parameters changed"):
         opt.step()
+
+
+def test_a_step_before_any_gradient_warns_once_naming_the_wrapped_model_case():
+    """SOAP built before the model was wrapped holds the tensors the wrapper replaced: every step
+    does nothing. torch.optim is silent; SOAP says so once, and never once training has begun."""
+    import warnings
+
+    stale = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = SOAP(stale)
+    with pytest.warns(UserWarning, match=r"none of its 1 parameters has had a gradient yet") as seen:
+        opt.step()
+        opt.step()
+    assert len([w for w in seen if "had a gradient" in str(w.message)]) == 1
+    assert seen[0].filename == __file__  # points at the caller's step()
+
+    live = torch.nn.Parameter(torch.randn(4, 3))
+    opt = SOAP([live])
+    live.grad = torch.randn(4, 3)
+    opt.step()
+    live.grad = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # a step with no gradient mid-run (a skipped batch) is not the wrapped-model mistake
