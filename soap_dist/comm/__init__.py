@@ -312,9 +312,9 @@ class Exchange:
                 f"SOAP: ranks hold different tensors at parameter {i} ({names[i]}): this rank ({me}) "
                 f"differs from ranks {ranks} in the parameter's name or, under replicated and HSDP, in a "
                 "fingerprint of its initial values (HSDP: of its shard, between the replicas). Every rank "
-                "must pass the same parameters in the same order, and replicas hold the same values "
-                "(under DDP: build SOAP from the DDP-wrapped model's parameters, after DDP has "
-                "synchronised them; under HSDP: initialise every replica alike)."
+                "must pass the same parameters in the same order, and replicas hold the same values (DDP: "
+                "build SOAP from the wrapped model's parameters; no DDP at all, as with Accelerate on CPU "
+                "without use_cpu=True, trains one model per rank; HSDP: initialise every replica alike)."
             )
 
     def replicas_agree(self, values: list[int], group: Any, members: list[int]) -> list[bool]:
