@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from .comm import Exchange
 from .comm.guard import DEFAULT_TIMEOUT_S
 from .engine import SoapEngine
+from .idle import warn_if_never_a_gradient
 from .layout import ParamLayout, plan_in_group
 from .optimizer_state import StateMixin
 from .options import (
@@ -422,29 +422,13 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         if self._exchange is not None:
             self._exchange.step = self._calls
         active = [p.grad is not None and p.numel() > 0 for p in params]
-        self._warn_if_never_a_gradient(params, active)
+        warn_if_never_a_gradient(self.__dict__, params, active)
         runner = self._owner if self._owner is not None else engine
         with engine.stepping():  # a raise that leaves the ranks apart: refuse later steps, tell the others
             runner.step(
                 self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active
             )
         return loss
-
-    def _warn_if_never_a_gradient(self, params: list[Tensor], active: list[bool]) -> None:
-        """Training that silently does nothing: no parameter has had a gradient yet, typically because
-        the model was wrapped after SOAP was built and SOAP holds the tensors the wrapper replaced."""
-        if any(active):
-            self.__dict__["_had_gradient"] = True
-        elif params and not self.__dict__.get("_had_gradient") and not self.__dict__.get("_warned_idle"):
-            self.__dict__["_warned_idle"] = True
-            warnings.warn(
-                f"SOAP.step(): none of its {len(params)} parameters has had a gradient yet, so nothing was "
-                "updated. If the model was wrapped after SOAP was built (FSDP2's fully_shard, or "
-                "accelerator.prepare(model) without the optimizer), SOAP holds the tensors the wrapper "
-                "replaced: build SOAP from the wrapped model's parameters, or prepare both in one call. "
-                "Else call step() after backward().",
-                stacklevel=6,
-            )
 
     # ----- DeepSpeed ZeRO stages 1-3 (soap_dist.deepspeed) -----
     def _looks_like_zero_partitions(self, full: list[ParamLayout]) -> bool:

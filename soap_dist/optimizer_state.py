@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from .comm.guard import CollectiveTimeout
+from .idle import callers_level
 from .options import WHOLE_OPTIMIZER_DEFAULTS, adopt_saved_group
 from .placements import wrapper
 from .placements.zero import ZeroRunner
 from .state_check import check_saved_shapes
-from .state_io import load_engine_state, save_engine_state
+from .state_io import check_loadable, load_engine_state, save_engine_state
 
 # what copy.deepcopy and pickle carry beside torch.optim's state: the whole-optimizer options (not the
 # process groups, which cannot travel) and the step count
@@ -168,8 +170,10 @@ class StateMixin:
             )
         for group, saved in zip(self._declared_groups, state_dict["param_groups"], strict=True):
             adopt_saved_group(group, saved, self.refresh_delay)
-        if state_dict["state"]:
-            zero.load_state_dict(state_dict["state"])
+        state = state_dict["state"]
+        if state:  # loaded in place: every rank agrees on the checks before anything is copied
+            self._agreed(lambda: check_loadable(zero.engine, state), zero.exchange)
+            zero.load_state_dict(state, checked=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what ``state_dict`` gave (any world size the placement allows), with torch's hooks run."""
@@ -195,17 +199,26 @@ class StateMixin:
     def _unchanged_if_refused(self) -> Iterator[None]:
         """A refused load leaves the optimizer as it was: its groups' hyperparameters, its state and
         its engine (a load builds a new one), so a caller that catches the error trains on unharmed.
-        Every rank refuses alike (``_agreed``), so every rank puts back the same."""
+        Every rank refuses alike (``_agreed``), so every rank puts back the same. An engine with nothing
+        started (DCP's set_optimizer_state_dict builds one with a zero-gradient step first) is not kept:
+        it holds nothing to put back, and keeping it would double the optimizer's memory during the
+        load. Under DeepSpeed ZeRO the engine is loaded in place, so there the ranks agree on the checks
+        (``check_loadable``) before anything is copied."""
         kept = {k: self.__dict__[k] for k in LOAD_REPLACES if k in self.__dict__}
-        groups = [dict(g) for g in self.param_groups]
+        engine = kept.get("_engine")
+        if engine is not None and not any(engine.started):
+            kept.update(_engine=None, _owner=None)
+        groups = {id(g): g for g in [*self.param_groups, *self.__dict__.get("_declared_groups", [])]}
+        before = {i: dict(g) for i, g in groups.items()}
         state = dict(self.state)
+        del engine
         try:
             yield
         except BaseException:
             self.__dict__.update(kept)
-            for group, before in zip(self.param_groups, groups, strict=True):
+            for i, group in groups.items():
                 group.clear()
-                group.update(before)
+                group.update(before[i])
             self.state.clear()
             self.state.update(state)
             raise
@@ -256,6 +269,7 @@ class StateMixin:
         ]
         self._engine, self._owner = None, None
         self._held_state = None
+        self._carried_state = {}  # a copy's or an added group's state: the loaded state replaces it
         if state:
             engine = self._ensure_engine()
             # A parameter the state has no entry for starts afresh, as in torch.optim (DCP leaves out
@@ -265,7 +279,8 @@ class StateMixin:
                     self._owner.load_state_dict(state, partial=True)
                     if self._owner
                     else load_engine_state(engine, state, partial=True)
-                )
+                ),
+                self._exchange,
             )
             self._warn_fresh(fresh)
 
@@ -276,24 +291,26 @@ class StateMixin:
             warnings.warn(
                 f"SOAP.load_state_dict: the state has no entry for {len(names)} trainable parameters "
                 f"({shown}); they start afresh, as in torch.optim",
-                stacklevel=5,
+                stacklevel=callers_level(),
             )
 
-    def _agreed(self, load: Callable[[], None]) -> None:
+    def _agreed(self, load: Callable[[], None], exchange: Any) -> None:
         """Run ``load``; if it refuses the state on any rank (a corrupt shard is seen only where it is
         held), every rank raises, naming what each rank found, instead of the others going on."""
         error = None
         try:
             load()
-        except (ValueError, KeyError, IndexError, TypeError) as found:  # not a collective's failure
+        except CollectiveTimeout:  # the ranks are already apart: nothing more can be agreed
+            raise
+        except Exception as found:
             if not isinstance(found, ValueError):
                 found = ValueError(f"SOAP.load_state_dict: the state does not fit this optimizer ({found!r})")
-            if self._exchange is None:
+            if exchange is None:
                 raise found from None
             error = str(found)
-        if self._exchange is None:
+        if exchange is None:
             return
-        every = self._exchange.gather_objects(error)
+        every = exchange.gather_objects(error)
         bad = [(r, e) for r, e in enumerate(every) if e]
         if bad:
             if error:

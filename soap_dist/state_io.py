@@ -187,30 +187,27 @@ def _consolidate(engine: SoapEngine, state: dict[int, dict]) -> None:
             store.factors[row].zero_()
 
 
-def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
-    """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks."""
-    check_engine_state(engine, state)  # a corrupt checkpoint fails here, before anything is copied
+def check_loadable(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
+    """Raise ValueError if ``state`` is corrupt or does not fit the engine; nothing is copied."""
+    check_engine_state(engine, state)
+    _check_fits(engine, state, _locations(engine), partial)
+
+
+def load_engine_state(
+    engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False, checked: bool = False
+) -> None:
+    """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks.
+    A state that ``check_loadable`` refuses fails before anything is copied (``checked``: it ran)."""
+    if not checked:
+        check_loadable(engine, state, partial)
+    where, held = _locations(engine), _entries(engine)
     engine.complete_inflight()  # nothing launched or in flight may land on top of the loaded state
     plan, me = engine.plan, engine.plan.topology.rank
     sharded_rows = _rows_sharded(engine)
-    where, held = _locations(engine), _entries(engine)
-    if not partial and len(state) != len(engine.layouts):
-        raise ValueError(
-            f"SOAP.load_state_dict: the state holds {len(state)} parameters, "
-            f"this optimizer {len(engine.layouts)}"
-        )
     for lay in engine.layouts:
         entry = state.get(lay.index, state.get(str(lay.index)))
         if entry is None:
-            if partial:
-                continue
-            raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
-        if not engine.refresh_delay and "install_step" in entry and _number(entry["install_step"]) >= 0:
-            raise ValueError(
-                f"SOAP.load_state_dict: the state of {lay.name} holds a refreshed basis waiting for its "
-                "install step (saved with refresh_delay >= 1); load it into an optimizer with the same "
-                "refresh_delay"
-            )
+            continue
         engine.steps[lay.index] = int(_number(entry["step"]))
         engine.started[lay.index] = _number(entry.get("initialized", entry["step"])) > 0
         if engine.refresh_schedule == "staggered" and "refresh_phase" in entry:
@@ -218,7 +215,6 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
         pieces = where.get(lay.index, [])
         if pieces:
             exp_avg, exp_avg_sq = local(entry["exp_avg"]), local(entry["exp_avg_sq"])
-            _expect(exp_avg, lay.block_shape, lay, "exp_avg")
             offsets = lay.row_offsets
             for b, stack, pos in pieces:
                 rows = slice(offsets[b], offsets[b] + lay.row_counts[b])
@@ -252,6 +248,37 @@ def load_engine_state(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], p
             else:
                 engine.install_step.pop(lay.index, None)
     engine.apply_loaded_phases()
+
+
+def _check_fits(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], where: dict, partial: bool) -> None:
+    """Refuse, before anything is copied, a state that lacks an entry or a key, holds moments of other
+    shapes, or a basis waiting for an install step this optimizer (refresh_delay=0) will not have."""
+    if not partial and len(state) != len(engine.layouts):
+        raise ValueError(
+            f"SOAP.load_state_dict: the state holds {len(state)} parameters, "
+            f"this optimizer {len(engine.layouts)}"
+        )
+    for lay in engine.layouts:
+        entry = state.get(lay.index, state.get(str(lay.index)))
+        if entry is None:
+            if partial:
+                continue
+            raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
+        wanted = ["step", "exp_avg", "exp_avg_sq"]
+        for j, pre in enumerate(lay.preconditioned):
+            wanted += [f"factor_{j}", f"basis_{j}"] if pre else []
+        lacking = [k for k in wanted if k not in entry]
+        if lacking:
+            raise ValueError(f"SOAP.load_state_dict: the state of {lay.name} has no {', '.join(lacking)}")
+        if not engine.refresh_delay and "install_step" in entry and _number(entry["install_step"]) >= 0:
+            raise ValueError(
+                f"SOAP.load_state_dict: the state of {lay.name} holds a refreshed basis waiting for its "
+                "install step (saved with refresh_delay >= 1); load it into an optimizer with the same "
+                "refresh_delay"
+            )
+        if where.get(lay.index):
+            for key in ("exp_avg", "exp_avg_sq"):
+                _expect(local(entry[key]), lay.block_shape, lay, key)
 
 
 def _number(value: Any) -> float:

@@ -46,6 +46,7 @@ JOBS = [
     ("stage3_owner_spread", "scenario_owner_spread", dict(stage=3, gas=1, soap_kw=OWNER1)),
     ("client_instance", "scenario_client_instance", dict(stage=2)),
     ("bad", "scenario_bad_configs", dict()),
+    ("refused_load", "scenario_refused_load", dict(stage=2)),
 ]
 
 
@@ -261,3 +262,13 @@ def test_json_values_are_named_when_wrong():
         soap_from_config({"optimizer": {"type": "SOAP", "params": {"betas": 0.9}}}, params)
     soap, _ = soap_from_config({"optimizer": {"type": "SOAP", "params": {"basis_dtype": "bfloat16"}}}, params)
     assert soap.basis_dtype == torch.bfloat16
+
+
+def test_a_load_refused_on_one_rank_is_refused_on_every_rank_with_nothing_copied(results):
+    """ZeRO loads in place: before, the rank whose partition fitted copied the state in, and the
+    refusing rank had already overwritten its earlier parameters' step counts and moments."""
+    errors = [r["refused_load"]["error"] for r in results]
+    assert "exp_avg of" in errors[1] and "expected" in errors[1], errors
+    assert "other ranks refused the checkpoint: rank 1" in errors[0], errors
+    for r in results:
+        assert r["refused_load"]["unchanged"] and r["refused_load"]["lr"] != 0.5  # not the state's lr

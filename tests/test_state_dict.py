@@ -196,3 +196,62 @@ def test_a_trainable_parameter_missing_from_the_state_starts_afresh_with_a_warni
     ):
         fresh.load_state_dict(state)
     assert [int(e["step"]) for e in fresh.state_dict()["state"].values()] == [2, 0, 2, 2]
+
+
+def test_a_load_into_an_unstarted_engine_frees_it_before_building_the_new_one(monkeypatch):
+    """DCP's set_optimizer_state_dict steps once with zero gradients (an engine, nothing started)
+    before loading: keeping that engine for a refusal would double the optimizer's memory."""
+    import gc
+    import weakref
+
+    init = [torch.randn(s) for s in SHAPES]
+    params, opt = _make(init)
+    _drive(params, opt, gradient_stream(SHAPES, 3))
+    saved = copy.deepcopy(opt.state_dict())
+    fresh_params, fresh = _make(init)
+    for p in fresh_params:
+        p.grad = torch.zeros_like(p)
+    fresh.step()  # DCP's initialising step: nothing starts on zero gradients
+    old = weakref.ref(fresh._engine)
+    build = SOAP._ensure_engine
+    alive = []
+
+    def ensure(self):
+        gc.collect()
+        alive.append(old() is not None)
+        return build(self)
+
+    monkeypatch.setattr(SOAP, "_ensure_engine", ensure)
+    fresh.load_state_dict(saved)
+    assert alive == [False]
+
+
+def test_a_load_replaces_a_copys_carried_state():
+    """After deepcopy (or pickling) the state waits to be loaded into the next engine; a load that
+    lacks a parameter's entry must start it afresh, not from the carried copy."""
+    init = [torch.randn(s) for s in SHAPES]
+    params, opt = _make(init)
+    _drive(params, opt, gradient_stream(SHAPES, 4))
+    state = copy.deepcopy(opt.state_dict())
+    del state["state"][1]
+    twin = copy.deepcopy(opt)
+    with pytest.warns(UserWarning, match="start afresh"):
+        twin.load_state_dict(state)
+    assert [int(e["step"]) for e in twin.state_dict()["state"].values()] == [3, 0, 3, 3]
+
+
+def test_any_error_inside_the_copy_is_a_refusal_with_the_optimizer_unchanged():
+    """A row factor narrower than its blocks fails inside the copy (a RuntimeError, on the owner rank
+    alone under placement owner, where the other ranks would wait in the agreement's collective):
+    it is a ValueError, agreed between the ranks, and the optimizer is as it was."""
+    init = [torch.randn(s) for s in SHAPES]
+    params, opt = _make(init)
+    _drive(params, opt, gradient_stream(SHAPES, 3))
+    state = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    for key in ("factor_0", "basis_0"):
+        state["state"][0][key] = state["state"][0][key][:, :3].clone()
+    with pytest.raises(ValueError, match="does not fit this optimizer"):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert all(torch.equal(v, after["state"][i][k]) for i, e in before["state"].items() for k, v in e.items())

@@ -81,11 +81,24 @@ def test_a_step_before_any_gradient_warns_once_naming_the_wrapped_model_case():
 
     stale = [torch.nn.Parameter(torch.randn(4, 3))]
     opt = SOAP(stale)
-    with pytest.warns(UserWarning, match=r"none of its 1 parameters has had a gradient yet") as seen:
+    with pytest.warns(
+        UserWarning, match=r"none of its 1 trainable parameters has had a gradient yet"
+    ) as seen:
         opt.step()
         opt.step()
     assert len([w for w in seen if "had a gradient" in str(w.message)]) == 1
     assert seen[0].filename == __file__  # points at the caller's step()
+
+    opt = SOAP([torch.nn.Parameter(torch.randn(4, 3))])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # wraps opt.step once more
+    with pytest.warns(UserWarning, match="had a gradient yet") as seen:
+        opt.step()
+    assert seen[0].filename == __file__ and scheduler.last_epoch == 0
+
+    frozen = torch.nn.Parameter(torch.randn(4, 3), requires_grad=False)  # gradual unfreezing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SOAP([frozen]).step()
 
     live = torch.nn.Parameter(torch.randn(4, 3))
     opt = SOAP([live])

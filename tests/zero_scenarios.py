@@ -242,6 +242,41 @@ def scenario_checkpoint(rank: int, stage: int, directory: str, soap_kw=None, sha
     }
 
 
+def scenario_refused_load(rank: int, stage: int):
+    """A state that does not fit on one rank only (its partition's last parameter): every rank
+    refuses it, and nothing was copied on any rank (ZeRO loads in place)."""
+    import copy
+
+    engine, _ = build(stage)
+    train(engine, rank, 0, 2, 1)
+    soap = soap_of(engine)
+    early = copy.deepcopy(soap.state_dict())
+    train(engine, rank, 2, 3, 1)
+    before = copy.deepcopy(soap.state_dict())
+    if rank == 1:
+        last = max(early["state"])
+        moments = early["state"][last]["exp_avg"]
+        early["state"][last]["exp_avg"] = torch.zeros(moments.shape[0] + 1, *moments.shape[1:])
+    for group in early["param_groups"]:
+        group["lr"] = 0.5
+    try:
+        soap.load_state_dict(early)
+        error = ""
+    except ValueError as refused:
+        error = str(refused)
+    after = soap.state_dict()
+    return {
+        "error": error,
+        "unchanged": all(
+            torch.equal(v, after["state"][i][k])
+            for i, entry in before["state"].items()
+            for k, v in entry.items()
+            if torch.is_tensor(v)
+        ),
+        "lr": soap.param_groups[0]["lr"],
+    }
+
+
 def scenario_bad_configs(rank: int):
     import soap_dist.deepspeed as sdd
 

@@ -119,8 +119,7 @@ class Guard:
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
         # Failure notices are the exchange's own: optimizers over other groups (other data-parallel
         # groups beside tensor parallelism, pipeline stages) build guards with the same ids.
-        digest = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
-        self._notice_key = f"soap_dist/guard{self.id}/ranks{digest}/failed"
+        self._notice_key = f"soap_dist/guard{self.id}/ranks{_digest(ranks)}/failed"
 
     # ----- failure notices: a rank that raised tells the ranks waiting for it -----
     def post_failure(self, step: int, error: str) -> None:
@@ -267,6 +266,7 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         if state == met:
             return
         if state != attempt:  # another rank gave this attempt up just before or as this one arrived
+            absent = []  # it, not this rank, waited the timeout out
             break
         if time.monotonic() > deadline:
             state = _decode(store.compare_set(here + "state", attempt, str(int(attempt) + 1)))
@@ -278,7 +278,7 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     who = (
         f"ranks {absent} did not call it within {guard.timeout_s:g} s"
         if absent
-        else f"another rank gave up waiting for it ({guard.timeout_s:g} s) just as this one arrived"
+        else f"another rank gave up waiting for it after {guard.timeout_s:g} s, as this one waited"
     )
     raise CollectiveTimeout(
         f"SOAP: {name} is a collective here, and {who}. Call it on every rank (save on one: "
@@ -292,8 +292,11 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
 def rendezvous_prefix(guard_id: int, participants: Sequence[int], seq: int) -> str:
     """The store keys of a guard's rendezvous number ``seq``. Exchanges over other groups (HSDP's shard
     groups under owner_scope="shard_group") have guards with the same ids: the keys name the ranks."""
-    digest = hashlib.sha1(",".join(map(str, participants)).encode()).hexdigest()[:12]
-    return f"soap_dist/guard{guard_id}/ranks{digest}/arrive{seq}/"
+    return f"soap_dist/guard{guard_id}/ranks{_digest(participants)}/arrive{seq}/"
+
+
+def _digest(ranks: Sequence[int]) -> str:
+    return hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
 
 
 def _decode(value: bytes | str) -> str:

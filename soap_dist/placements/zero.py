@@ -245,8 +245,8 @@ class ZeroRunner(HomeRowsRunner):
     def state_dict(self) -> dict[int, dict]:
         return save_engine_state(self.engine, self.exchange)
 
-    def load_state_dict(self, state: dict[Any, dict]) -> None:
-        load_engine_state(self.engine, state)
+    def load_state_dict(self, state: dict[Any, dict], checked: bool = False) -> None:
+        load_engine_state(self.engine, state, checked=checked)
 
     def param_counts(self) -> list[int]:
         """Parameters per param group, in plan order (for the saved param_groups)."""
