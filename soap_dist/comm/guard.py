@@ -258,15 +258,17 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     me = dist.get_rank()
     store.set(prefix + str(me), name)
     deadline = time.monotonic() + guard.timeout_s
+    others = [prefix + str(r) for r in participants if r != me]
+    elsewhere = False  # another rank gave this attempt up, just before or as this one arrived
     while True:
-        absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
+        everyone = store.check(others)  # one request per poll, whatever the world size
         state = _decode(
-            store.compare_set(here + "state", attempt, met) if not absent else store.get(here + "state")
+            store.compare_set(here + "state", attempt, met) if everyone else store.get(here + "state")
         )
         if state == met:
             return
-        if state != attempt:  # another rank gave this attempt up just before or as this one arrived
-            absent = []  # it, not this rank, waited the timeout out
+        if state != attempt:
+            elsewhere = True
             break
         if time.monotonic() > deadline:
             state = _decode(store.compare_set(here + "state", attempt, str(int(attempt) + 1)))
@@ -274,12 +276,14 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
                 return
             break
         time.sleep(0.05)
+    absent = [] if elsewhere else [r for r in participants if r != me and not store.check([prefix + str(r)])]
     guard.seq -= 1  # nothing happened: the next call on every rank is this one's retry
-    who = (
-        f"ranks {absent} did not call it within {guard.timeout_s:g} s"
-        if absent
-        else f"another rank gave up waiting for it after {guard.timeout_s:g} s, as this one waited"
-    )
+    if elsewhere:
+        who = f"another rank gave up waiting for it after {guard.timeout_s:g} s, as this one waited"
+    elif absent:
+        who = f"ranks {absent} did not call it within {guard.timeout_s:g} s"
+    else:
+        who = f"the other ranks called it only as this one gave up waiting ({guard.timeout_s:g} s)"
     raise CollectiveTimeout(
         f"SOAP: {name} is a collective here, and {who}. Call it on every rank (save on one: "
         "sd = opt.state_dict(); if rank == 0: torch.save(sd, path)), or where a framework calls it on "
