@@ -39,7 +39,8 @@ def warn_if_never_a_gradient(flags: dict[str, Any], params: list[torch.Tensor], 
 def callers_level() -> int:
     """warnings.warn's stacklevel of the first frame outside torch and soap_dist: the user's call,
     through torch's step wrappers and any LR scheduler's."""
-    inside = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    folders = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    inside = tuple(os.path.join(folder, "") for folder in folders)  # torchtitan/ is not inside torch/
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

@@ -173,7 +173,7 @@ class StateMixin:
         state = state_dict["state"]
         if state:  # loaded in place: every rank agrees on the checks before anything is copied
             self._agreed(lambda: check_loadable(zero.engine, state), zero.exchange)
-            zero.load_state_dict(state, checked=True)
+            self._agreed(lambda: zero.load_state_dict(state, checked=True), zero.exchange)  # a backstop
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what ``state_dict`` gave (any world size the placement allows), with torch's hooks run."""

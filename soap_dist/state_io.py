@@ -191,6 +191,33 @@ def check_loadable(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], part
     """Raise ValueError if ``state`` is corrupt or does not fit the engine; nothing is copied."""
     check_engine_state(engine, state)
     _check_fits(engine, state, _locations(engine), partial)
+    _check_blocks_fit(engine, state)
+
+
+def _check_blocks_fit(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -> None:
+    """Every factor and basis block this rank copies has the shape of its slot (and a pending basis
+    comes with its permutation and flags), so that the copy cannot fail halfway."""
+    sharded_rows = _rows_sharded(engine)
+    for (i, j), items in _entries(engine).items():
+        entry = state.get(i, state.get(str(i)))
+        if entry is None:
+            continue
+        keys = [f"factor_{j}", f"basis_{j}"]
+        if engine.refresh_delay and f"pending_basis_{j}" in entry:
+            keys += [f"pending_basis_{j}", f"pending_perm_{j}", f"pending_ok_{j}"]
+        lacking = [k for k in keys if k not in entry]
+        if lacking:
+            raise ValueError(f"SOAP.load_state_dict: the state of {engine.layouts[i].name} has no {lacking}")
+        name = engine.layouts[i].name
+        for e, store, slot in items:
+            box, slot_shape = _Box(engine, e, j == 0 and sharded_rows), tuple(store.bases[slot].shape)
+            for key in keys[:3]:  # the square ones: factor, basis, pending basis
+                got = tuple(box.view(local(entry[key])).shape)
+                if got != slot_shape:
+                    raise ValueError(
+                        f"SOAP.load_state_dict: {key} of {name} holds a block of shape {got} where this "
+                        f"optimizer's is {slot_shape}: the state was saved for another model or other options"
+                    )
 
 
 def load_engine_state(

@@ -251,7 +251,25 @@ def test_any_error_inside_the_copy_is_a_refusal_with_the_optimizer_unchanged():
     before = copy.deepcopy(opt.state_dict())
     for key in ("factor_0", "basis_0"):
         state["state"][0][key] = state["state"][0][key][:, :3].clone()
-    with pytest.raises(ValueError, match="does not fit this optimizer"):
-        opt.load_state_dict(state)
+    with pytest.raises(
+        ValueError, match=r"factor_0 of .* holds a block of shape \(6, 3\) where this optimizer's"
+    ):
+        opt.load_state_dict(state)  # found before the copy (ZeRO copies in place)
+    after = opt.state_dict()
+    assert all(torch.equal(v, after["state"][i][k]) for i, e in before["state"].items() for k, v in e.items())
+    import soap_dist.optimizer_state as optimizer_state
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("a failure no check foresaw")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(optimizer_state, "load_engine_state", failing)
+    try:
+        with pytest.raises(
+            ValueError, match=r"does not fit this optimizer \(RuntimeError\('a failure no check"
+        ):
+            opt.load_state_dict(copy.deepcopy(before))
+    finally:
+        mp.undo()
     after = opt.state_dict()
     assert all(torch.equal(v, after["state"][i][k]) for i, e in before["state"].items() for k, v in e.items())

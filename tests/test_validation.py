@@ -108,3 +108,21 @@ def test_a_step_before_any_gradient_warns_once_naming_the_wrapped_model_case():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # a step with no gradient mid-run (a skipped batch) is not the wrapped-model mistake
+
+
+def test_the_warnings_caller_is_not_confused_with_a_package_named_like_torch(tmp_path, monkeypatch):
+    """torchtitan, torchtune, torchvision ... sit beside torch in site-packages: a prefix test
+    without the separator skipped their frames, and the warning named the wrong line."""
+    import importlib.util
+
+    from soap_dist import idle
+
+    (tmp_path / "torch").mkdir()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "torch" / "__init__.py"))
+    package = tmp_path / "torchtitan_like"
+    package.mkdir()
+    (package / "loop.py").write_text("def call(level):\n    return level()\n")
+    spec = importlib.util.spec_from_file_location("loop", package / "loop.py")
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    assert loop.call(idle.callers_level) == 1  # loop.call's own frame: the caller

@@ -253,28 +253,31 @@ def scenario_refused_load(rank: int, stage: int):
     early = copy.deepcopy(soap.state_dict())
     train(engine, rank, 2, 3, 1)
     before = copy.deepcopy(soap.state_dict())
+    narrow = copy.deepcopy(early)
     if rank == 1:
         last = max(early["state"])
         moments = early["state"][last]["exp_avg"]
         early["state"][last]["exp_avg"] = torch.zeros(moments.shape[0] + 1, *moments.shape[1:])
-    for group in early["param_groups"]:
-        group["lr"] = 0.5
-    try:
-        soap.load_state_dict(early)
-        error = ""
-    except ValueError as refused:
-        error = str(refused)
-    after = soap.state_dict()
-    return {
-        "error": error,
-        "unchanged": all(
+        for key in ("factor_0", "basis_0"):  # a row factor narrower than its blocks: fails in the copy
+            narrow["state"][last][key] = narrow["state"][last][key][:, :3].clone()
+    out = {}
+    for name, bad in (("moments", early), ("narrow", narrow)):
+        for group in bad["param_groups"]:
+            group["lr"] = 0.5
+        try:
+            soap.load_state_dict(bad)
+            error = ""
+        except ValueError as refused:
+            error = str(refused)
+        after = soap.state_dict()
+        unchanged = all(
             torch.equal(v, after["state"][i][k])
             for i, entry in before["state"].items()
             for k, v in entry.items()
             if torch.is_tensor(v)
-        ),
-        "lr": soap.param_groups[0]["lr"],
-    }
+        )
+        out[name] = {"error": error, "unchanged": unchanged, "lr": soap.param_groups[0]["lr"]}
+    return out
 
 
 def scenario_bad_configs(rank: int):
