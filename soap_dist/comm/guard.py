@@ -230,12 +230,13 @@ def _report(
     participant's; return the participants whose key never came (empty when all did)."""
     me = dist.get_rank()
     store.set(prefix + str(me), name)
+    others = [r for r in participants if r != me]
     deadline = time.monotonic() + within_s
-    while True:
-        absent = [r for r in participants if r != me and not store.check([prefix + str(r)])]
-        if not absent or time.monotonic() > deadline:
-            return absent
+    while not store.check([prefix + str(r) for r in others]):  # one request per poll
+        if time.monotonic() > deadline:
+            return [r for r in others if not store.check([prefix + str(r)])]
         time.sleep(pause)
+    return []
 
 
 def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
