@@ -205,13 +205,11 @@ class StateMixin:
         load. Under DeepSpeed ZeRO the engine is loaded in place, so there the ranks agree on the checks
         (``check_loadable``) before anything is copied."""
         kept = {k: self.__dict__[k] for k in LOAD_REPLACES if k in self.__dict__}
-        engine = kept.get("_engine")
-        if engine is not None and not any(engine.started):
+        if kept.get("_engine") is not None and not any(kept["_engine"].started):
             kept.update(_engine=None, _owner=None)
         groups = {id(g): g for g in [*self.param_groups, *self.__dict__.get("_declared_groups", [])]}
         before = {i: dict(g) for i, g in groups.items()}
         state = dict(self.state)
-        del engine
         try:
             yield
         except BaseException:

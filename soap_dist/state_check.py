@@ -38,6 +38,19 @@ def _corrupt(label: str, key: str, problem: str) -> ValueError:
     )
 
 
+def entry_of(state: Mapping[Any, Mapping[str, Any]], index: int) -> Any:
+    """A parameter's saved entry, keyed by its index (torch.optim) or the index as text; None if absent."""
+    return state.get(index, state.get(str(index)))
+
+
+def required_keys(preconditioned: Sequence[bool]) -> list[str]:
+    """The keys every SOAP entry holds from the first step on, for a tensor with these preconditioned dims."""
+    keys = ["step", "exp_avg", "exp_avg_sq"]
+    for j, pre in enumerate(preconditioned):
+        keys += [f"factor_{j}", f"basis_{j}"] if pre else []
+    return keys
+
+
 def orthogonality_error(q: Tensor) -> Tensor:
     """How far a square ``q`` is from orthogonal (NaN if it is not finite), as a 0-d tensor.
 
@@ -139,7 +152,7 @@ def check_engine_state(engine: SoapEngine, state: Mapping[Any, Mapping[str, Any]
             if e.dim == 0:
                 blocks.setdefault(e.param, []).append((plan.row_start(e), e.size))
     for lay in engine.layouts:
-        entry = state.get(lay.index, state.get(str(lay.index)))
+        entry = entry_of(state, lay.index)
         if entry is not None:
             label = f"parameter {lay.index} ({lay.name})"
             check_entry(entry, label, sorted(blocks.get(lay.index, [])), tolerance)
@@ -150,14 +163,11 @@ def check_saved_shapes(layouts: Sequence[Any], state: Mapping[Any, Mapping[str, 
     is read: a state of another optimizer (AdamW's has no factors) or of other shapes is named as
     such, not as corrupt. ``layouts``: the whole parameters' (global shapes, as the entries' DTensors)."""
     for lay in layouts:
-        entry = state.get(lay.index, state.get(str(lay.index)))
+        entry = entry_of(state, lay.index)
         if entry is None:
             continue
         label = f"parameter {lay.index} ({lay.name}, shape {tuple(lay.shape)})"
-        wanted = ["step", "exp_avg", "exp_avg_sq"]
-        for j, pre in enumerate(lay.preconditioned):
-            wanted += [f"factor_{j}", f"basis_{j}"] if pre else []
-        lacking = [k for k in wanted if k not in entry]
+        lacking = [k for k in required_keys(lay.preconditioned) if k not in entry]
         if lacking:
             raise ValueError(
                 f"SOAP.load_state_dict: the saved state of {label} has no {', '.join(lacking)}: it is not "

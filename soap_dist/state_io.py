@@ -31,7 +31,7 @@ from .engine import SoapEngine
 from .layout import ParamLayout
 from .placements.tensors import is_dtensor, local
 from .plan import FactorEntry
-from .state_check import check_engine_state
+from .state_check import check_engine_state, entry_of, required_keys
 from .stores import FactorStore, moment_dtype
 
 Tensor = torch.Tensor
@@ -199,19 +199,19 @@ def _check_blocks_fit(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -
     comes with its permutation and flags), so that the copy cannot fail halfway."""
     sharded_rows = _rows_sharded(engine)
     for (i, j), items in _entries(engine).items():
-        entry = state.get(i, state.get(str(i)))
+        entry = entry_of(state, i)
         if entry is None:
             continue
-        keys = [f"factor_{j}", f"basis_{j}"]
-        if engine.refresh_delay and f"pending_basis_{j}" in entry:
-            keys += [f"pending_basis_{j}", f"pending_perm_{j}", f"pending_ok_{j}"]
-        lacking = [k for k in keys if k not in entry]
-        if lacking:
-            raise ValueError(f"SOAP.load_state_dict: the state of {engine.layouts[i].name} has no {lacking}")
         name = engine.layouts[i].name
+        squares = [f"factor_{j}", f"basis_{j}"]  # present: _check_fits ran
+        if engine.refresh_delay and f"pending_basis_{j}" in entry:
+            squares.append(f"pending_basis_{j}")
+            lacking = [k for k in (f"pending_perm_{j}", f"pending_ok_{j}") if k not in entry]
+            if lacking:
+                raise ValueError(f"SOAP.load_state_dict: the state of {name} has no {', '.join(lacking)}")
         for e, store, slot in items:
             box, slot_shape = _Box(engine, e, j == 0 and sharded_rows), tuple(store.bases[slot].shape)
-            for key in keys[:3]:  # the square ones: factor, basis, pending basis
+            for key in squares:
                 got = tuple(box.view(local(entry[key])).shape)
                 if got != slot_shape:
                     raise ValueError(
@@ -232,7 +232,7 @@ def load_engine_state(
     plan, me = engine.plan, engine.plan.topology.rank
     sharded_rows = _rows_sharded(engine)
     for lay in engine.layouts:
-        entry = state.get(lay.index, state.get(str(lay.index)))
+        entry = entry_of(state, lay.index)
         if entry is None:
             continue
         engine.steps[lay.index] = int(_number(entry["step"]))
@@ -286,15 +286,12 @@ def _check_fits(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], where: 
             f"this optimizer {len(engine.layouts)}"
         )
     for lay in engine.layouts:
-        entry = state.get(lay.index, state.get(str(lay.index)))
+        entry = entry_of(state, lay.index)
         if entry is None:
             if partial:
                 continue
             raise ValueError(f"SOAP.load_state_dict: no saved state for parameter {lay.index} ({lay.name})")
-        wanted = ["step", "exp_avg", "exp_avg_sq"]
-        for j, pre in enumerate(lay.preconditioned):
-            wanted += [f"factor_{j}", f"basis_{j}"] if pre else []
-        lacking = [k for k in wanted if k not in entry]
+        lacking = [k for k in required_keys(lay.preconditioned) if k not in entry]
         if lacking:
             raise ValueError(f"SOAP.load_state_dict: the state of {lay.name} has no {', '.join(lacking)}")
         if not engine.refresh_delay and "install_step" in entry and _number(entry["install_step"]) >= 0:

@@ -234,9 +234,14 @@ def _report(
     deadline = time.monotonic() + within_s
     while not store.check([prefix + str(r) for r in others]):  # one request per poll
         if time.monotonic() > deadline:
-            return [r for r in others if not store.check([prefix + str(r)])]
+            return _absent(store, prefix, others)
         time.sleep(pause)
     return []
+
+
+def _absent(store: Any, prefix: str, ranks: Sequence[int]) -> list[int]:
+    """The ranks whose key under ``prefix`` is not in the store (one request each: for messages only)."""
+    return [r for r in ranks if not store.check([prefix + str(r)])]
 
 
 def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
@@ -277,7 +282,7 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
                 return
             break
         time.sleep(0.05)
-    absent = [] if elsewhere else [r for r in participants if r != me and not store.check([prefix + str(r)])]
+    absent = [] if elsewhere else _absent(store, prefix, [r for r in participants if r != me])
     guard.seq -= 1  # nothing happened: the next call on every rank is this one's retry
     if elsewhere:
         who = f"another rank gave up waiting for it after {guard.timeout_s:g} s, as this one waited"

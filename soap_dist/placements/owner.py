@@ -42,6 +42,7 @@ from ..comm import Groups
 from ..layout import ParamLayout
 from ..owner_layout import SPREAD, crossing_elements, held_rows, owner_placement
 from ..plan import OWNER, Topology, build_plan, local_layouts, rows_of
+from ..state_check import entry_of
 from ..state_io import load_engine_state, save_engine_state
 from ..stores import moment_dtype
 from .rows import HomeRowsRunner, Runs, apply_updates
@@ -388,7 +389,7 @@ class OwnerRunner(HomeRowsRunner):
         outgoing, incoming = self.new_runs(self.ranks)
         for lay in self.layouts:
             i = lay.index
-            entry = state_of(state, i)
+            entry = entry_of(state, i)
             if entry is None:
                 continue
             row_keys = self._keys_of(lay, entry)
@@ -407,7 +408,7 @@ class OwnerRunner(HomeRowsRunner):
                 held = held_rows(lay, self.shards, self.shard)[0]
                 self._route_rows(lay, False, (part, held), (whole, stepped), outgoing, incoming)
             full[i] = out
-        dtypes = _dtypes(local(state_of(state, i)[k]) for i, k in moved)
+        dtypes = _dtypes(local(entry_of(state, i)[k]) for i, k in moved)
         self.move(outgoing, incoming, dtypes, over=self.scope)
         load_engine_state(self.engine, full, partial=partial)
 
@@ -431,8 +432,3 @@ def _rows(t: Tensor, start: int, end: int) -> Tensor:
 
 def _dtypes(tensors) -> list[torch.dtype]:
     return sorted({t.dtype for t in tensors}, key=str)
-
-
-def state_of(state: dict[Any, dict], index: int) -> dict:
-    """A parameter's saved entry, keyed by its index (torch.optim) or the index as text."""
-    return state.get(index, state.get(str(index)))
