@@ -117,6 +117,47 @@ def check_config(config: dict[str, Any]) -> None:
         check_version()
 
 
+# placements that fit what each stage hands SOAP: whole replicated tensors (0), flat partitions (1-3)
+STAGE_PLACEMENTS = {0: ("auto", "replicated", "single"), 1: ("auto", "zero", "owner")}
+
+
+def check_soap_setup(config: dict[str, Any], soap: SOAP) -> None:
+    """Refuse, at start, SOAP settings that cannot work at the config's ZeRO stage, naming the fix.
+
+    Each of these otherwise fails late or, for fp16 at stage 0, trains wrongly without a word.
+    """
+    zero = config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    fp16 = config.get("fp16", {}) or {}
+    if stage == 0 and bool(fp16.get("enabled", False)):
+        # deepspeed 0.19.8: at stage 0 the engine multiplies the loss by the loss scale only for a
+        # ZeRO optimizer, while the fp16 wrapper of a client optimizer still divides the gradients by
+        # it, so SOAP would see gradients 2**16 times too small
+        raise ValueError(
+            "soap_dist.deepspeed: fp16 at ZeRO stage 0 is not supported: DeepSpeed does not scale the loss "
+            "for a client optimizer there but still unscales its gradients, so SOAP would get gradients "
+            "divided by the loss scale. Use bf16 (\"bf16\": {\"enabled\": true}), or fp16 with "
+            "zero_optimization.stage 1, 2 or 3"
+        )
+    allowed = STAGE_PLACEMENTS[min(stage, 1)]
+    if soap.placement not in allowed:
+        hands = "whole replicated tensors" if stage == 0 else "flat partitions of the parameters"
+        raise ValueError(
+            f"soap_dist.deepspeed: SOAP placement={soap.placement!r} does not fit ZeRO stage {stage}, which "
+            f"hands the optimizer {hands}; use one of {list(allowed)} (\"auto\" picks for you)"
+            + ("" if stage else ", or stage 1-3 for \"owner\"")
+        )
+    if stage in (1, 2):  # deepspeed 0.19.8 reads the first parameter of every group it keeps
+        for index, group in enumerate(soap.param_groups):
+            if not any(p.requires_grad for p in group["params"]):
+                raise ValueError(
+                    f"soap_dist.deepspeed: param group {index} holds no trainable parameter (all have "
+                    f"requires_grad=False); DeepSpeed ZeRO stage {stage} fails on such a group (IndexError "
+                    "in its partitioning). Leave the group out of model_parameters, or make one of its "
+                    "parameters trainable"
+                )
+
+
 def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     """deepspeed.initialize, with ``"optimizer": {"type": "SOAP", "params": {...}}`` understood.
 
@@ -151,6 +192,8 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
         call["optimizer"] = optimizer
         call.pop("model_parameters", None)  # the client optimizer already has them, grouped
         config["zero_allow_untested_optimizer"] = True
+    if isinstance(call.get("optimizer"), SOAP):
+        check_soap_setup(config, call["optimizer"])
     call.pop("config_params", None)
     call["config"] = config
     disable_shm_comm()

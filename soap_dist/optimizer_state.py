@@ -134,6 +134,7 @@ class StateMixin:
                 "state": zero.state_dict(),
                 "param_groups": self._packed_groups(self._declared_groups, zero.param_counts()),
                 "zero_world": zero.part.world,
+                "zero_placement": zero.placement_name,
             }
         groups = self._packed_groups(self.param_groups, [len(g["params"]) for g in self.param_groups])
         if self._exchange is not None:  # a collective: every rank must be here (checked before any)
@@ -162,6 +163,20 @@ class StateMixin:
 
     def _load_zero_state(self, zero: ZeroRunner, state_dict: dict[str, Any]) -> None:
         saved_world = state_dict.get("zero_world")
+        if saved_world is None:
+            raise ValueError(
+                "SOAP.load_state_dict: this state was not saved under DeepSpeed ZeRO stages 1-3 (it holds "
+                "whole parameters' state, as a stage-0, DDP, FSDP2 or one-process run saves it), and ZeRO "
+                "stages 1-3 need each rank's own rows. Resume at the stage and setup that saved it, "
+                "or load the weights only (DeepSpeed: load_optimizer_states=False) and start SOAP afresh"
+            )
+        saved_placement = state_dict.get("zero_placement", zero.placement_name)  # absent before 2026-12
+        if saved_placement != zero.placement_name:
+            raise ValueError(
+                f"SOAP.load_state_dict: this state was saved with placement {saved_placement!r} under ZeRO, "
+                f"and this optimizer runs {zero.placement_name!r}; each rank's rows differ between the two. "
+                f'Resume with "placement": "{saved_placement}" in the SOAP params'
+            )
         if saved_world != zero.part.world:
             raise ValueError(
                 f"SOAP.load_state_dict: this state was saved under DeepSpeed ZeRO at world {saved_world}; "
@@ -186,6 +201,13 @@ class StateMixin:
             hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict is None:  # DeepSpeed stage 0 passes None for a checkpoint with no optimizer state
+            raise ValueError(
+                "SOAP.load_state_dict: got None instead of an optimizer state. DeepSpeed passes None where "
+                "the checkpoint holds no optimizer state for this stage: one saved under ZeRO stages 1-3 "
+                "keeps it in its zero_pp_rank_* files, which stage 0 does not read. Load it at the stage "
+                "that saved it, or with load_optimizer_states=False to start SOAP afresh from its weights"
+            )
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             got = sorted(state_dict)[:8] if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(

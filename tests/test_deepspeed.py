@@ -61,6 +61,7 @@ def results(tmp_path_factory):
             "scenario_checkpoint",
             dict(stage=2, directory=str(ck / "spread"), soap_kw=OWNER, shapes=zs.SPREAD_SHAPES),
         ),
+        ("foreign_loads", "scenario_foreign_loads", dict(stage=2, directory=str(ck / "s2"))),
     ]
     return zs.run(jobs)
 
@@ -128,7 +129,7 @@ def test_deepspeed_checkpoint_round_trip_continues_bitwise(results, stage):
     assert all(res[f"ckpt_stage{stage}"]["bitwise"] for res in results)
     # held before ZeRO's runner was built, then taken by rank 0 alone (unheld: a collective timeout)
     saved_alone = results[0][f"ckpt_stage{stage}"]["saved_alone"]
-    assert saved_alone == ["param_groups", "state", "zero_world"], saved_alone
+    assert saved_alone == ["param_groups", "state", "zero_placement", "zero_world"], saved_alone
 
 
 def test_deepspeed_checkpoint_with_a_spread_parameter_continues_bitwise(results):
@@ -141,6 +142,18 @@ def test_bad_configs_fail_at_start_saying_what_to_do(results):
     assert "unknown SOAP params ['momentum']" in bad["unknown"] and "allowed" in bad["unknown"]
     assert "offload_optimizer is not supported" in bad["offload"] and "remove" in bad["offload"]
     assert "elastic_checkpoint" in bad["elastic"] and "false" in bad["elastic"]
+    assert "fp16 at ZeRO stage 0 is not supported" in bad["fp16_stage0"] and "bf16" in bad["fp16_stage0"]
+    assert "placement='owner' does not fit ZeRO stage 0" in bad["owner_stage0"], bad["owner_stage0"]
+    assert "placement='replicated' does not fit ZeRO stage 2" in bad["replicated_stage2"]
+    assert "param group 1 holds no trainable parameter" in bad["frozen_group_stage1"]
+
+
+def test_states_from_another_setup_are_refused_naming_the_difference(results):
+    for res in results:  # every rank says the same
+        r = res["foreign_loads"]
+        assert "saved with placement 'zero'" in r["placement"] and '"placement": "zero"' in r["placement"]
+        assert "not saved under DeepSpeed ZeRO stages 1-3" in r["whole"], r["whole"]
+        assert "got None" in r["none"] and "load_optimizer_states=False" in r["none"], r["none"]
 
 
 def test_reference_is_sensitive_to_blocking():

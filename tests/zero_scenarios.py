@@ -288,13 +288,45 @@ def scenario_bad_configs(rank: int):
         "unknown": {**ds_config(2), "optimizer": {"type": "SOAP", "params": {"lr": 0.1, "momentum": 0.9}}},
         "offload": ds_config(2, offload_optimizer={"device": "cpu"}),
         "elastic": ds_config(1, elastic_checkpoint=True),
+        # deepspeed 0.19.8 leaves the loss unscaled for a client optimizer but unscales its gradients
+        "fp16_stage0": {**ds_config(0), "fp16": {"enabled": True}},
+        "owner_stage0": ds_config(0, soap={"placement": "owner"}),
+        "replicated_stage2": ds_config(2, soap={"placement": "replicated"}),
+        "frozen_group_stage1": ds_config(1),
     }.items():
         model = Sum()
+        params = model.parameters()
+        if key == "frozen_group_stage1":  # DeepSpeed's stages 1-2 fail (IndexError) on such a group
+            model.w1.requires_grad_(False)
+            rest = [p for n, p in model.named_parameters() if n != "w1"]
+            params = [{"params": rest}, {"params": [model.w1]}]
         try:
-            sdd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+            sdd.initialize(model=model, model_parameters=params, config=cfg)
             out[key] = "no error"
         except (ValueError, TypeError) as err:
             out[key] = str(err)
+    return out
+
+
+def scenario_foreign_loads(rank: int, stage: int, directory: str):
+    """States another setup saved are refused on every rank with a message naming the difference:
+    a ``zero`` checkpoint into ``owner``, a state with whole parameters, and DeepSpeed's None."""
+    engine, _ = build(stage, soap={"placement": "owner"})
+    out = {}
+    try:
+        engine.load_checkpoint(directory, tag="t4")  # written by scenario_checkpoint under "zero"
+        out["placement"] = "no error"
+    except ValueError as err:
+        out["placement"] = str(err)
+    soap = soap_of(engine)
+    train(engine, rank, 0, 1, 1)
+    whole = {k: v for k, v in soap.state_dict().items() if not k.startswith("zero_")}
+    for name, state in (("whole", whole), ("none", None)):
+        try:
+            soap.load_state_dict(state)
+            out[name] = "no error"
+        except ValueError as err:
+            out[name] = str(err)
     return out
 
 

@@ -81,7 +81,8 @@ class ZeroRunner(HomeRowsRunner):
             self.spread = [lay.index in spread for lay in self.layouts]
         else:
             self.splits = {lay.index: zero_rows(lay) for lay in self.layouts}
-        topology = Topology(OWNER if soap.placement == OWNER else ZERO, 1, part.world, part.rank)
+        self.placement_name = OWNER if soap.placement == OWNER else ZERO  # checkpoints record it
+        topology = Topology(self.placement_name, 1, part.world, part.rank)
         plan = build_plan(self.layouts, topology, self.splits)
         device = part.flats[0].device if part.flats else torch.device("cpu")
         grid = Groups(world=part.process_group, shard=part.process_group, replicate=None, ranks=part.ranks)
