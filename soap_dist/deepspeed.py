@@ -25,9 +25,11 @@ from typing import Any
 import torch
 
 from .integrations.deepspeed_zero import (  # noqa: F401  (re-exported: the plugin's public names)
+    FP16_STAGE0,
     SUPPORTED_VERSION,
     check_version,
     find_zero_optimizer,
+    fp16_stage0_is_broken,
     partitioning,
     zero_optimizer_of,
 )
@@ -129,16 +131,10 @@ def check_soap_setup(config: dict[str, Any], soap: SOAP) -> None:
     zero = config.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0))
     fp16 = config.get("fp16", {}) or {}
-    if stage == 0 and bool(fp16.get("enabled", False)):
-        # deepspeed 0.19.8: at stage 0 the engine multiplies the loss by the loss scale only for a
-        # ZeRO optimizer, while the fp16 wrapper of a client optimizer still divides the gradients by
-        # it, so SOAP would see gradients 2**16 times too small
-        raise ValueError(
-            "soap_dist.deepspeed: fp16 at ZeRO stage 0 is not supported: DeepSpeed does not scale the loss "
-            "for a client optimizer there but still unscales its gradients, so SOAP would get gradients "
-            "divided by the loss scale. Use bf16 (\"bf16\": {\"enabled\": true}), or fp16 with "
-            "zero_optimization.stage 1, 2 or 3"
-        )
+    if stage == 0 and bool(fp16.get("enabled", False)) and fp16_stage0_is_broken():
+        import deepspeed
+
+        raise ValueError("soap_dist.deepspeed: " + FP16_STAGE0.format(version=deepspeed.__version__))
     allowed = STAGE_PLACEMENTS[min(stage, 1)]
     if soap.placement not in allowed:
         hands = "whole replicated tensors" if stage == 0 else "flat partitions of the parameters"

@@ -143,6 +143,7 @@ def test_bad_configs_fail_at_start_saying_what_to_do(results):
     assert "offload_optimizer is not supported" in bad["offload"] and "remove" in bad["offload"]
     assert "elastic_checkpoint" in bad["elastic"] and "false" in bad["elastic"]
     assert "fp16 at ZeRO stage 0 is not supported" in bad["fp16_stage0"] and "bf16" in bad["fp16_stage0"]
+    assert "fp16 at ZeRO stage 0 is not supported" in bad["fp16_wrapper"], bad["fp16_wrapper"]
     assert "placement='owner' does not fit ZeRO stage 0" in bad["owner_stage0"], bad["owner_stage0"]
     assert "placement='replicated' does not fit ZeRO stage 2" in bad["replicated_stage2"]
     assert "param group 1 holds no trainable parameter" in bad["frozen_group_stage1"]

@@ -305,6 +305,19 @@ def scenario_bad_configs(rank: int):
             out[key] = "no error"
         except (ValueError, TypeError) as err:
             out[key] = str(err)
+    # A SOAP reaching the stage-0 fp16 wrapper some other way (Accelerate, the HF Trainer): refused at
+    # the wrapper's first call of step(), inside deepspeed.initialize (the CPU has no fp16 engine)
+    import deepspeed
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from soap_dist import SOAP
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        FP16_UnfusedOptimizer(SOAP(Sum().half().parameters()), dynamic_loss_scale=True)
+        out["fp16_wrapper"] = "no error"
+    except ValueError as err:
+        out["fp16_wrapper"] = str(err)
     return out
 
 

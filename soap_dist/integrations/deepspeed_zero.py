@@ -33,6 +33,23 @@ def check_version() -> None:
         )
 
 
+# deepspeed 0.19.8's stage-0 fp16 wrappers of a client optimizer: the engine no longer multiplies the
+# loss by the loss scale for them, but they still divide the gradients by it
+FP16_WRAPPERS = ("FP16_UnfusedOptimizer", "FP16_Optimizer")
+FP16_STAGE0 = (
+    "fp16 at ZeRO stage 0 is not supported: DeepSpeed {version} does not scale the loss for a client "
+    "optimizer there but still unscales its gradients, so SOAP would get gradients divided by the loss "
+    'scale. Use bf16 ("bf16": {{"enabled": true}}), or fp16 with zero_optimization.stage 1, 2 or 3'
+)
+
+
+def fp16_stage0_is_broken() -> bool:
+    """True for the DeepSpeed version whose stage-0 fp16 path was measured wrong (FP16_STAGE0)."""
+    import deepspeed
+
+    return deepspeed.__version__ == SUPPORTED_VERSION
+
+
 def zero_optimizer_of(engine: Any) -> Any:
     """The engine's ZeRO stage 1-3 optimizer, or None (stage 0 hands SOAP whole tensors)."""
     opt = getattr(engine, "optimizer", None)
@@ -43,7 +60,8 @@ def find_zero_optimizer(soap: Any, depth: int = 12) -> Any:
     """The ZeRO optimizer calling ``soap`` right now, found on the call stack (stages 1-3), else None.
 
     Accelerate and the HF Trainer call deepspeed.initialize themselves; their SOAP instance meets
-    the ZeRO optimizer only when it is called, from the ZeRO optimizer's own methods.
+    the ZeRO optimizer only when it is called, from the ZeRO optimizer's own methods. A stage-0 fp16
+    wrapper is refused here too (FP16_STAGE0): it calls SOAP once inside deepspeed.initialize.
     """
     if "deepspeed" not in sys.modules:
         return None
@@ -54,6 +72,16 @@ def find_zero_optimizer(soap: Any, depth: int = 12) -> Any:
         owner = frame.f_locals.get("self")
         if type(owner).__name__ in (ZERO_12, ZERO_3) and getattr(owner, "optimizer", None) is soap:
             return owner
+        if type(owner).__name__ in FP16_WRAPPERS and getattr(owner, "optimizer", None) is soap:
+            import torch
+
+            # the same wrapper serves bf16 at stage 0, with no loss scale: that path is right
+            fp16 = getattr(owner, "low_precision_dtype", torch.float16) == torch.float16
+            if fp16 and fp16_stage0_is_broken():  # reached through Accelerate or the HF Trainer
+                import deepspeed
+
+                raise ValueError("SOAP under DeepSpeed: " + FP16_STAGE0.format(version=deepspeed.__version__))
+            return None
         frame = frame.f_back
     return None
 
