@@ -97,12 +97,12 @@ def save_engine_state(engine: SoapEngine, exchange: Any = None, wrap: Wrap | Non
     for lay in engine.layouts:
         i, full = lay.index, plan.layouts[lay.index]
         entry: dict[str, Tensor] = {
-            "step": torch.tensor(float(engine.steps[i])),
+            "step": torch.tensor(float(engine.steps[i]), dtype=torch.float64),  # exact past 2**24
             "initialized": torch.tensor(1.0 if engine.started[i] else 0.0),
         }
         phase = engine.phases[i] if engine.phases is not None else engine.loaded_phases.get(i)
         if engine.refresh_schedule == "staggered" and phase is not None:  # loaded, no step since
-            entry["refresh_phase"] = torch.tensor(float(phase))
+            entry["refresh_phase"] = torch.tensor(float(phase), dtype=torch.float64)
         moments = _moments(engine, lay, where.get(i, []))
         for key, mine in zip(("exp_avg", "exp_avg_sq"), moments, strict=True):
             entry[key] = wrap(mine, full.block_shape) if wrap is not None and _sharded(engine) else mine
@@ -143,7 +143,7 @@ def save_engine_state(engine: SoapEngine, exchange: Any = None, wrap: Wrap | Non
                     summed.append(t)
                     entry[k] = t
         if delay:
-            entry["install_step"] = torch.tensor(float(engine.install_step.get(i, -1)))
+            entry["install_step"] = torch.tensor(float(engine.install_step.get(i, -1)), dtype=torch.float64)
         state[i] = entry
     if exchange is not None and summed:
         flat = exchange.all_reduce_sum(torch.cat([t.reshape(-1) for t in summed]))

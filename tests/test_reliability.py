@@ -400,6 +400,36 @@ def test_a_rank_giving_up_as_the_last_one_arrives_passes_with_it(store_as_rank, 
     assert mine.seq == theirs.seq == 1
 
 
+def test_rendezvous_keys_do_not_pile_up_in_the_store(store_as_rank, monkeypatch):
+    """Each state_dict() is a rendezvous with W + 1 store keys; a long run saves thousands of times.
+    Meeting one deletes the previous one's keys (given-up attempts included): the store holds those of
+    the last rendezvous only. Before, it grew by W + 1 keys per save (and more per give-up)."""
+    from soap_dist.comm import guard as guard_module
+
+    store = guard_module._store()
+    mine, theirs = _two_guards(monkeypatch, 0.2)
+    sizes = []
+    for n in range(1, 7):
+        if n == 3:  # rank 1 gives up alone first: attempt 0 is left behind, attempt 1 meets
+            store_as_rank(1)
+            with pytest.raises(guard_module.CollectiveTimeout):
+                guard_module.arrive_all(theirs, "state_dict()", [0, 1])
+        attempt = 1 if n == 3 else 0
+        store_as_rank(1)
+        store.set(guard_module.rendezvous_prefix(mine.id, [0, 1], n) + f"{attempt}/1", "state_dict()")
+        store_as_rank(0)
+        guard_module.arrive_all(mine, "state_dict()", [0, 1])  # meets: rank 1's key is there
+        store_as_rank(1)  # rank 1 read the state key before rank 0 settled it (as it must have)
+        stale = _StaleFirstRead(store, stale=str(attempt).encode())
+        monkeypatch.setattr(guard_module, "_store", lambda stale=stale: stale)
+        guard_module.arrive_all(theirs, "state_dict()", [0, 1])  # sees it met
+        monkeypatch.setattr(guard_module, "_store", lambda: store)
+        sizes.append(store.num_keys())
+    assert mine.seq == theirs.seq == 6
+    assert sizes[3:] == [sizes[2] - 1] * 3, sizes  # steady at 3 keys (n = 3 also held attempt 0's)
+    assert sizes[-1] == 3, sizes  # the last rendezvous: its state key and the two ranks' keys
+
+
 def test_a_refused_load_leaves_the_optimizer_as_it_was_on_every_rank(shared):
     for res in _ok(shared, "corrupt_shard"):
         assert res["kept"] and res["lr"] == 0.02 and set(res["steps"]) == {3}, (

@@ -273,3 +273,22 @@ def test_any_error_inside_the_copy_is_a_refusal_with_the_optimizer_unchanged():
         mp.undo()
     after = opt.state_dict()
     assert all(torch.equal(v, after["state"][i][k]) for i, e in before["state"].items() for k, v in e.items())
+
+
+def test_step_counts_past_float32s_integers_survive_a_round_trip():
+    """Counts were saved as float32, exact only to 2**24: step 16,777,217 came back as 16,777,216 and
+    a pending install one step late. They are float64 now (exact to 2**53)."""
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    opt = SOAP([w], precondition_frequency=2, refresh_delay=1, refresh_schedule="staggered")
+    for _ in range(2):
+        w.grad = torch.randn(5, 4)
+        opt.step()
+    engine = opt._engine
+    engine.steps = [2**24 + 1 for _ in engine.steps]  # odd: not a float32
+    engine.install_step = {i: 2**24 + 3 for i in range(len(engine.steps))}
+    saved = opt.state_dict()
+    again = SOAP([torch.nn.Parameter(w.detach().clone())], precondition_frequency=2, refresh_delay=1,
+                 refresh_schedule="staggered")  # fmt: skip
+    again.load_state_dict(copy.deepcopy(saved))
+    assert again._engine.steps == engine.steps
+    assert again._engine.install_step == engine.install_step

@@ -117,6 +117,7 @@ class Guard:
         self.id = next(_guards)
         self.seq = 0
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
+        self.last_met: tuple[str, int] | None = None  # the last rendezvous met: its keys' prefix, attempt
         # Failure notices are the exchange's own: optimizers over other groups (other data-parallel
         # groups beside tensor parallelism, pipeline stages) build guards with the same ids.
         self._notice_key = f"soap_dist/guard{self.id}/ranks{_digest(ranks)}/failed"
@@ -266,12 +267,14 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     deadline = time.monotonic() + guard.timeout_s
     others = [prefix + str(r) for r in participants if r != me]
     elsewhere = False  # another rank gave this attempt up, just before or as this one arrived
+    pause = 0.001  # doubling to 50 ms: a save that meets at once costs a few ms, a long wait few polls
     while True:
         everyone = store.check(others)  # one request per poll, whatever the world size
         state = _decode(
             store.compare_set(here + "state", attempt, met) if everyone else store.get(here + "state")
         )
         if state == met:
+            _forget_last(store, guard, participants, (here, int(attempt)))
             return
         if state != attempt:
             elsewhere = True
@@ -279,9 +282,11 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         if time.monotonic() > deadline:
             state = _decode(store.compare_set(here + "state", attempt, str(int(attempt) + 1)))
             if state == met:  # the last rank came as this one gave up, and settled first
+                _forget_last(store, guard, participants, (here, int(attempt)))
                 return
             break
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
     absent = [] if elsewhere else _absent(store, prefix, [r for r in participants if r != me])
     guard.seq -= 1  # nothing happened: the next call on every rank is this one's retry
     if elsewhere:
@@ -297,6 +302,25 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         "callbacks=[soap_dist.integrations.hf_trainer.save_callback()]); docs/design.md, "
         "'Failure behaviour'."
     )
+
+
+def _forget_last(store: Any, guard: Guard, participants: Sequence[int], now: tuple[str, int]) -> None:
+    """Delete the keys of the guard's previous rendezvous, so a run's store holds one per guard, not
+    one per ``state_dict()``. Safe once this one has met: every participant wrote its key here, so
+    none still reads the previous one. Each rank deletes its own keys, the lowest the state key."""
+    last, guard.last_met = guard.last_met, now
+    if last is None:
+        return
+    here, attempts = last
+    me = dist.get_rank()
+    keys = [f"{here}{a}/{me}" for a in range(attempts + 1)]  # given-up attempts left keys too
+    if me == min(participants):
+        keys.append(here + "state")
+    try:
+        for key in keys:
+            store.delete_key(key)
+    except Exception:  # pragma: no cover - a store without delete_key: the keys stay, nothing else
+        pass
 
 
 def rendezvous_prefix(guard_id: int, participants: Sequence[int], seq: int) -> str:
