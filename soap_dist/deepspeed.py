@@ -119,8 +119,9 @@ def check_config(config: dict[str, Any]) -> None:
         check_version()
 
 
-# placements that fit what each stage hands SOAP: whole replicated tensors (0), flat partitions (1-3)
-STAGE_PLACEMENTS = {0: ("auto", "replicated", "single"), 1: ("auto", "zero", "owner")}
+# placements that fit what each stage hands SOAP: whole replicated tensors (0), flat partitions (1-3,
+# where "auto" runs placement zero)
+STAGE_PLACEMENTS = {0: ("auto", "replicated", "single"), 1: ("auto", "owner")}
 
 
 def check_soap_setup(config: dict[str, Any], soap: SOAP) -> None:
@@ -130,22 +131,23 @@ def check_soap_setup(config: dict[str, Any], soap: SOAP) -> None:
     """
     zero = config.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0))
-    fp16 = config.get("fp16", {}) or {}
-    if stage == 0 and bool(fp16.get("enabled", False)) and fp16_stage0_is_broken():
+    if stage == 0 and fp16_stage0_is_broken():
         import deepspeed
+        from deepspeed.runtime.precision_config import get_float16_config
 
-        raise ValueError("soap_dist.deepspeed: " + FP16_STAGE0.format(version=deepspeed.__version__))
+        if get_float16_config(config).enabled:  # DeepSpeed's own reading ("auto" and "false": off)
+            raise ValueError("soap_dist.deepspeed: " + FP16_STAGE0.format(version=deepspeed.__version__))
     allowed = STAGE_PLACEMENTS[min(stage, 1)]
     if soap.placement not in allowed:
         hands = "whole replicated tensors" if stage == 0 else "flat partitions of the parameters"
         raise ValueError(
             f"soap_dist.deepspeed: SOAP placement={soap.placement!r} does not fit ZeRO stage {stage}, which "
             f"hands the optimizer {hands}; use one of {list(allowed)} (\"auto\" picks for you)"
-            + ("" if stage else ", or stage 1-3 for \"owner\"")
+            + (", or stage 1-3 for \"owner\"" if stage == 0 and soap.placement == "owner" else "")
         )
     if stage in (1, 2):  # deepspeed 0.19.8 reads the first parameter of every group it keeps
         for index, group in enumerate(soap.param_groups):
-            if not any(p.requires_grad for p in group["params"]):
+            if group["params"] and not any(p.requires_grad for p in group["params"]):  # empty: dropped
                 raise ValueError(
                     f"soap_dist.deepspeed: param group {index} holds no trainable parameter (all have "
                     f"requires_grad=False); DeepSpeed ZeRO stage {stage} fails on such a group (IndexError "

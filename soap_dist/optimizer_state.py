@@ -175,7 +175,8 @@ class StateMixin:
             raise ValueError(
                 f"SOAP.load_state_dict: this state was saved with placement {saved_placement!r} under ZeRO, "
                 f"and this optimizer runs {zero.placement_name!r}; each rank's rows differ between the two. "
-                f'Resume with "placement": "{saved_placement}" in the SOAP params'
+                f'Resume with "placement": "{"auto" if saved_placement == "zero" else saved_placement}" in '
+                "the SOAP params"
             )
         if saved_world != zero.part.world:
             raise ValueError(

@@ -147,12 +147,14 @@ def test_bad_configs_fail_at_start_saying_what_to_do(results):
     assert "placement='owner' does not fit ZeRO stage 0" in bad["owner_stage0"], bad["owner_stage0"]
     assert "placement='replicated' does not fit ZeRO stage 2" in bad["replicated_stage2"]
     assert "param group 1 holds no trainable parameter" in bad["frozen_group_stage1"]
+    assert "'zero'" not in bad["replicated_stage2"]  # not a value SOAP takes ("auto" runs it)
+    assert bad["empty_group_stage1"] == bad["bf16_fp16_auto_stage0"] == "no error", bad
 
 
 def test_states_from_another_setup_are_refused_naming_the_difference(results):
     for res in results:  # every rank says the same
         r = res["foreign_loads"]
-        assert "saved with placement 'zero'" in r["placement"] and '"placement": "zero"' in r["placement"]
+        assert "saved with placement 'zero'" in r["placement"] and '"placement": "auto"' in r["placement"]
         assert "not saved under DeepSpeed ZeRO stages 1-3" in r["whole"], r["whole"]
         assert "got None" in r["none"] and "load_optimizer_states=False" in r["none"], r["none"]
 

@@ -293,6 +293,9 @@ def scenario_bad_configs(rank: int):
         "owner_stage0": ds_config(0, soap={"placement": "owner"}),
         "replicated_stage2": ds_config(2, soap={"placement": "replicated"}),
         "frozen_group_stage1": ds_config(1),
+        # valid: DeepSpeed drops an empty group, and reads "auto" as fp16 off
+        "empty_group_stage1": ds_config(1),
+        "bf16_fp16_auto_stage0": {**ds_config(0, bf16=True), "fp16": {"enabled": "auto"}},
     }.items():
         model = Sum()
         params = model.parameters()
@@ -300,6 +303,8 @@ def scenario_bad_configs(rank: int):
             model.w1.requires_grad_(False)
             rest = [p for n, p in model.named_parameters() if n != "w1"]
             params = [{"params": rest}, {"params": [model.w1]}]
+        if key == "empty_group_stage1":
+            params = [{"params": list(model.parameters())}, {"params": []}]
         try:
             sdd.initialize(model=model, model_parameters=params, config=cfg)
             out[key] = "no error"
