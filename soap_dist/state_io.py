@@ -214,9 +214,16 @@ def _check_blocks_fit(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -
             for key in squares:
                 got = tuple(box.view(local(entry[key])).shape)
                 if got != slot_shape:
+                    why = (
+                        "its row blocks differ from this optimizer's: another block_size, or fsdp-local/hsdp "
+                        "with block_size=None, whose row blocks are the shards (docs/design.md, section 5, "
+                        "Resharding)"
+                        if j == 0
+                        else "the state was saved for another model or other options"
+                    )
                     raise ValueError(
                         f"SOAP.load_state_dict: {key} of {name} holds a block of shape {got} where this "
-                        f"optimizer's is {slot_shape}: the state was saved for another model or other options"
+                        f"optimizer's is {slot_shape}: {why}"
                     )
 
 

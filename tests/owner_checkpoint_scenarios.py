@@ -4,6 +4,7 @@ load at other world sizes, meshes and placements (run from owner_scenarios' list
 
 from __future__ import annotations
 
+import copy
 import os
 
 import dist_scenarios as ds
@@ -227,3 +228,69 @@ def _single_template(model, opt):
     state = {names[i]: v for i, v in sd["state"].items()}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def owner_full_state_dict(world):
+    """The consolidated checkpoint (DCP's full_state_dict=True, cpu_offload=True: full tensors on rank 0,
+    for an export or a torch.save) under owner, with a spread embedding whose state is sharded:
+    loaded back with broadcast_from_rank0 it continues bitwise, and one process continues from it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 200, (16,), generator=gen)
+    y = torch.randn(16, 7, generator=gen, dtype=torch.float64)
+    kw = {**ds.COMMON, "block_size": 3, "refresh_delay": 1}
+    per = 16 // world
+
+    def build():
+        model = _deep_tagger()
+        for layer in model.children():
+            fully_shard(layer)
+        fully_shard(model)
+        return model, SOAP(model.parameters(), placement="owner", **kw)
+
+    def train(model, opt, steps, xs, ys):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(xs), ys).backward()
+            opt.step()
+        return [
+            p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()
+        ]
+
+    mine = ids[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+    model, opt = build()
+    train(model, opt, 7, *mine)  # between a refresh (step 6) and its install (step 8)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    saved = {
+        "model": get_model_state_dict(model, options=full),
+        "optim": get_optimizer_state_dict(model, opt, options=full),
+    }
+    out = {
+        "spread": [i for i, spread in enumerate(opt._owner.spread) if spread],
+        "rank0_holds": bool(saved["optim"]),
+    }
+    straight = train(model, opt, 6, *mine)
+    again, opt2 = build()
+    given = copy.deepcopy(saved) if rank == 0 else {"model": {}, "optim": {}}  # DCP fills it in place
+    spread_back = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(again, given["model"], options=spread_back)
+    set_optimizer_state_dict(again, opt2, given["optim"], options=spread_back)
+    out["bitwise"] = all(
+        torch.equal(a, b) for a, b in zip(train(again, opt2, 6, *mine), straight, strict=True)
+    )
+    if rank == 0:
+        single = _deep_tagger()
+        single.load_state_dict(saved["model"])
+        sopt = SOAP(single.parameters(), placement="single", **kw)
+        set_optimizer_state_dict(single, sopt, saved["optim"], options=StateDictOptions(full_state_dict=True))
+        out["rel_single"] = ds._rel(train(single, sopt, 6, ids, y), straight)
+    return out

@@ -288,6 +288,7 @@ SCENARIOS = {
         owner_state_and_traffic,
         owner_errors,
         ckpt.owner_checkpoint,
+        ckpt.owner_full_state_dict,
         owner_narrow_values,
     ],
     4: [

@@ -131,6 +131,13 @@ def test_owner_dcp_round_trip_continues_bitwise_at_world_2(prefix, world2):
     assert res[f"{prefix}bitwise"]
 
 
+def test_owner_full_state_dict_round_trips_and_loads_in_one_process(world2):
+    """DCP's consolidated form (full_state_dict=True): full tensors on rank 0, spread state included."""
+    res = result(world2, "owner_full_state_dict")
+    assert res["spread"] == [0] and res["bitwise"], res
+    assert res["rel_single"] <= 1e-10, res
+
+
 @pytest.mark.parametrize("prefix", ["", "spread_", "staggered_"], ids=["whole", "spread", "staggered"])
 def test_owner_checkpoint_reshards_to_world_4_and_to_one_process(prefix, world4):
     """Staggered too: the checkpoint's phases (world 2's owners') continue the run at any world size."""

@@ -292,3 +292,20 @@ def test_step_counts_past_float32s_integers_survive_a_round_trip():
     again.load_state_dict(copy.deepcopy(saved))
     assert again._engine.steps == engine.steps
     assert again._engine.install_step == engine.install_step
+
+
+def test_a_state_with_other_row_blocks_is_named_as_such():
+    """fsdp-local with block_size=None saves one row block per shard (4 of a matrix's 8 rows at world
+    2) while recording block_size=None; one process with block_size=None holds one 8-row block. The
+    refusal names the row blocks (before, "saved for another model or other options")."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = SOAP([w], precondition_frequency=2, block_size=4)
+    for _ in range(3):
+        w.grad = torch.randn(8, 6)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["block_size"] = None  # as fsdp-local at world 2 records it
+    other = SOAP([torch.nn.Parameter(w.detach().clone())], precondition_frequency=2, block_size=None)
+    with pytest.raises(ValueError, match=r"row blocks differ .*whose row blocks are the shards"):
+        other.load_state_dict(saved)
