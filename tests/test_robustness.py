@@ -276,3 +276,78 @@ def test_the_index_cache_is_bounded_and_stays_correct(monkeypatch):
         keys = list(range(n))
         assert engine._index(keys).tolist() == keys
         assert len(engine._indices) <= 3
+
+
+def test_a_non_finite_first_gradient_does_not_start_the_preconditioner():
+    """A NaN first gradient is zeroed for its step; starting there built the first bases from a zero
+    factor (3.5e-2 away after 25 steps). Now the run equals one that never saw that call."""
+    gen = torch.Generator().manual_seed(4)
+    init = torch.randn(6, 4, generator=gen)
+    grads = [torch.randn(6, 4, generator=gen) for _ in range(9)]
+
+    def run(nan_first: bool):
+        p = torch.nn.Parameter(init.clone())
+        opt = SOAP([p], lr=0.01, precondition_frequency=3, fused=False)
+        if nan_first:
+            p.grad = torch.full_like(p, float("nan"))
+            with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+                opt.step()
+                for g in grads[:3]:  # the warning comes at the next refresh
+                    p.grad = g.clone()
+                    opt.step()
+            rest = grads[3:]
+        else:
+            rest = grads
+        for g in rest:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_a_float16_gradient_whose_norm_passes_65504_is_not_skipped():
+    """The finiteness check took the norm in the gradient's dtype: a float16 gradient of 256 x 256
+    entries near 300 (norm 76,800) overflowed it and was skipped as non-finite, every step."""
+    import warnings
+
+    moved = {}
+    for dtype in (torch.float16, torch.float32):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.zeros(256, 256, dtype=dtype))
+        opt = SOAP([p], lr=1e-3, precondition_frequency=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no "non-finite gradient" warning
+            for _ in range(4):
+                p.grad = (300 * torch.randn(256, 256)).to(dtype)
+                opt.step()
+        moved[dtype] = p.detach().float().abs().max().item()
+    assert moved[torch.float16] > 0.5 * moved[torch.float32] > 0, moved
+
+
+def test_a_float64_gradient_too_large_for_float32_factors_is_skipped_and_leaves_them_finite():
+    """float64 weights, float32 factors (the default): a finite gradient of 1e20 passed the check,
+    G G^T overflowed the factor to Inf, then NaN, and no refresh ever succeeded again."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.float64))
+    opt = SOAP([p], lr=0.01, precondition_frequency=5)
+    with pytest.warns(RuntimeWarning, match="overflows factor_dtype=torch.float32"):
+        for t in range(40):
+            p.grad = torch.randn(8, 8, dtype=torch.float64) * (1e20 if 3 <= t <= 5 else 1.0)
+            opt.step()
+    state = opt.state_dict()["state"][0]
+    assert all(bool(state[k].isfinite().all()) for k in ("factor_0", "factor_1", "basis_0", "basis_1"))
+    assert opt.stats()["refresh_failures"] == 0 and bool(p.isfinite().all())
+
+
+def test_normalize_grads_after_a_long_run_of_zero_gradients_takes_no_giant_step():
+    """Adam's direction shrinks towards 1e-23 over ~1300 zero gradients; its float32 squares underflowed
+    to 0, the RMS became the 1e-30 guard, and the normalized step was 7e4 instead of ~lr."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = SOAP([p], lr=1e-3, precondition_frequency=5, normalize_grads=True)
+    for t in range(1400):
+        p.grad = torch.randn(8, 8) if t < 10 else torch.zeros(8, 8)
+        before = p.detach().clone()
+        opt.step()
+        assert (p.detach() - before).abs().max() < 0.05, t  # ~lr per element, at most a few times it

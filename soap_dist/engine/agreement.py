@@ -10,6 +10,7 @@ of a collective of mismatched sizes. One process: the same decisions, with nothi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import astuple
 
@@ -54,14 +55,17 @@ class AgreementMixin:
             # A gradient skipped as non-finite differs between replicas by nature; the decision is shared.
             if not bool(agreed[0]) or bool(finite.all()):
                 self._disagree(hypers, active_ids, agreed)
-        if fresh:  # a first gradient that is zero on every rank does not start its parameter
-            skipped = {i for i, z in zip(fresh, flags[n:][self._index(fresh)].tolist(), strict=True) if z}
+        self.nonfinite_seen |= ~finite  # warned at the next refresh, also for a parameter not started
+        if fresh:  # a first gradient zero on every rank, or not finite on one, does not start its parameter
+            # (a non-finite one is zeroed for the step: the first bases would come from a zero factor)
+            index = self._index(fresh)
+            unstartable = (flags[n:][index] | ~finite[index]).tolist()
+            skipped = {i for i, z in zip(fresh, unstartable, strict=True) if z}
             active_ids = [i for i in active_ids if i not in skipped]
             for i in skipped:
                 active[i] = False
         if not active_ids:
             return None
-        self.nonfinite_seen |= ~finite
         return Agreed(hypers, active, active_ids, finite)
 
     def _zero_first_flags(self, grads: list[Tensor | None], fresh: list[int]) -> Tensor:
@@ -81,12 +85,18 @@ class AgreementMixin:
         return flags
 
     def _finite_flags(self, grads: list[Tensor | None], active_ids: list[int]) -> tuple[Tensor, Tensor]:
-        """One flag per parameter (its gradient's norm is finite: no NaN/Inf, no overflow), and the norms."""
+        """One flag per parameter (its gradient's norm is finite: no NaN/Inf, no overflow, and small
+        enough for the factors), and the norms."""
         if not active_ids:
             none = torch.zeros(0, device=self.device)
             return torch.ones(len(grads), dtype=torch.bool, device=self.device), none
-        norms = torch.stack(torch._foreach_norm([grads[i] for i in active_ids]))
-        flags = norms.isfinite()
+        mine = [grads[i] for i in active_ids]
+        # At least in the factors' dtype: an fp16 gradient's own norm overflows at 65504. And below
+        # sqrt(max) of it: an entry of G G^T is at most ||G||^2, so a larger (float64) gradient would
+        # turn the float32 factors Inf for good. (A float32 norm overflows right there anyway.)
+        dtype = functools.reduce(torch.promote_types, [g.dtype for g in mine], self.factor_dtype)
+        norms = torch.stack(torch._foreach_norm(mine, 2, dtype=dtype))
+        flags = norms.isfinite() & (norms < torch.finfo(self.factor_dtype).max ** 0.5)
         if len(active_ids) == len(grads):
             return flags, norms
         full = torch.ones(len(grads), dtype=torch.bool, device=self.device)

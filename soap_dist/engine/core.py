@@ -300,9 +300,10 @@ class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):
                 self._warned.add(("nonfinite", i))
                 self.counters.nonfinite_params_warned += 1
                 warnings.warn(
-                    f"SOAP: non-finite gradient for {self._name(i)}; the steps where it occurred were "
-                    "skipped for this parameter (moments unchanged, weights given only the weight decay, "
-                    "factors decayed). Shown once.",
+                    f"SOAP: non-finite gradient for {self._name(i)} (NaN/Inf, or a norm whose square "
+                    f"overflows factor_dtype={self.factor_dtype}); the steps where it occurred were skipped "
+                    "for this parameter (moments unchanged, weights given only the weight decay, factors "
+                    "decayed). Shown once.",
                     RuntimeWarning,
                     stacklevel=4,
                 )
