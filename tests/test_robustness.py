@@ -351,3 +351,27 @@ def test_normalize_grads_after_a_long_run_of_zero_gradients_takes_no_giant_step(
         before = p.detach().clone()
         opt.step()
         assert (p.detach() - before).abs().max() < 0.05, t  # ~lr per element, at most a few times it
+
+
+def test_rank_one_gradients_step_outside_their_span_with_float32_factors_only():
+    """docs/algorithm.md, 'Low-rank gradients and float32 factors': float32 factors' rounding in the
+    directions a rank-1 gradient never spans, above eps, becomes full-size steps there (as in the
+    reference); float64 factors stay at rounding level. Measures the figures the page quotes."""
+    gen = torch.Generator().manual_seed(1)
+    w0 = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    u = torch.randn(8, 1, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 8, generator=gen, dtype=torch.float64)
+    u, v = u / u.norm(), v / v.norm()
+    grads = [u @ v * torch.randn((), generator=gen, dtype=torch.float64) for _ in range(40)]
+
+    def outside(factor_dtype: torch.dtype) -> float:
+        p = torch.nn.Parameter(w0.clone())
+        opt = SOAP([p], lr=1e-2, weight_decay=0.0, precondition_frequency=5, factor_dtype=factor_dtype)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        d = p.detach() - w0
+        return float((d - u @ (u.T @ d @ v.T) @ v).norm())
+
+    assert outside(torch.float64) < 1e-8 and outside(torch.float32) > 1e-2, (
+        outside(torch.float64), outside(torch.float32))
