@@ -38,6 +38,7 @@ from .placements.zero import ZeroRunner
 from .plan import build_plan, local_layouts
 from .plan.costs import prefers_owner
 from .plan.schedule import SCHEDULES
+from .state_check import saved_keys
 from .state_io import load_engine_state, save_engine_state
 
 Tensor = torch.Tensor
@@ -280,7 +281,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             self._check_plan(self._exchange, full, self.param_groups, params=params)
         self._engine = self._new_engine(local_layouts(full, topology), local_params, plan, self._exchange)
         self._engine_params = [id(p) for p in params]
-        self._stateful_markers(params)
+        self._stateful_markers(params, full)
         if self._carried_state:
             load_engine_state(self._engine, self._carried_state, partial=True)
             self._carried_state = {}
@@ -297,7 +298,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self._owner = OwnerRunner(self, full, params, self._placement)
         self._engine, self._exchange = self._owner.engine, self._owner.exchange
         self._engine_params = [id(p) for p in params]
-        self._stateful_markers(params)
+        self._stateful_markers(params, full)
         if self._carried_state:
             self._owner.load_state_dict(self._carried_state, partial=True)
             self._carried_state = {}
@@ -469,6 +470,13 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self._stateful_markers(part.flats)
         return self._zero
 
-    def _stateful_markers(self, params: list[Tensor]) -> None:
-        for p in params:  # torch.optim/DCP read a non-empty ``state`` as "already initialised"
-            self.state[p] = {"managed_by": "soap_dist engine; see SOAP.state_dict()"}
+    def _stateful_markers(self, params: list[Tensor], layouts: list[ParamLayout] | None = None) -> None:
+        """Entries in ``self.state`` that say the state lives in the engine. torch.optim and DCP read a
+        non-empty ``state`` as "already initialised"; DCP's flatten_optimizer_state_dict=True rebuilds
+        each entry on load from these entries' key names, so they name the keys state_dict() saves."""
+        staggered = ["refresh_phase"] if self.refresh_schedule == "staggered" else []
+        for k, p in enumerate(params):
+            keys = ["managed_by"]  # ZeRO's flat partitions: DCP never sees them
+            if layouts is not None:
+                keys = saved_keys(layouts[k].preconditioned, self.refresh_delay) + staggered
+            self.state[p] = dict.fromkeys(keys, "soap_dist engine; see SOAP.state_dict()")

@@ -216,7 +216,7 @@ class StateMixin:
                 f"(got {got}); pass what SOAP.state_dict() (or DCP's get_optimizer_state_dict) returned"
             )
         with self._unchanged_if_refused():
-            self._load_checked(state_dict)
+            self._load_checked(_without_unfilled(state_dict))
 
     @contextmanager
     def _unchanged_if_refused(self) -> Iterator[None]:
@@ -375,3 +375,18 @@ class StateMixin:
         self.__dict__.setdefault(
             "_declared_shapes", [tuple(p.shape) for g in self.param_groups for p in g["params"]]
         )
+
+
+def _without_unfilled(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the ``{}`` values DCP's flatten_optimizer_state_dict=True leaves for keys
+    named in ``self.state`` that the checkpoint lacks (an older one without refresh_phase): missing keys."""
+    state = state_dict["state"]
+    if not isinstance(state, dict):
+        return state_dict
+
+    def filled(entry: Any) -> Any:
+        if not isinstance(entry, dict):
+            return entry
+        return {k: v for k, v in entry.items() if not (isinstance(v, dict) and not v)}
+
+    return {**state_dict, "state": {key: filled(entry) for key, entry in state.items()}}

@@ -51,6 +51,16 @@ def required_keys(preconditioned: Sequence[bool]) -> list[str]:
     return keys
 
 
+def saved_keys(preconditioned: Sequence[bool], refresh_delay: int) -> list[str]:
+    """The keys state_dict() writes for a tensor (without refresh_phase, which "staggered" adds)."""
+    keys = ["initialized", *required_keys(preconditioned)]
+    if refresh_delay:
+        for j, pre in enumerate(preconditioned):
+            keys += [f"pending_basis_{j}", f"pending_perm_{j}", f"pending_ok_{j}"] if pre else []
+        keys.append("install_step")
+    return keys
+
+
 def orthogonality_error(q: Tensor) -> Tensor:
     """How far a square ``q`` is from orthogonal (NaN if it is not finite), as a 0-d tensor.
 

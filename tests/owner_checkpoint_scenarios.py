@@ -230,10 +230,12 @@ def _single_template(model, opt):
     return {"state": state, "param_groups": groups}
 
 
-def owner_full_state_dict(world):
+def owner_full_state_dict(world, directory):
     """The consolidated checkpoint (DCP's full_state_dict=True, cpu_offload=True: full tensors on rank 0,
     for an export or a torch.save) under owner, with a spread embedding whose state is sharded:
-    loaded back with broadcast_from_rank0 it continues bitwise, and one process continues from it."""
+    loaded back with broadcast_from_rank0 it continues bitwise, and one process continues from it.
+    And torchtitan's flatten_optimizer_state_dict=True through dcp.save/dcp.load: continues bitwise."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -285,6 +287,23 @@ def owner_full_state_dict(world):
     set_model_state_dict(again, given["model"], options=spread_back)
     set_optimizer_state_dict(again, opt2, given["optim"], options=spread_back)
     out["bitwise"] = all(
+        torch.equal(a, b) for a, b in zip(train(again, opt2, 6, *mine), straight, strict=True)
+    )
+    # flattened (torch rebuilds each entry on load from the key names in opt.state)
+    flat, path = StateDictOptions(flatten_optimizer_state_dict=True), os.path.join(directory, "owner_flat")
+    model, opt = build()
+    train(model, opt, 7, *mine)
+    dcp.save(
+        {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=flat)},
+        checkpoint_id=path,
+    )
+    straight = train(model, opt, 6, *mine)
+    again, opt2 = build()
+    template = {"model": again.state_dict(), "optim": get_optimizer_state_dict(again, opt2, options=flat)}
+    dcp.load(template, checkpoint_id=path)
+    again.load_state_dict(template["model"])
+    set_optimizer_state_dict(again, opt2, template["optim"], options=flat)
+    out["flat_bitwise"] = all(
         torch.equal(a, b) for a, b in zip(train(again, opt2, 6, *mine), straight, strict=True)
     )
     if rank == 0:

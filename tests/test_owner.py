@@ -136,6 +136,7 @@ def test_owner_full_state_dict_round_trips_and_loads_in_one_process(world2):
     res = result(world2, "owner_full_state_dict")
     assert res["spread"] == [0] and res["bitwise"], res
     assert res["rel_single"] <= 1e-10, res
+    assert res["flat_bitwise"], res  # before, the flattened state lost every key on load
 
 
 @pytest.mark.parametrize("prefix", ["", "spread_", "staggered_"], ids=["whole", "spread", "staggered"])
