@@ -135,13 +135,15 @@ def fused_adam_direction():
 def normalize_rms(update: Tensor) -> Tensor:
     """Divide each block by its RMS (+1e-30), the page's normalize_grads.
 
-    The sum of squares is taken in float64: in float32 the squares of an update near 1e-23 (what
-    Adam's direction shrinks to after a long run of zero gradients) underflow to 0, and the division
-    by 1e-30 then made a step of 1e7.
+    Each block is scaled by its largest entry before squaring: in float32 the squares of an update
+    near 1e-23 (what Adam's direction shrinks to after a long run of zero gradients) underflow to 0,
+    and the division by 1e-30 then made a step of 1e7.
     """
     flat = update.flatten(1)
-    rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).div_(flat.shape[1] ** 0.5).add_(1e-30)
-    return update.div_(rms.to(update.dtype).view((-1,) + (1,) * (update.dim() - 1)))
+    peak = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1, keepdim=True)
+    scaled = torch.linalg.vector_norm(flat / peak.clamp_min(torch.finfo(flat.dtype).tiny), dim=1)
+    rms = scaled.mul_(peak.squeeze(1)).div_(flat.shape[1] ** 0.5).add_(1e-30)
+    return update.div_(rms.view((-1,) + (1,) * (update.dim() - 1)))
 
 
 def permute_along(x: Tensor, dim: int, perm: Tensor) -> Tensor:

@@ -139,6 +139,8 @@ class StateMixin:
         groups = self._packed_groups(self.param_groups, [len(g["params"]) for g in self.param_groups])
         if self._exchange is not None:  # a collective: every rank must be here (checked before any)
             self._exchange.arrive("SOAP.state_dict()")
+        if self._engine is None and self._carried_state:  # after add_param_group (or in a copy), before
+            self._ensure_engine()  # a step: the state waits to be loaded into the engine, built now
         if self._owner is not None:
             state = self._owner.state_dict()
         elif self._engine is not None:

@@ -281,6 +281,34 @@ def owner_errors(world):
     return out
 
 
+def owner_gradient_too_large_across_shards(world):
+    """float64 weights, float32 factors: a gradient whose shards' norms are each below sqrt(max) but
+    whose whole norm is not is skipped, as in one process. Each rank used to judge its own shard, and
+    the owner's column factor, formed from the whole gradient, overflowed for good."""
+    import warnings
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, dtype=torch.float64), mesh, [Shard(0)]))
+    opt = SOAP([w], precondition_frequency=2, placement="owner")
+    for step in range(6):
+        g = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        if step == 3:
+            g = torch.zeros(4, 3, dtype=torch.float64)
+            g[:, 0] = 1.2e19  # whole norm 2.4e19 > 1.84e19; each 2-row shard 1.7e19
+        w.grad = distribute_tensor(g, mesh, [Shard(0)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step()
+    factor = opt.state_dict()["state"][0]["factor_1"]
+    factor = factor.full_tensor() if isinstance(factor, DTensor) else factor
+    stats = opt.stats()
+    return {
+        "finite": bool(factor.isfinite().all()),
+        "skipped": stats["nonfinite_params_warned"],
+        "failures": stats["refresh_failures"],
+    }
+
+
 SCENARIOS = {
     2: [
         owner_exact,
@@ -290,6 +318,7 @@ SCENARIOS = {
         ckpt.owner_checkpoint,
         ckpt.owner_full_state_dict,
         owner_narrow_values,
+        owner_gradient_too_large_across_shards,
     ],
     4: [
         owner_exact,

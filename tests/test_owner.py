@@ -182,3 +182,8 @@ def test_staggered_refresh_under_owner_equals_the_oracle_with_the_same_phases(wo
     for rank in range(world):  # each owner spreads its own parameters over the phases
         mine = [p for p, o in zip(res["phases"][:6], res["owners"][:6], strict=True) if o == rank]
         assert len(set(mine)) == min(len(mine), 3), (rank, mine)
+
+
+def test_a_gradient_too_large_for_the_factors_is_judged_whole_not_per_shard(world2):
+    res = result(world2, "owner_gradient_too_large_across_shards")
+    assert res == {"finite": True, "skipped": 1, "failures": 0}, res

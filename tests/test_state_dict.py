@@ -309,3 +309,19 @@ def test_a_state_with_other_row_blocks_is_named_as_such():
     other = SOAP([torch.nn.Parameter(w.detach().clone())], precondition_frequency=2, block_size=None)
     with pytest.raises(ValueError, match=r"row blocks differ .*whose row blocks are the shards"):
         other.load_state_dict(saved)
+
+
+def test_state_dict_after_add_param_group_and_before_a_step_keeps_the_state():
+    """add_param_group drops the engine and carries its state to the next one, built at the next step;
+    a state_dict() in between returned no state at all (and DCP, seeing the markers, saved none)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    opt = SOAP([w], precondition_frequency=2)
+    for _ in range(3):
+        w.grad = torch.randn(5, 4)
+        opt.step()
+    before = copy.deepcopy(opt.state_dict()["state"][0])
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))]})
+    after = opt.state_dict()["state"]
+    assert set(after) == {0, 1}, sorted(after)
+    assert all(torch.equal(v, after[0][k]) for k, v in before.items())

@@ -93,10 +93,12 @@ class AgreementMixin:
         mine = [grads[i] for i in active_ids]
         # At least in the factors' dtype: an fp16 gradient's own norm overflows at 65504. And below
         # sqrt(max) of it: an entry of G G^T is at most ||G||^2, so a larger (float64) gradient would
-        # turn the float32 factors Inf for good. (A float32 norm overflows right there anyway.)
-        dtype = functools.reduce(torch.promote_types, [g.dtype for g in mine], self.factor_dtype)
+        # turn the float32 factors Inf for good. A rank sees its shard only, and up to S shards' squares
+        # add up in the factor a whole block or the owner forms: each shard must stay below sqrt(max / S).
+        dtype = functools.reduce(torch.promote_types, {g.dtype for g in mine}, self.factor_dtype)
         norms = torch.stack(torch._foreach_norm(mine, 2, dtype=dtype))
-        flags = norms.isfinite() & (norms < torch.finfo(self.factor_dtype).max ** 0.5)
+        limit = (torch.finfo(self.factor_dtype).max / self.plan.topology.shards) ** 0.5
+        flags = norms.isfinite() & (norms < limit)
         if len(active_ids) == len(grads):
             return flags, norms
         full = torch.ones(len(grads), dtype=torch.bool, device=self.device)

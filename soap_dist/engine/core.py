@@ -303,7 +303,7 @@ class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):
                     f"SOAP: non-finite gradient for {self._name(i)} (NaN/Inf, or a norm whose square "
                     f"overflows factor_dtype={self.factor_dtype}); the steps where it occurred were skipped "
                     "for this parameter (moments unchanged, weights given only the weight decay, factors "
-                    "decayed). Shown once.",
+                    "decayed; at its first gradient, not started at all). Shown once.",
                     RuntimeWarning,
                     stacklevel=4,
                 )
