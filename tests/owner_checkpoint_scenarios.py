@@ -144,6 +144,15 @@ def owner_hsdp_checkpoint(world, directory):
     return out
 
 
+def _train(model, opt, steps, xs, ys):
+    """``steps`` MSE steps on one batch; the whole parameters after them."""
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+    return [p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+
+
 def _owner_round_trip(world, path, model_of, x, y, **options):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -160,33 +169,24 @@ def _owner_round_trip(world, path, model_of, x, y, **options):
         fully_shard(model)
         return model, SOAP(model.parameters(), placement="owner", refresh_delay=1, **kw)
 
-    def train(model, opt, steps, xs, ys):
-        for _ in range(steps):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(xs), ys).backward()
-            opt.step()
-        return [
-            p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()
-        ]
-
     per = 16 // world
     xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
     out = {}
     if world == 2:
         model, opt = build()
-        train(model, opt, 7, xs, ys)  # saved between a refresh (step 6) and its install (step 8)
+        _train(model, opt, 7, xs, ys)  # saved between a refresh (step 6) and its install (step 8)
         out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
         dcp.save(
             {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path
         )
-        straight = train(model, opt, 6, xs, ys)
+        straight = _train(model, opt, 6, xs, ys)
         torch.save(straight, os.path.join(path, "straight.pt"))
         model2, opt2 = build()
         out["restored_steps"] = ds._load(
             model2, opt2, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
         )
         out["bitwise"] = all(
-            torch.equal(a, b) for a, b in zip(train(model2, opt2, 6, xs, ys), straight, strict=True)
+            torch.equal(a, b) for a, b in zip(_train(model2, opt2, 6, xs, ys), straight, strict=True)
         )
         out["placement"] = opt.stats()["placement"]
         out["phases"] = list(opt._engine.phases)
@@ -196,7 +196,7 @@ def _owner_round_trip(world, path, model_of, x, y, **options):
     out["restored_steps"] = ds._load(
         model, opt, path, dcp, get_optimizer_state_dict, set_optimizer_state_dict
     )
-    out["rel_world4"] = ds._rel(train(model, opt, 6, xs, ys), straight)
+    out["rel_world4"] = ds._rel(_train(model, opt, 6, xs, ys), straight)
     out["phases"] = list(opt._engine.phases)
     out["spread"] = [i for i, spread in enumerate(opt._owner.spread) if spread]
     # one process (no sharding, placement "single") loads the same checkpoint: a plain-tensor template
@@ -211,7 +211,7 @@ def _owner_round_trip(world, path, model_of, x, y, **options):
         single.load_state_dict(template["model"])
         computed = list(sopt._engine.phases)
         sopt.load_state_dict(template["optim"])
-        out["rel_single"] = ds._rel(train(single, sopt, 6, x, y), straight)
+        out["rel_single"] = ds._rel(_train(single, sopt, 6, x, y), straight)
         out["single_phases"] = (computed, list(sopt._engine.phases))
     return out
 
@@ -259,18 +259,9 @@ def owner_full_state_dict(world, directory):
         fully_shard(model)
         return model, SOAP(model.parameters(), placement="owner", **kw)
 
-    def train(model, opt, steps, xs, ys):
-        for _ in range(steps):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(xs), ys).backward()
-            opt.step()
-        return [
-            p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()
-        ]
-
     mine = ids[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
     model, opt = build()
-    train(model, opt, 7, *mine)  # between a refresh (step 6) and its install (step 8)
+    _train(model, opt, 7, *mine)  # between a refresh (step 6) and its install (step 8)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     saved = {
         "model": get_model_state_dict(model, options=full),
@@ -280,36 +271,36 @@ def owner_full_state_dict(world, directory):
         "spread": [i for i, spread in enumerate(opt._owner.spread) if spread],
         "rank0_holds": bool(saved["optim"]),
     }
-    straight = train(model, opt, 6, *mine)
+    straight = _train(model, opt, 6, *mine)
     again, opt2 = build()
     given = copy.deepcopy(saved) if rank == 0 else {"model": {}, "optim": {}}  # DCP fills it in place
     spread_back = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(again, given["model"], options=spread_back)
     set_optimizer_state_dict(again, opt2, given["optim"], options=spread_back)
     out["bitwise"] = all(
-        torch.equal(a, b) for a, b in zip(train(again, opt2, 6, *mine), straight, strict=True)
+        torch.equal(a, b) for a, b in zip(_train(again, opt2, 6, *mine), straight, strict=True)
     )
     # flattened (torch rebuilds each entry on load from the key names in opt.state)
     flat, path = StateDictOptions(flatten_optimizer_state_dict=True), os.path.join(directory, "owner_flat")
     model, opt = build()
-    train(model, opt, 7, *mine)
+    _train(model, opt, 7, *mine)
     dcp.save(
         {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=flat)},
         checkpoint_id=path,
     )
-    straight = train(model, opt, 6, *mine)
+    straight = _train(model, opt, 6, *mine)
     again, opt2 = build()
     template = {"model": again.state_dict(), "optim": get_optimizer_state_dict(again, opt2, options=flat)}
     dcp.load(template, checkpoint_id=path)
     again.load_state_dict(template["model"])
     set_optimizer_state_dict(again, opt2, template["optim"], options=flat)
     out["flat_bitwise"] = all(
-        torch.equal(a, b) for a, b in zip(train(again, opt2, 6, *mine), straight, strict=True)
+        torch.equal(a, b) for a, b in zip(_train(again, opt2, 6, *mine), straight, strict=True)
     )
     if rank == 0:
         single = _deep_tagger()
         single.load_state_dict(saved["model"])
         sopt = SOAP(single.parameters(), placement="single", **kw)
         set_optimizer_state_dict(single, sopt, saved["optim"], options=StateDictOptions(full_state_dict=True))
-        out["rel_single"] = ds._rel(train(single, sopt, 6, ids, y), straight)
+        out["rel_single"] = ds._rel(_train(single, sopt, 6, ids, y), straight)
     return out
