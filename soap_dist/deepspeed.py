@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from .integrations.deepspeed_zero import (  # noqa: F401  (re-exported: the plugin's public names)
-    FP16_STAGE0,
     SUPPORTED_VERSION,
     check_version,
     find_zero_optimizer,
     fp16_stage0_is_broken,
+    fp16_stage0_refused,
     partitioning,
     zero_optimizer_of,
 )
@@ -132,11 +132,10 @@ def check_soap_setup(config: dict[str, Any], soap: SOAP) -> None:
     zero = config.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0))
     if stage == 0 and fp16_stage0_is_broken():
-        import deepspeed
         from deepspeed.runtime.precision_config import get_float16_config
 
         if get_float16_config(config).enabled:  # DeepSpeed's own reading ("auto" and "false": off)
-            raise ValueError("soap_dist.deepspeed: " + FP16_STAGE0.format(version=deepspeed.__version__))
+            raise fp16_stage0_refused("soap_dist.deepspeed")
     allowed = STAGE_PLACEMENTS[min(stage, 1)]
     if soap.placement not in allowed:
         hands = "whole replicated tensors" if stage == 0 else "flat partitions of the parameters"

@@ -265,7 +265,8 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     me = dist.get_rank()
     store.set(prefix + str(me), name)
     deadline = time.monotonic() + guard.timeout_s
-    others = [prefix + str(r) for r in participants if r != me]
+    ranks = [r for r in participants if r != me]
+    others = [prefix + str(r) for r in ranks]
     elsewhere = False  # another rank gave this attempt up, just before or as this one arrived
     pause = 0.001  # doubling to 50 ms: a save that meets at once costs a few ms, a long wait few polls
     while True:
@@ -287,7 +288,7 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
             break
         time.sleep(pause)
         pause = min(2 * pause, 0.05)
-    absent = [] if elsewhere else _absent(store, prefix, [r for r in participants if r != me])
+    absent = [] if elsewhere else _absent(store, prefix, ranks)
     guard.seq -= 1  # nothing happened: the next call on every rank is this one's retry
     if elsewhere:
         who = f"another rank gave up waiting for it after {guard.timeout_s:g} s, as this one waited"

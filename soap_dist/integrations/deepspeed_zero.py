@@ -50,6 +50,13 @@ def fp16_stage0_is_broken() -> bool:
     return deepspeed.__version__ == SUPPORTED_VERSION
 
 
+def fp16_stage0_refused(who: str) -> ValueError:
+    """The refusal of fp16 at stage 0 (FP16_STAGE0), naming the installed version; ``who`` leads it."""
+    import deepspeed
+
+    return ValueError(f"{who}: " + FP16_STAGE0.format(version=deepspeed.__version__))
+
+
 def zero_optimizer_of(engine: Any) -> Any:
     """The engine's ZeRO stage 1-3 optimizer, or None (stage 0 hands SOAP whole tensors)."""
     opt = getattr(engine, "optimizer", None)
@@ -78,9 +85,7 @@ def find_zero_optimizer(soap: Any, depth: int = 12) -> Any:
             # the same wrapper serves bf16 at stage 0, with no loss scale: that path is right
             fp16 = getattr(owner, "low_precision_dtype", torch.float16) == torch.float16
             if fp16 and fp16_stage0_is_broken():  # reached through Accelerate or the HF Trainer
-                import deepspeed
-
-                raise ValueError("SOAP under DeepSpeed: " + FP16_STAGE0.format(version=deepspeed.__version__))
+                raise fp16_stage0_refused("SOAP under DeepSpeed")
             return None
         frame = frame.f_back
     return None
