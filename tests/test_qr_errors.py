@@ -45,7 +45,7 @@ def test_refresh_with_a_raising_qr_keeps_the_old_bases(monkeypatch):
         p.grad = g[0].float()
         opt.step()
     bases = {k: s.bases.clone() for k, s in opt._engine.stores.items()}
-    failures = opt.stats()["refresh_failures"]
+    failures, installed = opt.stats()["refresh_failures"], opt.stats()["bases_installed"]
 
     def broken(*_):
         raise RuntimeError("householder_product: simulated cuSOLVER error")
@@ -61,6 +61,7 @@ def test_refresh_with_a_raising_qr_keeps_the_old_bases(monkeypatch):
     for k, s in opt._engine.stores.items():
         assert torch.equal(s.bases, bases[k])
     assert opt.stats()["refresh_failures"] == failures + 3 * 2
+    assert opt.stats()["bases_installed"] == installed  # a kept basis is not counted as installed
     assert torch.isfinite(p).all()
 
     monkeypatch.undo()
@@ -70,3 +71,4 @@ def test_refresh_with_a_raising_qr_keeps_the_old_bases(monkeypatch):
     assert torch.isfinite(p).all()
     assert all(not torch.equal(s.bases, bases[k]) for k, s in opt._engine.stores.items())
     assert opt.stats()["refresh_failures"] == failures + 3 * 2
+    assert opt.stats()["bases_installed"] == installed + (len(grads) - 5) * 2

@@ -43,7 +43,7 @@ class Counters:
 
     refreshes: int = 0
     factors_refreshed: int = 0
-    bases_installed: int = 0
+    installs: torch.Tensor | None = None  # bases installed, summed on the device: no host sync per install
     refresh_failures: int = 0
     nonfinite_params_warned: int = 0
     refresh_seconds: float = 0.0
@@ -53,6 +53,15 @@ class Counters:
     installed_at: deque[tuple[int, int]] = field(  # (param, first step using it), the most recent only
         default_factory=lambda: deque(maxlen=INSTALLED_AT_KEPT)
     )
+
+    def count_installs(self, ok: torch.Tensor) -> None:
+        """Count the bases of ``ok`` put into use; a failed refresh keeps its old basis, not counted."""
+        n = ok.sum()
+        self.installs = n if self.installs is None else self.installs + n
+
+    @property
+    def bases_installed(self) -> int:
+        return 0 if self.installs is None else int(self.installs)
 
 
 class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):

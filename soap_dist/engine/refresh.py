@@ -344,7 +344,7 @@ class RefreshMixin:
             p = perm.index_select(0, source)
             put(stack.exp_avg_sq, blocks, kernels.permute_along(take(stack.exp_avg_sq, blocks), dim, p))
         put(store.bases, rows, new.to(store.basis_dtype))
-        self.counters.bases_installed += len(part)
+        self.counters.count_installs(ok)
 
     def _carry(self, m: Tensor, dim: int, old: Tensor, new: Tensor, ok: Tensor, bd: BlockDim) -> Tensor:
         """P_new(P_old^-1(m)) along ``dim``; blocks whose refresh failed keep m exactly.
