@@ -141,8 +141,8 @@ def check_soap_setup(config: dict[str, Any], soap: SOAP) -> None:
         hands = "whole replicated tensors" if stage == 0 else "flat partitions of the parameters"
         raise ValueError(
             f"soap_dist.deepspeed: SOAP placement={soap.placement!r} does not fit ZeRO stage {stage}, which "
-            f"hands the optimizer {hands}; use one of {list(allowed)} (\"auto\" picks for you)"
-            + (", or stage 1-3 for \"owner\"" if stage == 0 and soap.placement == "owner" else "")
+            f'hands the optimizer {hands}; use one of {list(allowed)} ("auto" picks for you)'
+            + (', or stage 1-3 for "owner"' if stage == 0 and soap.placement == "owner" else "")
         )
     if stage in (1, 2):  # deepspeed 0.19.8 reads the first parameter of every group it keeps
         for index, group in enumerate(soap.param_groups):

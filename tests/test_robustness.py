@@ -374,4 +374,6 @@ def test_rank_one_gradients_step_outside_their_span_with_float32_factors_only():
         return float((d - u @ (u.T @ d @ v.T) @ v).norm())
 
     assert outside(torch.float64) < 1e-8 and outside(torch.float32) > 1e-2, (
-        outside(torch.float64), outside(torch.float32))
+        outside(torch.float64),
+        outside(torch.float32),
+    )
