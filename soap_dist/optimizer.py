@@ -32,7 +32,7 @@ from .options import (
     check_placement,
     validate_group,
 )
-from .placements import Placement, local, resolve
+from .placements import Placement, local, resolve, wrapper
 from .placements.owner import OWNER_SCOPES, OwnerRunner
 from .placements.zero import ZeroRunner
 from .plan import build_plan, local_layouts
@@ -226,10 +226,10 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             if p.layout != torch.strided:
                 raise TypeError(f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}")
         if self._engine is not None:  # rebuilt lazily with the new group; the existing state carries over
-            self._carried_state = (
+            self._carried_state = (  # in state_dict()'s form: "auto" may rebuild it as another placement
                 self._owner.state_dict()
                 if self._owner is not None
-                else save_engine_state(self._engine, self._exchange)
+                else save_engine_state(self._engine, self._exchange, wrapper(self._placement))
             )
             self._engine, self._owner = None, None
 
@@ -282,9 +282,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self._engine = self._new_engine(local_layouts(full, topology), local_params, plan, self._exchange)
         self._engine_params = [id(p) for p in params]
         self._stateful_markers(params, full)
-        if self._carried_state:
-            load_engine_state(self._engine, self._carried_state, partial=True)
-            self._carried_state = {}
+        self._load_carried(lambda: load_engine_state(self._engine, self._carried_state, partial=True))
         return self._engine
 
     def _owner_pays(self, sharded_plan: Any) -> bool:
@@ -299,10 +297,20 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self._engine, self._exchange = self._owner.engine, self._owner.exchange
         self._engine_params = [id(p) for p in params]
         self._stateful_markers(params, full)
-        if self._carried_state:
-            self._owner.load_state_dict(self._carried_state, partial=True)
-            self._carried_state = {}
+        self._load_carried(lambda: self._owner.load_state_dict(self._carried_state, partial=True))
         return self._engine
+
+    def _load_carried(self, load: Callable[[], None]) -> None:
+        """Load the state carried over a rebuild; if it does not fit, the engine is dropped and the state
+        kept, so a retried step raises again instead of starting every parameter afresh."""
+        if not self._carried_state:
+            return
+        try:
+            load()
+        except BaseException:
+            self._engine, self._owner = None, None
+            raise
+        self._carried_state = {}
 
     def _new_exchange(self, plan: Any, groups: Any, device: torch.device) -> Exchange:
         exchange = Exchange(plan, groups, self.factor_dtype, device, self.collective_timeout)

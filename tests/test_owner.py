@@ -31,6 +31,12 @@ def test_owner_with_a_spread_parameter_equals_one_process(world, world2, world4)
         assert res[f"rel_{name}"] <= 1e-10, (name, res)
 
 
+def test_auto_picks_again_at_add_param_group_and_the_state_moves_across(world2):
+    res = result(world2, "auto_switch_on_add_param_group")
+    assert res["to_owner"][:2] == ["fsdp-local", "owner"] and res["to_owner"][2] <= 1e-10, res
+    assert res["to_fsdp_local"][:2] == ["owner", "fsdp-local"] and res["to_fsdp_local"][2] <= 1e-10, res
+
+
 def test_owner_under_hsdp_2x2_equals_one_process_and_replicas_agree(world4):
     res = result(world4, "owner_hsdp")
     assert res["placement"] == "owner"

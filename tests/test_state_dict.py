@@ -102,6 +102,28 @@ def test_add_param_group_mid_run_keeps_the_existing_state():
     assert opt_b.state_dict()["state"][len(SHAPES)]["step"].item() == 5.0
 
 
+def test_a_carried_state_that_fails_to_load_is_kept_for_the_retry(monkeypatch):
+    """A rebuild whose state load raises must not leave a fresh engine behind: the retried step would
+    silently start every parameter afresh."""
+    import soap_dist.optimizer as optimizer_module
+
+    params, opt = _make([torch.randn(s) for s in SHAPES])
+    _drive(params, opt, gradient_stream(SHAPES, 4))
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))]})
+
+    def refuse(*_, **__):
+        raise ValueError("simulated: the state does not fit")
+
+    monkeypatch.setattr(optimizer_module, "load_engine_state", refuse)
+    with pytest.raises(ValueError, match="simulated"):
+        opt.step()
+    with pytest.raises(ValueError, match="simulated"):  # again, not a quiet fresh start
+        opt.step()
+    monkeypatch.undo()
+    _drive(params, opt, gradient_stream(SHAPES, 1, seed=9))
+    assert opt.state_dict()["state"][0]["step"].item() == 4.0  # the first step only initializes: 3 + 1
+
+
 def test_pending_basis_is_not_dropped_by_a_load_without_refresh_delay():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(6, 5))
