@@ -117,13 +117,17 @@ def frequency_changed(rank):
 
 
 def unsynced_gradients(rank):
-    """Gradients that differ between replicas (no_sync misuse): named, on every rank."""
+    """One parameter's gradient that differs between replicas (no_sync misuse, or a parameter DDP
+    never all-reduces): named, on every rank."""
     params = _params()
     opt = SOAP(params, **KW)
 
     def run():
         for step in range(3):
-            for p, g in zip(params, _grads(step + 10 * rank * (step == 2)), strict=True):
+            grads = _grads(step)
+            if step == 2 and rank == 1:
+                grads[1] = grads[1] * 1.5
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             opt.step()
 

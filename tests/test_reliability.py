@@ -47,9 +47,11 @@ def test_a_frequency_changed_on_one_rank_is_an_error_on_every_rank(shared):
 
 def test_unsynchronised_gradients_are_named(shared):
     for res in _ok(shared, "unsynced_gradients"):
-        assert res["error"].startswith("RanksDisagreeError") and "gradients differ" in res["error"], res[
-            "error"
-        ]
+        error = res["error"]
+        assert error.startswith("RanksDisagreeError"), error
+        assert "gradients of param_groups[0].params[1] (shape (6, 4)) differ" in error, error
+        assert "params[0]" not in error, error
+        assert "wrap the model in DDP after setting requires_grad" in error, error
 
 
 def test_a_gradient_missing_on_one_rank_is_named_under_every_placement(shared):

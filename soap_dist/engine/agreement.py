@@ -54,7 +54,7 @@ class AgreementMixin:
         if agreed is not None and not bool(agreed.all()):  # one small host read per step, distributed only
             # A gradient skipped as non-finite differs between replicas by nature; the decision is shared.
             if not bool(agreed[0]) or bool(finite.all()):
-                self._disagree(hypers, active_ids, agreed)
+                self._disagree(hypers, active_ids, agreed, norms)
         self.nonfinite_seen |= ~finite  # warned at the next refresh, also for a parameter not started
         if fresh:  # a first gradient zero on every rank, or not finite on one, does not start its parameter
             # (a non-finite one is zeroed for the step: the first bases would come from a zero factor)
@@ -125,7 +125,7 @@ class AgreementMixin:
             words.append(norms.double().sum().reshape(1).view(torch.int64))
         return torch.cat(words)
 
-    def _disagree(self, hypers: list[Hyper], active_ids: list[int], agreed: Tensor) -> None:
+    def _disagree(self, hypers: list[Hyper], active_ids: list[int], agreed: Tensor, norms: Tensor) -> None:
         """Every rank raises the same RanksDisagreeError, naming what differs (an error path only)."""
         from ..comm import RanksDisagreeError
 
@@ -134,6 +134,7 @@ class AgreementMixin:
             "groups": [astuple(h) for h in hypers],
             "calls": self.calls,
             "stepped": active_ids,
+            "norms": norms.double().tolist() if self.plan.topology.placement == "replicated" else [],
         }
         every = self.exchange.gather_objects(mine)
         lines = []
@@ -162,9 +163,17 @@ class AgreementMixin:
         if len({tuple(m["refreshing"]) for m in every}) > 1:
             lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
         if agreed.numel() > 1 and not bool(agreed[1]) and not stepped_apart:
+            differ = [
+                self._name(i)
+                for k, i in enumerate(active_ids)
+                if len({m["norms"][k] for m in every if len(m["norms"]) > k}) > 1
+            ]
+            named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
             lines.append(
-                "the gradients differ between replicas: step only after DDP's all-reduce (with no_sync, "
-                "on the synchronising pass), and keep every replica's data loader and model in step"
+                f"the gradients {'of ' + named + ' ' if named else ''}differ between replicas: step only after "
+                "DDP's all-reduce (with no_sync, on the synchronising pass), keep every replica's data "
+                "loader and model in step, and wrap the model in DDP after setting requires_grad (DDP "
+                "does not all-reduce a parameter that was frozen when it was built)"
             )
         raise RanksDisagreeError(
             f"SOAP: ranks disagree at optimizer step {self.calls} (checked in the finite-flag all_reduce): "
