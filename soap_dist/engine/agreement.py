@@ -170,8 +170,8 @@ class AgreementMixin:
             ]
             named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
             lines.append(
-                f"the gradients {'of ' + named + ' ' if named else ''}differ between replicas: step only after "
-                "DDP's all-reduce (with no_sync, on the synchronising pass), keep every replica's data "
+                f"the gradients {'of ' + named + ' ' if named else ''}differ between replicas: step only "
+                "after DDP's all-reduce (with no_sync, on the synchronising pass), keep every replica's data "
                 "loader and model in step, and wrap the model in DDP after setting requires_grad (DDP "
                 "does not all-reduce a parameter that was frozen when it was built)"
             )
