@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .autocast import autocast_off
 from .comm import Exchange
 from .comm.guard import DEFAULT_TIMEOUT_S
 from .engine import SoapEngine
@@ -401,6 +402,12 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        devices = {"cpu"} | {p.device.type for p in self._params()}
+        with autocast_off(devices):  # the closure above runs in the caller's autocast, the step never
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         self._calls += 1
         self._held_state = None  # hold_state_dict's copy describes the state before this step
         zero = self._zero_mode()
@@ -410,7 +417,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                 for f in zero.flats_in(self.param_groups):
                     validate_group(zero.groups[zero.part.flat_group[f]], self.refresh_delay)
                     zero.step(f)
-            return loss
+            return
         params = self._params()
         for i, p in enumerate(params):
             if p.grad is None:
@@ -437,7 +444,6 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             runner.step(
                 self.param_groups, [local(p) for p in params], [local(p.grad) for p in params], active
             )
-        return loss
 
     # ----- DeepSpeed ZeRO stages 1-3 (soap_dist.deepspeed) -----
     def _looks_like_zero_partitions(self, full: list[ParamLayout]) -> bool:

@@ -377,3 +377,24 @@ def test_rank_one_gradients_step_outside_their_span_with_float32_factors_only():
         outside(torch.float64),
         outside(torch.float32),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_step_inside_autocast_computes_as_one_outside(dtype):
+    """Autocast would run SOAP's rotations and refresh products in bf16/fp16; the step turns it off
+    (a closure still runs in the caller's autocast)."""
+    grads = gradient_stream([(6, 5), (5,)], 6)
+    runs = []
+    for inside in (False, True):
+        params = [torch.nn.Parameter(torch.ones(6, 5)), torch.nn.Parameter(torch.ones(5))]
+        opt = SOAP(params, lr=1e-2, precondition_frequency=2)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.float() * 1e-7  # the size of unscaled fp16 gradients
+            with torch.autocast("cpu", dtype=dtype, enabled=inside):
+                seen = []
+                opt.step(lambda seen=seen: seen.append(torch.is_autocast_enabled("cpu")) or 0.0)
+            assert seen == [inside]
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
