@@ -116,6 +116,29 @@ def frequency_changed(rank):
     return {"error": _error(run), "broken": opt._engine.broken}
 
 
+def compile_failed_on_one_rank(rank):
+    """fused=None tries the compiled step (on CUDA); a compile failing on one rank alone turned that
+    rank eager, and replicas drifted apart by rounding, silently: now an error on every rank."""
+    from soap_dist import kernels
+
+    params = _params()
+    opt = SOAP(params, **{**KW, "fused": None})
+    _steps(params, opt, 1)
+    opt._engine.fused = True  # what fused=None picks on CUDA
+
+    def compiled():
+        if rank == 1:
+            raise RuntimeError("simulated: inductor found no C++ compiler")
+        return kernels.adam_direction
+
+    real, kernels.fused_adam_direction = kernels.fused_adam_direction, compiled
+    try:
+        error = _error(lambda: _steps(params, opt, 4))
+    finally:
+        kernels.fused_adam_direction = real
+    return {"error": error}
+
+
 def unsynced_gradients(rank):
     """One parameter's gradient that differs between replicas (no_sync misuse, or a parameter DDP
     never all-reduces): named, on every rank."""
@@ -308,6 +331,7 @@ SHARED = [
     nan_on_one_replica,
     frequency_changed,
     unsynced_gradients,
+    compile_failed_on_one_rank,
     gradient_missing_on_one_rank,
     held_state_dict,
     corrupt_shard,

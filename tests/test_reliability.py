@@ -54,6 +54,14 @@ def test_unsynchronised_gradients_are_named(shared):
         assert "wrap the model in DDP after setting requires_grad" in error, error
 
 
+def test_a_compile_failing_on_one_rank_is_an_error_on_every_rank(shared):
+    for res in _ok(shared, "compile_failed_on_one_rank"):
+        error = res["error"]
+        assert error.startswith("RanksDisagreeError"), error
+        assert "fused (the compiled elementwise step): [True, False]" in error, error
+        assert "pass fused=False on every rank" in error, error
+
+
 def test_a_gradient_missing_on_one_rank_is_named_under_every_placement(shared):
     for by_placement in _ok(shared, "gradient_missing_on_one_rank"):
         for placement, res in by_placement.items():

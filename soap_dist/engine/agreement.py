@@ -117,7 +117,8 @@ class AgreementMixin:
         if self.plan.topology.world == 1:
             return None
         refreshing = self._refreshing(hypers, active_ids)
-        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers]))
+        # fused too: a compile that failed on one rank alone turns its step eager, which rounds otherwise
+        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers], self.fused))
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
         word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
         words = [torch.full((1,), word, dtype=torch.int64, device=self.device)]
@@ -135,6 +136,7 @@ class AgreementMixin:
             "calls": self.calls,
             "stepped": active_ids,
             "norms": norms.double().tolist() if self.plan.topology.placement == "replicated" else [],
+            "fused": self.fused,
         }
         every = self.exchange.gather_objects(mine)
         lines = []
@@ -158,6 +160,12 @@ class AgreementMixin:
                 values = [f[k] for f in fields]
                 if len(set(values)) > 1:
                     lines.append(f"param group {g} {name}: {values} (by rank)")
+        if len({m["fused"] for m in every}) > 1:
+            lines.append(
+                f"fused (the compiled elementwise step): {[m['fused'] for m in every]} (by rank); its "
+                "compile failed on some ranks (see their warning), which then stepped eagerly and round "
+                "otherwise: pass fused=False on every rank"
+            )
         if len({m["calls"] for m in every}) > 1:
             lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
         if len({tuple(m["refreshing"]) for m in every}) > 1:
