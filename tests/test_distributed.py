@@ -61,6 +61,7 @@ def test_hsdp_equals_fsdp_local_over_the_shard_group(world4):
     assert res["placement"] == "hsdp"
     assert res["rel_b1"] <= 1e-12
     assert res["rel_bNone"] <= 1e-12
+    assert res["saved"] == 4, res  # state_dict() meets on every rank
 
 
 def test_refresh_delay_is_reproducible_and_installs_at_t_plus_2(world2):

@@ -385,12 +385,12 @@ def test_a_rank_arriving_as_another_gives_up_does_not_pass_alone(store_as_rank, 
     monkeypatch.setattr(guard_module, "_store", lambda: _StaleFirstRead(store, stale=b"0"))
     with pytest.raises(guard_module.CollectiveTimeout, match="another rank gave up waiting for it"):
         guard_module.arrive_all(mine, "state_dict()", [0, 1])
-    assert mine.seq == theirs.seq == 0  # both retry at the same count: a later call on both meets
+    assert mine.arrivals == theirs.arrivals == 0  # both retry at the same count: a later call on both meets
     monkeypatch.setattr(guard_module, "_store", lambda: store)
     retry = guard_module.rendezvous_prefix(theirs.id, [0, 1], 1) + "1/1"  # attempt 1 at count 1, rank 1
     store.set(retry, "state_dict()")  # rank 1's retry has arrived
     guard_module.arrive_all(mine, "state_dict()", [0, 1])
-    assert mine.seq == 1
+    assert mine.arrivals == 1
 
 
 def test_a_rank_giving_up_as_the_last_one_arrives_passes_with_it(store_as_rank, monkeypatch):
@@ -407,7 +407,7 @@ def test_a_rank_giving_up_as_the_last_one_arrives_passes_with_it(store_as_rank, 
     store_as_rank(1)
     monkeypatch.setattr(guard_module, "_store", lambda: _StaleFirstRead(store, stale=b"0", blind_to="/0"))
     guard_module.arrive_all(theirs, "state_dict()", [0, 1])  # never saw rank 0, yet passes
-    assert mine.seq == theirs.seq == 1
+    assert mine.arrivals == theirs.arrivals == 1
 
 
 def test_rendezvous_keys_do_not_pile_up_in_the_store(store_as_rank, monkeypatch):
@@ -435,7 +435,7 @@ def test_rendezvous_keys_do_not_pile_up_in_the_store(store_as_rank, monkeypatch)
         guard_module.arrive_all(theirs, "state_dict()", [0, 1])  # sees it met
         monkeypatch.setattr(guard_module, "_store", lambda: store)
         sizes.append(store.num_keys())
-    assert mine.seq == theirs.seq == 6
+    assert mine.arrivals == theirs.arrivals == 6
     assert sizes[3:] == [sizes[2] - 1] * 3, sizes  # steady at 3 keys (n = 3 also held attempt 0's)
     assert sizes[-1] == 3, sizes  # the last rendezvous: its state key and the two ranks' keys
 

@@ -115,7 +115,8 @@ class Guard:
         self.host_waits = host_waits  # False: stream-ordered waits (CUDA), see host_waits_for
         self.rewaits = rewaits  # the backend lets a timed-out wait be waited again (gloo): wait in slices
         self.id = next(_guards)
-        self.seq = 0
+        self.seq = 0  # collectives waited on: differs between ranks where they wait on different ones (hsdp)
+        self.arrivals = 0  # rendezvous met (arrive_all): the same on every rank
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
         self.last_met: tuple[str, int] | None = None  # the last rendezvous met: its keys' prefix, attempt
         # Failure notices are the exchange's own: optimizers over other groups (other data-parallel
@@ -257,8 +258,8 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     store = _store()
     if store is None or len(participants) < 2:
         return
-    guard.seq += 1
-    here = rendezvous_prefix(guard.id, participants, guard.seq)
+    guard.arrivals += 1
+    here = rendezvous_prefix(guard.id, participants, guard.arrivals)
     attempt = _decode(store.compare_set(here + "state", "", "0"))  # the open attempt (opens the first)
     met = f"{attempt}:met"
     prefix = f"{here}{attempt}/"
@@ -289,7 +290,7 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         time.sleep(pause)
         pause = min(2 * pause, 0.05)
     absent = [] if elsewhere else _absent(store, prefix, ranks)
-    guard.seq -= 1  # nothing happened: the next call on every rank is this one's retry
+    guard.arrivals -= 1  # nothing happened: the next call on every rank is this one's retry
     if elsewhere:
         who = f"another rank gave up waiting for it after {guard.timeout_s:g} s, as this one waited"
     elif absent:
