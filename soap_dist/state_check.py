@@ -97,9 +97,15 @@ def _check_blocks(
         where, q = present[bad[0]]
         if not bool(torch.isfinite(q).all()):
             raise _corrupt(label, key, f"holds NaN or Inf values{where}")
-        raise _corrupt(
-            label, key, f"is not an orthogonal basis{where} (|Q^T Q - I| ~ {errors[bad[0]].item():.3g})"
-        )
+        problem = f"is not an orthogonal basis{where} (|Q^T Q - I| ~ {errors[bad[0]].item():.3g})"
+        if "row block" in where:  # a sound checkpoint read through other row blocks looks the same
+            raise ValueError(
+                f"SOAP.load_state_dict: {key} of {label} {problem}: the state's row blocks differ from "
+                "this optimizer's (another block_size, or fsdp-local/hsdp with a block_size that does not "
+                "divide every shard's rows, whose state loads only into the same placement at the same "
+                "world size: docs/design.md, section 5, Resharding), or the checkpoint is corrupt"
+            )
+        raise _corrupt(label, key, problem)
 
 
 def check_entry(
