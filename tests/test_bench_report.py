@@ -45,3 +45,11 @@ def test_gpu_targets_are_checked_against_the_floor():
     lines = across_rounds([results], k=10, cuda=True, full_medium=True)
     assert any("per-step / floor" in line and "1.17x PASS" in line for line in lines)
     assert any("full refresh" in line and "0.56 s FAIL" in line for line in lines)
+
+
+def test_staggered_figures_count_every_timed_step():
+    """Under a staggered schedule every step refreshes something: the all-steps median and mean."""
+    steps = [(1, 2.0, True), (2, 3.0, True), (3, 1.0, False), (4, 6.0, True)]
+    res = Result("soap_dist", 0.0, steps, 0, 0)
+    assert res.median == 1.0 and res.all_median == 2.5 and res.mean == 3.0 and res.worst == 6.0
+    assert res.as_dict(k=2)["all_median_s"] == 2.5

@@ -221,7 +221,9 @@ def run_round(
         results.append(res)
         log(
             f"[{name}] median {res.median:.4f} s, refresh {res.refresh}, worst {res.worst:.4f} s, "
-            f"peak {res.peak_bytes / 2**20:.0f} MiB (+{res.extra_bytes / 2**20:.0f} MiB)"
+            f"peak {res.peak_bytes / 2**20:.0f} MiB (+{res.extra_bytes / 2**20:.0f} MiB); all "
+            f"{len(res.steps)} timed steps: median {res.all_median:.4f} s, mean {res.mean:.4f} s, "
+            f"worst / median {res.worst / res.all_median:.2f}"
         )
         del params, make, gen
         gc.collect()
