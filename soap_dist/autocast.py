@@ -18,6 +18,10 @@ def autocast_off(device_types: Iterable[str]) -> Iterator[None]:
     """Turn autocast off, for the scope, on each of ``device_types`` where it is on."""
     with contextlib.ExitStack() as stack:
         for device_type in sorted(set(device_types)):
-            if torch.is_autocast_enabled(device_type):
+            try:
+                on = torch.is_autocast_enabled(device_type)
+            except RuntimeError:  # a device type autocast does not know ("meta"): never on
+                continue
+            if on:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield

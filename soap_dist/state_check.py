@@ -144,7 +144,9 @@ def check_entry(
         for r0, n in row_blocks:
             if pending and not (r0 < len(flags) and flags[r0]):
                 continue
-            blocks.append((f" (row block at rows {r0}..{r0 + n - 1})", t[r0 : r0 + n, :n]))
+            # "row block" only where there are several: only then can other row blocks be the cause
+            what = "row block at rows" if len(row_blocks) > 1 else "rows"
+            blocks.append((f" ({what} {r0}..{r0 + n - 1})", t[r0 : r0 + n, :n]))
         _check_blocks(label, key, blocks, tolerance)
 
 

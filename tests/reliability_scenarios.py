@@ -131,12 +131,34 @@ def compile_failed_on_one_rank(rank):
             raise RuntimeError("simulated: inductor found no C++ compiler")
         return kernels.adam_direction
 
-    real, kernels.fused_adam_direction = kernels.fused_adam_direction, compiled
+    def nowhere():
+        raise RuntimeError("simulated: inductor found no C++ compiler")
+
+    # Under owner one rank computes the update; the other, owning nothing, never tries the compile:
+    # fused differs between the ranks, harmlessly, and the run goes on.
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(5)
+    owned = torch.nn.Parameter(
+        distribute_tensor(torch.randn(6, 4, dtype=torch.float64, generator=gen), mesh, [Shard(0)])
+    )
+    owner = SOAP([owned], placement="owner", **{**KW, "fused": None})
+
+    def owner_steps():
+        for step in range(4):
+            owned.grad = distribute_tensor(_grads(step)[0], mesh, [Shard(0)])
+            owner.step()
+            if step == 0:
+                owner._engine.fused = True
+
+    real = kernels.fused_adam_direction
     try:
+        kernels.fused_adam_direction = compiled
         error = _error(lambda: _steps(params, opt, 4))
+        kernels.fused_adam_direction = nowhere
+        owner_error = _error(owner_steps)
     finally:
         kernels.fused_adam_direction = real
-    return {"error": error}
+    return {"error": error, "owner_error": owner_error, "owner_fused": owner._engine.fused}
 
 
 def unsynced_gradients(rank):

@@ -60,6 +60,9 @@ def test_a_compile_failing_on_one_rank_is_an_error_on_every_rank(shared):
         assert error.startswith("RanksDisagreeError"), error
         assert "fused (the compiled elementwise step): [True, False]" in error, error
         assert "pass fused=False on every rank" in error, error
+    owner = [res["owner_error"] for res in _ok(shared, "compile_failed_on_one_rank")]
+    assert owner == ["", ""], owner  # under owner only the updating rank tries: no agreement needed
+    assert sorted(res["owner_fused"] for res in _ok(shared, "compile_failed_on_one_rank")) == [False, True]
 
 
 def test_a_gradient_missing_on_one_rank_is_named_under_every_placement(shared):

@@ -398,3 +398,10 @@ def test_a_step_inside_autocast_computes_as_one_outside(dtype):
         runs.append([p.detach().clone() for p in params])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_parameter_on_a_device_autocast_does_not_know_gets_the_device_message():
+    params = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.empty(3, 3, device="meta"))]
+    params[0].grad = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="all parameters on one device"):
+        SOAP(params).step()

@@ -76,6 +76,21 @@ def test_one_corrupt_row_block_of_basis_0_is_found():
         other.load_state_dict(state)
 
 
+def test_a_corrupt_single_row_block_is_called_corrupt():
+    """One row block: other row blocks cannot be the cause (another block_size changes the width)."""
+    params = [torch.nn.Parameter(torch.randn(6, 5))]
+    opt = SOAP(params, precondition_frequency=2, fused=False)
+    for (g,) in gradient_stream([(6, 5)], 3):
+        params[0].grad = g.float()
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    state["state"][0]["basis_0"][0, 0] += 0.5
+    other = SOAP([torch.nn.Parameter(params[0].detach().clone())], precondition_frequency=2)
+    with pytest.raises(ValueError, match=r"corrupt: basis_0 of parameter 0 .*\(rows 0\.\.5\)") as caught:
+        other.load_state_dict(state)
+    assert "row blocks differ" not in str(caught.value)
+
+
 def test_pending_basis_is_checked_only_where_it_would_be_installed():
     params, opt = _trained(refresh_delay=1)
     saved = opt.state_dict()

@@ -117,8 +117,12 @@ class AgreementMixin:
         if self.plan.topology.world == 1:
             return None
         refreshing = self._refreshing(hypers, active_ids)
-        # fused too: a compile that failed on one rank alone turns its step eager, which rounds otherwise
-        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers], self.fused))
+        # Under replicated every rank computes every update: a compile that failed on some ranks only
+        # turns their step eager, which rounds otherwise, and the replicas would drift apart. (Under the
+        # other placements each update is computed at one rank, and a rank that updates nothing never
+        # tries the compile: fused may differ there, harmlessly.)
+        fused = self.fused if self.plan.topology.placement == "replicated" else None
+        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers], fused))
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
         word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
         words = [torch.full((1,), word, dtype=torch.int64, device=self.device)]
@@ -136,7 +140,7 @@ class AgreementMixin:
             "calls": self.calls,
             "stepped": active_ids,
             "norms": norms.double().tolist() if self.plan.topology.placement == "replicated" else [],
-            "fused": self.fused,
+            "fused": self.fused if self.plan.topology.placement == "replicated" else None,
         }
         every = self.exchange.gather_objects(mine)
         lines = []
