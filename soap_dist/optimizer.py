@@ -227,6 +227,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             if p.layout != torch.strided:
                 raise TypeError(f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}")
         if self._engine is not None:  # rebuilt lazily with the new group; the existing state carries over
+            self._carried_from = "owner" if self._owner is not None else self._engine.plan.topology.placement
             self._carried_state = (  # in state_dict()'s form: "auto" may rebuild it as another placement
                 self._owner.state_dict()
                 if self._owner is not None
@@ -300,18 +301,6 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self._stateful_markers(params, full)
         self._load_carried(lambda: self._owner.load_state_dict(self._carried_state, partial=True))
         return self._engine
-
-    def _load_carried(self, load: Callable[[], None]) -> None:
-        """Load the state carried over a rebuild; if it does not fit, the engine is dropped and the state
-        kept, so a retried step raises again instead of starting every parameter afresh."""
-        if not self._carried_state:
-            return
-        try:
-            load()
-        except BaseException:
-            self._engine, self._owner = None, None
-            raise
-        self._carried_state = {}
 
     def _new_exchange(self, plan: Any, groups: Any, device: torch.device) -> Exchange:
         exchange = Exchange(plan, groups, self.factor_dtype, device, self.collective_timeout)

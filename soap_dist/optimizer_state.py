@@ -317,6 +317,27 @@ class StateMixin:
                 stacklevel=callers_level(),
             )
 
+    def _load_carried(self, load: Callable[[], None]) -> None:
+        """Load the state carried over a rebuild, with one verdict on every rank; if it does not fit, the
+        engine is dropped and the state kept, so a retried step raises again instead of starting every
+        parameter afresh."""
+        if not self._carried_state:
+            return
+        now = "owner" if self._owner is not None else self._engine.plan.topology.placement
+        before = self.__dict__.get("_carried_from")
+        try:
+            self._agreed(load, self._exchange)
+        except BaseException as error:
+            self._engine, self._owner = None, None
+            if isinstance(error, ValueError) and before not in (None, now):
+                raise ValueError(
+                    f"SOAP: after add_param_group, placement='auto' picks {now!r} for the new set of "
+                    f"parameters, and the state held under {before!r} does not move there ({error}); pass "
+                    f"placement={before!r} to keep it"
+                ) from error
+            raise
+        self._carried_state = {}
+
     def _agreed(self, load: Callable[[], None], exchange: Any) -> None:
         """Run ``load``; if it refuses the state on any rank (a corrupt shard is seen only where it is
         held), every rank raises, naming what each rank found, instead of the others going on."""
@@ -357,6 +378,13 @@ class StateMixin:
             state["_soap_state"] = {
                 k: v for k, v in self._state_dict()["state"].items() if isinstance(k, int)
             }
+        elif self._carried_state:  # after add_param_group, before the step that rebuilds the engine
+            if self._exchange is not None:
+                raise TypeError(
+                    "SOAP: a distributed optimizer cannot be copied or pickled; save it with state_dict() "
+                    "on every rank instead"
+                )
+            state["_soap_state"] = dict(self._carried_state)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dist_scenarios as ds
 import owner_checkpoint_scenarios as ckpt
+import regroup_scenarios as regroup
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -455,38 +456,5 @@ SCENARIOS[2].append(owner_staggered)
 SCENARIOS[4].append(owner_staggered)
 
 
-def _add_group_run(make, shapes, placement=None):
-    """Two tensors for 5 steps, a third added by add_param_group, 3 steps more."""
-    kw = dict(lr=0.02, precondition_frequency=3, block_size=4, factor_dtype=torch.float64, fused=False)
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(make(torch.randn(s, dtype=torch.float64, generator=gen))) for s in shapes]
-    opt = SOAP(params[:2], **kw, **({"placement": placement} if placement else {}))
-    before = None
-    gen = torch.Generator().manual_seed(1)
-    for t in range(8):
-        if t == 5:
-            before = opt.stats()["placement"]
-            opt.add_param_group({"params": [params[2]]})
-        for p in params:
-            p.grad = make(torch.randn(p.shape, dtype=torch.float64, generator=gen))
-        opt.step()
-    got = [p.detach().full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
-    return got, before, opt.stats()["placement"]
-
-
-def auto_switch_on_add_param_group(world):
-    """placement="auto" picks again when add_param_group rebuilds: the state moves across placements."""
-    mesh = init_device_mesh("cpu", (world,))
-    out = {}
-    cases = {  # (10, 4)'s 5-row shards do not take block_size 4: owner; (256, 4) tips auto to fsdp-local
-        "to_owner": [(64, 4), (32, 4), (10, 4)],
-        "to_fsdp_local": [(64, 4), (8, 16), (256, 4)],
-    }
-    for name, shapes in cases.items():
-        want, _, _ = _add_group_run(lambda t: t.clone(), shapes, placement="single")
-        got, before, after = _add_group_run(lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)]), shapes)
-        out[name] = [before, after, ds._rel(got, want)]
-    return out
-
-
-SCENARIOS[2].append(auto_switch_on_add_param_group)
+SCENARIOS[2].append(regroup.auto_switch_on_add_param_group)
+SCENARIOS[4].append(regroup.auto_switch_into_hsdp_is_refused)

@@ -37,6 +37,13 @@ def test_auto_picks_again_at_add_param_group_and_the_state_moves_across(world2):
     assert res["to_fsdp_local"][:2] == ["owner", "fsdp-local"] and res["to_fsdp_local"][2] <= 1e-10, res
 
 
+def test_auto_switching_into_hsdp_at_add_param_group_is_refused_on_every_rank(world4):
+    result(world4, "auto_switch_into_hsdp_is_refused")  # no rank raised anything else
+    for res in world4:
+        error = res["auto_switch_into_hsdp_is_refused"]["error"]
+        assert "placement='auto' picks 'hsdp'" in error and "pass placement='owner'" in error, error
+
+
 def test_owner_under_hsdp_2x2_equals_one_process_and_replicas_agree(world4):
     res = result(world4, "owner_hsdp")
     assert res["placement"] == "owner"

@@ -347,3 +347,12 @@ def test_state_dict_after_add_param_group_and_before_a_step_keeps_the_state():
     after = opt.state_dict()["state"]
     assert set(after) == {0, 1}, sorted(after)
     assert all(torch.equal(v, after[0][k]) for k, v in before.items())
+
+
+def test_a_copy_taken_between_add_param_group_and_the_next_step_keeps_the_state():
+    params, opt = _make([torch.randn(s) for s in SHAPES])
+    _drive(params, opt, gradient_stream(SHAPES, 4))
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))]})
+    copied = copy.deepcopy(opt)
+    steps = [o.state_dict()["state"][0]["step"].item() for o in (copied, opt)]
+    assert steps == [3.0, 3.0], steps
