@@ -458,3 +458,20 @@ def test_frozen_parameters_round_trip_through_dcp_and_a_foreign_state_is_named(s
         error = res["adamw"]["error"]
         assert error.startswith("ValueError") and "is not a SOAP state" in error, error
         assert res["adamw"]["stepped"], res
+
+
+def test_a_timeouts_report_counts_collectives_per_group(store_as_rank):
+    """Under hsdp ranks wait on different numbers of collectives (a replica's own reduces); the report
+    of which ranks are absent from a group's collective must count that group's collectives only."""
+    from soap_dist.comm.guard import CollectiveTimeout, Guard
+
+    rank0, rank1 = Guard(0.3, rewaits=True), Guard(0.3, rewaits=True)
+    rank1.id = rank0.id  # one guard on two ranks
+    store_as_rank(1)
+    with pytest.raises(CollectiveTimeout, match=r"ranks \[0\] did not arrive"):
+        rank1.wait(_GlooLikeWork(10**6, early=True), "x", [0, 1])
+    store_as_rank(0)
+    rank0.wait(_GlooLikeWork(0), "y", [0, 2])  # two collectives rank 1 is not part of
+    rank0.wait(_GlooLikeWork(0), "y", [0, 2])
+    with pytest.raises(CollectiveTimeout, match="every rank arrived late or failed"):  # rank 1 came
+        rank0.wait(_GlooLikeWork(10**6, early=True), "x", [0, 1])

@@ -117,6 +117,9 @@ class Guard:
         self.id = next(_guards)
         self.seq = 0  # collectives waited on: differs between ranks where they wait on different ones (hsdp)
         self.arrivals = 0  # rendezvous met (arrive_all): the same on every rank
+        # collectives per group of participants: the same on every member (each group's collectives
+        # run in one order on all its members), unlike seq under hsdp; keys a timeout's report
+        self.group_seq: dict[tuple[int, ...], int] = {}
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
         self.last_met: tuple[str, int] | None = None  # the last rendezvous met: its keys' prefix, attempt
         # Failure notices are the exchange's own: optimizers over other groups (other data-parallel
@@ -153,6 +156,8 @@ class Guard:
         CollectiveTimeout naming the absent ranks when the wait timed out or broke. Without host waits,
         only the current stream waits (NCCL's watchdog owns the timeout)."""
         self.seq += 1
+        group = tuple(participants)
+        self.group_seq[group] = self.group_seq.get(group, 0) + 1
         if not self.host_waits:
             work.wait()
             return
@@ -215,7 +220,7 @@ class Guard:
         try:
             return _report(
                 store,
-                f"soap_dist/guard{self.id}/c{self.seq}/",
+                f"soap_dist/guard{self.id}/ranks{_digest(participants)}/c{self.group_seq[tuple(participants)]}/",
                 name,
                 participants,
                 min(GRACE_S, self.timeout_s),
