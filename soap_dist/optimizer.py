@@ -9,6 +9,7 @@ bookkeeping in ``engine``.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -29,8 +30,11 @@ from .options import (
     check,
     check_async_refresh,
     check_group_keys,
+    check_groups_and_mesh,
     check_layout_unchanged,
     check_placement,
+    is_integer,
+    is_number,
     validate_group,
 )
 from .placements import Placement, local, resolve, wrapper
@@ -134,11 +138,12 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         owner_scope: str = "world",
     ) -> None:
         check(
-            isinstance(refresh_delay, int) and refresh_delay >= 0,
+            is_integer(refresh_delay) and refresh_delay >= 0,
             "refresh_delay",
             refresh_delay,
             "an integer >= 0",
         )
+        check_groups_and_mesh(process_group, device_mesh)
         check(factor_dtype in FACTOR_DTYPES, "factor_dtype", factor_dtype, "torch.float32 or torch.float64")
         check(
             qr_method in ("auto", "cholesky_qr2", "householder"),
@@ -168,10 +173,10 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         check(fused is None or isinstance(fused, bool), "fused", fused, "None, True or False")
         self.fused = fused
         check(
-            isinstance(collective_timeout, (int, float)) and collective_timeout > 0,
+            is_number(collective_timeout) and 0 < collective_timeout < math.inf,
             "collective_timeout",
             collective_timeout,
-            "a number of seconds > 0",
+            "a finite number of seconds > 0",
         )
         self.collective_timeout = float(collective_timeout)
         check(refresh_schedule in SCHEDULES, "refresh_schedule", refresh_schedule, "'all' or 'staggered'")
@@ -217,15 +222,23 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         check_group_keys(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["betas"] = as_pair(group["betas"])
-        validate_group(group, self.refresh_delay)
+        try:  # refused: the optimizer as it was, so that a corrected group can be added
+            group["betas"] = as_pair(group["betas"])
+            validate_group(group, self.refresh_delay)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(
+                        "SOAP: complex parameters are not supported; use torch.view_as_real on them"
+                    )
+                if p.layout != torch.strided:
+                    raise TypeError(
+                        f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}"
+                    )
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
         self._declared_groups.append(group)
         self._declared_shapes += [tuple(getattr(p, "ds_shape", p.shape)) for p in group["params"]]
-        for p in group["params"]:
-            if p.is_complex():
-                raise TypeError("SOAP: complex parameters are not supported; use torch.view_as_real on them")
-            if p.layout != torch.strided:
-                raise TypeError(f"SOAP: only dense (strided) parameters are supported, got layout {p.layout}")
         if self._engine is not None:  # rebuilt lazily with the new group; the existing state carries over
             self._carried_from = "owner" if self._owner is not None else self._engine.plan.topology.placement
             self._carried_state = (  # in state_dict()'s form: "auto" may rebuild it as another placement

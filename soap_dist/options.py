@@ -67,7 +67,7 @@ def check_group_keys(group: dict[str, Any]) -> None:
             )
 
 
-def _number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     """A real number (numpy's too, or a 1-element tensor), never a bool: True would pass as 1."""
     if torch.is_tensor(x):
         return x.numel() == 1 and not x.is_complex()
@@ -79,8 +79,12 @@ def as_pair(betas: Any) -> Any:
     return tuple(betas) if isinstance(betas, (tuple, list)) else betas
 
 
-def _integer(x: Any) -> bool:
+def is_integer(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+MAX_LR = 1e30
+INTEGER = "(a Python int: pass int(value) for a numpy one)"
 
 
 def validate_group(group: dict[str, Any], refresh_delay: int | None = None) -> None:
@@ -91,32 +95,37 @@ def validate_group(group: dict[str, Any], refresh_delay: int | None = None) -> N
     if torch.is_tensor(lr):  # torch.optim accepts a 1-element tensor lr (read with .item() at each step)
         check(lr.numel() == 1 and not lr.requires_grad, "lr", lr, "a number or a 1-element tensor")
         lr = float(lr)
-    check(_number(lr) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
+    check(
+        is_number(lr) and 0 <= lr < MAX_LR,
+        "lr",
+        lr,
+        f"a finite number >= 0 and below {MAX_LR:g} (larger ones overflow the float32 step size)",
+    )
     betas = group["betas"]
     check(
         isinstance(betas, (tuple, list))
         and len(betas) == 2
-        and all(_number(b) and 0.0 <= b < 1.0 for b in betas),
+        and all(is_number(b) and 0.0 <= b < 1.0 for b in betas),
         "betas",
         betas,
         "two numbers in [0, 1)",
     )
     sb = group["shampoo_beta"]
-    check(_number(sb) and sb < 1.0, "shampoo_beta", sb, "a number < 1 (negative means: use betas[1])")
+    check(is_number(sb) and sb < 1.0, "shampoo_beta", sb, "a number < 1 (negative means: use betas[1])")
     eps = group["eps"]
-    check(_number(eps) and math.isfinite(eps) and eps > 0, "eps", eps, "a finite number > 0")
+    check(is_number(eps) and math.isfinite(eps) and eps > 0, "eps", eps, "a finite number > 0")
     wd = group["weight_decay"]
-    check(_number(wd) and math.isfinite(wd) and wd >= 0, "weight_decay", wd, "a finite number >= 0")
+    check(is_number(wd) and math.isfinite(wd) and wd >= 0, "weight_decay", wd, "a finite number >= 0")
     pf = group["precondition_frequency"]
-    check(_integer(pf) and pf >= 1, "precondition_frequency", pf, "an integer >= 1")
+    check(is_integer(pf) and pf >= 1, "precondition_frequency", pf, f"an integer >= 1 {INTEGER}")
     mpd = group["max_precond_dim"]
-    check(_integer(mpd) and mpd >= 0, "max_precond_dim", mpd, "an integer >= 0")
+    check(is_integer(mpd) and mpd >= 0, "max_precond_dim", mpd, f"an integer >= 0 {INTEGER}")
     for key in BOOL_KEYS:
-        check(isinstance(group[key], bool), key, group[key], "True or False")
+        check(isinstance(group[key], bool), key, group[key], "True or False (a Python bool)")
     df = group["data_format"]
     check(df in DATA_FORMATS, "data_format", df, "'channels_first' or 'channels_last'")
     bs = group["block_size"]
-    check(bs is None or (_integer(bs) and bs >= 1), "block_size", bs, "None or an integer >= 1")
+    check(bs is None or (is_integer(bs) and bs >= 1), "block_size", bs, f"None or an integer >= 1 {INTEGER}")
     if refresh_delay is not None:
         check(
             refresh_delay < pf,
@@ -161,6 +170,28 @@ def adopt_saved_group(group: dict[str, Any], saved: dict[str, Any], refresh_dela
             f"SOAP.load_state_dict: a saved param group does not fit this optimizer: {error}"
         ) from None
     group.update(merged)
+
+
+def check_groups_and_mesh(process_group: Any, device_mesh: Any) -> None:
+    """Types only (the groups need not be initialized yet): a wrong one failed deep in torch at step 1."""
+    import torch.distributed as dist
+
+    if process_group is not None and dist.is_available():
+        check(
+            isinstance(process_group, dist.ProcessGroup),
+            "process_group",
+            process_group,
+            "None or a torch.distributed ProcessGroup (e.g. dist.new_group(...))",
+        )
+    if device_mesh is not None and dist.is_available():
+        from torch.distributed.device_mesh import DeviceMesh
+
+        check(
+            isinstance(device_mesh, DeviceMesh),
+            "device_mesh",
+            device_mesh,
+            "None or a DeviceMesh (torch.distributed.device_mesh.init_device_mesh)",
+        )
 
 
 def check_async_refresh(value: Any, refresh_delay: int) -> None:

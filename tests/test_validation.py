@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,13 @@ def _params():
         (dict(refresh_delay=10, precondition_frequency=10), "refresh_delay"),
         (dict(factor_dtype=torch.bfloat16), "factor_dtype"),
         (dict(qr_method="svd"), "qr_method"),
+        (dict(lr=1e300), "lr"),  # overflowed the float32 step size mid-step, after the moments moved
+        (dict(refresh_delay=True), "refresh_delay"),
+        (dict(collective_timeout=True), "collective_timeout"),
+        (dict(collective_timeout=float("inf")), "collective_timeout"),
+        (dict(process_group="world"), "process_group"),
+        (dict(device_mesh="mesh"), "device_mesh"),
+        (dict(precondition_frequency=np.int64(2)), r"precondition_frequency.*pass int\(value\)"),
     ],
 )
 def test_bad_hyperparameter_names_itself(kwargs, name):
@@ -126,3 +134,39 @@ def test_the_warnings_caller_is_not_confused_with_a_package_named_like_torch(tmp
     loop = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loop)
     assert loop.call(idle.callers_level) == 1  # loop.call's own frame: the caller
+
+
+def test_a_numpy_timeout_is_a_number_of_seconds():
+    assert SOAP(_params(), collective_timeout=np.float32(5.0)).collective_timeout == 5.0
+
+
+def test_a_refused_param_group_is_not_added():
+    """Validated after torch appended it: it stayed, every later step() failed, and the parameters
+    could not be added again."""
+    opt = SOAP(_params())
+    extra = torch.nn.Parameter(torch.randn(3, 3))
+    for bad in ({"lr": -1.0}, {"betas": (0.9, 1.0)}, {"precondition_frequency": 0}):
+        with pytest.raises(ValueError):
+            opt.add_param_group({"params": [extra], **bad})
+        assert len(opt.param_groups) == 1
+    with pytest.raises(TypeError, match="complex"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))]})
+    opt.add_param_group({"params": [extra], "lr": 1e-3})  # corrected: added
+    for p in opt._params():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(opt.param_groups) == 2
+
+
+def test_an_lr_too_large_set_between_steps_changes_nothing():
+    opt = SOAP(_params())
+    p = opt.param_groups[0]["params"][0]
+    for _ in range(3):
+        p.grad = torch.randn(4, 4)
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    opt.param_groups[0]["lr"] = 1e300
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    after = opt.state_dict()["state"][0]
+    assert all(torch.equal(before[k], after[k]) for k in before)
