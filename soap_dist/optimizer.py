@@ -36,6 +36,7 @@ from .options import (
     is_integer,
     is_number,
     validate_group,
+    warn_misspelt_group_keys,
 )
 from .placements import Placement, local, resolve, wrapper
 from .placements.owner import OWNER_SCOPES, OwnerRunner
@@ -220,6 +221,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                 "(torch.optim packs the repeat to one state, SOAP would keep two)"
             )
         check_group_keys(param_group)
+        warn_misspelt_group_keys(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:  # refused: the optimizer as it was, so that a corrected group can be added

@@ -5,13 +5,16 @@ Checked at construction and again at every step (a user may edit a param group b
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
 
 from .comm.guard import DEFAULT_TIMEOUT_S
+from .idle import callers_level
 
 LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "block_size")
 DATA_FORMATS = ("channels_first", "channels_last")
@@ -57,6 +60,13 @@ WHOLE_OPTIMIZER_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+GROUP_KEYS = (
+    "lr", "betas", "shampoo_beta", "eps", "weight_decay", "precondition_frequency", *LAYOUT_KEYS,
+    "normalize_grads", "correct_bias",
+)  # fmt: skip
+ALIASES = {"learning_rate": "lr", "beta1": "betas", "beta2": "betas", "wd": "weight_decay"}
+
+
 def check_group_keys(group: dict[str, Any]) -> None:
     """A whole-optimizer option given in a param group would be ignored there: say where it goes."""
     for key in WHOLE_OPTIMIZER_DEFAULTS:
@@ -64,6 +74,21 @@ def check_group_keys(group: dict[str, Any]) -> None:
             raise ValueError(
                 f"SOAP: {key!r} in a param group has no effect: it holds for the whole optimizer; pass "
                 f"SOAP(..., {key}=...) instead"
+            )
+
+
+def warn_misspelt_group_keys(group: dict[str, Any]) -> None:
+    """A key close to one of SOAP's is most likely misspelt, and would be ignored silently (other keys
+    are left alone: schedulers and frameworks keep their own in param groups, e.g. initial_lr)."""
+    for key in group:
+        if not isinstance(key, str) or key in GROUP_KEYS or key in ("params", "param_names"):
+            continue
+        near = ALIASES.get(key) or next(iter(difflib.get_close_matches(key, GROUP_KEYS, 1, 0.8)), None)
+        if near is not None:
+            warnings.warn(
+                f"SOAP: param group key {key!r} is not an option of SOAP and has no effect; did you mean "
+                f"{near!r}?",
+                stacklevel=callers_level(),
             )
 
 
@@ -91,6 +116,7 @@ def validate_group(group: dict[str, Any], refresh_delay: int | None = None) -> N
     """Raise a ValueError naming the argument and its allowed range (types first, so a string or a
     bool gets this message, not Python's). ``refresh_delay``: also check it against the group's
     precondition_frequency, which a user may edit or a checkpoint bring."""
+    check_group_keys(group)  # also a whole-optimizer key set between steps (param_groups[0]["placement"])
     lr = group["lr"]
     if torch.is_tensor(lr):  # torch.optim accepts a 1-element tensor lr (read with .item() at each step)
         check(lr.numel() == 1 and not lr.requires_grad, "lr", lr, "a number or a 1-element tensor")

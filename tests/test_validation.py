@@ -170,3 +170,26 @@ def test_an_lr_too_large_set_between_steps_changes_nothing():
         opt.step()
     after = opt.state_dict()["state"][0]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+MISSPELT = [("learning_rate", "lr"), ("precondition_freq", "precondition_frequency")]
+
+
+@pytest.mark.parametrize("key, near", MISSPELT)
+def test_a_misspelt_group_key_is_named_with_the_likely_one(key, near):
+    message = rf"{key!r} is not an option of SOAP.*did you mean {near!r}"
+    with pytest.warns(UserWarning, match=message) as caught:
+        SOAP([{"params": _params(), key: 0.1}])
+    assert caught[0].filename == __file__  # the user's line, not torch's
+
+
+def test_keys_of_schedulers_and_frameworks_pass_quietly_and_whole_optimizer_keys_are_refused_later():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = SOAP([{"params": _params(), "initial_lr": 0.1, "name": "blocks"}])
+    opt.param_groups[0]["placement"] = "owner"  # set between steps: it would be ignored
+    opt.param_groups[0]["params"][0].grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="'placement' in a param group has no effect"):
+        opt.step()
