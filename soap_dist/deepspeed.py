@@ -63,6 +63,12 @@ def _load_config(config: Any) -> dict[str, Any]:
     )
 
 
+JSON_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
 def soap_from_config(config: dict[str, Any], params: Any) -> tuple[Any, dict[str, Any]]:
     """Build SOAP from a config's ``"optimizer"`` block (type "SOAP"); return it and the config without it.
 
@@ -71,16 +77,29 @@ def soap_from_config(config: dict[str, Any], params: Any) -> tuple[Any, dict[str
     block = config.get("optimizer")
     if not isinstance(block, Mapping) or str(block.get("type", "")).lower() != "soap":
         return None, config
-    kwargs = dict(block.get("params", {}))
-    unknown = sorted(set(kwargs) - _soap_kwargs())
+    given = block.get("params") or {}
+    if not isinstance(given, Mapping):
+        raise ValueError(
+            f"soap_dist.deepspeed: the optimizer block's \"params\" must be an object of SOAP's options "
+            f'(e.g. {{"lr": 3e-3}}), got {given!r}'
+        )
+    kwargs = dict(given)
+    allowed = _soap_kwargs() - {"process_group", "device_mesh"}  # objects: not for a JSON file
+    unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ValueError(
             f"soap_dist.deepspeed: unknown SOAP params {unknown} in the config's optimizer block; allowed: "
-            f"{sorted(_soap_kwargs())}"
+            f"{sorted(allowed)}"
         )
     for key in ("factor_dtype", "basis_dtype"):  # JSON names a dtype as text: "float64", "torch.bfloat16"
         if isinstance(kwargs.get(key), str):
-            kwargs[key] = getattr(torch, kwargs[key].replace("torch.", ""), kwargs[key])
+            dtype = JSON_DTYPES.get(kwargs[key].removeprefix("torch."))
+            if dtype is None:
+                raise ValueError(
+                    f"soap_dist.deepspeed: {key}={kwargs[key]!r} in the config's optimizer params; use one "
+                    f"of {sorted(JSON_DTYPES)}"
+                )
+            kwargs[key] = dtype
     if "betas" in kwargs:
         kwargs["betas"] = as_pair(kwargs["betas"])
     rest = {k: v for k, v in config.items() if k != "optimizer"}

@@ -272,8 +272,16 @@ def test_json_values_are_named_when_wrong():
     with pytest.raises(ValueError, match='train_micro_batch_size_per_gpu, .* = "auto" in the config'):
         check_config(shipped)  # DeepSpeed itself raised a TypeError comparing "auto" with an int
     params = [torch.nn.Parameter(torch.zeros(3, 3))]
-    with pytest.raises(ValueError, match="invalid factor_dtype='fp32'"):
-        soap_from_config({"optimizer": {"type": "SOAP", "params": {"factor_dtype": "fp32"}}}, params)
+    def soap(**given):
+        return soap_from_config({"optimizer": {"type": "SOAP", "params": given}}, params)[0]
+
+    assert soap(factor_dtype="fp64").factor_dtype == torch.float64  # DeepSpeed's own spelling too
+    with pytest.raises(ValueError, match=r"factor_dtype='device' in the config's optimizer params; use"):
+        soap(factor_dtype="device")  # was looked up on torch: "invalid factor_dtype=<class 'torch.device'>"
+    with pytest.raises(ValueError, match="unknown SOAP params \\['device_mesh'\\]"):
+        soap(device_mesh="mesh")  # an object, not JSON
+    with pytest.raises(ValueError, match='"params" must be an object'):
+        soap_from_config({"optimizer": {"type": "SOAP", "params": [0.01]}}, params)
     with pytest.raises(ValueError, match="invalid betas=0.9"):
         soap_from_config({"optimizer": {"type": "SOAP", "params": {"betas": 0.9}}}, params)
     soap, _ = soap_from_config({"optimizer": {"type": "SOAP", "params": {"basis_dtype": "bfloat16"}}}, params)
