@@ -119,7 +119,12 @@ def validate_group(group: dict[str, Any], refresh_delay: int | None = None) -> N
     check_group_keys(group)  # also a whole-optimizer key set between steps (param_groups[0]["placement"])
     lr = group["lr"]
     if torch.is_tensor(lr):  # torch.optim accepts a 1-element tensor lr (read with .item() at each step)
-        check(lr.numel() == 1 and not lr.requires_grad, "lr", lr, "a number or a 1-element tensor")
+        check(
+            lr.numel() == 1 and not lr.requires_grad and not lr.is_complex(),
+            "lr",
+            lr,
+            "a number or a real 1-element tensor without requires_grad (pass lr.detach())",
+        )
         lr = float(lr)
     check(
         is_number(lr) and 0 <= lr < MAX_LR,
