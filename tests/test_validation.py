@@ -34,9 +34,9 @@ def _params():
         (dict(refresh_delay=10, precondition_frequency=10), "refresh_delay"),
         (dict(factor_dtype=torch.bfloat16), "factor_dtype"),
         (dict(qr_method="svd"), "qr_method"),
-        (dict(lr=1e300), "lr"),
+        (dict(lr=1e300), "lr"),  # overflowed the float32 step size mid-step, after the moments moved
         (dict(lr=torch.tensor(0.01, requires_grad=True)), r"lr.*pass lr\.detach\(\)"),
-        (dict(lr=torch.tensor(0.01 + 0.5j)), "lr"),  # overflowed the float32 step size mid-step, after the moments moved
+        (dict(lr=torch.tensor(0.01 + 0.5j)), "lr"),
         (dict(refresh_delay=True), "refresh_delay"),
         (dict(collective_timeout=True), "collective_timeout"),
         (dict(collective_timeout=float("inf")), "collective_timeout"),
