@@ -192,7 +192,10 @@ def adopt_saved_group(group: dict[str, Any], saved: dict[str, Any], refresh_dela
                 f"SOAP.load_state_dict: saved {key}={saved[key]!r} differs from this optimizer's "
                 f"{group[key]!r}; the state layout depends on it"
             )
-    merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}  # saved param_names too
+    # saved param_names too; not another optimizer's whole-optimizer keys (AdamW's groups hold "fused"):
+    # such a state is named as foreign by the shape check that follows
+    kept = {k: v for k, v in saved.items() if k != "params" and k not in WHOLE_OPTIMIZER_DEFAULTS}
+    merged = {**group, **kept}
     merged["betas"] = as_pair(merged["betas"])
     try:
         validate_group(merged, refresh_delay)
