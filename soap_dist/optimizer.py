@@ -29,7 +29,6 @@ from .options import (
     async_refresh_on,
     check,
     check_async_refresh,
-    check_group_keys,
     check_groups_and_mesh,
     check_layout_unchanged,
     check_placement,
@@ -220,7 +219,6 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                 "SOAP: a parameter group lists the same tensor twice; list every parameter once "
                 "(torch.optim packs the repeat to one state, SOAP would keep two)"
             )
-        check_group_keys(param_group)
         warn_misspelt_group_keys(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -242,7 +240,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         self._declared_groups.append(group)
         self._declared_shapes += [tuple(getattr(p, "ds_shape", p.shape)) for p in group["params"]]
         if self._engine is not None:  # rebuilt lazily with the new group; the existing state carries over
-            self._carried_from = "owner" if self._owner is not None else self._engine.plan.topology.placement
+            self._carried_from = self._engine.plan.topology.placement  # owner's engine: "owner"
             self._carried_state = (  # in state_dict()'s form: "auto" may rebuild it as another placement
                 self._owner.state_dict()
                 if self._owner is not None

@@ -323,7 +323,7 @@ class StateMixin:
         parameter afresh."""
         if not self._carried_state:
             return
-        now = "owner" if self._owner is not None else self._engine.plan.topology.placement
+        now = self._engine.plan.topology.placement
         before = self.__dict__.get("_carried_from")
         try:
             self._agreed(load, self._exchange)

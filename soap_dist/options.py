@@ -210,14 +210,16 @@ def check_groups_and_mesh(process_group: Any, device_mesh: Any) -> None:
     """Types only (the groups need not be initialized yet): a wrong one failed deep in torch at step 1."""
     import torch.distributed as dist
 
-    if process_group is not None and dist.is_available():
+    if not dist.is_available():
+        return
+    if process_group is not None:
         check(
             isinstance(process_group, dist.ProcessGroup),
             "process_group",
             process_group,
             "None or a torch.distributed ProcessGroup (e.g. dist.new_group(...))",
         )
-    if device_mesh is not None and dist.is_available():
+    if device_mesh is not None:
         from torch.distributed.device_mesh import DeviceMesh
 
         check(

@@ -27,6 +27,15 @@ PROBES = 4
 _BASIS = re.compile(r"(pending_)?basis_(\d+)$")
 
 
+# Why a sound state's row blocks may not be this optimizer's (a load of another block layout)
+OTHER_ROW_BLOCKS = (
+    "the state's row blocks differ from this optimizer's: another block_size, or fsdp-local/hsdp whose "
+    "row blocks are the shards (block_size=None) or are cut at them (a block_size that does not divide "
+    "every shard's rows), whose state loads only into the same placement at the same world size "
+    "(docs/design.md, section 5, Resharding)"
+)
+
+
 def _local(t: Any) -> Any:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -100,10 +109,8 @@ def _check_blocks(
         problem = f"is not an orthogonal basis{where} (|Q^T Q - I| ~ {errors[bad[0]].item():.3g})"
         if "row block" in where:  # a sound checkpoint read through other row blocks looks the same
             raise ValueError(
-                f"SOAP.load_state_dict: {key} of {label} {problem}: the state's row blocks differ from "
-                "this optimizer's (another block_size, or fsdp-local/hsdp with a block_size that does not "
-                "divide every shard's rows, whose state loads only into the same placement at the same "
-                "world size: docs/design.md, section 5, Resharding), or the checkpoint is corrupt"
+                f"SOAP.load_state_dict: {key} of {label} {problem}: {OTHER_ROW_BLOCKS}; or the checkpoint "
+                "is corrupt"
             )
         raise _corrupt(label, key, problem)
 

@@ -31,7 +31,7 @@ from .engine import SoapEngine
 from .layout import ParamLayout
 from .placements.tensors import is_dtensor, local
 from .plan import FactorEntry
-from .state_check import check_engine_state, entry_of, required_keys
+from .state_check import OTHER_ROW_BLOCKS, check_engine_state, entry_of, required_keys
 from .stores import FactorStore, moment_dtype
 
 Tensor = torch.Tensor
@@ -215,9 +215,7 @@ def _check_blocks_fit(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -
                 got = tuple(box.view(local(entry[key])).shape)
                 if got != slot_shape:
                     why = (
-                        "its row blocks differ from this optimizer's: another block_size, or fsdp-local/hsdp "
-                        "with block_size=None, whose row blocks are the shards (docs/design.md, section 5, "
-                        "Resharding)"
+                        OTHER_ROW_BLOCKS
                         if j == 0
                         else "the state was saved for another model or other options"
                     )

@@ -117,18 +117,21 @@ class AgreementMixin:
         if self.plan.topology.world == 1:
             return None
         refreshing = self._refreshing(hypers, active_ids)
-        # Under replicated every rank computes every update: a compile that failed on some ranks only
-        # turns their step eager, which rounds otherwise, and the replicas would drift apart. (Under the
-        # other placements each update is computed at one rank, and a rank that updates nothing never
-        # tries the compile: fused may differ there, harmlessly.)
-        fused = self.fused if self.plan.topology.placement == "replicated" else None
-        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers], fused))
+        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers], self._agreed_fused()))
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
         word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
         words = [torch.full((1,), word, dtype=torch.int64, device=self.device)]
         if self.plan.topology.placement == "replicated":
             words.append(norms.double().sum().reshape(1).view(torch.int64))
         return torch.cat(words)
+
+    def _agreed_fused(self) -> bool | None:
+        """``fused`` where the ranks must agree on it, else None. Under replicated every rank computes
+        every update: a compile that failed on some ranks only turns their step eager, which rounds
+        otherwise, and the replicas would drift apart. (Under the other placements each update is
+        computed at one rank, and a rank that updates nothing never tries the compile: fused may
+        differ there, harmlessly.)"""
+        return self.fused if self.plan.topology.placement == "replicated" else None
 
     def _disagree(self, hypers: list[Hyper], active_ids: list[int], agreed: Tensor, norms: Tensor) -> None:
         """Every rank raises the same RanksDisagreeError, naming what differs (an error path only)."""
@@ -140,7 +143,7 @@ class AgreementMixin:
             "calls": self.calls,
             "stepped": active_ids,
             "norms": norms.double().tolist() if self.plan.topology.placement == "replicated" else [],
-            "fused": self.fused if self.plan.topology.placement == "replicated" else None,
+            "fused": self._agreed_fused(),
         }
         every = self.exchange.gather_objects(mine)
         lines = []
