@@ -238,6 +238,32 @@ def hsdp_replicas_hold_other_tensors(world):
     return out
 
 
+def hsdp_replicas_gradients_differ(world):
+    """Under HSDP, the gradient of one parameter changed on one replica after FSDP2's all-reduce (the
+    last rank scales its shard): every rank stops, naming the parameter (before, the replicas drifted
+    apart silently). Under owner_scope="shard_group" the replicas decide apart: unchecked (documented)."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    hsdp = [Replicate(), Shard(0)]
+    gen = torch.Generator().manual_seed(4)
+    values = [torch.randn(8, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    out = {}
+    for placement, scope in (("hsdp", "world"), ("owner", "world"), ("owner", "shard_group")):
+        params = [torch.nn.Parameter(distribute_tensor(v, mesh, hsdp)) for v in values]
+        opt = SOAP(params, placement=placement, owner_scope=scope, factor_dtype=torch.float64)
+        try:
+            for step in range(3):
+                for k, (p, v) in enumerate(zip(params, values, strict=True)):
+                    rows = distribute_tensor(v * (step + 1), mesh, hsdp).to_local().clone()
+                    if step == 2 and k == 1 and dist.get_rank() == world - 1:
+                        rows *= 1.5
+                    p.grad = DTensor.from_local(rows, mesh, hsdp)
+                opt.step()
+            out[f"{placement}_{scope}"] = ""
+        except RuntimeError as error:
+            out[f"{placement}_{scope}"] = f"{type(error).__name__}: {error}"
+    return out
+
+
 def owner_errors(world):
     """Bad input fails on every rank with a message, never a hang."""
     mesh = init_device_mesh("cpu", (world,))
@@ -330,6 +356,7 @@ SCENARIOS = {
         ckpt.owner_hsdp_checkpoint,
         owner_scope_mismatch,
         hsdp_replicas_hold_other_tensors,
+        hsdp_replicas_gradients_differ,
     ],
 }
 

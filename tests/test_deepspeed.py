@@ -272,6 +272,7 @@ def test_json_values_are_named_when_wrong():
     with pytest.raises(ValueError, match='train_micro_batch_size_per_gpu, .* = "auto" in the config'):
         check_config(shipped)  # DeepSpeed itself raised a TypeError comparing "auto" with an int
     params = [torch.nn.Parameter(torch.zeros(3, 3))]
+
     def soap(**given):
         return soap_from_config({"optimizer": {"type": "SOAP", "params": given}}, params)[0]
 

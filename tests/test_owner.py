@@ -81,6 +81,18 @@ def test_hsdp_replicas_holding_other_tensors_stop_at_the_plan_check(world4):
                 assert "ranks have different parameter counts [2, 2, 2, 1]" in error, (case, error)
 
 
+def test_gradients_that_differ_between_hsdp_replicas_stop_every_rank(world4):
+    for rank in world4:
+        errors = rank["hsdp_replicas_gradients_differ"]
+        for case in ("hsdp_world", "owner_world"):
+            error = errors[case]
+            assert error.startswith("RanksDisagreeError"), (case, error)
+            assert "differ between replicas" in error, (case, error)
+            assert "gradients of param_groups[0].params[1]" in error and "params[0]" not in error, error
+            assert "FSDP2's all-reduce across the replicas" in error, (case, error)
+        assert errors["owner_shard_group"] == "", errors  # each replica decides alone (docs/design.md)
+
+
 def test_owner_under_hsdp_checkpoint_continues_and_reshards(world4):
     res = result(world4, "owner_hsdp_checkpoint")
     assert res["spread"] == [0], res  # the (200, 6) embedding: rows cut among shards and replicas

@@ -206,7 +206,8 @@ def test_cpu_shards_under_an_nccl_only_group_are_refused_naming_the_fix(monkeypa
     """FSDP2's CPUOffloadPolicy puts the shards on the CPU; an NCCL-only group cannot move them."""
     import torch.distributed as dist
 
-    from soap_dist.comm import Groups, backend_for, check_backend_serves
+    from soap_dist.comm import Groups
+    from soap_dist.comm.backends import backend_for, check_backend_serves
 
     configs = {"world": "cuda:nccl", "shard": "cpu:gloo,cuda:nccl"}
     world, shard = object(), object()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..plan import FactorEntry, Plan
+from .backends import backend_for, check_backend_serves
 from .guard import (
     DEFAULT_TIMEOUT_S,
     CollectiveTimeout,
@@ -77,7 +78,7 @@ class Traffic:
     received: int = 0
     reduce_calls: int = 0
     broadcast_calls: int = 0
-    small_calls: int = 0  # plan check and per-step finite flags
+    small_calls: int = 0  # the rest: plan check, per-step finite flags, rows' all_to_alls (owner, zero)
 
 
 @dataclass
@@ -133,48 +134,12 @@ def _first_difference(table: Tensor, me: int) -> tuple[int, list[int]] | None:
     return None
 
 
-def backend_names(group: dist.ProcessGroup | None) -> dict[str, str] | None:
-    """``group``'s backend per device type ("cpu:gloo,cuda:nccl" -> cpu: gloo, cuda: nccl); None when
-    torch cannot say."""
-    try:
-        config = dist.get_backend_config(group)
-    except Exception:  # pragma: no cover - an older torch or a custom group
-        return None
-    names = dict(part.strip().split(":", 1) for part in config.split(",") if ":" in part)
-    return {kind.strip(): name.strip() for kind, name in names.items()} or None
-
-
-def backend_for(group: dist.ProcessGroup | None, device: torch.device) -> str | None:
-    """The name of ``group``'s backend for ``device``'s tensors ("nccl", "gloo"); None when unknown."""
-    return (backend_names(group) or {}).get(device.type)
-
-
-def check_backend_serves(groups: Groups, device: torch.device) -> None:
-    """SOAP's collectives run on the parameters' device: every group's backend must serve it, or
-    the first collective fails deep inside the backend. The case met in practice: FSDP2's
-    CPUOffloadPolicy puts the shards (and so the optimizer) on the CPU under an NCCL-only group."""
-    for name in ("world", "shard", "replicate"):
-        group = getattr(groups, name)
-        if group is None and name != "world":  # no such group here (None world: the default group)
-            continue
-        names = backend_names(group)
-        if names is not None and device.type not in names:
-            config = dist.get_backend_config(group)
-            fix = (
-                "with FSDP2's CPUOffloadPolicy, create the process group with a CPU backend too: "
-                "init_process_group(backend='cpu:gloo,cuda:nccl')"
-                if device.type == "cpu"
-                else f"create the process group with a backend for {device.type} tensors"
-            )
-            raise ValueError(
-                f"SOAP: the parameters' local tensors are on {device.type}, but the {name} process group's "
-                f"backend is '{config}', which has no {device.type} backend, and SOAP's collectives run on "
-                f"the parameters' device. Fix: {fix}."
-            )
-
-
 class Exchange:
     """Collectives of one engine over its grid of ranks."""
+
+    # An agreement word equal to this is the rank's abstention (``all_finite``): a word that only some
+    # ranks vote on, such as one replica slot's gradient fingerprint, which only that slot's ranks hold.
+    NO_VOTE = (1 << 63) - 1
 
     def __init__(
         self,
@@ -352,14 +317,15 @@ class Exchange:
         """AND of per-parameter flags over the ranks (a parameter with a non-finite gradient anywhere is
         skipped everywhere; a first gradient is zero only if zero everywhere), in one all_reduce(MIN)
         with ``words`` (int64) appended as [w, -w]: the second result says, per word, whether every
-        rank had the same value. One process: the flags as they are, and every word agreed."""
+        rank that voted on it (a word other than ``NO_VOTE``) had the same value. One process: the flags
+        as they are, and every word agreed."""
         scope = self._flag_scope()
         if scope is None:
             return flags, None if words is None else torch.ones_like(words, dtype=torch.bool)
         group, members = scope
         parts = [flags.to(torch.int64)]
-        if words is not None:
-            parts += [words, -words]
+        if words is not None:  # an abstention is NO_VOTE in both halves: the MIN's identity
+            parts += [words, torch.where(words == self.NO_VOTE, words, -words)]
         vector = torch.cat(parts)
         self.guard.wait(
             dist.all_reduce(vector, op=dist.ReduceOp.MIN, group=group, async_op=True),

@@ -112,18 +112,30 @@ class AgreementMixin:
     def _agreement_words(self, hypers: list[Hyper], active_ids: list[int], norms: Tensor) -> Tensor | None:
         """What every rank must agree on at this step, as int64 words for the finite-flag all_reduce:
         a hash of the step count, the parameters with a gradient, the refreshes ahead and the
-        hyperparameters; under replicated also the gradients' fingerprint (DDP's all-reduce makes
-        them bitwise equal on every replica)."""
+        hyperparameters; where ranks hold replicas of the same gradient rows, one fingerprint of them
+        per replica slot (DDP's and HSDP's all-reduce make them bitwise equal), which only the slot's
+        ranks vote on."""
         if self.plan.topology.world == 1:
             return None
         refreshing = self._refreshing(hypers, active_ids)
         text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers], self._agreed_fused()))
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
         word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
-        words = [torch.full((1,), word, dtype=torch.int64, device=self.device)]
-        if self.plan.topology.placement == "replicated":
-            words.append(norms.double().sum().reshape(1).view(torch.int64))
-        return torch.cat(words)
+        slot = self.gradient_slot()
+        if slot is None:
+            return torch.full((1,), word, dtype=torch.int64, device=self.device)
+        slots, mine = slot
+        words = torch.full((1 + slots,), self.exchange.NO_VOTE, dtype=torch.int64, device=self.device)
+        words[0] = word
+        words[1 + mine : 2 + mine] = norms.double().sum().reshape(1).view(torch.int64)  # a device copy
+        return words
+
+    def gradient_slot(self) -> tuple[int, int] | None:
+        """(slots, this rank's slot) when ranks hold replicas of the same gradient rows: the ranks of
+        a slot must hold bitwise equal gradients. Replicated: one slot; HSDP: one per shard; owner over
+        an HSDP mesh: as the runner says (``replica_slots``); else None (no replicas to compare)."""
+        topo = self.plan.topology
+        return (topo.shards, topo.shard) if topo.replicas > 1 else self.replica_slots
 
     def _agreed_fused(self) -> bool | None:
         """``fused`` where the ranks must agree on it, else None. Under replicated every rank computes
@@ -142,7 +154,8 @@ class AgreementMixin:
             "groups": [astuple(h) for h in hypers],
             "calls": self.calls,
             "stepped": active_ids,
-            "norms": norms.double().tolist() if self.plan.topology.placement == "replicated" else [],
+            "norms": norms.double().tolist(),
+            "slot": slot[1] if (slot := self.gradient_slot()) is not None else None,
             "fused": self._agreed_fused(),
         }
         every = self.exchange.gather_objects(mine)
@@ -177,21 +190,36 @@ class AgreementMixin:
             lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
         if len({tuple(m["refreshing"]) for m in every}) > 1:
             lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
-        if agreed.numel() > 1 and not bool(agreed[1]) and not stepped_apart:
-            differ = [
-                self._name(i)
-                for k, i in enumerate(active_ids)
-                if len({m["norms"][k] for m in every if len(m["norms"]) > k}) > 1
-            ]
-            named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
-            lines.append(
-                f"the gradients {'of ' + named + ' ' if named else ''}differ between replicas: step only "
-                "after DDP's all-reduce (with no_sync, on the synchronising pass), keep every replica's data "
-                "loader and model in step, and wrap the model in DDP after setting requires_grad (DDP "
-                "does not all-reduce a parameter that was frozen when it was built)"
-            )
+        if agreed.numel() > 1 and not bool(agreed[1:].all()) and not stepped_apart:
+            lines.append(self._gradients_differ(active_ids, every))
         raise RanksDisagreeError(
             f"SOAP: ranks disagree at optimizer step {self.calls} (checked in the finite-flag all_reduce): "
             + "; ".join(lines or ["details differ in a way SOAP could not name"])
             + ". Every rank must step the same parameters with the same options."
         )
+
+    def _gradients_differ(self, active_ids: list[int], every: list[dict]) -> str:
+        """The line of the disagreement error for gradients that differ between replicas: which
+        parameters (their norms differ within a replica slot), and the usual causes."""
+        differ = []
+        for k, i in enumerate(active_ids):
+            slots = {m["slot"] for m in every}
+            if any(
+                len({m["norms"][k] for m in every if m["slot"] == s and len(m["norms"]) > k}) > 1
+                for s in slots
+            ):
+                differ.append(self._name(i))
+        named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        if self.plan.topology.placement == "replicated":
+            causes = (
+                "step only after DDP's all-reduce (with no_sync, on the synchronising pass), keep every "
+                "replica's data loader and model in step, and wrap the model in DDP after setting "
+                "requires_grad (DDP does not all-reduce a parameter that was frozen when it was built)"
+            )
+        else:
+            causes = (
+                "step only after FSDP2's all-reduce across the replicas (when accumulating with "
+                "set_requires_all_reduce(False), after the backward that all-reduces), keep every replica's "
+                "data loader and model in step, and change gradients after backward alike on every rank"
+            )
+        return f"the gradients {'of ' + named + ' ' if named else ''}differ between replicas: {causes}"

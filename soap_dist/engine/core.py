@@ -136,6 +136,9 @@ class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):
         self.entry_slot: dict[FactorEntry, tuple[FactorStore, int]] = {}
         self.slot_entries: dict[int, list[FactorEntry]] = {}
         self.calls = 0
+        # (slots, this rank's slot) where ranks hold replicas of the same gradient rows beyond what the
+        # plan's topology says (owner over an HSDP mesh): agreement.gradient_slot
+        self.replica_slots: tuple[int, int] | None = None
         self.refresh_schedule = refresh_schedule
         self.phases: list[int] | None = None  # refresh phase of every parameter (plan.schedule)
         self.loaded_phases: dict[int, int] = {}  # a checkpoint's phases, applied by fix_phases

@@ -3,7 +3,8 @@
 Each parameter has one owner rank (``owner_layout.assign_owners``). Every step:
 
 1. one all_to_all per dtype, inside the owner's shard group, brings every shard's rows of a
-   parameter's gradient to its owner, which then holds the whole gradient;
+   parameter's gradient to its owner, which then holds the whole gradient (none when no rows
+   cross shards);
 2. the owner runs the one-process SOAP step on it: statistics, bases and moments exist there only,
    and its refresh is local (no statistics reduce, no basis broadcast). Its engine writes the
    update (the piece one process would apply, in the compute dtype) instead of applying it;
@@ -111,6 +112,8 @@ class OwnerRunner(HomeRowsRunner):
         dtypes_only = [torch.empty(0, dtype=p.dtype, device=device) for p in params]  # what the engine reads
         mine = local_layouts(layouts, self.topology, self.splits)
         self.engine = soap._new_engine(mine, dtypes_only, plan, self.exchange, writes_updates=True)
+        if self.replicas > 1:  # the replicas of a shard hold the same gradient rows: compared every step
+            self.engine.replica_slots = (self.shards, self.shard)
         self._crossing: dict[tuple[bool, ...], int] = {}
         self._routes: dict[tuple[bool, ...], list[tuple[int, ParamLayout, int, bool, list[int]]]] = {}
 

@@ -1,8 +1,9 @@
 """What a plan costs each rank: state bytes, refresh work and traffic, counted from shapes alone.
 
 The counts follow the code exactly (``SOAP.stats()`` reports the same numbers on the runs we can
-make here, tests/test_planner.py), so they can be trusted for shapes and world sizes we cannot run:
-``python -m soap_dist.plan`` prints them, and ``placement="auto"`` decides with them.
+make here: tests/test_owner.py, test_planner_counts_equal_stats_on_every_rank), so they can be
+trusted for shapes and world sizes we cannot run: ``python -m soap_dist.plan`` prints them, and
+``placement="auto"`` decides with them.
 
 Per rank, in bytes:
 - statistics: the factor statistics it keeps (``factor_bytes`` in stats());
@@ -94,7 +95,9 @@ def rank_costs(
             for rep in range(R):
                 out[rep * S + s].moments += 2 * numel * moment_bytes[lay.index]
     if W > 1:  # the per-step all_reduce of finite flags and agreement words (engine.step)
-        words = 1 + (topo.placement == "replicated")  # + the gradients' fingerprint under replicated
+        # + one gradient fingerprint per replica slot where ranks hold replicas (engine.agreement)
+        replicated_slots = owner_grid[1] if owner_grid is not None and owner_grid[0] > 1 else 0
+        words = 1 + (S if R > 1 else replicated_slots)
         flags = WORD_BYTES * (len(plan.layouts) + 2 * words)
         for c in out:
             c.step_sent += flags
