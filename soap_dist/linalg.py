@@ -23,7 +23,8 @@ def eigh_descending(factors: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvectors of ``factor + 1e-30 I``, columns by descending eigenvalue.
 
     A batch that fails is retried one matrix at a time in float64; a matrix that still fails
-    (or is not finite) gets ``ok = False`` and an identity basis the caller should not install.
+    (or is not finite) gets ``ok = False`` and a placeholder basis (a permutation) the caller
+    should not install.
     """
     n, d = factors.shape[0], factors.shape[-1]
     eye = torch.eye(d, dtype=factors.dtype, device=factors.device)

@@ -110,7 +110,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
-        lr: float = 3e-3,
+        lr: float | Tensor = 3e-3,
         betas: tuple[float, float] = (0.95, 0.95),
         shampoo_beta: float = -1,
         eps: float = 1e-8,

@@ -101,7 +101,7 @@ def _check_blocks(
     if not present:
         return
     errors = torch.stack([orthogonality_error(q) for _, q in present]).float()
-    bad = (~(errors <= tolerance)).nonzero().flatten().tolist()  # one host sync per key
+    bad = (~(errors <= tolerance)).nonzero().flatten().tolist()  # with ``held``: two host syncs per key
     if bad:
         where, q = present[bad[0]]
         if not bool(torch.isfinite(q).all()):

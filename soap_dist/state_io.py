@@ -10,7 +10,8 @@ Per parameter, in block space (after permute/merge; see docs/algorithm.md):
 - ``factor_j`` / ``basis_j`` per preconditioned dim j: ``[d_j, d_j]`` for j >= 1; for j = 0 the row
   blocks' factors side by side, ``[d_0, width]``, block r in rows [r0, r0 + n_r) and columns [0, n_r);
 - with refresh_delay >= 1: ``pending_basis_j``, ``pending_perm_j`` (rows for j = 0), ``pending_ok_j``
-  (one flag per row for j = 0, one for j >= 1) and ``install_step`` (-1 when nothing waits).
+  (shaped like the perm: a block's flag on each of its rows for j = 0, ``[d_j]`` copies of the one
+  flag for j >= 1) and ``install_step`` (-1 when nothing waits).
 
 Across ranks (docs/design.md, "Checkpoints"): moments, and row factors under fsdp-local, are the
 rank's rows of a global tensor (``wrap`` makes them DTensors); everything else is the full tensor,

@@ -1,8 +1,9 @@
 """Stacked storage: factor stores (batched by dimension) and block stacks (batched by shape).
 
-A factor store holds every factor of one size d, ``[N, d, d]``, so a refresh is one batched call
-per dimension. A block stack holds the moments of every block of one shape, ``[B, *dims]``, so a
-step is a few batched matmuls per shape. Both are allocated once, at the first step.
+A factor store holds every factor of one size d, ``[N, d, d]``, so a refresh is a few batched calls
+per dimension (chunks of at most 512 MiB: engine.refresh). A block stack holds the moments of every
+block of one shape, ``[B, *dims]``, so a step is a few batched matmuls per shape. Both are allocated
+once, at the first step.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """From DeepSpeed ZeRO's flat partitions to row blocks: who updates which rows, and what moves.
 
 ZeRO stages 1-3 hand each rank one flat 1-D slice of every parameter group (stages 1/2) or of
-every parameter (stage 3), cut at arbitrary elements, even mid-row. SOAP's update of a row block
+every sub-group of parameters (stage 3), cut at arbitrary elements, even mid-row. SOAP's update of a row block
 needs the whole block. So every *unit* of rows (a row block when dim 0 has a factor, else one
 row) gets a *home*: the rank that holds most of its elements (ties: the lowest rank). Homes only
 grow along a parameter, so each rank's home rows are one contiguous range, cut at unit

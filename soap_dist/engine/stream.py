@@ -1,10 +1,11 @@
 """Where an asynchronous refresh runs: its own CUDA stream, joined before the state is touched again.
 
 With ``refresh_delay >= 1`` a refreshed basis is not used before a later step, so the refresh of
-step t (statistics reduce, decompositions, basis broadcasts) can run beside the forward and
-backward of step t + 1. ``launch`` puts that work on a side stream after everything the step
-queued so far; ``join`` makes the caller's stream wait for it. Both are GPU-side waits: the host
-never blocks, so nothing depends on timing. On a CPU the same code runs inline (no stream).
+step t (statistics reduce and decompositions) can run beside the forward and backward of step t + 1;
+its basis broadcasts start when the next ``step()`` joins it (engine.async_refresh). ``launch`` puts
+that work on a side stream after everything the step queued so far; ``join`` makes the caller's
+stream wait for it. Both are GPU-side waits: the host never blocks, so nothing depends on timing. On
+a CPU the same code runs inline (no stream).
 """
 
 from __future__ import annotations

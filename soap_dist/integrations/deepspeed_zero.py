@@ -1,4 +1,4 @@
-"""The one file that reads DeepSpeed internals: the ZeRO optimizer and its flat partitions.
+"""The one file that reads the ZeRO optimizer's internals: its flat partitions.
 
 Under stages 1-3 DeepSpeed calls SOAP with flat fp32 slices that cut through matrices;
 ``partitioning`` reads, from the ZeRO optimizer, which elements of which parameter each rank's

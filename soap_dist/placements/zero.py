@@ -11,8 +11,8 @@ boundary. With ``"placement": "owner"`` in the JSON's SOAP params, each whole pa
 to one owner instead (``owner_layout``): the result equals one process whatever ``block_size``,
 and each rank keeps 1/W of the state, column factors included.
 
-What DeepSpeed exposes is read in ``soap_dist.deepspeed`` and arrives here as a ``Partitioning``;
-nothing here imports deepspeed.
+What DeepSpeed exposes is read in ``soap_dist.integrations.deepspeed_zero`` and arrives here as a
+``Partitioning``; nothing here imports deepspeed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ownership plan: which rank refreshes which factor, from shapes alone.
 
-Every rank builds the same plan with no communication (DESIGN.md, "Core abstraction"). The ranks
+Every rank builds the same plan with no communication (docs/design.md, section 1). The ranks
 of a job form a replicas x shards grid: one process is 1 x 1, DDP is W x 1, FSDP2 is 1 x W and HSDP
 is R x S. Shard s holds the rows ``shard_rows(rows, S, s)`` of every parameter (torch.chunk on
 dim 0, as FSDP2 cuts); its row blocks have their own row factors. The factors of the other dims
