@@ -93,9 +93,10 @@ def warn_misspelt_group_keys(group: dict[str, Any]) -> None:
 
 
 def is_number(x: Any) -> bool:
-    """A real number (numpy's too, or a 1-element tensor), never a bool: True would pass as 1."""
+    """A real number (numpy's too, or a 1-element tensor without requires_grad: one read at each step
+    would warn each time), never a bool: True would pass as 1."""
     if torch.is_tensor(x):
-        return x.numel() == 1 and not x.is_complex()
+        return x.numel() == 1 and not x.is_complex() and not x.requires_grad
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
