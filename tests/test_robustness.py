@@ -405,3 +405,22 @@ def test_a_parameter_on_a_device_autocast_does_not_know_gets_the_device_message(
     params[0].grad = torch.randn(3, 3)
     with pytest.raises(ValueError, match="all parameters on one device"):
         SOAP(params).step()
+
+
+@pytest.mark.parametrize("refresh_delay", [0, 1])
+def test_no_gradient_is_kept_alive_after_the_step(refresh_delay):
+    """zero_grad() frees the gradients as under AdamW: a reference the engine kept past the step held
+    every gradient through the next backward (twice the gradients' memory)."""
+    import gc
+    import weakref
+
+    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))]
+    opt = SOAP(params, precondition_frequency=2, refresh_delay=refresh_delay)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        alive = [weakref.ref(p.grad) for p in params]
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        assert [r() is None for r in alive] == [True, True]

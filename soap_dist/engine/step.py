@@ -127,7 +127,6 @@ class StepMixin:
         and the refreshes due. ``grads`` may be other tensors than the ones agreed on: under owner,
         the gathered whole gradients at their owners."""
         hypers, active, active_ids, finite = agreed.hypers, agreed.active, agreed.active_ids, agreed.finite
-        self._grads = grads
         upcoming = {i: self.steps[i] + 1 for i in active_ids if self.started[i]}
         due = [i for i, t in upcoming.items() if self.install_step.get(i) == t]
         if due:
@@ -148,6 +147,7 @@ class StepMixin:
                     t,
                     hypers[stack.group],
                     params,
+                    grads,
                     finite,
                     grad_cache,
                     deferred,
@@ -239,6 +239,7 @@ class StepMixin:
         step: int,
         hyper: Hyper,
         params: list[Tensor],
+        grads_in: list[Tensor | None],
         finite: Tensor,
         grad_cache: dict[int, Tensor],
         deferred: dict[int, list[tuple[int, Tensor]]],
@@ -249,7 +250,9 @@ class StepMixin:
         members = [stack.members[k] for k in positions]
         compute = torch.promote_types(moment_dtype(stack.param_dtype), self.factor_dtype)
         grads = torch.empty((len(members), *stack.dims), dtype=compute, device=self.device)
-        sources = [self._grad_block(lay, b, self._grads[lay.index], grad_cache) for lay, b in members]
+        # (passed in, never kept: a reference held past the step kept every gradient alive through the
+        # next backward after zero_grad, twice the gradients' memory)
+        sources = [self._grad_block(lay, b, grads_in[lay.index], grad_cache) for lay, b in members]
         torch._foreach_copy_(list(grads.unbind(0)), sources)
         param_index = stack.param_index if sel is None else stack.param_index.index_select(0, sel)
         flags = finite.index_select(0, param_index)
