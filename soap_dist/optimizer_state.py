@@ -82,6 +82,10 @@ class StateMixin:
             "moment_bytes": sum(
                 t.numel() * t.element_size() for st in engine.stacks for t in (st.exp_avg, st.exp_avg_sq)
             ),
+            # refresh_delay >= 1: the bases waiting for their install step (a second copy, kept)
+            "stash_bytes": sum(
+                t.numel() * t.element_size() for p in engine.pending.values() for t in (p.bases, p.perm, p.ok)
+            ),
             "bytes_sent": traffic.sent if traffic else 0,
             "bytes_received": traffic.received if traffic else 0,
             "collectives": (traffic.reduce_calls + traffic.broadcast_calls + traffic.small_calls)

@@ -36,6 +36,18 @@ def test_bf16_bases_halve_the_bases_and_track_float32():
     assert abs(half[-1] - full[-1]) <= 0.02 * full[-1], (half[-1], full[-1])
 
 
+@pytest.mark.parametrize("basis_dtype", [None, torch.bfloat16])
+def test_stats_count_the_stash_of_a_delayed_refresh(basis_dtype):
+    """refresh_delay >= 1 keeps a second copy of the bases (and a permutation row per basis) until
+    their install step: stats()["stash_bytes"] counts it; nothing without a delay."""
+    _, plain = _train(basis_dtype, steps=12)
+    _, delayed = _train(basis_dtype, steps=12, refresh_delay=1)
+    assert plain.stats()["stash_bytes"] == 0
+    stores = delayed._engine.stores.values()
+    perms = sum(len(s.slots) * s.size * 8 + len(s.slots) for s in stores)  # int64 rows, bool flags
+    assert delayed.stats()["stash_bytes"] == delayed.stats()["basis_bytes"] + perms
+
+
 @pytest.mark.parametrize("delay", [0, 1])
 def test_bf16_bases_round_trip_through_state_dict(delay):
     _, opt = _train(torch.bfloat16, steps=12, refresh_delay=delay)
