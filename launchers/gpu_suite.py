@@ -18,11 +18,12 @@ c. the race: configs/pretrain/gpu-race.yaml with AdamW, then SOAP, then (when fo
    first shortens every run, schedule included, when the whole config would not fit the time left),
    then launchers/compare_runs.py for loss against wall-clock and against step.
 
-Everything goes under --out: ``summary.md`` (the card, torch, commit, date, and one table of target
-vs measured with PASS/FAIL), ``summary.json``, the race's two plots, and ``raw.tar.gz`` (every
-command's log, the bench JSONs, each run's metrics.jsonl, config.yaml and loss.png, the comparison
-tables). Few files on purpose: the device tool brings back at most 8. Run directories (checkpoints)
-live in a temporary directory that is removed at the end.
+Everything goes under --out, a new or empty folder: ``summary.md`` (the card, torch, commit, date,
+and one table of target vs measured with PASS/FAIL), ``summary.json``, the race's two plots, and
+``raw.tar.gz`` (every command's log, the bench JSONs, each run's metrics.jsonl, config.yaml and
+loss.png, the comparison tables). Few files on purpose: the device tool brings back at most 8. Run
+directories (checkpoints) live in a temporary directory that is removed at the end. Ctrl-C or
+SIGTERM ends the running command too and still writes the summary, marked as cut off (exit 130).
 
 ``--smoke`` runs every part tiny on the CPU (CUDA hidden), to check the plumbing without a GPU.
 Needs the train extra (pyyaml, tqdm, numpy, matplotlib), as the launchers it starts do; the GPU
@@ -35,6 +36,7 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -61,6 +63,27 @@ def _parts_problem(parts: str) -> str | None:
     if unknown:
         return "unknown " + ", ".join(map(repr, unknown))
     return "repeated" if len(set(parts)) != len(parts) else None
+
+
+def _out_problem(out: Path) -> str | None:
+    """What keeps --out from taking this run's files alone (None: nothing): a file, a folder that
+    cannot be made, or one that holds files already (an earlier run's plots would sit beside this
+    summary as if they were its own)."""
+    if out.exists() and not out.is_dir():
+        return "is a file"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot be made ({e.strerror or e})"
+    if any(out.iterdir()):
+        return "already holds files (an earlier run's?): give a new or empty folder"
+    return None
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (a timeout, the device tool) ends the suite like Ctrl-C: the running command's process
+    group is ended and the summary written, marked as cut off."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("no CUDA device: run on a GPU, or pass --smoke for the CPU plumbing check")
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if (problem := _out_problem(out)) is not None:
+        p.error(f"argument --out: {out} {problem}")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     raw = out / "raw"
     raw.mkdir(exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
@@ -123,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         ("b", part_b),
         ("c", part_c),
     ]
+    finished = False
     try:
         for name, fn in parts:
             if name not in args.parts:
@@ -140,16 +166,20 @@ def main(argv: list[str] | None = None) -> int:
                     summary.note(name, f"the part stopped with {type(e).__name__}: {e}")
                     log(f"part {name} stopped: {e!r}")
             summary.write(runner, clock, done=False)
+        finished = True
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (above): what was measured is still written
+        summary.note("suite", f"interrupted ({stop or 'Ctrl-C'}) {clock.elapsed():.0f} s into the suite")
+        log(f"interrupted ({stop or 'Ctrl-C'}): writing what was measured")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        summary.write(runner, clock, done=True)
+        summary.write(runner, clock, done=finished)
         with tarfile.open(out / "raw.tar.gz", "w:gz") as tar:
             tar.add(raw, arcname="raw")
         if not args.keep_raw:
             shutil.rmtree(raw, ignore_errors=True)
-    log(f"done in {clock.elapsed():.0f} s: {out / 'summary.md'}")
+    log(f"{'done' if finished else 'cut off'} in {clock.elapsed():.0f} s: {out / 'summary.md'}")
     print((out / "summary.md").read_text(), flush=True)
-    return 0
+    return 0 if finished else 130
 
 
 if __name__ == "__main__":

@@ -238,3 +238,62 @@ def test_the_card_is_named_without_opening_a_cuda_context_in_the_suites_process(
     monkeypatch.setattr(header.subprocess, "run", missing)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "from torch")
     assert header.card_name() == "from torch"
+
+
+def _processes_with(token: str) -> list[str]:
+    """Command lines of live processes whose environment holds ``token``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if token.encode() in (proc / "environ").read_bytes():
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_sigterm_ends_the_running_command_and_marks_the_summary_cut_off(tmp_path):
+    """A timeout's SIGTERM used to kill the suite alone: its command (in a session of its own) ran on,
+    orphaned, and the summary said the suite was done."""
+    import os
+    import signal
+    import time
+    import uuid
+
+    token = f"GPU_SUITE_TEST_{uuid.uuid4().hex}"
+    out = tmp_path / "out"
+    env = dict(os.environ, **{token: "1"})
+    suite = subprocess.Popen(
+        [sys.executable, str(SUITE), "--smoke", "--out", str(out), "--parts", "a"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(_processes_with(token)) < 2 and time.monotonic() < deadline:  # the suite and its command
+        time.sleep(0.2)
+    assert len(_processes_with(token)) >= 2, "the suite started no command"
+    suite.send_signal(signal.SIGTERM)
+    output = suite.communicate(timeout=60)[0]
+    assert suite.returncode == 130, output[-3000:]
+    time.sleep(1)
+    assert _processes_with(token) == [], "a command outlived the suite"
+    data = json.loads((out / "summary.json").read_text())
+    assert data["done"] is False, data
+    assert "cut off" in (out / "summary.md").read_text()
+
+
+def test_an_out_folder_holding_files_is_refused(tmp_path):
+    (tmp_path / "race_loss_vs_time.png").write_bytes(b"an earlier run's")
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "already holds files" in proc.stderr, proc.stderr

@@ -7,6 +7,7 @@ included), so that a stuck part cannot eat the time of the parts after it.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -44,7 +45,7 @@ class Runner:
 
     def run(self, name: str, cmd: list[str], timeout: float) -> dict[str, Any]:
         logfile = self.raw / f"{name}.log"
-        shown = " ".join(str(c) for c in cmd).replace(str(REPO) + "/", "")
+        shown = shlex.join(str(c) for c in cmd).replace(str(REPO) + "/", "")  # pastes back into a shell
         log(f"{name}: {shown} (timeout {timeout:.0f} s)")
         t0 = time.monotonic()
         timed_out = False
@@ -65,6 +66,9 @@ class Runner:
                 timed_out = True
                 _end_group(proc)
                 rc = proc.returncode
+            except BaseException:  # Ctrl-C or SIGTERM: the command, in its own session, must end too
+                _end_group(proc)
+                raise
         seconds = time.monotonic() - t0
         result = {
             "name": name,
