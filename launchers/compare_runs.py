@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         result = compare(args.runs, args.out, args.names, args.title, args.x)
     except (FileNotFoundError, ValueError) as error:  # no training records, a damaged file, no --out folder
         parser.error(str(error))
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(result["table"])
     print(f"\nplot: {result['plot']}")
 

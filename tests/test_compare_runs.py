@@ -105,3 +105,27 @@ def test_out_with_a_suffix_matplotlib_cannot_write_is_refused_up_front(tmp_path,
         err = capsys.readouterr().err
         assert f"--out {tmp_path / out}: the plot is written by matplotlib, which cannot write" in err
         assert "end the name in .png, .pdf or .svg" in err and "Traceback" not in err
+
+
+def test_a_stopped_run_is_marked_and_warned(tmp_path):
+    """A run interrupted at step 30 of 300 was listed like a finished one, its losses beside others' ends."""
+    soap = _run(tmp_path, "soap", [3.0, 2.0, 1.5], [90.0, 100.0, 110.0], [])
+    (Path(soap) / "config.yaml").write_text("train:\n  steps: 300\n")
+    done = _run(tmp_path, "done", [3.0, 2.0, 1.5], [90.0, 100.0, 110.0], [])
+    (Path(done) / "config.yaml").write_text("train:\n  steps: 30\n")
+    result = compare([soap, done], str(tmp_path / "c.png"))
+    assert result["table"].splitlines()[2].startswith("| soap | 30 of 300 (stopped) |")
+    assert result["table"].splitlines()[3].startswith("| done | 30 |")
+    assert len(result["warnings"]) == 1 and "soap stopped at step 30 of its 300" in result["warnings"][0]
+
+
+def test_a_fine_tuning_run_or_a_binary_file_is_named(tmp_path):
+    run = tmp_path / "ft"
+    run.mkdir()
+    record = {"step": 1, "loss": 5.0, "tokens": 1024, "step_s": 6.0}  # the fine-tuning launcher's
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match="not a pre-training run's metrics"):
+        summarize(run)  # a KeyError: 'tokens_per_s' before
+    (run / "metrics.jsonl").write_bytes(b"\x00\xd0\xff binary")
+    with pytest.raises(ValueError, match=r"metrics.jsonl is not a text file"):
+        summarize(run)  # a UnicodeDecodeError that named no file before

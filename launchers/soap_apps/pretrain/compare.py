@@ -33,6 +33,12 @@ class RunSummary:
     evals: list[tuple[int, float]]
     elapsed: list[float]  # elapsed_s of each training record (seconds in the training loop)
     unit: str  # the loss's: nats/byte on a byte-level corpus, else nats/token
+    planned_steps: int | None = None  # train.steps of its config.yaml (None: no config to read)
+
+    @property
+    def stopped_early(self) -> bool:
+        """It ended before its schedule did (an interrupted run): its final losses are not its end."""
+        return self.planned_steps is not None and self.steps < self.planned_steps
 
     def seconds_at(self, step: int) -> float:
         """Wall-clock at ``step``, interpolated between training records (evaluations have none)."""
@@ -49,9 +55,15 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
         raise FileNotFoundError(
             f"{path}: no training records; is {run_dir} a finished pretrain run directory?"
         )
+    if any("tokens_per_s" not in r or "elapsed_s" not in r for r in train):
+        raise ValueError(
+            f"{path}: not a pre-training run's metrics (its records have no tokens_per_s or elapsed_s; "
+            "a fine-tuning run's?): compare_runs compares runs of launchers/pretrain.py"
+        )
     evals = [(int(r["step"]), float(r["eval_loss"])) for r in records if "eval_loss" in r]
     # a resumed run can log the final eval twice; keep the last record per step
     evals = sorted(dict(evals).items())
+    config = _config(Path(run_dir))
     return RunSummary(
         name=name or Path(run_dir).name,
         steps=int(train[-1]["step"]),
@@ -62,15 +74,21 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
         train=[(int(r["step"]), float(r["loss"])) for r in train],
         evals=evals,
         elapsed=[float(r["elapsed_s"]) for r in train],
-        unit=_unit(Path(run_dir)),
+        unit=loss_unit(is_byte_level((config.get("data") or {}).get("path"))),
+        planned_steps=_planned_steps(config),
     )
 
 
-def _unit(run_dir: Path) -> str:
-    """The loss unit of a run, from the data.path in its config.yaml (nats/byte when there is none)."""
+def _config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as saved ({} when there is none)."""
     path = run_dir / "config.yaml"
     raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return loss_unit(is_byte_level(((raw or {}).get("data") or {}).get("path")))
+    return raw if isinstance(raw, dict) else {}
+
+
+def _planned_steps(config: dict[str, Any]) -> int | None:
+    steps = (config.get("train") or {}).get("steps")
+    return steps if isinstance(steps, int) else None
 
 
 def table(runs: list[RunSummary]) -> str:
@@ -83,8 +101,9 @@ def table(runs: list[RunSummary]) -> str:
     ]
     for r in runs:
         held = f"{r.final_eval:.4f}" if r.final_eval is not None else "-"
+        steps = f"{r.steps} of {r.planned_steps} (stopped)" if r.stopped_early else str(r.steps)
         lines.append(
-            f"| {r.name} | {r.steps} | {r.tokens:,} | {r.final_train:.4f} | {held} | {r.tokens_per_s:,.0f} | "
+            f"| {r.name} | {steps} | {r.tokens:,} | {r.final_train:.4f} | {held} | {r.tokens_per_s:,.0f} | "
             f"{r.tokens_per_s / base.tokens_per_s:.2f}x |"
         )
     return "\n".join(lines)
@@ -133,4 +152,10 @@ def compare(
     if names is not None and len(names) != len(run_dirs):
         raise ValueError(f"--names has {len(names)} entries for {len(run_dirs)} run directories")
     runs = [summarize(d, n) for d, n in zip(run_dirs, names or [None] * len(run_dirs), strict=True)]
-    return {"table": table(runs), "plot": str(plot(runs, out, title, x)), "runs": runs}
+    warnings = [
+        f"{r.name} stopped at step {r.steps} of its {r.planned_steps}: its final losses are not those "
+        "at the end of its schedule (resume it with launchers/pretrain.py --resume to finish it)"
+        for r in runs
+        if r.stopped_early
+    ]
+    return {"table": table(runs), "plot": str(plot(runs, out, title, x)), "runs": runs, "warnings": warnings}
