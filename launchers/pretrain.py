@@ -116,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None
     ]
     world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun and the deepspeed launcher
+    if args.deepspeed and args.parallel is not None:  # it was ignored, silently
+        print(
+            f"launchers/pretrain.py: error: --parallel {args.parallel} with --deepspeed: DeepSpeed does the "
+            "data parallelism (ZeRO, as the JSON says); drop --parallel",
+            file=sys.stderr,
+        )
+        return 2
     try:
         with sigterm_as_interrupt():
             cfg = load_config(args.config, overrides)

@@ -421,3 +421,12 @@ def test_deepspeed_under_srun_or_mpirun_without_a_rank_is_refused(monkeypatch):
     environ.update(OMPI_COMM_WORLD_SIZE="1", SLURM_NTASKS="1")  # one task: runs as one process
     one_process_launch_env()
     assert environ["RANK"] == "0" and environ["WORLD_SIZE"] == "1"
+
+
+def test_parallel_with_deepspeed_is_refused(capsys):
+    """--parallel was ignored under --deepspeed, silently."""
+    sys.path.insert(0, str(REPO / "launchers"))
+    import pretrain
+
+    assert pretrain.main(["--deepspeed", "configs/deepspeed/zero2.json", "--parallel", "single"]) == 2
+    assert "--parallel single with --deepspeed" in capsys.readouterr().err
