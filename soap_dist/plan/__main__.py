@@ -101,13 +101,22 @@ def report(rows: Sequence[Row], k: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m soap_dist.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, choices=[*MODELS, *LLAMA])
+    p.add_argument("--model", required=True, choices=[*MODELS, *LLAMA], help="the model's shapes")
     p.add_argument("--world", type=int, required=True, help="data-parallel ranks W")
-    p.add_argument("--shard", type=int, default=None, help="HSDP shard-group size S (W must divide by it)")
-    p.add_argument("--block-size", type=int, default=None, help="SOAP's block_size (row blocks)")
-    p.add_argument("--precondition-frequency", "-k", type=int, default=10, help="refresh every k steps")
-    p.add_argument("--max-precond-dim", type=int, default=10000)
-    p.add_argument("--factor-dtype", choices=[d for d in DTYPE_BYTES if d != "bfloat16"], default="float32")
+    p.add_argument(
+        "--shard", type=int, default=None, help="HSDP shard-group size S (W must divide by it; default: none)"
+    )
+    p.add_argument("--block-size", type=int, default=None, help="SOAP's block_size (default: None)")
+    p.add_argument(
+        "--precondition-frequency", "-k", type=int, default=10, help="refresh every k steps (default: 10)"
+    )
+    p.add_argument("--max-precond-dim", type=int, default=10000, help="max_precond_dim (default: 10000)")
+    p.add_argument(
+        "--factor-dtype",
+        choices=[d for d in DTYPE_BYTES if d != "bfloat16"],
+        default="float32",
+        help="SOAP's factor_dtype (default: float32)",
+    )
     p.add_argument("--basis-dtype", choices=list(DTYPE_BYTES), default=None, help="default: the factor dtype")
     args = p.parse_args(argv)
     if args.world < 1:
