@@ -219,3 +219,32 @@ def test_plan_command_says_why_a_large_world_is_quiet(capsys, monkeypatch):
     assert "costing" not in captured.out
     assert plan.main(["--model", "gpt2-small", "--world", "2"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("basis_dtype", [None, "bfloat16"])
+def test_the_planned_stash_is_what_a_delayed_run_keeps(basis_dtype, capsys):
+    """rank_costs(delayed=True) counts refresh_delay's stash as stats() does (block rows included),
+    and python -m soap_dist.plan --refresh-delay prints it."""
+    import torch
+
+    from soap_dist import SOAP
+    from soap_dist.plan import SINGLE
+    from soap_dist.plan.__main__ import main
+    from soap_dist.plan.costs import rank_costs
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in [(12, 5), (7, 9), (6,)]]
+    dtype = getattr(torch, basis_dtype) if basis_dtype else None
+    opt = SOAP(params, precondition_frequency=2, refresh_delay=1, block_size=4, basis_dtype=dtype)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    layouts = opt._layouts()
+    n = len(layouts)
+    basis_bytes = 2 if basis_dtype else None
+    plan = build_plan(layouts, SINGLE)
+    planned = rank_costs(plan, 4, [4] * n, [4] * n, basis_bytes=basis_bytes, delayed=True)
+    assert planned[0].stash == opt.stats()["stash_bytes"] > 0
+    assert main(["--model", "gpt2-small", "--world", "2", "--refresh-delay", "1"]) == 0
+    assert "stash" in capsys.readouterr().out.splitlines()[1]

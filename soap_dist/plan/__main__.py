@@ -43,6 +43,7 @@ def placements(
     factor_bytes: int,
     moment_bytes: int,
     basis_bytes: int | None = None,
+    delayed: bool = False,
 ) -> list[Row]:
     """The costs of every placement that fits the world (and the HSDP shard size, if given)."""
     n = len(layouts)
@@ -50,7 +51,7 @@ def placements(
 
     def costs(topology: Topology, splits=None, owners=None, grid=None) -> list[RankCosts]:
         plan = build_plan(layouts, topology, splits)
-        return rank_costs(plan, factor_bytes, mb, pb, owners, basis_bytes, owner_grid=grid)
+        return rank_costs(plan, factor_bytes, mb, pb, owners, basis_bytes, owner_grid=grid, delayed=delayed)
 
     rows = [Row("single", "1 process", costs(Topology("single", 1, 1, 0)))]
     if world == 1:
@@ -78,10 +79,12 @@ def _gib(x: float) -> str:
     return f"{x / GiB:9.3f}"
 
 
-def report(rows: Sequence[Row], k: int) -> str:
+def report(rows: Sequence[Row], k: int, delayed: bool = False) -> str:
+    """The table; with ``delayed`` (refresh_delay >= 1) a column of the stash, outside "state"."""
     head = (
         f"{'placement':<11} {'grid':<10} {'stats GiB':>9} {'bases GiB':>9} {'moments':>9} {'state':>9} "
-        f"{'out MiB/st':>10} {'in MiB/st':>10} {'work max':>9} {'max/mean':>8}"
+        + (f"{'stash':>9} " if delayed else "")
+        + f"{'out MiB/st':>10} {'in MiB/st':>10} {'work max':>9} {'max/mean':>8}"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
@@ -93,7 +96,8 @@ def report(rows: Sequence[Row], k: int) -> str:
             f"{row.name:<11} {row.grid:<10} {_gib(max(x.statistics for x in c))} "
             f"{_gib(max(x.bases for x in c))} {_gib(max(x.moments for x in c))} "
             f"{_gib(max(x.state for x in c))} "
-            f"{max(s for s, _ in steps) / MiB:10.1f} {max(r for _, r in steps) / MiB:10.1f} "
+            + (f"{_gib(max(x.stash for x in c))} " if delayed else "")
+            + f"{max(s for s, _ in steps) / MiB:10.1f} {max(r for _, r in steps) / MiB:10.1f} "
             f"{max(work):9.2e} {max(work) / mean if mean else 1.0:8.2f}"
         )
     return "\n".join(lines)
@@ -118,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="SOAP's factor_dtype (default: float32)",
     )
     p.add_argument("--basis-dtype", choices=list(DTYPE_BYTES), default=None, help="default: the factor dtype")
+    p.add_argument(
+        "--refresh-delay",
+        type=int,
+        default=0,
+        help="SOAP's refresh_delay: >= 1 adds a column for the stash of bases it keeps (default: 0)",
+    )
     args = p.parse_args(argv)
     if args.world < 1:
         p.error("--world must be >= 1")
@@ -130,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--precondition-frequency/-k must be >= 1 (refresh every k steps), "
             f"got {args.precondition_frequency}"
         )
+    if not 0 <= args.refresh_delay < args.precondition_frequency:
+        k = args.precondition_frequency
+        p.error(f"--refresh-delay must be >= 0 and below -k ({k}), got {args.refresh_delay}")
     if args.max_precond_dim < 1:
         p.error(f"--max-precond-dim must be >= 1, got {args.max_precond_dim}")
     layouts = layouts_of(args.model, args.block_size, args.max_precond_dim)
@@ -150,8 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     bb = DTYPE_BYTES[args.basis_dtype] if args.basis_dtype else None
-    rows = placements(layouts, args.world, args.shard, fb, 4, bb)
-    print(report(rows, args.precondition_frequency))
+    delayed = args.refresh_delay > 0
+    rows = placements(layouts, args.world, args.shard, fb, 4, bb, delayed)
+    print(report(rows, args.precondition_frequency, delayed))
+    if delayed:
+        print(
+            "stash: the bases waiting for their install step (refresh_delay >= 1), kept beside the state; "
+            "where bases are broadcast, their received buffers are held too for 1 + refresh_delay of "
+            "every k steps (docs/design.md, section 3)"
+        )
     if args.world > 1:
         fsdp = build_plan(layouts, Topology("fsdp-local", 1, args.world, 0))
         choice = "owner" if prefers_owner(fsdp, fb, [4] * len(layouts)) else "fsdp-local"

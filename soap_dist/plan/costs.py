@@ -41,6 +41,7 @@ class RankCosts:
     refresh_received: int = 0
     step_sent: int = 0
     step_received: int = 0
+    stash: int = 0  # refresh_delay >= 1: the bases waiting for their install step (engine.refresh)
 
     @property
     def state(self) -> int:
@@ -61,13 +62,15 @@ def rank_costs(
     owners: Sequence[int] | None = None,
     basis_bytes: int | None = None,
     owner_grid: tuple[int, int] | None = None,
+    delayed: bool = False,
 ) -> list[RankCosts]:
     """Every rank's costs (index = grid rank) under ``plan``; ``owners`` for placement owner.
 
     ``moment_bytes[i]``/``param_bytes[i]``: parameter i's bytes per moment and per value element;
     ``basis_bytes``: per basis element when bases are stored narrower (bf16) than the factors;
     ``owner_grid``: (replicas, shards) of the HSDP mesh when owner's ranks span all of it (default:
-    one shard group, the owner plan's ranks).
+    one shard group, the owner plan's ranks); ``delayed``: refresh_delay >= 1, which keeps a stash of
+    the bases a rank uses (each with its int64 permutation row and an ok flag).
     """
     basis_bytes = factor_bytes if basis_bytes is None else basis_bytes
     topo = plan.topology
@@ -81,6 +84,8 @@ def rank_costs(
             out[r].statistics += square
         for r in users:
             out[r].bases += basis
+            if delayed:
+                out[r].stash += basis + e.size * 8 + 1
         if e.shared:
             for r in set(keepers) | users:
                 out[r].column_state += square * (r in keepers) + basis * (r in users)
