@@ -195,7 +195,7 @@ def test_finetune_export_mismatch_names_the_flag_and_the_fix(tmp_path, texts, ca
         "fine-tuning feeds it; pass --init-from the final/ directory of a byte-level pre-training run"
     )
     # what the user sees: one line, exit 2 (a stand-in Accelerator: no training starts)
-    accelerator = SimpleNamespace(wait_for_everyone=lambda: None, num_processes=1)
+    accelerator = SimpleNamespace(wait_for_everyone=lambda: None, num_processes=1, is_main_process=True)
     monkeypatch.setattr(train, "make_accelerator", lambda cfg: accelerator)
     monkeypatch.setattr(train, "make_optimizer", lambda cfg, model: pytest.fail("got past the model"))
     argv = ["--init-from", short, "--data", str(texts), "--output-dir", str(tmp_path / "out")]
@@ -240,11 +240,13 @@ def test_finetune_trainer_resume_finds_the_trainers_checkpoints(tmp_path):
     from soap_apps.finetune.hf import trainer_resume
     from soap_apps.finetune.train import check_inputs
 
-    for name in ("checkpoint-2", "checkpoint-10", "step_30"):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12", "step_30"):
         (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10"):  # complete: the Trainer writes trainer_state.json last
+        (tmp_path / name / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-99").write_text("not a directory")
     latest = FinetuneConfig(resume="latest")
-    assert trainer_resume(latest, tmp_path) == tmp_path / "checkpoint-10"  # as the Trainer picks it
+    assert trainer_resume(latest, tmp_path) == tmp_path / "checkpoint-10"  # checkpoint-12 was cut short
     assert check_inputs(latest, lambda c: trainer_resume(c, tmp_path)) == tmp_path / "checkpoint-10"
     given = FinetuneConfig(resume=str(tmp_path / "checkpoint-2"))
     assert trainer_resume(given, tmp_path / "elsewhere") == tmp_path / "checkpoint-2"
@@ -313,8 +315,11 @@ def test_gpu_suite_accepts_parts_in_any_order_and_describes_them(tmp_path, capsy
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--soap-kw", "block_size"], "--soap-kw 'block_size': expected KEY=VALUE"),
-        (["--soap-kw", "blok_size=3"], "--soap-kw 'blok_size=3': soap_dist.SOAP has no argument 'blok_size'"),
+        (["--soap-kw", "block_size"], "argument --soap-kw: 'block_size': expected KEY=VALUE"),
+        (
+            ["--soap-kw", "blok_size=3"],
+            "argument --soap-kw: 'blok_size=3': soap_dist.SOAP has no argument 'blok_size'",
+        ),
         (["--soap-kw", "block_size=abc"], "'abc' is not a Python literal"),
         (
             ["--soap-kw", "precondition_frequency=3"],
@@ -322,9 +327,9 @@ def test_gpu_suite_accepts_parts_in_any_order_and_describes_them(tmp_path, capsy
         ),
         (
             ["--json", "/nonexistent/x.json"],
-            "--json /nonexistent/x.json: the folder /nonexistent does not exist",
+            "argument --json: /nonexistent/x.json: the folder /nonexistent does not exist",
         ),
-        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--device", "bogus"], "argument --device: 'bogus' is not a torch device"),
     ],
 )
 def test_bench_refuses_bad_flags_before_any_setup(flags, message, capsys, monkeypatch):
@@ -339,7 +344,7 @@ def test_bench_refuses_bad_flags_before_any_setup(flags, message, capsys, monkey
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             bench.parse_args(["--device", "cuda"])
-        assert "--device cuda: this torch has no usable CUDA" in capsys.readouterr().err
+        assert "argument --device: cuda: this torch has no usable CUDA" in capsys.readouterr().err
     assert bench.soap_kwargs(["block_size=8", "factor_dtype=torch.float64"]) == {
         "block_size": 8,
         "factor_dtype": torch.float64,

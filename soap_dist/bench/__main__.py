@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from soap_dist.bench.cli import at_least, name_list, refuse, torch_device, writable_file
 from soap_dist.bench.floor import Floor
 from soap_dist.bench.param_sets import MODELS, ParamSpec, count_factors, gpt2_specs
 from soap_dist.bench.plain_soap import PlainSOAP
@@ -28,20 +29,43 @@ HYPER: dict[str, Any] = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m soap_dist.bench", description=__doc__)
-    p.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
-    p.add_argument("--layers", type=int, default=None, help="override the model's layer count")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the 1st call (3 GPU, 1 CPU)")
-    p.add_argument("--precondition-frequency", type=int, default=10, help="k")
-    p.add_argument("--max-precond-dim", type=int, default=10000)
+    p.add_argument(
+        "--model", choices=sorted(MODELS), default="gpt2-small", help="parameter set (default: %(default)s)"
+    )
+    p.add_argument("--layers", type=at_least(1), default=None, help="override the model's layer count")
+    p.add_argument(
+        "--device",
+        type=torch_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:N] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=at_least(1), default=None, help="timed steps (default 20 on GPU, 3 on CPU)"
+    )
+    p.add_argument(
+        "--warmup", type=at_least(0), default=None, help="untimed steps after the 1st call (3 GPU, 1 CPU)"
+    )
+    p.add_argument(
+        "--precondition-frequency",
+        type=at_least(1),
+        default=10,
+        help="k: refresh every k steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-precond-dim",
+        type=at_least(0),
+        default=10000,
+        help="a dim larger than this gets no factor, so 0 gives none (default: %(default)s)",
+    )
     p.add_argument(
         "--tf32",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="TF32 float32 matmuls on GPU (default on); ignored on CPU",
     )
-    p.add_argument("--only", default=",".join(ORDER), help="comma list among " + ",".join(ORDER))
+    p.add_argument(
+        "--only", type=name_list(ORDER), default=",".join(ORDER), help="comma list among " + ",".join(ORDER)
+    )
     p.add_argument(
         "--soap-kw",
         action="append",
@@ -56,49 +80,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=at_least(1),
         default=1,
         help="run the chosen optimizers this many times, alternating, and report the median of each "
         "round's ratios (a shared machine's load then falls on every optimizer alike)",
     )
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--threads", type=at_least(1), default=os.cpu_count(), help="torch threads (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    p.add_argument(
+        "--json", type=writable_file, default=None, metavar="PATH", help="write all results as JSON"
+    )
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.steps = args.steps if args.steps is not None else (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.tf32 = (True if args.tf32 is None else args.tf32) if cuda else None
-    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
-    bad = [n for n in args.only if n not in ORDER]
-    if bad:
-        p.error(f"--only: unknown {bad}; choose among {','.join(ORDER)}")
-    if args.steps < 1 or args.precondition_frequency < 1 or args.rounds < 1:
-        p.error("--steps, --precondition-frequency and --rounds must be >= 1")
-    _check_up_front(p, args)
-    return args
-
-
-def _check_up_front(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What used to fail only after the setup or the whole benchmark: the device, --soap-kw, --json."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        p.error(f"--device {args.device!r} is not a torch device ({error}); use cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(
-            f"--device {args.device}: this torch has no usable CUDA (torch {torch.__version__}); "
-            "use --device cpu"
-        )
-    if not args.stand_in and "soap_dist" in args.only:
+    if args.soap_kw and not args.stand_in:  # the header prints them: check them even with --only floor
         try:
-            soap_kwargs(args.soap_kw)
+            check_soap_kwargs(args)
         except ValueError as error:
-            p.error(str(error))
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            p.error(f"--json {args.json}: the folder {folder} does not exist or is not writable")
+            refuse(p, "--soap-kw", str(error))
+    return args
 
 
 # soap_dist.SOAP arguments the harness sets itself: through these flags, or HYPER's shared values
@@ -122,34 +126,54 @@ def soap_kwargs(items: list[str]) -> dict[str, Any]:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise ValueError(f"--soap-kw {item!r}: expected KEY=VALUE, e.g. --soap-kw block_size=2048")
+            raise ValueError(f"{item!r}: expected KEY=VALUE, e.g. --soap-kw block_size=2048")
         if key not in known:
             raise ValueError(
-                f"--soap-kw {item!r}: soap_dist.SOAP has no argument {key!r}; "
-                f"it takes {', '.join(sorted(known))}"
+                f"{item!r}: soap_dist.SOAP has no argument {key!r}; it takes {', '.join(sorted(known))}"
             )
         if key in HARNESS_KEYS or key in HYPER:
             flag = HARNESS_KEYS.get(key)
             raise ValueError(
-                f"--soap-kw {item!r}: the benchmark sets {key} itself"
+                f"{item!r}: the benchmark sets {key} itself"
                 + (f"; use {flag}" if flag else " (the same for every optimizer)")
             )
         if key == "factor_dtype":
             dtype = getattr(torch, value.strip().removeprefix("torch."), None)
             if not isinstance(dtype, torch.dtype):
-                raise ValueError(
-                    f"--soap-kw {item!r}: {value!r} is not a torch dtype (e.g. float32, float64)"
-                )
+                raise ValueError(f"{item!r}: {value!r} is not a torch dtype (e.g. float32, float64)")
             out[key] = dtype
             continue
         try:
             out[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             raise ValueError(
-                f"--soap-kw {item!r}: {value!r} is not a Python literal (a number, string in quotes, "
+                f"{item!r}: {value!r} is not a Python literal (a number, string in quotes, "
                 "True/False/None, tuple or list)"
             ) from None
     return out
+
+
+SINGLE_PROCESS = ("auto", "single")  # the placements of one process stepping plain tensors
+
+
+def check_soap_kwargs(args: argparse.Namespace) -> None:
+    """ValueError naming the option when SOAP would refuse ``--soap-kw`` only after the optimizers timed
+    before it (minutes): SOAP built on a dummy parameter checks every value, as the real one would."""
+    from soap_dist import SOAP
+
+    extra = soap_kwargs(args.soap_kw)
+    dummy = torch.nn.Parameter(torch.zeros(2, 2))
+    k, maxd = args.precondition_frequency, args.max_precond_dim
+    try:
+        SOAP([dummy], precondition_frequency=k, max_precond_dim=maxd, **HYPER, **extra)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    placement = extra.get("placement", "auto")
+    if placement not in SINGLE_PROCESS:
+        raise ValueError(
+            f"placement={placement!r} needs a process group or sharded parameters; the benchmark steps "
+            f"plain tensors in one process: use {' or '.join(map(repr, SINGLE_PROCESS))}"
+        )
 
 
 def load_soap(stand_in: bool) -> type | None:

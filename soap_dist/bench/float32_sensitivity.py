@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .cli import at_least
+from .param_sets import MODELS
 from .scaling_worker import HYPER, _global_params, _grads_at, scaled_specs
 
 
@@ -34,12 +36,18 @@ def run(specs: Sequence, steps: int, k: int, perturb: bool) -> list[torch.Tensor
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m soap_dist.bench.float32_sensitivity", description=__doc__)
-    p.add_argument("--model", default="gpt2-small")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--width", type=int, default=0, help="d_model (0 = the model's own), as the bench")
-    p.add_argument("--vocab", type=int, default=0, help="embedding rows (0 = GPT-2's 50304), as the bench")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("-k", type=int, default=5, help="precondition_frequency (default 5, as the bench)")
+    p.add_argument(
+        "--model", choices=sorted(MODELS), default="gpt2-small", help="parameter set (default: %(default)s)"
+    )
+    p.add_argument("--layers", type=at_least(1), default=1, help="transformer layers (default: %(default)s)")
+    p.add_argument("--width", type=at_least(0), default=0, help="d_model (0 = the model's own), as the bench")
+    p.add_argument(
+        "--vocab", type=at_least(0), default=0, help="embedding rows (0 = GPT-2's 50304), as the bench"
+    )
+    p.add_argument(
+        "--steps", type=at_least(0), default=10, help="steps after the first call (default: %(default)s)"
+    )
+    p.add_argument("-k", type=at_least(1), default=5, help="precondition_frequency (default 5, as the bench)")
     args = p.parse_args(argv)
     specs = scaled_specs(args.model, args.layers, args.width or None, args.vocab or None)
     a = run(specs, args.steps, args.k, perturb=False)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from ..owner_layout import owner_placement
 from ..plan import OWNER, Topology, build_plan
 from ..plan.costs import rank_costs
-from .param_sets import spec_layouts
+from .cli import at_least, int_list
+from .param_sets import MODELS, spec_layouts
 from .scaling_worker import scaled_specs
 
 MiB = 1 << 20
@@ -45,12 +46,16 @@ def table(model: str, layers: int, worlds: Sequence[int], k: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m soap_dist.bench.owner_traffic", description=__doc__)
-    p.add_argument("--model", default="gpt2-small")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--worlds", default="2,4,8,16,32,64")
-    p.add_argument("-k", type=int, default=5, help="precondition_frequency (default 5)")
+    p.add_argument(
+        "--model", choices=sorted(MODELS), default="gpt2-small", help="parameter set (default: %(default)s)"
+    )
+    p.add_argument("--layers", type=at_least(1), default=1, help="transformer layers (default: %(default)s)")
+    p.add_argument(
+        "--worlds", type=int_list(1, "2,4,8"), default="2,4,8,16,32,64", help="comma list of world sizes W"
+    )
+    p.add_argument("-k", type=at_least(1), default=5, help="precondition_frequency (default 5)")
     args = p.parse_args(argv)
-    print(table(args.model, args.layers, [int(w) for w in args.worlds.split(",")], args.k))
+    print(table(args.model, args.layers, args.worlds, args.k))
     return 0
 
 

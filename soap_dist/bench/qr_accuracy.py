@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from .. import linalg, qr
+from .cli import at_least
 
 F64 = torch.float64
 METHODS = (
@@ -51,10 +52,19 @@ def errors(q: torch.Tensor, reference: torch.Tensor, lam: torch.Tensor, factors:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=60)
+    parser = argparse.ArgumentParser(
+        prog="python -m soap_dist.bench.qr_accuracy", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--size", type=at_least(1), default=128, help="factor size d (default: %(default)s)")
+    parser.add_argument(
+        "--batch", type=at_least(1), default=2, help="factors per condition number (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--iterations",
+        type=at_least(1),
+        default=60,
+        help="refreshes from the start basis (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     print(f"d = {args.size}, {args.batch} factors each, {args.iterations} refreshes from a basis 1e-2 off")
     columns = ("max abs(Q^T Q - I)", "1 - cos (lam >= 1e-2)", "1 - cos (lam >= 1e-4)", "residual")

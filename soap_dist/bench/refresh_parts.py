@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .. import linalg, qr
+from .cli import at_least, int_list, torch_device, writable_file
 from .param_sets import MODELS, factor_dims, gpt2_specs
 
 
@@ -169,7 +170,9 @@ def _print_table(title: str, rows: dict, sizes: list[int], pieces: list[str]) ->
         print(f"| {piece} | " + " | ".join(f"{rows[d][piece] * 1e3:.2f}" for d in sizes) + " |")
 
 
-def _write(path: str, rows: dict, counts: Counter, sizes: list[int], device: torch.device, **extra) -> None:
+def _write(
+    path: str | None, rows: dict, counts: Counter, sizes: list[int], device: torch.device, **extra
+) -> None:
     if not path:
         return
     totals, floor = _totals(rows, counts, sizes)
@@ -191,19 +194,32 @@ def factor_sizes(model: str, max_precond_dim: int = 10000) -> Counter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m soap_dist.bench.refresh_parts", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", default="gpt2-medium", choices=sorted(MODELS))
-    parser.add_argument("--sizes", default="", help="comma-separated factor sizes (default: the model's)")
-    parser.add_argument("--batch-bytes", type=int, default=1 << 29, help="a chunk, as the engine cuts")
-    parser.add_argument("--max-batch", type=int, default=8, help="at most this many factors per batch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default="", help="also write the numbers here")
+    parser.add_argument(
+        "--sizes", type=int_list(1, "256,1024"), help="comma-separated factor sizes (default: the model's)"
+    )
+    parser.add_argument(
+        "--batch-bytes", type=at_least(1), default=1 << 29, help="a chunk, as the engine cuts"
+    )
+    parser.add_argument(
+        "--max-batch", type=at_least(1), default=8, help="at most this many factors per batch"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=at_least(1),
+        default=3,
+        help="timed runs per piece, median kept (default: %(default)s)",
+    )
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=writable_file, help="also write the numbers here")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     counts = factor_sizes(args.model)
-    sizes = [int(s) for s in args.sizes.split(",") if s] or sorted(counts)
+    sizes = args.sizes or sorted(counts)
     # factors batched per size, within the byte budget (the graph rows reuse the same batches)
     batch = {d: max(1, min(args.max_batch, args.batch_bytes // (d * d * 4))) for d in sizes}
     rows = {}

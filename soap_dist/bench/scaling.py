@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from soap_dist.bench.cli import at_least, int_list, name_list, refuse, writable_file
 from soap_dist.bench.param_sets import MODELS, count_factors
 from soap_dist.bench.report import describe_cpu, fmt_ratio, fmt_time, write_json
 from soap_dist.bench.scaling_tables import NOTES, fmt, main_table, rank_table
@@ -38,34 +39,48 @@ DELAYS = (0, 1)
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Flags, checked up front so that a bad value fails before any rank is spawned."""
     p = argparse.ArgumentParser(prog="python -m soap_dist.bench.scaling", description=__doc__)
-    p.add_argument("--worlds", default="1,2,4", help="comma list of world sizes (default 1,2,4)")
+    p.add_argument(
+        "--worlds",
+        type=int_list(1, "1,2,4"),
+        default="1,2,4",
+        help="comma list of world sizes (default 1,2,4)",
+    )
     p.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
-    p.add_argument("--layers", type=int, default=1, help="transformer layers (default 1)")
+    p.add_argument("--layers", type=at_least(1), default=1, help="transformer layers (default 1)")
     p.add_argument(
         "--width",
-        type=int,
+        type=at_least(0),
         default=256,
         help="narrow d_model to this (3d, 4d follow; 0 = the model's own d). Default 256, so the whole "
         "sweep runs in minutes on a 2-core CPU",
     )
     p.add_argument(
         "--vocab",
-        type=int,
+        type=at_least(0),
         default=12288,
         help="token-embedding rows (0 = GPT-2's 50304); keep it above --max-precond-dim so that, as in "
         "GPT-2, the embedding gets only its d-side factor",
     )
-    p.add_argument("--k", type=int, default=5, help="precondition_frequency (default 5)")
+    p.add_argument("--k", type=at_least(1), default=5, help="precondition_frequency (default 5)")
     p.add_argument(
         "--placement",
         default=",".join(PLACEMENTS),
         help="comma list among replicated,fsdp-local,owner (default all three)",
     )
-    p.add_argument("--delays", default="0,1", help="comma list of refresh_delay values (default 0,1)")
-    p.add_argument("--steps", type=int, default=None, help="steps after the first call (default 2k)")
-    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the medians (default 1)")
-    p.add_argument("--max-precond-dim", type=int, default=10000)
-    p.add_argument("--block-size", type=int, default=None, help="soap_dist.SOAP block_size (default None)")
+    p.add_argument(
+        "--delays",
+        type=int_list(0, "0,1"),
+        default="0,1",
+        help="comma list of refresh_delay values (default 0,1)",
+    )
+    p.add_argument("--steps", type=at_least(1), default=None, help="steps after the first call (default 2k)")
+    p.add_argument(
+        "--warmup", type=at_least(0), default=1, help="leading steps left out of the medians (default 1)"
+    )
+    p.add_argument("--max-precond-dim", type=at_least(0), default=10000)
+    p.add_argument(
+        "--block-size", type=at_least(1), default=None, help="soap_dist.SOAP block_size (default None)"
+    )
     p.add_argument(
         "--fused",
         choices=("auto", "on", "off"),
@@ -79,30 +94,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: NCCL + one GPU per rank if there are enough GPUs for the largest world, else gloo on CPU",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads per rank (default 1)")
     p.add_argument("--no-references", action="store_true", help="skip AdamW and plain SOAP at world 1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="write the raw per-rank numbers as JSON")
+    p.add_argument(
+        "--json",
+        type=writable_file,
+        default=None,
+        metavar="PATH",
+        help="write the raw per-rank numbers as JSON",
+    )
     args = p.parse_args(argv)
-    args.worlds = [int(w) for w in args.worlds.split(",") if w.strip()]
-    args.placements = [s.strip() for s in args.placement.split(",") if s.strip()]
-    args.delays = [int(d) for d in args.delays.split(",") if d.strip()]
-    if any(w < 1 for w in args.worlds) or not args.worlds:
-        p.error("--worlds: positive integers")
-    bad = [s for s in args.placements if s not in PLACEMENTS]
-    if bad or not args.placements:
-        p.error(f"--placement: choose among {','.join(PLACEMENTS)}")
-    if args.k < 1 or any(d < 0 or d >= args.k for d in args.delays):
-        p.error("--k must be >= 1 and every delay in [0, k)")
+    try:  # args.placement stays the text given, as the JSON's config has it
+        args.placements = name_list(PLACEMENTS)(args.placement)
+    except argparse.ArgumentTypeError as error:
+        refuse(p, "--placement", str(error))
+    _check_together(p, args)
+    return args
+
+
+def _check_together(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks that need several flags (and the defaults that follow from them)."""
+    if any(d >= args.k for d in args.delays):
+        refuse(p, "--delays", f"every delay must be in [0, k) with --k {args.k}, got {args.delays}")
     args.steps = 2 * args.k if args.steps is None else args.steps
     if args.steps < args.k:
-        p.error("--steps must be >= k so that a refresh happens")
+        refuse(p, "--steps", f"must be >= --k ({args.k}) so that a refresh happens, got {args.steps}")
+    if args.warmup >= args.steps:
+        refuse(p, "--warmup", f"must be below --steps ({args.steps}): no step would be left to time")
     if 0 < args.vocab <= args.max_precond_dim:
-        p.error(
-            f"--vocab {args.vocab} <= --max-precond-dim {args.max_precond_dim} would give the embedding a "
-            f"{args.vocab} x {args.vocab} row factor, unlike GPT-2 (and an hours-long eigh on a CPU)"
+        refuse(
+            p,
+            "--vocab",
+            f"{args.vocab} <= --max-precond-dim {args.max_precond_dim} would give the embedding a "
+            f"{args.vocab} x {args.vocab} row factor, unlike GPT-2 (and an hours-long eigh on a CPU)",
         )
-    return args
+    if args.device == "cuda" and torch.cuda.device_count() < max(args.worlds):
+        refuse(p, "--device", f"cuda needs {max(args.worlds)} GPUs, found {torch.cuda.device_count()}")
 
 
 # ----- launching -----
