@@ -21,6 +21,7 @@ from soap_dist import SOAP
 KW = dict(lr=0.02, precondition_frequency=3, max_precond_dim=20, factor_dtype=torch.float64, fused=False)
 SHAPES = [(6, 4), (6, 4), (5, 3)]  # two of the same shape, so a swap keeps every shape in place
 NOTICED_TIMEOUT_S = 60  # a rank whose peer raised must stop long before it: the failure notice tells it
+NOTICE_WAIT_S = 5  # what "long before" is in the tests: a notice arrives within about a second
 
 
 def _params(seed=0):
@@ -429,6 +430,37 @@ def async_finish_raised_and_was_caught(rank):
     return _stepping_and_catching(opt, params, 7, before)
 
 
+def a_failure_in_one_optimizer_stops_waits_in_another(rank):
+    """Two SOAPs over the same ranks (e.g. matrices and embeddings apart): rank 0's step of the first
+    raises after its collectives began, and rank 1, already waiting in the second's, stops within about
+    a second with that error (it waited collective_timeout, naming no cause: notices were per optimizer)."""
+    first, second = _params(), _params(seed=1)
+    a = SOAP(first, collective_timeout=NOTICED_TIMEOUT_S, **KW)
+    b = SOAP(second, collective_timeout=NOTICED_TIMEOUT_S, **KW)
+    errors, longest = [], 0.0
+    for step in range(4):
+        for p, g in zip(first + second, _grads(step) + _grads(step + 50), strict=True):
+            p.grad = g
+        if step == 2 and rank == 0:  # a step with no refresh (the 3rd; SOAP refreshes at the 4th)
+
+            def boom(*args, **kwargs):
+                raise RuntimeError("injected: out of memory in the first optimizer")
+
+            a._engine.apply = boom  # after the step's agreement all_reduce
+        for opt in (a, b):
+            began = time.monotonic()
+            try:
+                opt.step()
+            except Exception as error:
+                errors.append(f"{type(error).__name__}: {error}")
+            longest = max(longest, time.monotonic() - began)
+            if errors:
+                if rank == 0:
+                    time.sleep(3 * NOTICE_WAIT_S)  # alive, in no collective: rank 1 must not wait for it
+                return {"errors": errors, "longest_step_s": longest}
+    return {"errors": errors, "longest_step_s": longest}
+
+
 def a_peer_slower_than_a_wait_slice(rank):
     """gloo waits in slices (comm.guard.NOTICE_POLL_S) and waits again: a healthy peer 2.5 s late
     must not end the step."""
@@ -459,6 +491,7 @@ ALONE = [
     save_on_rank0_only,
     raised_before_any_collective_and_stepped_again,  # alone: were the rule broken, a collective is left open
     a_peer_slower_than_a_wait_slice,  # alone: were the re-wait broken, a collective is left open
+    a_failure_in_one_optimizer_stops_waits_in_another,  # alone: leaves the second's all_reduce open
 ]
 
 

@@ -112,6 +112,17 @@ def test_a_refresh_exception_caught_by_the_user_ends_in_errors_not_a_hang():
     assert one["longest_step_s"] < rs.NOTICED_TIMEOUT_S / 3, one
 
 
+def test_a_failure_in_one_optimizer_stops_the_waits_in_another():
+    ranks = rs.run(["a_failure_in_one_optimizer_stops_waits_in_another"])
+    zero, one = _ok(ranks, "a_failure_in_one_optimizer_stops_waits_in_another")
+    assert zero["errors"] == ["RuntimeError: injected: out of memory in the first optimizer"], zero
+    assert len(one["errors"]) == 1 and one["errors"][0].startswith("PeerFailed"), one
+    assert "all_reduce of optimizer step 3 cannot complete" in one["errors"][0], one  # in the second
+    assert "rank 0's step() raised in its optimizer step 3" in one["errors"][0], one
+    assert "injected: out of memory in the first optimizer" in one["errors"][0], one
+    assert one["longest_step_s"] < rs.NOTICE_WAIT_S, one
+
+
 def test_a_healthy_peer_slower_than_a_wait_slice_does_not_end_the_step():
     ranks = rs.run(["a_peer_slower_than_a_wait_slice"])
     assert all(res["same"] for res in _ok(ranks, "a_peer_slower_than_a_wait_slice"))

@@ -122,9 +122,12 @@ class Guard:
         self.group_seq: dict[tuple[int, ...], int] = {}
         self.step = 0  # the optimizer step being run, set by the optimizer at each call
         self.last_met: tuple[str, int] | None = None  # the last rendezvous met: its keys' prefix, attempt
-        # Failure notices are the exchange's own: optimizers over other groups (other data-parallel
-        # groups beside tensor parallelism, pipeline stages) build guards with the same ids.
-        self._notice_key = f"soap_dist/guard{self.id}/ranks{_digest(ranks)}/failed"
+        # Failure notices are shared by every optimizer over the same ranks: a rank whose step in one
+        # SOAP raised stops the others' waits in another (SOAP for the matrices beside a second one) at
+        # once, as their collectives share the process group and cannot pair any more. Keyed by the
+        # ranks, not by the guard: optimizers over other groups (data-parallel groups beside tensor
+        # parallelism, pipeline stages) are apart.
+        self._notice_key = f"soap_dist/ranks{_digest(ranks)}/failed"
 
     # ----- failure notices: a rank that raised tells the ranks waiting for it -----
     def post_failure(self, step: int, error: str) -> None:
