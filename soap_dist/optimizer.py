@@ -362,7 +362,9 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             if grid.placement == "hsdp":
                 mesh = self._placement.groups
                 members = [mesh.ranks[t] for t in grid.replica_group(grid.shard)]
-                fingerprints = exchange.replicas_agree(fingerprints, mesh.replicate, members)
+                agree = exchange.replicas_agree(fingerprints, mesh.replicate, members)
+                # each replica tells its own index where they differ (an alike verdict passes check_plan)
+                fingerprints = [True if ok else ("differs", grid.replica) for ok in agree]
         identities = [
             int.from_bytes(hashlib.blake2b(repr((n, f)).encode(), digest_size=8).digest(), "little") >> 1
             for n, f in zip(given, fingerprints, strict=True)

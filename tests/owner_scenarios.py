@@ -223,10 +223,15 @@ def hsdp_replicas_hold_other_tensors(world):
     gen = torch.Generator().manual_seed(3)
     values = [torch.randn(8, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
     out = {}
-    for placement, fault in (("hsdp", "swap"), ("owner", "swap"), ("hsdp", "fewer"), ("owner", "fewer")):
+    faults = ("swap", "fewer", "replica")
+    for placement, fault in [(p, f) for f in faults for p in ("hsdp", "owner")]:
         params = [torch.nn.Parameter(distribute_tensor(v, mesh, [Replicate(), Shard(0)])) for v in values]
+        if fault == "replica":  # the whole second replica initialised otherwise (another seed on a node)
+            shift = float(mesh.get_local_rank("replicate"))
+            rows = [p.to_local().detach() + shift for p in params]
+            params = [torch.nn.Parameter(DTensor.from_local(r, mesh, [Replicate(), Shard(0)])) for r in rows]
         last = dist.get_rank() == world - 1
-        given = (params[::-1] if fault == "swap" else params[:1]) if last else params
+        given = {"swap": params[::-1], "fewer": params[:1]}.get(fault, params) if last else params
         opt = SOAP(given, placement=placement, factor_dtype=torch.float64, collective_timeout=60)
         for p, v in zip(params, values, strict=True):
             p.grad = distribute_tensor(v * 0.5, mesh, [Replicate(), Shard(0)])
