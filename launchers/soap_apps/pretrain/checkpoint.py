@@ -281,3 +281,28 @@ def load(
         if "cuda" in state[rng_key]:
             torch.cuda.set_rng_state(state[rng_key]["cuda"], env.device)
     return state["train"]
+
+
+def check_run_dir(run_dir: Path, resume: bool, backend: str) -> None:
+    """Refuse to start a fresh run in a non-empty directory, whatever the backend (the new run would
+    replace the old one's metrics.jsonl, loss.png and final/, and mix its checkpoints with the old
+    ones), and to resume from checkpoints only another backend can load (they would be overwritten)."""
+    if not run_dir.is_dir():
+        return
+    if not resume:
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+        if held:
+            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+            raise ConfigError(
+                f"{run_dir} already holds a run ({shown}); pass --resume to continue that run, "
+                "or --out another directory to start a new one"
+            )
+        return
+    own = "DeepSpeed" if backend.startswith("deepspeed") else "DCP"
+    present = formats_present(run_dir)
+    if present and own not in present:
+        raise ConfigError(
+            f"--resume: {run_dir / CHECKPOINTS} holds {' and '.join(present)} checkpoints, "
+            f"which this backend ({backend}) cannot load; resume with the backend that wrote them, "
+            "or pass --out another directory to start a new run"
+        )

@@ -29,6 +29,7 @@ from soap_apps.pretrain.metrics import Metrics
 from soap_apps.pretrain.model import GPT, export, lm_loss
 from soap_apps.pretrain.optim import build_optimizer, param_groups
 from soap_apps.pretrain.parallel import DistEnv
+from soap_apps.pretrain.rank_agreement import check_same_checkpoint, check_same_command
 from soap_apps.pretrain.resume_check import Progress, check_resume_config, check_stop_after, interrupt_in
 from soap_apps.schedule import lr_at
 
@@ -181,31 +182,6 @@ def backend_name(cfg: Config, world: int, deepspeed_config: str | None = None) -
     return cfg.parallel.mode if world > 1 else "single"
 
 
-def check_run_dir(run_dir: Path, resume: bool, backend: str) -> None:
-    """Refuse to start a fresh run in a non-empty directory, whatever the backend (the new run would
-    replace the old one's metrics.jsonl, loss.png and final/, and mix its checkpoints with the old
-    ones), and to resume from checkpoints only another backend can load (they would be overwritten)."""
-    if not run_dir.is_dir():
-        return
-    if not resume:
-        held = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
-        if held:
-            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
-            raise ConfigError(
-                f"{run_dir} already holds a run ({shown}); pass --resume to continue that run, "
-                "or --out another directory to start a new one"
-            )
-        return
-    own = "DeepSpeed" if backend.startswith("deepspeed") else "DCP"
-    present = checkpoint.formats_present(run_dir)
-    if present and own not in present:
-        raise ConfigError(
-            f"--resume: {run_dir / checkpoint.CHECKPOINTS} holds {' and '.join(present)} checkpoints, "
-            f"which this backend ({backend}) cannot load; resume with the backend that wrote them, "
-            "or pass --out another directory to start a new run"
-        )
-
-
 def check_out_path(run_dir: Path) -> None:
     """Make sure ``run_dir`` can be the run directory, before anything else happens: ConfigError when
     it exists and is not a directory, or cannot be created (a parent is a file, no permission, ...).
@@ -305,6 +281,7 @@ def _resume(
     """The step to start from: the newest checkpoint's (0, with a warning, without one); called only
     under ``resume``. A ``stop_after`` not past that checkpoint is refused before it is loaded."""
     latest = backend.latest_checkpoint(run_dir)
+    check_same_checkpoint(env, latest, str(run_dir))
     check_stop_after(stop_after, latest, steps, run_dir)
     if latest is None:
         if env.is_main:
@@ -371,7 +348,7 @@ def _run(
     progress: Progress,
 ) -> RunResult:
     t = cfg.train
-    check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
+    checkpoint.check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
     parallel.barrier(env)  # every rank has looked before rank 0 writes anything into run_dir
     if deepspeed_config is not None:
         from soap_apps.pretrain.ds_backend import resolve_config
@@ -384,6 +361,13 @@ def _run(
         check_resume_config(cfg, run_dir, env.is_main)
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // env.local_world))  # share the node
     d = _load_data(cfg, env)
+    flags = {
+        "--out": str(run_dir),
+        "--resume": resume,
+        "--stop-after": stop_after,
+        "--deepspeed": deepspeed_config,
+    }
+    check_same_command(env, cfg, d.splits.train, flags)  # before any collective whose sizes they set
     torch.manual_seed(t.seed)  # the same initial weights on every rank, before any sharding
     model = GPT(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,94 @@
+"""Every rank must run the same command: checked once at the start, and on which checkpoint to resume.
+
+Under torchrun on several nodes each node is started by its own command line. A node given another
+--seed, micro-batch or corpus trained silently apart (another seed under HSDP: a replica with other
+weights for the whole run); one given other step counts or checkpoint intervals hung in collectives
+that no longer matched; and with a run directory that is not shared, the ranks resumed from
+different checkpoints and gloo aborted. One all_gather of a small summary per rank catches all of
+these with one error naming what differs on which ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+
+from soap_apps.config_loader import ConfigError
+from soap_apps.pretrain.config import Config
+from soap_apps.pretrain.parallel import DistEnv
+
+DATA_SAMPLES = 4096  # tokens read, evenly spaced, for the corpus's fingerprint
+# Keys that may differ between nodes: where each node keeps its copy of the corpus and its cache (the
+# tokens themselves are compared by fingerprint), and the CPU threads of its machine.
+LOCAL_KEYS = ("data.path", "data.cache_dir", "train.threads")
+
+
+def tokens_fingerprint(tokens: np.ndarray) -> str:
+    """Length and a hash of evenly spaced tokens: the same corpus gives the same on every node."""
+    n = len(tokens)
+    step = max(1, n // DATA_SAMPLES)
+    sample = np.ascontiguousarray(tokens[::step][:DATA_SAMPLES])
+    return f"{n} tokens, {hashlib.blake2b(sample.tobytes(), digest_size=8).hexdigest()}"
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {
+        f"{section}.{key}": value
+        for section, values in cfg.to_dict().items()
+        for key, value in values.items()
+        if f"{section}.{key}" not in LOCAL_KEYS
+    }
+
+
+def _gather(env: DistEnv, mine: Any) -> list[Any]:
+    every: list[Any] = [None] * env.world
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _differences(every: list[dict[str, Any]]) -> list[str]:
+    """'key: value on ranks [..], value on ranks [..]' for each key whose value differs."""
+    lines = []
+    for key in every[0]:
+        by_value: dict[str, list[int]] = {}
+        for rank, mine in enumerate(every):
+            by_value.setdefault(repr(mine.get(key)), []).append(rank)
+        if len(by_value) > 1:
+            shown = ", ".join(f"{value} on ranks {ranks}" for value, ranks in by_value.items())
+            lines.append(f"{key}: {shown}")
+    return lines
+
+
+def check_same_command(env: DistEnv, cfg: Config, tokens: np.ndarray, flags: dict[str, Any]) -> None:
+    """ConfigError on every rank when the ranks resolved other configs, read other corpora or were
+    given other launcher flags (``flags``: --out, --resume, --stop-after, ...)."""
+    if not env.distributed:
+        return
+    mine = {**_flat(cfg), "corpus": tokens_fingerprint(tokens), **flags}
+    differ = _differences(_gather(env, mine))
+    if differ:
+        raise ConfigError(
+            "the ranks were started with different settings ("
+            + "; ".join(differ[:6])
+            + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+            + "): every node must run the same command, with the same config file, --set values, "
+            "flags and corpus"
+        )
+
+
+def check_same_checkpoint(env: DistEnv, latest: int | None, run_dir: str) -> None:
+    """ConfigError on every rank when the ranks see different newest checkpoints in the run directory:
+    it is not one directory that every rank sees (node-local disks), and a resume would mix steps."""
+    if not env.distributed:
+        return
+    every = _gather(env, latest)
+    if len(set(every)) > 1:
+        seen = ", ".join(f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(every))
+        raise ConfigError(
+            f"--resume: the ranks see different newest checkpoints under {run_dir} ({seen}): --out must be "
+            "one directory every rank sees, on a file system shared by the nodes (each rank writes "
+            "its own shard of every checkpoint there)"
+        )
