@@ -23,8 +23,9 @@ import accelerate_scenarios
 import pytest
 import torch
 
+from soap_apps.finetune.checkpoints import MARKER, resume_dir
 from soap_apps.finetune.config import FinetuneConfig, parse_args
-from soap_apps.finetune.train import check_launch, resume_dir
+from soap_apps.finetune.train import check_launch
 from soap_dist import SOAP
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -375,6 +376,7 @@ def test_missing_data_and_checkpoints_are_named(tmp_path):
         load_bytes("/no/such/corpus", 1000)
     with pytest.raises(FileNotFoundError, match="--resume latest: no checkpoints/step_N under --output-dir"):
         resume_dir(FinetuneConfig(resume="latest", output_dir=str(tmp_path)))
-    (tmp_path / "checkpoints" / "step_2").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step_10").mkdir()
+    for name in ("step_2", "step_10"):  # complete: with the record checkpoints.save adds last
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / MARKER).write_text("{}")
     assert resume_dir(FinetuneConfig(resume="latest", output_dir=str(tmp_path))).name == "step_10"

@@ -85,21 +85,22 @@ class FinetuneConfig:
     eval_every: int = field(default=50, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_windows: int = field(default=256, metadata={"help": "held-out windows per evaluation"})
     save_every: int = field(
-        default=0, metadata={"help": "accelerator.save_state every N steps (0: end only)"}
+        default=0,
+        metadata={"help": "save a checkpoints/step_N every N steps, and at the end (0: at the end only)"},
     )
     output_dir: str | None = field(
         default=None,
         metadata={
-            "help": "metrics.jsonl and checkpoints/; new or empty unless --resume (default: "
-            "runs/finetune-<backend>, backend single, ddp, fsdp2 or deepspeed-zero<stage>; "
-            "runs/finetune-trainer-<backend> for the Trainer route)"
+            "help": "metrics.jsonl and checkpoints/; new or empty unless --resume, or left by a run "
+            "interrupted before its first checkpoint (default: runs/finetune-<backend>, backend single, "
+            "ddp, fsdp2 or deepspeed-zero<stage>)"
         },
     )
     resume: str | None = field(
         default=None,
         metadata={
-            "help": "a checkpoint dir to load_state from, or 'latest' in --output-dir; "
-            "needed to write into a non-empty --output-dir"
+            "help": "a checkpoints/step_N dir to resume from, or 'latest': the newest complete one in "
+            "--output-dir; needed to write into a non-empty --output-dir"
         },
     )
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads per process"})
@@ -142,6 +143,10 @@ class FinetuneConfig:
         )
         need(self.threads is None or self.threads >= 1, "threads", ">= 1 or null")
         need(self.block_size is None or self.block_size >= 1, "block_size", ">= 1 or null")
+        # SOAP's own checks, here so that a bad value fails before any model is built, naming the flag
+        need(self.shampoo_beta < 1, "shampoo_beta", "< 1 (negative: --beta2)")
+        need(self.precondition_frequency >= 1, "precondition_frequency", ">= 1")
+        need(self.max_precond_dim >= 0, "max_precond_dim", ">= 0")
         need(
             self.refresh_delay < self.precondition_frequency,
             "refresh_delay",
@@ -188,14 +193,35 @@ def _parse_type(f: dataclasses.Field) -> Any:
     return {"int": int, "float": float, "str": str}[base]
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each help, except where the help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+
+# the HF Trainer route writes its own layout: the Trainer's checkpoint-N/ directories, no metrics.jsonl
+TRAINER_HELP = {
+    "save_every": "save a checkpoint-N every N steps, and at the end (0: at the end only)",
+    "output_dir": "the Trainer's checkpoint-N/ directories; new or empty unless --resume (default: "
+    "runs/finetune-trainer-<backend>, backend single, ddp or deepspeed-zero<stage>)",
+    "resume": "a checkpoint-N dir to resume from, or 'latest': the newest complete one in --output-dir; "
+    "needed to write into a non-empty --output-dir",
+}
+ROUTE_HELP = {"launchers/finetune_trainer.py": TRAINER_HELP}
+
+
 def build_parser(prog: str = "launchers/finetune.py") -> argparse.ArgumentParser:
-    """One flag per FinetuneConfig field, with its default in the help."""
+    """One flag per FinetuneConfig field, with its default in the help (the route's own words where
+    ``ROUTE_HELP`` has them)."""
     p = argparse.ArgumentParser(
         prog=prog,
         description="Fine-tune a byte-level causal LM with SOAP (or AdamW) under Accelerate "
         "(DDP, FSDP2 or DeepSpeed; see docs/accelerate.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnce,
     )
+    helps = ROUTE_HELP.get(prog, {})
     p.add_argument(
         "--config",
         metavar="FILE.yaml",
@@ -209,13 +235,11 @@ def build_parser(prog: str = "launchers/finetune.py") -> argparse.ArgumentParser
         "before the explicit flags",
     )
     for f in dataclasses.fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, f.metadata["help"])
         if f.type == "bool":
-            p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
-            )
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            p.add_argument(flag, type=_parse_type(f), default=f.default, help=f.metadata["help"])
+            p.add_argument(flag, type=_parse_type(f), default=f.default, help=text)
     return p
 
 

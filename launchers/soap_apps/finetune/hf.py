@@ -13,12 +13,17 @@ The schedule is the one of both applications (``soap_apps.schedule.lr_at``, warm
 ``--min-lr-ratio``), not Hugging Face's ``cosine_with_min_lr``: ``SharedScheduleTrainer`` builds a
 ``LambdaLR`` from it, so the Trainer's step ``s`` (0-based) gets the launcher's lr of step ``s``.
 
+The Trainer saves a ``checkpoint-N`` every --save-every steps and at the end (0: at the end only, as
+on the other route), each with the settings it was saved with (``marker_callback``), which
+``--resume`` checks as the other route does (``resume.check_resume``).
+
 Only transformers models fit this route (the Trainer calls ``model(input_ids=..., labels=...)``
 and reads ``.loss``); ``--init-from`` exports go through ``launchers/finetune.py``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +32,14 @@ from typing import Any
 import torch
 
 from soap_apps.config_loader import ConfigError
+from soap_apps.finetune.checkpoints import MARKER, check_output_dir, check_writable, note, read_marker
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_gpt2
+from soap_apps.finetune.resume import check_resume
 from soap_apps.finetune.train import (
     backend_name,
     check_inputs,
-    check_output_dir,
     lr_at,
     skip_deepspeed_shm_build,
     soap_kwargs,
@@ -47,10 +53,26 @@ def output_dir(cfg: FinetuneConfig) -> str:
     return cfg.output_dir or f"runs/finetune-trainer-{backend_name()}"
 
 
+TRAINER_STATE = "trainer_state.json"  # what the Trainer writes last into a checkpoint-N
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    """The N of every ``checkpoint-N`` directory in ``out``, ascending."""
+    found = [p.name.removeprefix("checkpoint-") for p in out.glob("checkpoint-*") if p.is_dir()]
+    return sorted(int(n) for n in found if n.isdigit())
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``out`` (with its trainer_state.json); None without one."""
+    complete = [n for n in _checkpoint_steps(out) if (out / f"checkpoint-{n}" / TRAINER_STATE).is_file()]
+    return out / f"checkpoint-{complete[-1]}" if complete else None
+
+
 def trainer_resume(cfg: FinetuneConfig, out: Path) -> Path | None:
     """The checkpoint ``trainer.train(resume_from_checkpoint=...)`` will load: ``--resume DIR``, or
-    with ``--resume latest`` the newest ``checkpoint-N`` the Trainer wrote in ``out`` (the one the
-    Trainer picks for ``True``); FileNotFoundError naming the flag where there is none."""
+    with ``--resume latest`` the newest complete ``checkpoint-N`` the Trainer wrote in ``out`` (newer
+    ones a save left incomplete are skipped with a note); FileNotFoundError naming the flag where
+    there is none."""
     if cfg.resume is None:
         return None
     if cfg.resume != "latest":
@@ -61,15 +83,49 @@ def trainer_resume(cfg: FinetuneConfig, out: Path) -> Path | None:
                 "wrote, or --resume latest"
             )
         return path
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last = newest_checkpoint(out) if out.is_dir() else None
     if last is None:
         raise FileNotFoundError(
             f"--resume latest: no checkpoint-N under --output-dir {str(out)!r}; drop --resume to start a "
             "new run, or pass the --output-dir of the run to continue"
         )
-    return Path(last)
+    if skipped := [f"checkpoint-{n}" for n in _checkpoint_steps(out) if n > int(last.name[11:])]:
+        note(
+            f"--resume latest: skipping {', '.join(skipped)} (incomplete: a save was cut short); "
+            f"resuming from {last}"
+        )
+    return last
+
+
+def trainer_setup() -> dict[str, Any]:
+    """What the Trainer's checkpoint files depend on besides the flags (``train.setup``'s counterpart,
+    read from what accelerate launch set: the Trainer builds its Accelerator later)."""
+    return {"backend": backend_name(), "world": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def marker_callback(cfg: FinetuneConfig) -> Any:
+    """A TrainerCallback that records the settings in each checkpoint-N the Trainer saved (rank 0),
+    as launchers/finetune.py does in its checkpoints, for ``check_resume``."""
+    from transformers import TrainerCallback
+
+    record = {"config": cfg.to_dict(), "setup": trainer_setup()}
+
+    class RecordSettings(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and path.is_dir():
+                (path / MARKER).write_text(json.dumps({"step": state.global_step, **record}, indent=1) + "\n")
+
+    return RecordSettings()
+
+
+def check_trainer_resume(cfg: FinetuneConfig, start: Path) -> None:
+    """``resume.check_resume`` for a checkpoint-N: its recorded settings, or (saved without them) the
+    step in its trainer_state.json."""
+    marker = read_marker(start)
+    if marker is None and (start / TRAINER_STATE).is_file():
+        marker = {"step": json.loads((start / TRAINER_STATE).read_text()).get("global_step", 0)}
+    check_resume(cfg, start, marker, trainer_setup())
 
 
 def shared_lr_factor(cfg: FinetuneConfig) -> Callable[[int], float]:
@@ -116,8 +172,9 @@ def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
         logging_steps=1,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
-        save_strategy="steps" if cfg.save_every else "no",
-        save_steps=cfg.save_every or None,
+        # every --save-every steps and at the end, as launchers/finetune.py does (0: at the end only)
+        save_strategy="steps",
+        save_steps=cfg.save_every or cfg.steps,
         seed=cfg.seed,
         report_to=[],
         # like launchers/finetune.py: never use_cpu under DeepSpeed (Accelerate would drop its plugin)
@@ -144,7 +201,10 @@ def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
         )
     out = Path(overrides.get("output_dir") or output_dir(cfg))
     check_output_dir(out, cfg.resume)
-    check_inputs(cfg, lambda c: trainer_resume(c, out))  # --data, --resume: the other route's check
+    check_writable(out)
+    start = check_inputs(cfg, lambda c: trainer_resume(c, out))  # --data, --resume: the other route's check
+    if start is not None:
+        check_trainer_resume(cfg, start)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
@@ -156,11 +216,11 @@ def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
     length = cfg.steps * cfg.batch_size * cfg.grad_accum * world
     train_ds = Windows(train_ids, cfg.context, length, cfg.seed, as_dict=True)
     eval_ds = eval_windows(eval_ids, cfg.context, cfg.eval_windows, as_dict=True)
-    optimizer: dict[str, Any] = {}
+    optimizer: dict[str, Any] = {"callbacks": [marker_callback(cfg)]}
     if cfg.optimizer == "soap":
         optimizer["optimizer_cls_and_kwargs"] = (SOAP, soap_kwargs(cfg))
         # the Trainer calls state_dict() on the saving rank only; SOAP's is a collective under DDP
-        optimizer["callbacks"] = [save_callback()]
+        optimizer["callbacks"].append(save_callback())
     else:
         overrides.setdefault("optim", "adamw_torch")
     return shared_schedule_trainer(cfg)(

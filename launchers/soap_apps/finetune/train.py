@@ -5,7 +5,9 @@
 the model and the optimizer and hands them to ``accelerator.prepare`` in one call (under FSDP2
 Accelerate swaps the optimizer's parameters for sharded DTensors, which SOAP picks up at its first
 step). ``train`` runs the loop: ``accumulate`` / ``backward`` / ``clip_grad_norm_`` / ``step`` /
-``zero_grad``, with periodic evaluation, ``save_state`` checkpoints and exact ``--resume``.
+``zero_grad``, with periodic evaluation, ``save_state`` checkpoints (atomic: ``checkpoints.save``) and
+exact ``--resume`` (checked against the checkpoint's settings first: ``resume.check_resume``). Ctrl-C
+or SIGTERM ends the run with one line saying what was kept and how to go on (``resume.report``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -27,10 +28,23 @@ from tqdm import tqdm
 
 from soap_apps import schedule, soap_options
 from soap_apps.config_loader import ConfigError
+from soap_apps.finetune import checkpoints
+from soap_apps.finetune.checkpoints import METRICS, check_output_dir, resume_dir
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
 from soap_apps.finetune.model import build_model, window_losses
+from soap_apps.finetune.resume import (
+    NothingToTrain,
+    check_resume,
+    check_steps,
+    report,
+    script_path,
+    signal_exit,
+    sigterm_as_interrupt,
+    stopped,
+)
 from soap_apps.jsonl import JsonlLog, records_through
+from soap_apps.pretrain.resume_check import Interrupted, interrupt_in
 from soap_apps.quiet import (
     deepspeed_cpu_without_probe,
     no_deprecated_all_gather_warning,
@@ -38,9 +52,6 @@ from soap_apps.quiet import (
     no_untested_optimizer_banner,
 )
 from soap_dist import SOAP
-
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
 
 
 def _env_flag(name: str) -> bool:
@@ -182,6 +193,7 @@ class Progress:
     def __init__(self) -> None:
         self.step = 0
         self.tokens = 0
+        self.running: int | None = None  # steps done once the loop began (not saved): for an interrupt
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step, "tokens": self.tokens}
@@ -212,37 +224,6 @@ def backend_name(accelerator: Any | None = None) -> str:
     if kind == "FSDP":
         return f"fsdp{getattr(state.fsdp_plugin, 'fsdp_version', 1)}"
     return {"NO": "single", "MULTI_CPU": "ddp", "MULTI_GPU": "ddp"}.get(kind, kind.lower())
-
-
-def check_output_dir(out: Path, resume: str | None) -> None:
-    """Refuse to start a fresh run in a non-empty --output-dir: its metrics.jsonl would hold two runs
-    and its checkpoints/ would mix them (a ZeRO-2 run once wrote into a DDP run's directory)."""
-    if resume is None and out.is_dir() and any(out.iterdir()):
-        held = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())[:6])
-        raise FileExistsError(
-            f"--output-dir {str(out)!r} already holds a run ({held}); pass --resume latest (or "
-            "--resume DIR) to continue that run, or another --output-dir to start a new one"
-        )
-
-
-def resume_dir(cfg: FinetuneConfig) -> Path | None:
-    """``--resume DIR``, or with ``--resume latest`` the newest ``checkpoints/step_N`` in --output-dir."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume != "latest":
-        path = Path(cfg.resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume {cfg.resume!r} is not a directory written by save_state")
-        return path
-    root = Path(cfg.output_dir) / CHECKPOINTS
-    found = sorted(
-        (int(m.group(1)), p) for p in root.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name))
-    )
-    if not found:
-        raise FileNotFoundError(
-            f"--resume latest: no checkpoints/step_N under --output-dir {cfg.output_dir!r}"
-        )
-    return found[-1][1]
 
 
 def check_inputs(
@@ -304,6 +285,28 @@ def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, Data
         return accelerator.prepare(model, optimizer, train_dl, eval_dl)
 
 
+def setup(accelerator: Any) -> dict[str, Any]:
+    """What a checkpoint's files depend on besides the flags (recorded with it, checked on resume)."""
+    return {
+        "backend": backend_name(accelerator),
+        "world": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision),
+    }
+
+
+def start_checks(cfg: FinetuneConfig, accelerator: Any) -> tuple[Path | None, bool]:
+    """Everything checked before the data or the model is built: --output-dir (writable, not another
+    run's), the input paths and, on resume, the checkpoint's settings. Returns the checkpoint to
+    resume from, and whether --output-dir holds an interrupted run's leftovers to clear."""
+    out = Path(cfg.output_dir)
+    leftovers = check_output_dir(out, cfg.resume, checkpoints.LEFTOVERS)
+    checkpoints.check_writable(out)
+    start = check_inputs(cfg)
+    if start is not None:
+        check_resume(cfg, start, checkpoints.read_marker(start), setup(accelerator))
+    return start, leftovers
+
+
 def train(
     cfg: FinetuneConfig,
     accelerator: Any,
@@ -312,22 +315,43 @@ def train(
     """Fine-tune under ``accelerator``; returns the metric rows (the same on every rank).
 
     ``on_prepared(model, optimizer)`` is called once after ``accelerator.prepare`` (tests use it to
-    look at what the optimizer was handed).
+    look at what the optimizer was handed). Ctrl-C, or SIGTERM under ``sigterm_as_interrupt``, ends
+    it with ``Interrupted`` saying what was kept; a finished run resumed with ``NothingToTrain``.
     """
     cfg.validate()
     out = Path(cfg.output_dir or f"runs/finetune-{backend_name(accelerator)}")
     cfg = dataclasses.replace(cfg, output_dir=str(out))
-    check_output_dir(out, cfg.resume)
-    start = check_inputs(cfg)
+    progress = Progress()
+    try:
+        return _train(cfg, accelerator, progress, on_prepared)
+    except BaseException as error:  # an interrupt: no collective from here, the other ranks may be anywhere
+        if (stop := interrupt_in(error)) is None:
+            raise
+        newest = checkpoints.newest_complete(out)
+        raise stopped(stop, progress.running, cfg.steps, newest, accelerator.is_main_process) from None
+
+
+def _train(
+    cfg: FinetuneConfig,
+    accelerator: Any,
+    progress: Progress,
+    on_prepared: Callable[[nn.Module, torch.optim.Optimizer], None] | None,
+) -> list[dict[str, Any]]:
+    out = Path(cfg.output_dir)
+    start, leftovers = start_checks(cfg, accelerator)
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
+    if accelerator.is_main_process and leftovers:
+        checkpoints.start_over(out)
+    elif accelerator.is_main_process:
+        checkpoints.remove_partials(out)
     model, optimizer, train_dl, eval_dl = prepare(cfg, accelerator)
     if on_prepared is not None:
         on_prepared(model, optimizer)
 
-    progress = Progress()
     accelerator.register_for_checkpointing(progress)
     if start is not None:
         accelerator.load_state(str(start))
+        check_steps(cfg.steps, progress.step, start)  # also for a checkpoint saved without its marker
     log = JsonlLog(out / METRICS, accelerator.is_main_process)  # pre-training's writer too
     # a resumed run drops what the interrupted one wrote past its checkpoint, as pre-training does
     if log.enabled:
@@ -348,6 +372,7 @@ def train(
             "config": cfg.to_dict(),
         }
     )
+    saved = {"config": cfg.to_dict(), "setup": setup(accelerator)}  # recorded with each checkpoint
     batches = (
         accelerator.skip_first_batches(train_dl, progress.step * cfg.grad_accum)
         if progress.step
@@ -364,66 +389,97 @@ def train(
     model.train()
     micro: list[torch.Tensor] = []
     tick = time.perf_counter()
-    for ids in batches:
-        for group in optimizer.param_groups:  # before backward: DeepSpeed steps inside it
-            group["lr"] = lr_at(cfg, progress.step)
-        with accelerator.accumulate(model):
-            loss = window_losses(model, ids).mean()
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients and cfg.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro.append(loss.detach())
-        if not accelerator.sync_gradients:
-            continue
-        step_loss = accelerator.reduce(torch.stack(micro).mean(), reduction="mean").item()
-        micro = []
-        progress.step += 1
-        progress.tokens += cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.context
-        now = time.perf_counter()
-        row = {
-            "step": progress.step,
-            "loss": step_loss,
-            "lr": lr_at(cfg, progress.step - 1),
-            "grad_norm": _as_float(grad_norm),
-            "tokens": progress.tokens,
-            "step_s": now - tick,
-        }
-        if progress.step == 1 and isinstance(unwrap_optimizer(optimizer), SOAP):
-            row["soap_placement"] = unwrap_optimizer(optimizer).stats().get("placement")
-        record(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        last = progress.step == cfg.steps
-        if (cfg.eval_every and progress.step % cfg.eval_every == 0) or last:
-            record({"step": progress.step, "eval_loss": evaluate(model, eval_dl, accelerator)})
-        if (cfg.save_every and progress.step % cfg.save_every == 0) or last:
-            with no_shared_tensor_note():  # GPT-2's tied head: dropped from the file, re-tied on load
-                accelerator.save_state(str(out / CHECKPOINTS / f"step_{progress.step}"))
-        tick = time.perf_counter()
-    bar.close()
+    progress.running = progress.step
+    try:
+        for ids in batches:
+            for group in optimizer.param_groups:  # before backward: DeepSpeed steps inside it
+                group["lr"] = lr_at(cfg, progress.step)
+            with accelerator.accumulate(model):
+                loss = window_losses(model, ids).mean()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            step_loss = accelerator.reduce(torch.stack(micro).mean(), reduction="mean").item()
+            micro = []
+            progress.step += 1
+            progress.tokens += cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.context
+            progress.running = progress.step
+            now = time.perf_counter()
+            row = {
+                "step": progress.step,
+                "loss": step_loss,
+                "lr": lr_at(cfg, progress.step - 1),
+                "grad_norm": _as_float(grad_norm),
+                "tokens": progress.tokens,
+                "step_s": now - tick,
+            }
+            if progress.step == 1 and isinstance(unwrap_optimizer(optimizer), SOAP):
+                row["soap_placement"] = unwrap_optimizer(optimizer).stats().get("placement")
+            record(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            last = progress.step == cfg.steps
+            if (cfg.eval_every and progress.step % cfg.eval_every == 0) or last:
+                record({"step": progress.step, "eval_loss": evaluate(model, eval_dl, accelerator)})
+            if (cfg.save_every and progress.step % cfg.save_every == 0) or last:
+                with no_shared_tensor_note():  # GPT-2's tied head: dropped from the file, re-tied on load
+                    checkpoints.save(accelerator, out, progress.step, saved)
+            tick = time.perf_counter()
+    finally:
+        bar.close()  # before any message: an interrupt's starts on a line of its own
     return rows
+
+
+def _summary(rows: list[dict[str, Any]]) -> str | None:
+    """The one line a finished run ends with (None when it trained no step)."""
+    metrics = Path(rows[0]["config"]["output_dir"]) / METRICS  # the start row has the resolved dir
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    curve = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if not curve:
+        return None
+    return (
+        f"done: steps {curve[0][0]}-{curve[-1][0]}, train loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}, "
+        f"held-out loss {evals[-1]:.4f} nats/byte; metrics in {metrics}"
+    )
+
+
+SCRIPT = "launchers/finetune.py"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``launchers/finetune.py``: parse flags, build the Accelerator, train, report."""
     cfg = parse_args(argv)
-    accelerator = make_accelerator(cfg)
-    try:
-        rows = train(cfg, accelerator)
-    except (ConfigError, FileExistsError) as error:  # bad input (a path, a used --output-dir, too
-        # little data): one line that says what to do, no traceback; exit 2 as for a bad flag
-        print(f"launchers/finetune.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    metrics = Path(rows[0]["config"]["output_dir"]) / METRICS  # the start row has the resolved dir
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    curve = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if accelerator.is_main_process and curve:
-        print(
-            f"done: steps {curve[0][0]}-{curve[-1][0]}, train loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}, "
-            f"held-out loss {evals[-1]:.4f} nats/byte; metrics in {metrics}"
-        )
+    argv = sys.argv[1:] if argv is None else argv
+    with sigterm_as_interrupt():
+        try:
+            accelerator = make_accelerator(cfg)
+            rows = train(cfg, accelerator)
+        except (ConfigError, FileExistsError) as error:  # bad input (a path, a used --output-dir, too
+            # little data, settings that differ from the checkpoint's): one line that says what to do,
+            # no traceback; exit 2 as for a bad flag
+            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except NothingToTrain as done:  # a finished run resumed: say so, exit 0
+            if accelerator.is_main_process:
+                print(f"{SCRIPT}: {done}", flush=True)
+            accelerator.end_training()
+            return []
+        except Interrupted as stop:  # Ctrl-C or SIGTERM during the run: rank 0 says what was kept
+            out = Path(cfg.output_dir or f"runs/finetune-{backend_name(accelerator)}")
+            restart = f"a fresh run reuses {out}: it holds no checkpoint"
+            report(
+                stop, script_path(SCRIPT), argv, out, checkpoints.newest_complete(out) is not None, restart
+            )
+            raise SystemExit(stop.exit_code) from None
+        except KeyboardInterrupt as stop:  # before the Accelerator was built
+            raise SystemExit(signal_exit(stop)) from None
+    if accelerator.is_main_process and (line := _summary(rows)):
+        print(line)
     accelerator.end_training()
     return rows
