@@ -8,7 +8,6 @@ bookkeeping in ``engine``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +42,7 @@ from .placements.zero import ZeroRunner
 from .plan import build_plan, local_layouts
 from .plan.costs import prefers_owner
 from .plan.schedule import SCHEDULES
+from .plan_check import check_first_step
 from .state_check import saved_keys
 from .state_io import load_engine_state, save_engine_state
 
@@ -328,49 +328,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         across: Any = None,
         params: list[Tensor] | None = None,
     ) -> None:
-        """Every rank must agree on the plan, on what else sets the collectives' order, and on which
-        tensor each parameter is: its name when given (named_parameters), and under replicated a
-        fingerprint of its values (DDP made them equal on every replica).
-
-        ``across`` = (process group, its size, this rank's place in it, its global ranks): check over
-        that group instead of the exchange's (owner under HSDP: the whole mesh).
-        """
-        extras = [
-            (
-                groups[lay.group]["precondition_frequency"],
-                self.refresh_delay,
-                str(self.factor_dtype),
-                self.refresh_schedule,
-                str(self.basis_dtype),
-                self.owner_scope,
-            )
-            for lay in full
-        ]
-        given = [n for g in groups for n in (g.get("param_names") or [None] * len(g["params"]))]
-        if len(given) != len(full):  # DeepSpeed's groups hold flat partitions, not the parameters
-            given = [None] * len(full)
-        fingerprints: list[Any] = [None] * len(full)
-        grid = self._placement.topology if params and self._placement is not None else None  # (ZeRO: none)
-        replicas = grid is not None and grid.replicas > 1 and grid.placement in ("replicated", "hsdp")
-        if replicas:
-            # one host read, at build; under HSDP of this rank's shards, compared between the replicas.
-            # An integer sum of the bits: exact, so the same whatever the summation order (threads).
-            sums = torch.stack(
-                [local(p).detach().reshape(-1).view(torch.int16).sum(dtype=torch.int64) for p in params]
-            )
-            fingerprints = sums.tolist()
-            if grid.placement == "hsdp":
-                mesh = self._placement.groups
-                members = [mesh.ranks[t] for t in grid.replica_group(grid.shard)]
-                agree = exchange.replicas_agree(fingerprints, mesh.replicate, members)
-                # each replica tells its own index where they differ (an alike verdict passes check_plan)
-                fingerprints = [True if ok else ("differs", grid.replica) for ok in agree]
-        identities = [
-            int.from_bytes(hashlib.blake2b(repr((n, f)).encode(), digest_size=8).digest(), "little") >> 1
-            for n, f in zip(given, fingerprints, strict=True)
-        ]
-        names = [lay.name for lay in full]
-        exchange.check_plan(exchange.plan.param_hashes(full, extras), names, across, identities)
+        check_first_step(self, exchange, full, groups, across, params)
 
     def _new_engine(
         self,

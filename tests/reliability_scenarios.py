@@ -76,6 +76,14 @@ def swapped_params(rank):
     return {"plain": plain, "named": _error(sopt.step)}
 
 
+def refresh_delay_differs(rank):
+    """An option folded into the plan's hash (refresh_delay) differing between ranks: the plan check
+    names it and each rank's value (before: only 'ranks disagree on the block/factor plan')."""
+    params = _params()
+    opt = SOAP(params, **{**KW, "refresh_delay": rank})
+    return {"error": _error(lambda: _steps(params, opt, 1))}
+
+
 def nan_on_one_replica(rank):
     """A NaN in one replica's gradient after DDP's sync: every replica skips that parameter alike."""
     params = _params()
@@ -350,6 +358,7 @@ def raised_before_any_collective_and_stepped_again(rank):
 
 SHARED = [
     swapped_params,
+    refresh_delay_differs,
     nan_on_one_replica,
     frequency_changed,
     unsynced_gradients,

@@ -69,6 +69,7 @@ def test_ranks_that_disagree_on_owner_scope_stop_with_a_plan_mismatch(world4):
     for rank in world4:
         error = rank["owner_scope_mismatch"]["error"]
         assert error.startswith("PlanMismatchError: SOAP: ranks disagree on the block/factor plan"), error
+        assert "owner_scope: ['world', 'world', 'world', 'shard_group'] (by rank)" in error, error
 
 
 def test_hsdp_replicas_holding_other_tensors_stop_at_the_plan_check(world4):

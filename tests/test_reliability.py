@@ -32,6 +32,13 @@ def test_swapped_parameters_fail_the_plan_check_naming_the_parameter(shared):
         assert res["named"].startswith("PlanMismatchError") and "parameter 0 (w" in res["named"], res["named"]
 
 
+def test_an_option_of_the_plan_differing_between_ranks_is_named(shared):
+    for res in _ok(shared, "refresh_delay_differs"):
+        error = res["error"]
+        assert error.startswith("PlanMismatchError: SOAP: ranks disagree on the block/factor plan"), error
+        assert "in refresh_delay: [0, 1] (by rank)" in error and "shape" not in error, error
+
+
 def test_a_nan_on_one_replica_is_skipped_on_every_replica(shared):
     for res in _ok(shared, "nan_on_one_replica"):
         assert res["same"] and res["finite"] and res["moved_others"] and res["skipped_on_every_rank"]

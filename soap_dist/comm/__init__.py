@@ -212,12 +212,14 @@ class Exchange:
         names: list[str],
         across: tuple[Any, int, int, list[int]] | None = None,
         identities: list[int] | None = None,
+        describe: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         """One small all_gather of (count, plan hash, identity hash); a second one only to name a mismatch.
 
         ``across`` = (group, size, rank, global ranks) checks over another group than the grid's (the
         replicas of an owner grid, which each build their own plan). ``identities`` are per-parameter
         hashes of what says which tensor it is (names, or a fingerprint of the values under replicated).
+        ``describe(i)``: parameter i's plan inputs by name, compared between the ranks to name a mismatch.
         """
         if across is None:
             group, world, me, members = self.groups.world, self.topology.world, self.topology.rank, None
@@ -256,10 +258,18 @@ class Exchange:
         if differing is not None:
             i, ranks = differing
             name = names[i] if i < len(names) else f"parameter {i} (absent on this rank)"
+            every_one = [None] * world  # counts agree here: every rank has parameter i
+            dist.all_gather_object(every_one, describe(i) if describe is not None else {}, group=group)
+            differ = [
+                f"{key}: {[d.get(key) for d in every_one]} (by rank)"
+                for key in every_one[me]
+                if len({repr(d.get(key)) for d in every_one}) > 1
+            ]
             raise PlanMismatchError(
                 f"SOAP: ranks disagree on the block/factor plan at parameter {i} ({name}); this rank "
-                f"({me}) differs from ranks {ranks}. Every rank must build the optimizer "
-                "from the same model, parameter order and options."
+                f"({me}) differs from ranks {ranks}"
+                + (f" in {'; '.join(differ)}" if differ else "")
+                + ". Every rank must build the optimizer from the same model, parameter order and options."
             )
         raise PlanMismatchError(
             f"SOAP: ranks have different parameter counts {every[:, 0].tolist()}; every rank must pass "
