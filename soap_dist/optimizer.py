@@ -320,15 +320,7 @@ class SOAP(StateMixin, torch.optim.Optimizer):
         exchange.step = self._calls
         return exchange
 
-    def _check_plan(
-        self,
-        exchange: Exchange,
-        full: list[ParamLayout],
-        groups: list[dict],
-        across: Any = None,
-        params: list[Tensor] | None = None,
-    ) -> None:
-        check_first_step(self, exchange, full, groups, across, params)
+    _check_plan = check_first_step  # (self, exchange, layouts, groups, across=None, params=None)
 
     def _new_engine(
         self,

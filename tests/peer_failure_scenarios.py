@@ -18,13 +18,18 @@ def _stepping_and_catching(opt, params, steps: int, before) -> dict:
         before(step)
         for p, g in zip(params, _grads(step), strict=True):
             p.grad = g
-        began = time.monotonic()
-        try:
-            opt.step()
-        except Exception as error:
-            errors.append(f"{type(error).__name__}: {error}")
-        longest = max(longest, time.monotonic() - began)
+        longest = max(longest, _timed_step(opt, errors))
     return {"errors": errors, "longest_step_s": longest}
+
+
+def _timed_step(opt, errors: list[str]) -> float:
+    """One step() in seconds; its exception, if any, appended to ``errors`` as a user who catches it."""
+    began = time.monotonic()
+    try:
+        opt.step()
+    except Exception as error:
+        errors.append(f"{type(error).__name__}: {error}")
+    return time.monotonic() - began
 
 
 def refresh_raised_and_was_caught(rank):
@@ -79,12 +84,7 @@ def a_failure_in_one_optimizer_stops_waits_in_another(rank):
 
             a._engine.apply = boom  # after the step's agreement all_reduce
         for opt in (a, b):
-            began = time.monotonic()
-            try:
-                opt.step()
-            except Exception as error:
-                errors.append(f"{type(error).__name__}: {error}")
-            longest = max(longest, time.monotonic() - began)
+            longest = max(longest, _timed_step(opt, errors))
             if errors:
                 if rank == 0:
                     time.sleep(3 * NOTICE_WAIT_S)  # alive, in no collective: rank 1 must not wait for it
