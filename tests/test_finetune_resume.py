@@ -283,3 +283,19 @@ def test_help_says_each_default_once(prog):
     said = {a.dest: formatter._get_help_string(a) for a in parser._actions}
     for dest in ("data", "mixed_precision", "output_dir"):  # each said "(default: ...) (default: None)"
         assert said[dest].count("(default:") == 1 and "(default: None)" not in said[dest], said[dest]
+
+
+def test_a_live_runs_output_dir_is_neither_started_over_nor_resumed(tmp_path, texts, capsys):
+    """A second job with the same --output-dir took a live run's leftovers for an interrupted run's and
+    deleted its metrics; the lock refuses it, and --resume too, naming the holder."""
+    from soap_apps import run_lock
+
+    out = tmp_path / "live"
+    out.mkdir()
+    (out / checkpoints.METRICS).write_text('{"event": "start", "step": 0}\n')  # a run before its first save
+    with run_lock.holding(out, True, lambda why: why):
+        code, err = exits(capsys, texts, out)
+        assert code == 2 and "is in use by a run that is still going (pid" in err, err
+        code, err = exits(capsys, texts, out, "--resume", "latest")  # refused: no checkpoint yet
+        assert code == 2, err
+    assert (out / checkpoints.METRICS).read_text() == '{"event": "start", "step": 0}\n'

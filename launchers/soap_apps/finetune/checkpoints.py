@@ -19,6 +19,7 @@ from typing import Any
 from soap_apps.config_loader import ConfigError
 from soap_apps.pretrain import checkpoint
 from soap_apps.pretrain.trainer import check_out_path
+from soap_apps.run_lock import LOCK_FILE
 
 CHECKPOINTS = checkpoint.CHECKPOINTS
 MARKER = "finetune_checkpoint.json"
@@ -121,7 +122,7 @@ def check_output_dir(out: Path, resume: str | None, leftovers: frozenset[str] = 
     save): nothing there can be resumed, so a fresh run starts over in it (``start_over``)."""
     if resume is not None or not out.is_dir():
         return False
-    held = sorted(out.iterdir())
+    held = sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
     if not held:
         return False
     if leftovers and _only_leftovers(out, held, leftovers):

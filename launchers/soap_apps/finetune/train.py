@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from soap_apps import schedule, soap_options
+from soap_apps import run_lock, schedule, soap_options
 from soap_apps.config_loader import ConfigError
 from soap_apps.finetune import checkpoints
 from soap_apps.finetune.checkpoints import METRICS, check_output_dir, resume_dir
@@ -321,14 +321,26 @@ def train(
     cfg.validate()
     out = Path(cfg.output_dir or f"runs/finetune-{backend_name(accelerator)}")
     cfg = dataclasses.replace(cfg, output_dir=str(out))
+    checkpoints.check_writable(out)  # before the lock, which writes into it: a bad path is one line
+    check_inputs(cfg)  # and the paths read, before the lock needs the Accelerator
     progress = Progress()
     try:
-        return _train(cfg, accelerator, progress, on_prepared)
+        with run_lock.holding(out, accelerator.is_main_process, lambda why: _from_main(accelerator, why)):
+            return _train(cfg, accelerator, progress, on_prepared)
     except BaseException as error:  # an interrupt: no collective from here, the other ranks may be anywhere
         if (stop := interrupt_in(error)) is None:
             raise
         newest = checkpoints.newest_complete(out)
         raise stopped(stop, progress.running, cfg.steps, newest, accelerator.is_main_process) from None
+
+
+def _from_main(accelerator: Any, value: Any) -> Any:
+    """The main process's ``value`` on every process (itself with one)."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, device=accelerator.device)
+    return box[0]
 
 
 def _train(

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from soap_apps.pretrain.config import ConfigError
 from soap_apps.pretrain.parallel import DistEnv, all_reduce_mean
+from soap_apps.run_lock import LOCK_FILE
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -290,7 +291,7 @@ def check_run_dir(run_dir: Path, resume: bool, backend: str) -> None:
     if not run_dir.is_dir():
         return
     if not resume:
-        held = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name != LOCK_FILE)
         if held:
             shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
             raise ConfigError(

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from soap_apps import run_lock
 from soap_apps.jsonl import read_records
 from soap_apps.pretrain import checkpoint, data, parallel
 from soap_apps.pretrain.config import Config, ConfigError, save_config
@@ -324,10 +325,11 @@ def run(
     env = parallel.init_distributed()
     progress = Progress(Path(run_dir), cfg.train.steps, deepspeed=deepspeed_config is not None)
     try:
-        result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config, name, progress)
-        # Every rank past its last collective before any rank tears the groups down: a gloo rank
-        # that destroyed its groups while its peer was still finishing once aborted at exit.
-        parallel.barrier(env)
+        with run_lock.holding(Path(run_dir), env.is_main, lambda why: parallel.from_main(env, why)):
+            result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config, name, progress)
+            # Every rank past its last collective before any rank tears the groups down: a gloo rank
+            # that destroyed its groups while its peer was still finishing once aborted at exit.
+            parallel.barrier(env)
         return result
     except BaseException as error:  # an interrupt: no collective from here, the other ranks may be anywhere
         if (stop := interrupt_in(error)) is None:

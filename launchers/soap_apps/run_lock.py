@@ -1,0 +1,71 @@
+"""One run at a time in a run directory: rank 0 holds an exclusive lock on it while the run lasts.
+
+Two jobs given the same --out (or --output-dir) both passed the "directory not empty" check when
+they started together, then interleaved their metrics and overwrote each other's checkpoints; a
+second job told to --resume a run that was still going did the same, and fine-tuning's restart of
+an interrupted run deleted a live run's metrics. The lock is an ``flock`` on a file in the
+directory: the kernel drops it when its holder exits, however it exits (SIGKILL included), so a
+dead run never keeps it, and the holder's pid and host in the file name the live one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from soap_apps.config_loader import ConfigError
+
+LOCK_FILE = ".run.lock"  # not part of a run: the checks of what a directory holds pass it over
+
+
+class RunDirInUse(ConfigError):
+    """Another live process holds the run directory."""
+
+
+def _claim(run_dir: Path) -> tuple[IO[str] | None, str | None]:
+    """(the held lock file, None) or (None, why not)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    except OSError as error:
+        return None, f"{run_dir}: cannot write its lock file ({error.strerror or error})"
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return None, (
+            f"{run_dir} is in use by a run that is still going ({holder}): wait for it to end, or give "
+            "another directory; two runs in one directory mix their metrics and overwrite each other's "
+            "checkpoints"
+        )
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle, None
+
+
+@contextlib.contextmanager
+def holding(run_dir: Path, is_main: bool, share: Callable[[str | None], str | None]) -> Iterator[None]:
+    """Hold ``run_dir`` for the block: rank 0 (``is_main``) takes the lock, ``share`` hands its verdict
+    to every rank (the identity in one process), and every rank raises RunDirInUse alike when another
+    run holds it. The lock file is removed at the end (a killed run's is passed over, not held)."""
+    handle, problem = _claim(run_dir) if is_main else (None, None)
+    problem = share(problem)
+    if problem is not None:
+        raise RunDirInUse(problem)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(run_dir / LOCK_FILE)
+            handle.close()

@@ -1,0 +1,69 @@
+"""One run at a time in a run directory (launchers/soap_apps/run_lock.py): two jobs given the same
+--out or --output-dir mixed their metrics and overwrote each other's checkpoints, and fine-tuning's
+start-over deleted a live run's metrics; a dead run's lock file must not hold the directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from soap_apps import run_lock
+
+
+def _alone(why):
+    return why
+
+
+def test_a_held_directory_is_refused_naming_its_holder_and_freed_after(tmp_path):
+    with run_lock.holding(tmp_path, True, _alone):
+        assert (tmp_path / run_lock.LOCK_FILE).is_file()
+        with pytest.raises(
+            run_lock.RunDirInUse, match=r"is in use by a run that is still going \(pid \d+ on "
+        ):
+            with run_lock.holding(tmp_path, True, _alone):
+                pass
+    assert not (tmp_path / run_lock.LOCK_FILE).exists()  # removed at the end
+    with run_lock.holding(tmp_path, True, _alone):  # and free again
+        pass
+
+
+def test_a_dead_runs_lock_file_holds_nothing(tmp_path):
+    (tmp_path / run_lock.LOCK_FILE).write_text(
+        "pid 1 on elsewhere, since long ago\n"
+    )  # unlocked: its holder died
+    with run_lock.holding(tmp_path, True, _alone):
+        pass
+
+
+def test_only_the_main_rank_locks_and_every_rank_gets_its_verdict(tmp_path):
+    with run_lock.holding(tmp_path, True, _alone):
+        with pytest.raises(run_lock.RunDirInUse, match="rank 0 says"):  # another rank: rank 0's verdict
+            with run_lock.holding(tmp_path, False, lambda why: "rank 0 says so"):
+                pass
+        with run_lock.holding(tmp_path, False, _alone):  # no lock taken, none refused
+            pass
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from pretrain_helpers import temporary_cache
+
+    yield from temporary_cache(tmp_path_factory)
+
+
+def test_pretraining_into_a_live_runs_directory_is_refused(tmp_path, monkeypatch, cache):
+    from pretrain_helpers import SMALL_MODEL, TINY
+
+    from soap_apps.pretrain.config import load_config
+    from soap_apps.pretrain.trainer import run
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(TINY, [*SMALL_MODEL, "train.steps=2", "train.eval_every=0"])
+    with run_lock.holding(tmp_path, True, _alone):  # a run still going there
+        for resume in (False, True):  # --resume was the advice of the refusal that came first before
+            with pytest.raises(run_lock.RunDirInUse, match="in use by a run that is still going"):
+                run(cfg, run_dir=tmp_path, resume=resume)
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written into it
+    (tmp_path / run_lock.LOCK_FILE).write_text("pid 1\n")  # a killed run's: not 'already holds a run'
+    assert run(cfg, run_dir=tmp_path).step == 2
+    assert not (tmp_path / run_lock.LOCK_FILE).exists()
