@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             summary.write(runner, clock, done=False)
         finished = True
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (above): what was measured is still written
-        summary.note("suite", f"interrupted ({stop or 'Ctrl-C'}) {clock.elapsed():.0f} s into the suite")
-        log(f"interrupted ({stop or 'Ctrl-C'}): writing what was measured")
+        what = str(stop) or "Ctrl-C"  # a bare KeyboardInterrupt has no text
+        summary.note("suite", f"interrupted ({what}) {clock.elapsed():.0f} s into the suite")
+        log(f"interrupted ({what}): writing what was measured")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         summary.write(runner, clock, done=finished)

@@ -23,7 +23,10 @@ FACTOR_DTYPES = (torch.float32, torch.float64)
 
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"SOAP: invalid {name}={value!r}; expected {allowed}")
+        parts = value if isinstance(value, (tuple, list)) else (value,)
+        grad = any(torch.is_tensor(v) and v.requires_grad for v in parts)  # else in range, yet refused
+        hint = " (a tensor that requires grad: .detach() it)" if grad else ""
+        raise ValueError(f"SOAP: invalid {name}={value!r}; expected {allowed}{hint}")
 
 
 def check_placement(placement: str) -> None:

@@ -299,3 +299,15 @@ def test_a_live_runs_output_dir_is_neither_started_over_nor_resumed(tmp_path, te
         code, err = exits(capsys, texts, out, "--resume", "latest")  # refused: no checkpoint yet
         assert code == 2, err
     assert (out / checkpoints.METRICS).read_text() == '{"event": "start", "step": 0}\n'
+
+
+def test_the_trainer_route_names_checkpoints_whose_save_was_cut_short(tmp_path):
+    """Only an incomplete checkpoint-4: --resume latest advised dropping --resume, which was then
+    refused for the folder it holds, and --resume DIR took the incomplete one."""
+    from soap_apps.finetune.hf import trainer_resume
+
+    (tmp_path / "checkpoint-4").mkdir()  # no trainer_state.json: the Trainer writes it last
+    with pytest.raises(FileNotFoundError, match=r"only checkpoint-4, whose save was cut short\): delete"):
+        trainer_resume(FinetuneConfig(resume="latest"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
+        trainer_resume(FinetuneConfig(resume=str(tmp_path / "checkpoint-4")), tmp_path)

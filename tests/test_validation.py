@@ -37,7 +37,7 @@ def _params():
         (dict(lr=1e300), "lr"),  # overflowed the float32 step size mid-step, after the moments moved
         (dict(lr=torch.tensor(0.01, requires_grad=True)), r"lr.*pass lr\.detach\(\)"),
         (dict(lr=torch.tensor(0.01 + 0.5j)), "lr"),
-        (dict(eps=torch.tensor(1e-8, requires_grad=True)), "eps"),  # accepted: torch warned every step
+        (dict(eps=torch.tensor(1e-8, requires_grad=True)), r"eps=.*requires grad: \.detach\(\) it"),
         (dict(weight_decay=torch.tensor(0.1, requires_grad=True)), "weight_decay"),
         (dict(shampoo_beta=torch.tensor(0.9, requires_grad=True)), "shampoo_beta"),
         (dict(refresh_delay=True), "refresh_delay"),

@@ -82,12 +82,23 @@ def trainer_resume(cfg: FinetuneConfig, out: Path) -> Path | None:
                 f"--resume {cfg.resume!r} is not a directory; give a checkpoint-N directory the Trainer "
                 "wrote, or --resume latest"
             )
+        if not (path / TRAINER_STATE).is_file():  # the Trainer writes it last: a save cut short
+            raise FileNotFoundError(
+                f"--resume {cfg.resume!r} is not a complete checkpoint (no {TRAINER_STATE}: its save was "
+                "cut short); give another checkpoint-N, or --resume latest"
+            )
         return path
     last = newest_checkpoint(out) if out.is_dir() else None
     if last is None:
+        cut = [f"checkpoint-{n}" for n in _checkpoint_steps(out)] if out.is_dir() else []
         raise FileNotFoundError(
-            f"--resume latest: no checkpoint-N under --output-dir {str(out)!r}; drop --resume to start a "
-            "new run, or pass the --output-dir of the run to continue"
+            f"--resume latest: no complete checkpoint-N under --output-dir {str(out)!r}"
+            + (
+                f" (only {', '.join(cut)}, whose save was cut short): delete that directory to start the run "
+                "again, or give another --output-dir"
+                if cut
+                else "; drop --resume to start a new run, or pass the --output-dir of the run to continue"
+            )
         )
     if skipped := [f"checkpoint-{n}" for n in _checkpoint_steps(out) if n > int(last.name[11:])]:
         note(
