@@ -258,7 +258,8 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
     elapsed = [r["elapsed_s"] for r in read_records(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
     assert elapsed == sorted(elapsed), elapsed  # the resumed part continues the clock
     assert finished.eval_loss == whole.eval_loss
-    with pytest.raises(ConfigError, match=r"whole already holds a run \(checkpoints/, config.yaml, final/"):
+    held = r"whole already holds a run \(checkpoints/, config.yaml, corpus.txt, final/"
+    with pytest.raises(ConfigError, match=held):
         run(cfg, run_dir=tmp_path / "whole")
     again = run(cfg, run_dir=tmp_path / "whole", resume=True)  # nothing left to train
     assert again.step == 4 and again.eval_loss == whole.eval_loss and len(_losses(tmp_path / "whole")) == 4
@@ -302,7 +303,7 @@ def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     # it used to replace metrics.jsonl, loss.png and final/)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     proc = _torchrun([*args, "--out", str(out)], cache, expect_rc=1)  # torchrun: a rank exited with 2
-    assert f"{out} already holds a run (checkpoints/, config.yaml, ds_config.json" in proc.stderr
+    assert f"{out} already holds a run (checkpoints/, config.yaml, corpus.txt, ds_config.json" in proc.stderr
     assert "pass --resume to continue that run, or --out another directory" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 

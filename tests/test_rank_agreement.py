@@ -23,7 +23,11 @@ def _worker(rank: int, init: str, out: str, case: str) -> None:
     sys.path.insert(0, LAUNCHERS)
     from soap_apps.pretrain.config import Config
     from soap_apps.pretrain.parallel import DistEnv
-    from soap_apps.pretrain.rank_agreement import check_same_checkpoint, check_same_command
+    from soap_apps.pretrain.rank_agreement import (
+        check_same_checkpoint,
+        check_same_command,
+        tokens_fingerprint,
+    )
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     env = DistEnv(rank=rank, world=2, local_rank=rank, local_world=2, device=torch.device("cpu"))
@@ -38,7 +42,7 @@ def _worker(rank: int, init: str, out: str, case: str) -> None:
         cfg.data.path = "/local/copy"
     errors = []
     for check in (
-        lambda: check_same_command(env, cfg, tokens, flags),
+        lambda: check_same_command(env, cfg, tokens_fingerprint(tokens), flags),
         lambda: check_same_checkpoint(env, 3 if rank == 0 or case != "checkpoint" else None, "runs/x"),
     ):
         try:

@@ -1,6 +1,7 @@
 """One run at a time in a run directory (launchers/soap_apps/run_lock.py): two jobs given the same
 --out or --output-dir mixed their metrics and overwrote each other's checkpoints, and fine-tuning's
-start-over deleted a live run's metrics; a dead run's lock file must not hold the directory."""
+start-over deleted a live run's metrics; a dead run's lock file must not hold the directory. And a
+resume reads the tokens its checkpoints were trained on (resume_check.check_resume_corpus)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,27 @@ def test_pretraining_into_a_live_runs_directory_is_refused(tmp_path, monkeypatch
     (tmp_path / run_lock.LOCK_FILE).write_text("pid 1\n")  # a killed run's: not 'already holds a run'
     assert run(cfg, run_dir=tmp_path).step == 2
     assert not (tmp_path / run_lock.LOCK_FILE).exists()
+
+
+def test_a_resume_on_an_edited_corpus_is_refused(tmp_path, monkeypatch, cache):
+    """The corpus at data.path edited between a run's checkpoint and its resume: the resume trained on
+    the new tokens, silently (the cache key changed, the data order's checks did not)."""
+    from pretrain_helpers import SMALL_MODEL, TINY
+
+    from soap_apps.pretrain.config import ConfigError, load_config
+    from soap_apps.pretrain.trainer import run
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "the quick brown fox jumps over the lazy dog. " * 600
+    (corpus / "a.txt").write_text(text)
+    cfg = load_config(TINY, [*SMALL_MODEL, "train.steps=4", "train.eval_every=0", f"data.path={corpus}"])
+    out = tmp_path / "run"
+    run(cfg, run_dir=out, stop_after=2)
+    (corpus / "a.txt").write_text(text.replace("o", "0"))  # the same size
+    with pytest.raises(ConfigError, match=r"the training tokens differ .* \(saved: \d+ tokens, "):
+        run(cfg, run_dir=out, resume=True)
+    (corpus / "a.txt").write_text(text)  # as it was: resumes
+    assert run(cfg, run_dir=out, resume=True).step == 4

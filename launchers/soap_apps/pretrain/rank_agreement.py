@@ -62,12 +62,12 @@ def _differences(every: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def check_same_command(env: DistEnv, cfg: Config, tokens: np.ndarray, flags: dict[str, Any]) -> None:
-    """ConfigError on every rank when the ranks resolved other configs, read other corpora or were
-    given other launcher flags (``flags``: --out, --resume, --stop-after, ...)."""
+def check_same_command(env: DistEnv, cfg: Config, corpus: str, flags: dict[str, Any]) -> None:
+    """ConfigError on every rank when the ranks resolved other configs, read other corpora (``corpus``:
+    this rank's ``tokens_fingerprint``) or were given other launcher flags (``flags``: --out, ...)."""
     if not env.distributed:
         return
-    mine = {**_flat(cfg), "corpus": tokens_fingerprint(tokens), **flags}
+    mine = {**_flat(cfg), "corpus": corpus, **flags}
     differ = _differences(_gather(env, mine))
     if differ:
         raise ConfigError(

@@ -28,6 +28,7 @@ from soap_apps.pretrain import checkpoint
 from soap_apps.pretrain.config import Config, ConfigError, load_config
 
 CONFIG_FILE = "config.yaml"
+CORPUS_FILE = "corpus.txt"  # the training tokens' fingerprint (rank_agreement.tokens_fingerprint)
 
 # the checkpoint's tensors (their names and shapes) or its data position depend on these
 SHAPE_KEYS = ("optim.name", "data.path", "data.eval_fraction", "train.seed")
@@ -213,3 +214,19 @@ def resume_command(script: str, argv: list[str], out: Path, distributed: bool) -
             args.append(arg)
     command = shlex.join([script, *args, "--out", str(out), "--resume"])
     return f"the same torchrun (or deepspeed) command with {command}" if distributed else f"python {command}"
+
+
+def check_resume_corpus(run_dir: Path, fingerprint: str) -> None:
+    """ConfigError when the run's checkpoints were trained on other tokens than this run would read
+    (a --data corpus edited since, or another one at the same path): a resume trained on the new ones
+    silently. Skipped without a checkpoint or without the run's CORPUS_FILE (older runs)."""
+    path = run_dir / CORPUS_FILE
+    if not path.is_file() or not checkpoint.formats_present(run_dir):
+        return
+    saved = path.read_text().strip()
+    if saved != fingerprint:
+        raise ConfigError(
+            f"--resume: the training tokens differ from those the run's checkpoints were trained on "
+            f"(saved: {saved}; now: {fingerprint}): the corpus at data.path changed since; resume with "
+            "the corpus as it was, or pass --out another directory to start a new run"
+        )

@@ -30,8 +30,15 @@ from soap_apps.pretrain.metrics import Metrics
 from soap_apps.pretrain.model import GPT, export, lm_loss
 from soap_apps.pretrain.optim import build_optimizer, param_groups
 from soap_apps.pretrain.parallel import DistEnv
-from soap_apps.pretrain.rank_agreement import check_same_checkpoint, check_same_command
-from soap_apps.pretrain.resume_check import Progress, check_resume_config, check_stop_after, interrupt_in
+from soap_apps.pretrain.rank_agreement import check_same_checkpoint, check_same_command, tokens_fingerprint
+from soap_apps.pretrain.resume_check import (
+    CORPUS_FILE,
+    Progress,
+    check_resume_config,
+    check_resume_corpus,
+    check_stop_after,
+    interrupt_in,
+)
 from soap_apps.schedule import lr_at
 
 
@@ -369,7 +376,10 @@ def _run(
         "--stop-after": stop_after,
         "--deepspeed": deepspeed_config,
     }
-    check_same_command(env, cfg, d.splits.train, flags)  # before any collective whose sizes they set
+    corpus = tokens_fingerprint(d.splits.train)
+    check_same_command(env, cfg, corpus, flags)  # before any collective whose sizes they set
+    if resume:
+        check_resume_corpus(run_dir, corpus)
     torch.manual_seed(t.seed)  # the same initial weights on every rank, before any sharding
     model = GPT(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -388,6 +398,7 @@ def _run(
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / CORPUS_FILE).write_text(corpus + "\n")
         print(
             f"pretrain: {n_params:,} parameters, {cfg.optim.name}, {mode}, world {env.world} on "
             f"{env.device.type}; global batch {global_batch} x {cfg.model.seq_len} tokens; "
