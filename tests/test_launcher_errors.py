@@ -212,7 +212,7 @@ def test_finetune_export_mismatch_names_the_flag_and_the_fix(tmp_path, texts, ca
         (["--data", "/nodata"], "--data '/nodata' does not exist; give a text file or a directory of them"),
         (["--init-from", "/nonexistent"], "--init-from is not supported by the Trainer route"),
         (["--resume", "/nope"], "--resume '/nope' is not a directory; give a checkpoint-N directory"),
-        (["--resume", "latest"], "--resume latest: no checkpoint-N under --output-dir '"),
+        (["--resume", "latest"], "--resume latest: no complete checkpoint-N under --output-dir '"),
         (["--output-dir", "USED"], "--output-dir 'USED' already holds a run (metrics.jsonl); pass --resume"),
     ],
 )
