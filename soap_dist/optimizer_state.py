@@ -43,10 +43,27 @@ class StateMixin:
     """``stats``, ``state_dict`` and ``load_state_dict`` of ``SOAP`` (see optimizer.py for the attributes)."""
 
     def stats(self) -> dict[str, Any]:
-        """Counters of what the optimizer did: refreshes, installs, failures, time spent.
+        """Counters of what the optimizer did on this rank: refreshes, installs, failures, time, bytes.
 
-        ``installed_at`` lists (param, first step using the new basis) for the most recent
-        ``engine.INSTALLED_AT_KEPT`` (4096) installs only, so nothing grows with the step count.
+        Before the first ``step()`` only ``{"built": False}``. Then:
+
+        - ``refreshes``: refresh rounds this rank took part in (the first call's eigendecompositions
+          excluded); ``factors_refreshed``: factors it decomposed in them (it owns them);
+          ``factors_owned``: factors it owns; ``owned_refresh_cost``: their cost, sum of d^3;
+        - ``bases_installed``: refreshed bases put into use (a failed refresh keeps its old basis and
+          counts in ``refresh_failures``); ``installed_at``: (parameter, first step using the new
+          basis) of the most recent ``engine.INSTALLED_AT_KEPT`` (4096) installs only;
+          ``nonfinite_params_warned``: parameters skipped for a non-finite gradient and warned about;
+        - ``refresh_seconds``: host seconds in refreshes after the first call, of which
+          ``owner_seconds`` in this rank's own decompositions; ``eigh_seconds``: the first call's
+          eigendecompositions; ``refresh_side_stream_seconds``: the asynchronous refresh's span on
+          its CUDA stream;
+        - ``placement``, ``world``, ``rank``: where it runs (``world``: the data-parallel world);
+        - ``factor_bytes``, ``basis_bytes``, ``moment_bytes``, ``stash_bytes``: the state it holds
+          (``stash_bytes``: bases waiting for their install step under refresh_delay >= 1);
+        - ``bytes_sent``, ``bytes_received``, ``collectives``: SOAP's own traffic so far;
+        - ``spread_params``, ``owner_grid``: under placement owner, the parameters left spread over
+          the ranks and the (replicas, shards) its owners span.
         """
         zero = self._zero
         engine, exchange = (zero.engine, zero.exchange) if zero else (self._engine, self._exchange)
@@ -220,6 +237,14 @@ class StateMixin:
             raise ValueError(
                 "SOAP.load_state_dict: expected an optimizer state_dict with 'state' and 'param_groups' "
                 f"(got {got}); pass what SOAP.state_dict() (or DCP's get_optimizer_state_dict) returned"
+            )
+        if not state_dict["state"] and any(p.requires_grad for p in self._params()):
+            warnings.warn(
+                "SOAP.load_state_dict: the state holds no parameter's state, so SOAP goes on as if new "
+                "(factors, bases and moments from zero). Expected only for a state saved before the first "
+                "step; with torch.distributed.checkpoint, a template taken by get_state_dict while "
+                "gradients are set holds no optimizer state and loads none: take it before any backward",
+                stacklevel=callers_level(),
             )
         with self._unchanged_if_refused():
             self._load_checked(_without_unfilled(state_dict))

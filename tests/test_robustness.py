@@ -424,3 +424,15 @@ def test_no_gradient_is_kept_alive_after_the_step(refresh_delay):
         opt.zero_grad(set_to_none=True)
         gc.collect()
         assert [r() is None for r in alive] == [True, True]
+
+
+def test_stats_docstring_names_every_key():
+    """The keys a user reads were undocumented (the docstring named installed_at only)."""
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = SOAP(params, precondition_frequency=2)
+    assert opt.stats() == {"built": False}
+    for _ in range(3):
+        params[0].grad = torch.randn(4, 3)
+        opt.step()
+    missing = [key for key in opt.stats() if f"``{key}``" not in SOAP.stats.__doc__]
+    assert missing == [], missing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -356,3 +357,19 @@ def test_a_copy_taken_between_add_param_group_and_the_next_step_keeps_the_state(
     copied = copy.deepcopy(opt)
     steps = [o.state_dict()["state"][0]["step"].item() for o in (copied, opt)]
     assert steps == [3.0, 3.0], steps
+
+
+def test_loading_a_state_without_any_parameters_state_warns():
+    """A DCP template taken while gradients were set holds no optimizer state, and set_state_dict then
+    loaded none, silently: SOAP went on as if new. An empty state now warns; a real one does not."""
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = SOAP(params, precondition_frequency=2)
+    with pytest.warns(UserWarning, match="holds no parameter's state, so SOAP goes on as if new"):
+        opt.load_state_dict(SOAP(params).state_dict())  # saved before the first step
+    for _ in range(3):
+        params[0].grad = torch.randn(4, 3)
+        opt.step()
+    saved = opt.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SOAP(params, precondition_frequency=2).load_state_dict(saved)

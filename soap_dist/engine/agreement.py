@@ -214,7 +214,9 @@ class AgreementMixin:
             causes = (
                 "step only after DDP's all-reduce (with no_sync, on the synchronising pass), keep every "
                 "replica's data loader and model in step, and wrap the model in DDP after setting "
-                "requires_grad (DDP does not all-reduce a parameter that was frozen when it was built)"
+                "requires_grad (DDP does not all-reduce a parameter that was frozen when it was built); "
+                "on CPU, Accelerate needs Accelerator(cpu=True) and the HF Trainer use_cpu=True, else no "
+                "DDP wraps the model and each process trains alone"
             )
         else:
             causes = (
