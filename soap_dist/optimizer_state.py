@@ -45,7 +45,7 @@ class StateMixin:
     def stats(self) -> dict[str, Any]:
         """Counters of what the optimizer did on this rank: refreshes, installs, failures, time, bytes.
 
-        Before the first ``step()`` only ``{"built": False}``. Then:
+        Before the first ``step()`` only ``{"built": False}``. Then ``built`` is True, and:
 
         - ``refreshes``: refresh rounds this rank took part in (the first call's eigendecompositions
           excluded); ``factors_refreshed``: factors it decomposed in them (it owns them);
