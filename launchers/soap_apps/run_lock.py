@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ def _claim(run_dir: Path) -> tuple[IO[str] | None, str | None]:
         return None, f"{run_dir}: cannot write its lock file ({error.strerror or error})"
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
@@ -46,10 +47,17 @@ def _claim(run_dir: Path) -> tuple[IO[str] | None, str | None]:
             "another directory; two runs in one directory mix their metrics and overwrite each other's "
             "checkpoints"
         )
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+    except OSError as error:  # a file system without locks (some NFS mounts): the run goes on unguarded
+        handle.close()
+        why = error.strerror or error
+        print(f"warning: {run_dir}: cannot lock it ({why}); make sure no other run uses it", file=sys.stderr)
+        return None, None
+    with contextlib.suppress(OSError):  # who holds it: a courtesy to the next job's message
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
+        handle.flush()
     return handle, None
 
 
