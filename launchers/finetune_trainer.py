@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from soap_apps import run_lock
 from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import parse_args
 from soap_apps.finetune.hf import build_trainer, newest_checkpoint, output_dir, trainer_resume
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     with sigterm_as_interrupt():
         try:
             trainer = build_trainer(cfg)
-            trainer.train(resume_from_checkpoint=trainer_resume(cfg, out))
-            metrics = trainer.evaluate()  # on every rank: evaluation gathers across them
+            with run_lock.holding(out, trainer.is_world_process_zero(), run_lock.from_rank0):
+                trainer.train(resume_from_checkpoint=trainer_resume(cfg, out))
+                metrics = trainer.evaluate()  # on every rank: evaluation gathers across them
         except (ConfigError, FileExistsError) as error:  # bad input: one line, no traceback; exit 2 as
             # for a bad flag (the paths and --output-dir are checked before the model or the data)
             print(f"{SCRIPT}: error: {error}", file=sys.stderr)

@@ -238,12 +238,12 @@ class StateMixin:
                 "SOAP.load_state_dict: expected an optimizer state_dict with 'state' and 'param_groups' "
                 f"(got {got}); pass what SOAP.state_dict() (or DCP's get_optimizer_state_dict) returned"
             )
-        if not state_dict["state"] and any(p.requires_grad for p in self._params()):
+        if not state_dict["state"] and any(p.grad is not None for p in self._params()):
             warnings.warn(
                 "SOAP.load_state_dict: the state holds no parameter's state, so SOAP goes on as if new "
-                "(factors, bases and moments from zero). Expected only for a state saved before the first "
-                "step; with torch.distributed.checkpoint, a template taken by get_state_dict while "
-                "gradients are set holds no optimizer state and loads none: take it before any backward",
+                "(factors, bases and moments from zero), while gradients are set: with "
+                "torch.distributed.checkpoint, a template taken by get_state_dict while gradients are set "
+                "holds no optimizer state and loads none. Take the template before any backward",
                 stacklevel=callers_level(),
             )
         with self._unchanged_if_refused():

@@ -311,3 +311,14 @@ def test_the_trainer_route_names_checkpoints_whose_save_was_cut_short(tmp_path):
         trainer_resume(FinetuneConfig(resume="latest"), tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
         trainer_resume(FinetuneConfig(resume=str(tmp_path / "checkpoint-4")), tmp_path)
+
+
+def test_the_trainer_route_takes_the_run_directory_lock(tmp_path, texts, capsys):
+    """Two Trainer jobs started together with one --output-dir both wrote the same checkpoint-N."""
+    from soap_apps import run_lock
+
+    out = tmp_path / "held"
+    with run_lock.holding(out, True, lambda why: why), pytest.raises(SystemExit) as exc:
+        finetune_trainer.main([*TINY, "--steps", "2", "--data", str(texts), "--output-dir", str(out)])
+    assert exc.value.code == 2 and "is in use by a run that is still going" in capsys.readouterr().err
+    assert not any(p.name.startswith("checkpoint-") for p in out.iterdir())

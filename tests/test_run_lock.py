@@ -35,6 +35,26 @@ def test_a_dead_runs_lock_file_holds_nothing(tmp_path):
         pass
 
 
+def test_a_lock_taken_on_a_file_just_removed_is_taken_again(tmp_path, monkeypatch):
+    """A job that opened the lock file just before its holder removed it at the end locked a removed
+    file, and the next job locked a new one: two runs at once (a review's stress test: 6779 of 12021)."""
+    import os
+
+    real, calls = run_lock._lock_once, []
+
+    def racing(run_dir):
+        handle, problem = real(run_dir)
+        if not calls:  # the holder ended between this job's open and its lock, and removed the file
+            os.unlink(run_dir / run_lock.LOCK_FILE)
+        calls.append(1)
+        return handle, problem
+
+    monkeypatch.setattr(run_lock, "_lock_once", racing)
+    handle, problem = run_lock._claim(tmp_path)
+    assert problem is None and len(calls) == 2 and run_lock._still_there(tmp_path, handle)
+    handle.close()
+
+
 def test_only_the_main_rank_locks_and_every_rank_gets_its_verdict(tmp_path):
     with run_lock.holding(tmp_path, True, _alone):
         with pytest.raises(run_lock.RunDirInUse, match="rank 0 says"):  # another rank: rank 0's verdict

@@ -364,8 +364,12 @@ def test_loading_a_state_without_any_parameters_state_warns():
     loaded none, silently: SOAP went on as if new. An empty state now warns; a real one does not."""
     params = [torch.nn.Parameter(torch.randn(4, 3))]
     opt = SOAP(params, precondition_frequency=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Accelerate's prepare() loads a new SOAP's empty state back
+        opt.load_state_dict(SOAP(params).state_dict())
+    params[0].grad = torch.randn(4, 3)  # the DCP trap: the template was taken after a backward
     with pytest.warns(UserWarning, match="holds no parameter's state, so SOAP goes on as if new"):
-        opt.load_state_dict(SOAP(params).state_dict())  # saved before the first step
+        opt.load_state_dict(SOAP(params).state_dict())
     for _ in range(3):
         params[0].grad = torch.randn(4, 3)
         opt.step()

@@ -31,6 +31,23 @@ class RunDirInUse(ConfigError):
 
 def _claim(run_dir: Path) -> tuple[IO[str] | None, str | None]:
     """(the held lock file, None) or (None, why not)."""
+    for _ in range(5):
+        handle, problem = _lock_once(run_dir)
+        if handle is None or _still_there(run_dir, handle):
+            return handle, problem
+        handle.close()  # its holder removed the file between our open and our lock: lock the new one
+    return None, f"{run_dir}: its lock file kept changing; is another run starting there now?"
+
+
+def _still_there(run_dir: Path, handle: IO[str]) -> bool:
+    """Whether the locked file is the one at the path (not one a finished run has just removed)."""
+    try:
+        return os.stat(run_dir / LOCK_FILE).st_ino == os.fstat(handle.fileno()).st_ino
+    except OSError:
+        return False
+
+
+def _lock_once(run_dir: Path) -> tuple[IO[str] | None, str | None]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
@@ -53,11 +70,9 @@ def _claim(run_dir: Path) -> tuple[IO[str] | None, str | None]:
         print(f"warning: {run_dir}: cannot lock it ({why}); make sure no other run uses it", file=sys.stderr)
         return None, None
     with contextlib.suppress(OSError):  # who holds it: a courtesy to the next job's message
-        handle.seek(0)
-        handle.truncate()
         since = time.strftime("%Y-%m-%d %H:%M:%S")
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
-        handle.flush()
+        os.ftruncate(handle.fileno(), 0)
+        os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
     return handle, None
 
 
@@ -75,5 +90,22 @@ def holding(run_dir: Path, is_main: bool, share: Callable[[str | None], str | No
     finally:
         if handle is not None:
             with contextlib.suppress(OSError):
-                os.unlink(run_dir / LOCK_FILE)
-            handle.close()
+                os.unlink(run_dir / LOCK_FILE)  # a job that opened it meanwhile sees the inode go (_claim)
+            with contextlib.suppress(OSError):
+                handle.close()
+
+
+def from_rank0(value: str | None) -> str | None:
+    """Rank 0's verdict on every rank of the default process group (itself without one): for a caller
+    that has no handle on the group (the HF Trainer's)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    nccl = dist.get_backend() == "nccl"
+    box = [value]
+    dist.broadcast_object_list(
+        box, src=0, device=torch.device("cuda", torch.cuda.current_device()) if nccl else None
+    )
+    return box[0]

@@ -11,6 +11,7 @@ these with one error naming what differs on which ranks.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,12 @@ def tokens_fingerprint(tokens: np.ndarray) -> str:
     step = max(1, n // DATA_SAMPLES)
     sample = np.ascontiguousarray(tokens[::step][:DATA_SAMPLES])
     return f"{n} tokens, {hashlib.blake2b(sample.tobytes(), digest_size=8).hexdigest()}"
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """A hash of a JSON config's contents (DeepSpeed's): its path may be each node's own."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _flat(cfg: Config) -> dict[str, Any]:

@@ -24,13 +24,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from soap_apps import run_lock
 from soap_apps.jsonl import read_records
-from soap_apps.pretrain import checkpoint, data, parallel
+from soap_apps.pretrain import checkpoint, data, parallel, rank_agreement
 from soap_apps.pretrain.config import Config, ConfigError, save_config
 from soap_apps.pretrain.metrics import Metrics
 from soap_apps.pretrain.model import GPT, export, lm_loss
 from soap_apps.pretrain.optim import build_optimizer, param_groups
 from soap_apps.pretrain.parallel import DistEnv
-from soap_apps.pretrain.rank_agreement import check_same_checkpoint, check_same_command, tokens_fingerprint
 from soap_apps.pretrain.resume_check import (
     CORPUS_FILE,
     Progress,
@@ -289,7 +288,7 @@ def _resume(
     """The step to start from: the newest checkpoint's (0, with a warning, without one); called only
     under ``resume``. A ``stop_after`` not past that checkpoint is refused before it is loaded."""
     latest = backend.latest_checkpoint(run_dir)
-    check_same_checkpoint(env, latest, str(run_dir))
+    rank_agreement.check_same_checkpoint(env, latest, str(run_dir))
     check_stop_after(stop_after, latest, steps, run_dir)
     if latest is None:
         if env.is_main:
@@ -374,10 +373,10 @@ def _run(
         "--out": str(run_dir),
         "--resume": resume,
         "--stop-after": stop_after,
-        "--deepspeed": deepspeed_config,
+        "--deepspeed": None if deepspeed_config is None else rank_agreement.config_digest(ds_config),
     }
-    corpus = tokens_fingerprint(d.splits.train)
-    check_same_command(env, cfg, corpus, flags)  # before any collective whose sizes they set
+    corpus = rank_agreement.tokens_fingerprint(d.splits.train)
+    rank_agreement.check_same_command(env, cfg, corpus, flags)  # before any collective whose sizes they set
     if resume:
         check_resume_corpus(run_dir, corpus)
     torch.manual_seed(t.seed)  # the same initial weights on every rank, before any sharding
