@@ -333,3 +333,21 @@ def test_an_older_checkpoint_without_saved_phases_loads_with_them_recomputed(tmp
         warnings.simplefilter("error")
         _drop_unsaved_phases(tmp_path, new, {"optim.state.w.step", "optim.state.w.refresh_phase"})
     assert "refresh_phase" in new["state"]["w"]
+
+
+def test_a_killed_preparations_temporary_file_is_swept_and_a_live_ones_kept(tmp_path):
+    """SIGKILL skips write_tokens' cleanup: each killed preparation left a corpus-sized file in the cache."""
+    import socket
+    import subprocess
+    import sys
+
+    script = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)  # ended: pid free
+    host = socket.gethostname()
+    killed = tmp_path / f".text-x.bin.{host}.{int(dead.stdout)}.tmp"
+    running = tmp_path / f".text-y.bin.{host}.{os.getpid()}.tmp"  # a live preparation's
+    elsewhere = tmp_path / f".text-z.bin.another-host.{int(dead.stdout)}.tmp"  # its host's to judge
+    for path in (killed, running, elsewhere):
+        path.write_bytes(b"partial")
+    data.write_tokens(np.arange(10, dtype=np.uint16), tmp_path / "text-new.bin")
+    assert not killed.exists() and running.exists() and elsewhere.exists()

@@ -93,12 +93,33 @@ def _fingerprint(root: Path, paths: list[Path]) -> str:
 def write_tokens(tokens: np.ndarray, out: Path) -> None:
     """Write uint16 ``tokens`` to ``out`` atomically (temporary file in the same directory, then rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_dead_temporaries(out.parent)
     tmp = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         tokens.astype(np.uint16).tofile(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_dead_temporaries(folder: Path) -> None:
+    """Remove the temporary files of preparations killed on this host (SIGKILL skips their cleanup):
+    each is up to a whole corpus, and the cache is often in a shared home. A file whose process is
+    alive (or whose pid was reused) is left alone; other hosts' files are theirs to remove."""
+    for tmp in folder.glob(f".*.{socket.gethostname()}.*.tmp"):
+        pid = tmp.name.removesuffix(".tmp").rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _bytes_of(paths: list[Path]) -> np.ndarray:
