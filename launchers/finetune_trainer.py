@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     with sigterm_as_interrupt():
         try:
             trainer = build_trainer(cfg)
-            with run_lock.holding(out, trainer.is_world_process_zero(), run_lock.from_rank0):
+            with run_lock.holding(out, trainer.is_world_process_zero()):
                 trainer.train(resume_from_checkpoint=trainer_resume(cfg, out))
                 metrics = trainer.evaluate()  # on every rank: evaluation gathers across them
         except (ConfigError, FileExistsError) as error:  # bad input: one line, no traceback; exit 2 as

@@ -77,12 +77,14 @@ def _lock_once(run_dir: Path) -> tuple[IO[str] | None, str | None]:
 
 
 @contextlib.contextmanager
-def holding(run_dir: Path, is_main: bool, share: Callable[[str | None], str | None]) -> Iterator[None]:
+def holding(
+    run_dir: Path, is_main: bool, share: Callable[[str | None], str | None] | None = None
+) -> Iterator[None]:
     """Hold ``run_dir`` for the block: rank 0 (``is_main``) takes the lock, ``share`` hands its verdict
-    to every rank (the identity in one process), and every rank raises RunDirInUse alike when another
+    to every rank (``from_rank0`` unless given), and every rank raises RunDirInUse alike when another
     run holds it. The lock file is removed at the end (a killed run's is passed over, not held)."""
     handle, problem = _claim(run_dir) if is_main else (None, None)
-    problem = share(problem)
+    problem = (share or from_rank0)(problem)
     if problem is not None:
         raise RunDirInUse(problem)
     try:
@@ -96,16 +98,12 @@ def holding(run_dir: Path, is_main: bool, share: Callable[[str | None], str | No
 
 
 def from_rank0(value: str | None) -> str | None:
-    """Rank 0's verdict on every rank of the default process group (itself without one): for a caller
-    that has no handle on the group (the HF Trainer's)."""
-    import torch
+    """Rank 0's verdict on every rank of the default process group (itself without one). torch picks
+    the object collective's device from the group's backend and the current CUDA device."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    nccl = dist.get_backend() == "nccl"
     box = [value]
-    dist.broadcast_object_list(
-        box, src=0, device=torch.device("cuda", torch.cuda.current_device()) if nccl else None
-    )
+    dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -201,9 +201,8 @@ class AgreementMixin:
     def _gradients_differ(self, active_ids: list[int], every: list[dict]) -> str:
         """The line of the disagreement error for gradients that differ between replicas: which
         parameters (their norms differ within a replica slot), and the usual causes."""
-        differ = []
+        differ, slots = [], {m["slot"] for m in every}
         for k, i in enumerate(active_ids):
-            slots = {m["slot"] for m in every}
             if any(
                 len({m["norms"][k] for m in every if m["slot"] == s and len(m["norms"]) > k}) > 1
                 for s in slots

@@ -294,17 +294,15 @@ def setup(accelerator: Any) -> dict[str, Any]:
     }
 
 
-def start_checks(cfg: FinetuneConfig, accelerator: Any) -> tuple[Path | None, bool]:
-    """Everything checked before the data or the model is built: --output-dir (writable, not another
-    run's), the input paths and, on resume, the checkpoint's settings. Returns the checkpoint to
-    resume from, and whether --output-dir holds an interrupted run's leftovers to clear."""
-    out = Path(cfg.output_dir)
-    leftovers = check_output_dir(out, cfg.resume, checkpoints.LEFTOVERS)
-    checkpoints.check_writable(out)
-    start = check_inputs(cfg)
+def start_checks(cfg: FinetuneConfig, accelerator: Any, start: Path | None) -> bool:
+    """What is checked under the run directory's lock, before the data or the model is built:
+    --output-dir is not another run's and, on resume, ``start``'s settings are this run's. Returns
+    whether --output-dir holds an interrupted run's leftovers to clear. (Its writability and the
+    paths read, ``start`` included, were checked before the lock: ``train``.)"""
+    leftovers = check_output_dir(Path(cfg.output_dir), cfg.resume, checkpoints.LEFTOVERS)
     if start is not None:
         check_resume(cfg, start, checkpoints.read_marker(start), setup(accelerator))
-    return start, leftovers
+    return leftovers
 
 
 def train(
@@ -322,11 +320,11 @@ def train(
     out = Path(cfg.output_dir or f"runs/finetune-{backend_name(accelerator)}")
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     checkpoints.check_writable(out)  # before the lock, which writes into it: a bad path is one line
-    check_inputs(cfg)  # and the paths read, before the lock needs the Accelerator
+    start = check_inputs(cfg)  # the paths read and the checkpoint to resume from, before the Accelerator
     progress = Progress()
     try:
-        with run_lock.holding(out, accelerator.is_main_process, lambda why: _from_main(accelerator, why)):
-            return _train(cfg, accelerator, progress, on_prepared)
+        with run_lock.holding(out, accelerator.is_main_process):
+            return _train(cfg, accelerator, progress, on_prepared, start)
     except BaseException as error:  # an interrupt: no collective from here, the other ranks may be anywhere
         if (stop := interrupt_in(error)) is None:
             raise
@@ -334,23 +332,15 @@ def train(
         raise stopped(stop, progress.running, cfg.steps, newest, accelerator.is_main_process) from None
 
 
-def _from_main(accelerator: Any, value: Any) -> Any:
-    """The main process's ``value`` on every process (itself with one)."""
-    if accelerator.num_processes == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0, device=accelerator.device)
-    return box[0]
-
-
 def _train(
     cfg: FinetuneConfig,
     accelerator: Any,
     progress: Progress,
     on_prepared: Callable[[nn.Module, torch.optim.Optimizer], None] | None,
+    start: Path | None,
 ) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
-    start, leftovers = start_checks(cfg, accelerator)
+    leftovers = start_checks(cfg, accelerator, start)
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
     if accelerator.is_main_process and leftovers:
         checkpoints.start_over(out)

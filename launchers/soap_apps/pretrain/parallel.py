@@ -11,7 +11,6 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,15 +73,6 @@ def barrier(env: DistEnv) -> None:
             dist.barrier(device_ids=[env.device.index])
         else:
             dist.barrier()
-
-
-def from_main(env: DistEnv, value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (a small picklable object; itself with one process)."""
-    if not env.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
-    return box[0]
 
 
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -331,7 +331,7 @@ def run(
     env = parallel.init_distributed()
     progress = Progress(Path(run_dir), cfg.train.steps, deepspeed=deepspeed_config is not None)
     try:
-        with run_lock.holding(Path(run_dir), env.is_main, lambda why: parallel.from_main(env, why)):
+        with run_lock.holding(Path(run_dir), env.is_main):
             result = _run(cfg, env, Path(run_dir), resume, stop_after, deepspeed_config, name, progress)
             # Every rank past its last collective before any rank tears the groups down: a gloo rank
             # that destroyed its groups while its peer was still finishing once aborted at exit.
