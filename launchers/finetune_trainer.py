@@ -21,8 +21,8 @@ from soap_apps import run_lock
 from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import parse_args
 from soap_apps.finetune.hf import build_trainer, newest_checkpoint, output_dir, trainer_resume
-from soap_apps.finetune.resume import NothingToTrain, report, script_path, sigterm_as_interrupt, stopped
-from soap_apps.pretrain.resume_check import interrupt_in
+from soap_apps.finetune.resume import NothingToTrain, report, script_path, stopped
+from soap_apps.pretrain.resume_check import interrupt_in, sigterm_as_interrupt
 
 SCRIPT = "launchers/finetune_trainer.py"
 

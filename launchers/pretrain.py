@@ -13,17 +13,18 @@ Ctrl-C raises while the run lasts; the work is in soap_apps.pretrain.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from soap_apps.config_loader import add_override_flag
 from soap_apps.pretrain.config import ConfigError, load_config
-from soap_apps.pretrain.resume_check import Interrupted, Terminated, resume_command
+from soap_apps.pretrain.resume_check import (
+    Interrupted,
+    resume_command,
+    signal_and_exit_code,
+    sigterm_as_interrupt,
+)
 from soap_apps.pretrain.trainer import NonFiniteLoss, backend_name, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
@@ -80,25 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) inside the block, so that a preempted run
-    ends like one stopped with Ctrl-C; the previous handler is back afterwards. Signals reach the
-    main thread only: elsewhere (a launcher called from a thread) nothing is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
 def _script() -> str:
     """This launcher's path as it is best typed here (relative to the working directory if it can be)."""
     try:
@@ -147,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain: {stop.message}; to continue: {command}", file=sys.stderr, flush=True)
         return stop.exit_code
     except KeyboardInterrupt as stop:  # before the run began (reading the config, ...)
-        signame, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+        signame, code = signal_and_exit_code(stop)
         if os.environ.get("RANK", "0") == "0":
             print(f"pretrain: interrupted by {signame} before training started", file=sys.stderr, flush=True)
         return code

@@ -14,15 +14,11 @@ not agree on one); rank 0 says what was kept and the command that continues (or 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shlex
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,24 +171,7 @@ def script_path(name: str) -> str:
 
 def signal_exit(stop: KeyboardInterrupt) -> int:
     """Rank 0's line for an interrupt before the run began; the exit code of a death by that signal."""
-    signame, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+    signame, code = resume_check.signal_and_exit_code(stop)
     if os.environ.get("RANK", "0") == "0":
         print(f"finetune: interrupted by {signame} before the run started", file=sys.stderr, flush=True)
     return code
-
-
-def _raise_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM (a preemption; accelerate launch forwards it) raises ``Terminated``,
-    so that it ends the run as Ctrl-C does. Handlers can only be set from the main thread."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _raise_sigterm) if main else None
-    try:
-        yield
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)

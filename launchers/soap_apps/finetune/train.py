@@ -40,11 +40,10 @@ from soap_apps.finetune.resume import (
     report,
     script_path,
     signal_exit,
-    sigterm_as_interrupt,
     stopped,
 )
 from soap_apps.jsonl import JsonlLog, records_through
-from soap_apps.pretrain.resume_check import Interrupted, interrupt_in
+from soap_apps.pretrain.resume_check import Interrupted, interrupt_in, sigterm_as_interrupt
 from soap_apps.quiet import (
     deepspeed_cpu_without_probe,
     no_deprecated_all_gather_warning,

@@ -16,10 +16,13 @@ command that continues the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +139,31 @@ def check_stop_after(stop_after: int | None, latest: int | None, steps: int, run
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a cluster's preemption; torchrun forwards it), raised by the launcher's handler so that
     it ends the run the way Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) inside the block, so that a preempted run
+    ends like one stopped with Ctrl-C; the previous handler is back afterwards. Signals reach the
+    main thread only: elsewhere (a launcher called from a thread) nothing is installed. The
+    pre-training and both fine-tuning launchers run under it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def signal_and_exit_code(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """The signal behind an interrupt, and the exit code of a death by it."""
+    return ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
 
 
 def interrupt_in(error: BaseException) -> KeyboardInterrupt | None:
