@@ -89,7 +89,8 @@ def continue_command(err: str) -> list[str]:
 
 # ----- 1: a save cut short -----
 def test_a_save_cut_short_leaves_no_step_dir_and_resume_latest_skips_it(tmp_path, texts, monkeypatch, capsys):
-    """SIGTERM during the save of step 2 once left an empty step_2/ that --resume latest picked."""
+    """SIGTERM twice during the save of step 2 (the second stops the save at once; one waits for it)
+    once left an empty step_2/ that --resume latest picked."""
     from accelerate import Accelerator
 
     real = Accelerator.save_state
@@ -98,6 +99,7 @@ def test_a_save_cut_short_leaves_no_step_dir_and_resume_latest_skips_it(tmp_path
         if "step_2" in str(path):  # a part written, then the signal
             Path(path).mkdir(parents=True, exist_ok=True)
             (Path(path) / "model.safetensors").write_bytes(b"half")
+            deliver(signal.SIGTERM)
             deliver(signal.SIGTERM)
         return real(self, path, *args, **kwargs)
 
@@ -116,6 +118,26 @@ def test_a_save_cut_short_leaves_no_step_dir_and_resume_latest_skips_it(tmp_path
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_1", "step_2", "step_3", "step_4", "step_9"]  # the .partial is gone
     assert all((out / "checkpoints" / f"step_{s}" / checkpoints.MARKER).is_file() for s in (1, 2, 3, 4))
+
+
+def test_one_sigterm_during_a_save_waits_for_it(tmp_path, texts, monkeypatch, capsys):
+    """The save under way when the signal comes is finished and kept; the run then stops."""
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def save_state(self, path, *args, **kwargs):
+        if "step_2" in str(path):
+            deliver(signal.SIGTERM)
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    out = tmp_path / "run"
+    code, err = exits(capsys, texts, out, "--save-every", "1")
+    assert code == 143 and "Traceback" not in err
+    assert "finetune: SIGTERM during the checkpoint of step 2: finishing it first" in err
+    assert f"the newest complete checkpoint is {out / 'checkpoints' / 'step_2'}" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1", "step_2"]
 
 
 # ----- 2: Ctrl-C and SIGTERM -----

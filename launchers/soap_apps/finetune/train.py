@@ -43,7 +43,12 @@ from soap_apps.finetune.resume import (
     stopped,
 )
 from soap_apps.jsonl import JsonlLog, records_through
-from soap_apps.pretrain.resume_check import Interrupted, interrupt_in, sigterm_as_interrupt
+from soap_apps.pretrain.resume_check import (
+    Interrupted,
+    interrupt_in,
+    interrupts_held,
+    sigterm_as_interrupt,
+)
 from soap_apps.quiet import (
     deepspeed_cpu_without_probe,
     no_deprecated_all_gather_warning,
@@ -429,8 +434,10 @@ def _train(
             if (cfg.eval_every and progress.step % cfg.eval_every == 0) or last:
                 record({"step": progress.step, "eval_loss": evaluate(model, eval_dl, accelerator)})
             if (cfg.save_every and progress.step % cfg.save_every == 0) or last:
-                with no_shared_tensor_note():  # GPT-2's tied head: dropped from the file, re-tied on load
-                    checkpoints.save(accelerator, out, progress.step, saved)
+                note = "finetune" if accelerator.is_main_process else None
+                with interrupts_held(f"the checkpoint of step {progress.step}", note):
+                    with no_shared_tensor_note():  # GPT-2's tied head: dropped from the file, re-tied on load
+                        checkpoints.save(accelerator, out, progress.step, saved)
             tick = time.perf_counter()
     finally:
         bar.close()  # before any message: an interrupt's starts on a line of its own

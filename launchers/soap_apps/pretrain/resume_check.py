@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -159,6 +160,54 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _interrupt_for(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def interrupts_held(what: str, note: str | None) -> Iterator[None]:
+    """Ctrl-C or SIGTERM during ``what`` (a checkpoint being written, old ones being pruned) waits
+    for the block to finish and is raised right after it, so that no save or deletion is cut short
+    mid-file: a checkpoint due at the interrupted step is then kept, and no half-written DCP writer
+    is left for the garbage collector (torch 2.15 prints an "Exception ignored" traceback for one).
+    The same signal, or the other, a second time raises at once. ``note``: the program's name for
+    the one line that says so on stderr (rank 0), None to stay quiet. Only signals that would raise
+    an interrupt here are held (SIGINT not ignored; SIGTERM under ``sigterm_as_interrupt``), and
+    only on the main thread. torchrun forwards one signal to each rank, and the ranks enter and
+    leave a save together, within a millisecond: one that got the signal just outside the block
+    while another was inside it leaves that one waiting in the save until torchrun's shutdown
+    timeout ends it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raising = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if held:
+            raise _interrupt_for(signum)
+        held.append(signum)
+        if note is not None:  # os.write: print() may be inside a write to the same stream here
+            name = signal.Signals(signum).name
+            line = f"{note}: {name} during {what}: finishing it first (send it again to stop at once)\n"
+            try:
+                os.write(sys.stderr.fileno(), line.encode())
+            except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured)
+                sys.stderr.write(line)
+
+    previous = {s: signal.getsignal(s) for s in raising}
+    swapped = [s for s in raising if previous[s] is raising[s]]
+    for s in swapped:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s in swapped:
+            signal.signal(s, previous[s])
+    if held:
+        raise _interrupt_for(held[0])
 
 
 def signal_and_exit_code(stop: KeyboardInterrupt) -> tuple[str, int]:

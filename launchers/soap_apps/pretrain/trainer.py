@@ -37,6 +37,7 @@ from soap_apps.pretrain.resume_check import (
     check_resume_corpus,
     check_stop_after,
     interrupt_in,
+    interrupts_held,
 )
 from soap_apps.schedule import lr_at
 
@@ -457,8 +458,9 @@ def _run(
         if evaluating:
             evaluate(step)
         if saving:
-            backend.save(run_dir, step, {"step": step, "data": d.sampler.state_dict()})
-            checkpoint.prune(run_dir, t.keep_checkpoints, env, deepspeed_config is not None)
+            with interrupts_held(f"the checkpoint of step {step}", "pretrain" if env.is_main else None):
+                backend.save(run_dir, step, {"step": step, "data": d.sampler.state_dict()})
+                checkpoint.prune(run_dir, t.keep_checkpoints, env, deepspeed_config is not None)
             last_saved = step
     final_step = max(last, start_step)
     exported = None
