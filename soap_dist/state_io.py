@@ -188,8 +188,35 @@ def _consolidate(engine: SoapEngine, state: dict[int, dict]) -> None:
             store.factors[row].zero_()
 
 
+def with_row_flags(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -> dict[Any, dict[str, Tensor]]:
+    """``state`` with ``pending_ok_j`` in today's layout (a flag on each row) where it was saved in the
+    layout of soap_dist before its placements (9345cdf, one process): one flag per row block for
+    j = 0, one flag for j >= 1. Only where the state holds whole parameters' rows (not fsdp-local,
+    owner or ZeRO over several ranks, whose rank-local rows could have as many values as the blocks);
+    there ``_check_blocks_fit`` refuses the old layout, naming the key. ``state`` is not changed."""
+    if _rows_sharded(engine):
+        return state
+    upgraded = dict(state)
+    for lay in engine.layouts:
+        key = lay.index if lay.index in state else str(lay.index)
+        entry = state.get(key)
+        if not isinstance(entry, dict):
+            continue
+        full = engine.plan.layouts[lay.index]
+        for j in range(len(full.block_shape)):
+            ok = entry.get(f"pending_ok_{j}")
+            if not isinstance(ok, Tensor) or is_dtensor(ok) or ok.dim() != 1:
+                continue
+            counts = list(full.row_counts) if j == 0 else [full.block_shape[j]]
+            if ok.numel() == len(counts) != sum(counts):
+                rows = torch.repeat_interleave(ok, torch.tensor(counts, device=ok.device))
+                upgraded[key] = entry = {**entry, f"pending_ok_{j}": rows}
+    return upgraded
+
+
 def check_loadable(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
     """Raise ValueError if ``state`` is corrupt or does not fit the engine; nothing is copied."""
+    state = with_row_flags(engine, state)
     check_engine_state(engine, state)
     _check_fits(engine, state, _locations(engine), partial)
     _check_blocks_fit(engine, state)
@@ -205,13 +232,23 @@ def _check_blocks_fit(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -
             continue
         name = engine.layouts[i].name
         squares = [f"factor_{j}", f"basis_{j}"]  # present: _check_fits ran
+        flags: list[str] = []  # one value per row of the block
         if engine.refresh_delay and f"pending_basis_{j}" in entry:
             squares.append(f"pending_basis_{j}")
-            lacking = [k for k in (f"pending_perm_{j}", f"pending_ok_{j}") if k not in entry]
+            flags = [f"pending_perm_{j}", f"pending_ok_{j}"]
+            lacking = [k for k in flags if k not in entry]
             if lacking:
                 raise ValueError(f"SOAP.load_state_dict: the state of {name} has no {', '.join(lacking)}")
         for e, store, slot in items:
             box, slot_shape = _Box(engine, e, j == 0 and sharded_rows), tuple(store.bases[slot].shape)
+            for key in flags:
+                got = tuple(box.rows(local(entry[key]).reshape(-1)).shape)
+                if got != slot_shape[:1]:
+                    raise ValueError(
+                        f"SOAP.load_state_dict: {key} of {name} covers {got[0]} of the {slot_shape[0]} rows "
+                        "of a block: the state was saved for another model or other options (or by a "
+                        "soap_dist older than its placements: load it in one process and save it again)"
+                    )
             for key in squares:
                 got = tuple(box.view(local(entry[key])).shape)
                 if got != slot_shape:
@@ -231,6 +268,7 @@ def load_engine_state(
 ) -> None:
     """Copy saved per-parameter state into the engine; ``partial`` allows parameters the state lacks.
     A state that ``check_loadable`` refuses fails before anything is copied (``checked``: it ran)."""
+    state = with_row_flags(engine, state)
     if not checked:
         check_loadable(engine, state, partial)
     where, held = _locations(engine), _entries(engine)

@@ -377,3 +377,40 @@ def test_loading_a_state_without_any_parameters_state_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SOAP(params, precondition_frequency=2).load_state_dict(saved)
+
+
+def _flags_per_block(state: dict, block_size: int) -> dict:
+    """``state`` with every ``pending_ok_j`` in the layout soap_dist saved before its placements
+    (9345cdf): one flag per row block for j = 0, a single flag for j >= 1."""
+    old = copy.deepcopy(state)
+    for entry in old["state"].values():
+        for key in [k for k in entry if k.startswith("pending_ok_")]:
+            rows = entry[key]
+            entry[key] = rows[::block_size].clone() if key == "pending_ok_0" else rows[:1].clone()
+    return old
+
+
+def test_a_state_with_the_old_per_block_pending_flags_loads_and_continues_the_same():
+    """A state saved with refresh_delay=1 while a basis waits for its install step, in the layout of
+    the first soap_dist versions: it loaded with an IndexError from the middle of the copy."""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = gradient_stream(SHAPES, 12)
+    options = {"refresh_delay": 1, "block_size": 4}
+    params, opt = _make(init, **options)
+    _drive(params, opt, grads[:7])  # refreshed at step 6, installed at step 8: a basis waits
+    state = copy.deepcopy(opt.state_dict())
+    assert state["state"][0]["install_step"] >= 0 and state["state"][0]["pending_ok_0"].numel() == 6
+    old = _flags_per_block(state, 4)
+    assert old["state"][0]["pending_ok_0"].numel() == 2  # rows 0-3 and 4-5
+    finals = []
+    for saved in (state, old):
+        params_c, opt_c = _make([p.detach().clone() for p in params], **options)
+        opt_c.load_state_dict(saved)
+        _drive(params_c, opt_c, grads[7:])
+        finals.append(params_c)
+    for a, b in zip(*finals, strict=True):
+        assert torch.equal(a, b)
+    old["state"][0]["pending_ok_0"] = torch.ones(5)  # neither layout: refused, naming the key
+    _, fresh = _make(init, **options)
+    with pytest.raises(ValueError, match=r"pending_ok_0 of .* covers 1 of the 2 rows of a block"):
+        fresh.load_state_dict(old)

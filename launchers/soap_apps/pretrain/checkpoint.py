@@ -152,7 +152,8 @@ def _drop_unsaved_phases(path: Path, optim_sd: dict[str, Any], saved_keys: Any) 
     if dropped:
         warnings.warn(
             f"{path} holds no refresh_phase (saved by an older soap_dist): the staggered refresh phases "
-            "are recomputed for this world size, so refreshes may fall on other steps than in the saved run",
+            "are recomputed by this version, so refreshes may fall on other steps than in the saved run, "
+            "even at the same world size (how phases are assigned has changed since)",
             stacklevel=3,
         )
 
