@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pretrain_helpers import LAUNCHER, SMALL_MODEL, temporary_cache
 
-from soap_apps.pretrain import checkpoint
+from soap_apps.pretrain import checkpoint, resume_check
 from soap_apps.pretrain.resume_check import Terminated, interrupts_held, sigterm_as_interrupt
 
 
@@ -40,7 +40,8 @@ def test_an_interrupt_waits_for_the_block_and_is_raised_after_it(ctrl_c, capfd):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_second_signal_stops_at_once_and_the_quiet_ranks_say_nothing(ctrl_c, capfd):
+def test_a_second_signal_stops_at_once_and_the_quiet_ranks_say_nothing(ctrl_c, capfd, monkeypatch):
+    monkeypatch.setattr(resume_check, "COPIES_WITHIN_S", 0.0)  # the second comes later than this
     finished = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_held("the checkpoint", None):
@@ -50,6 +51,29 @@ def test_a_second_signal_stops_at_once_and_the_quiet_ranks_say_nothing(ctrl_c, c
     assert finished == [] and capfd.readouterr().err == ""
 
 
+def test_copies_of_the_signal_right_after_it_do_not_cut_the_block_short(ctrl_c):
+    """The deepspeed launcher's ranks get the terminal's SIGINT, then the launcher's SIGTERM."""
+    finished = []
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with sigterm_as_interrupt(), interrupts_held("the checkpoint", None):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            finished.append("the save")
+    assert finished == ["the save"] and not isinstance(raised.value, Terminated)
+
+
+def test_a_block_that_fails_after_the_signal_raises_the_interrupt(ctrl_c):
+    """A peer that stopped at once leaves this rank's save to fail: the run still ends as interrupted."""
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with interrupts_held("the checkpoint", None):
+            os.kill(os.getpid(), signal.SIGINT)
+            raise RuntimeError("Connection closed by peer")
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError):  # without a signal, the error itself
+        with interrupts_held("the checkpoint", None):
+            raise RuntimeError("disk full")
+
+
 def test_sigterm_is_held_only_where_it_would_raise(ctrl_c):
     finished = []
     with pytest.raises(Terminated):
@@ -57,9 +81,10 @@ def test_sigterm_is_held_only_where_it_would_raise(ctrl_c):
             os.kill(os.getpid(), signal.SIGTERM)
             finished.append("the save")
     assert finished == ["the save"]
-    # outside sigterm_as_interrupt SIGTERM keeps its handler (here: default, which would end the process)
+    # outside sigterm_as_interrupt SIGTERM keeps whatever handler it had
+    before = signal.getsignal(signal.SIGTERM)
     with interrupts_held("the checkpoint", None):
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is before
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with interrupts_held("the checkpoint", None):

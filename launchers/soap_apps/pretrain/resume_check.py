@@ -23,6 +23,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,32 +167,43 @@ def _interrupt_for(signum: int) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+# Signals this soon after the one held are copies of it: the deepspeed launcher's ranks share the
+# terminal's process group and get its Ctrl-C, then the launcher's SIGTERM; a scheduler may signal
+# torchrun and its workers alike, and torchrun forwards it too.
+COPIES_WITHIN_S = 2.0
+
+
 @contextlib.contextmanager
 def interrupts_held(what: str, note: str | None) -> Iterator[None]:
     """Ctrl-C or SIGTERM during ``what`` (a checkpoint being written, old ones being pruned) waits
     for the block to finish and is raised right after it, so that no save or deletion is cut short
     mid-file: a checkpoint due at the interrupted step is then kept, and no half-written DCP writer
     is left for the garbage collector (torch 2.15 prints an "Exception ignored" traceback for one).
-    The same signal, or the other, a second time raises at once. ``note``: the program's name for
-    the one line that says so on stderr (rank 0), None to stay quiet. Only signals that would raise
-    an interrupt here are held (SIGINT not ignored; SIGTERM under ``sigterm_as_interrupt``), and
-    only on the main thread. torchrun forwards one signal to each rank, and the ranks enter and
-    leave a save together, within a millisecond: one that got the signal just outside the block
-    while another was inside it leaves that one waiting in the save until torchrun's shutdown
-    timeout ends it."""
+    Another signal within ``COPIES_WITHIN_S`` is a copy of the first and ignored; one later raises
+    at once. Should the block raise anyway (a peer gone from the save's collectives), the held
+    interrupt is what propagates, from that error. ``note``: the program's name for the one line that
+    says so on stderr (rank 0), None to stay quiet. Only signals that would raise an interrupt here
+    are held (SIGINT not ignored; SIGTERM under ``sigterm_as_interrupt``), and only on the main
+    thread. The ranks enter and leave a save together, within a millisecond; a rank that got the
+    signal just outside the block leaves the others' save to fail, or to wait until the launcher's
+    shutdown timeout ends them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     raising = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
-    held: list[int] = []
+    held: list[tuple[int, float]] = []  # the first signal, and when it came
 
     def hold(signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if held and now - held[0][1] < COPIES_WITHIN_S:
+            return
         if held:
             raise _interrupt_for(signum)
-        held.append(signum)
+        held.append((signum, now))
         if note is not None:  # os.write: print() may be inside a write to the same stream here
             name = signal.Signals(signum).name
-            line = f"{note}: {name} during {what}: finishing it first (send it again to stop at once)\n"
+            # on a line of its own: rank 0's progress bar may hold the cursor mid-line
+            line = f"\n{note}: {name} during {what}: finishing it first (send it again to stop at once)\n"
             try:
                 os.write(sys.stderr.fileno(), line.encode())
             except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured)
@@ -203,11 +215,15 @@ def interrupts_held(what: str, note: str | None) -> Iterator[None]:
         signal.signal(s, hold)
     try:
         yield
+    except BaseException as error:
+        if held and not isinstance(error, KeyboardInterrupt):
+            raise _interrupt_for(held[0][0]) from error
+        raise
     finally:
         for s in swapped:
             signal.signal(s, previous[s])
     if held:
-        raise _interrupt_for(held[0])
+        raise _interrupt_for(held[0][0])
 
 
 def signal_and_exit_code(stop: KeyboardInterrupt) -> tuple[str, int]:
