@@ -246,8 +246,13 @@ def _check_blocks_fit(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -
                 if got != slot_shape[:1]:
                     raise ValueError(
                         f"SOAP.load_state_dict: {key} of {name} covers {got[0]} of the {slot_shape[0]} rows "
-                        "of a block: the state was saved for another model or other options (or by a "
-                        "soap_dist older than its placements: load it in one process and save it again)"
+                        "of a block: the state was saved for another model or other options"
+                        + (
+                            " (or by a soap_dist older than its placements: load it in one process and "
+                            "save it again)"
+                            if key.startswith("pending_ok")
+                            else ""
+                        )
                     )
             for key in squares:
                 got = tuple(box.view(local(entry[key])).shape)
