@@ -203,7 +203,8 @@ def interrupts_held(what: str, note: str | None) -> Iterator[None]:
         if note is not None:  # os.write: print() may be inside a write to the same stream here
             name = signal.Signals(signum).name
             # on a line of its own: rank 0's progress bar may hold the cursor mid-line
-            line = f"\n{note}: {name} during {what}: finishing it first (send it again to stop at once)\n"
+            again = f"send it again after {COPIES_WITHIN_S:g} s to stop at once"
+            line = f"\n{note}: {name} during {what}: finishing it first ({again})\n"
             try:
                 os.write(sys.stderr.fileno(), line.encode())
             except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured)
