@@ -317,7 +317,7 @@ def test_a_live_runs_output_dir_is_neither_started_over_nor_resumed(tmp_path, te
     out = tmp_path / "live"
     out.mkdir()
     (out / checkpoints.METRICS).write_text('{"event": "start", "step": 0}\n')  # a run before its first save
-    with run_lock.holding(out, True, lambda why: why):
+    with run_lock.holding(out, True):
         code, err = exits(capsys, texts, out)
         assert code == 2 and "is in use by a run that is still going (pid" in err, err
         code, err = exits(capsys, texts, out, "--resume", "latest")  # refused: no checkpoint yet
@@ -342,7 +342,7 @@ def test_the_trainer_route_takes_the_run_directory_lock(tmp_path, texts, capsys)
     from soap_apps import run_lock
 
     out = tmp_path / "held"
-    with run_lock.holding(out, True, lambda why: why), pytest.raises(SystemExit) as exc:
+    with run_lock.holding(out, True), pytest.raises(SystemExit) as exc:
         finetune_trainer.main([*TINY, "--steps", "2", "--data", str(texts), "--output-dir", str(out)])
     assert exc.value.code == 2 and "is in use by a run that is still going" in capsys.readouterr().err
     assert not any(p.name.startswith("checkpoint-") for p in out.iterdir())

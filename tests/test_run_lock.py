@@ -10,20 +10,16 @@ import pytest
 from soap_apps import run_lock
 
 
-def _alone(why):
-    return why
-
-
 def test_a_held_directory_is_refused_naming_its_holder_and_freed_after(tmp_path):
-    with run_lock.holding(tmp_path, True, _alone):
+    with run_lock.holding(tmp_path, True):
         assert (tmp_path / run_lock.LOCK_FILE).is_file()
         with pytest.raises(
             run_lock.RunDirInUse, match=r"is in use by a run that is still going \(pid \d+ on "
         ):
-            with run_lock.holding(tmp_path, True, _alone):
+            with run_lock.holding(tmp_path, True):
                 pass
     assert not (tmp_path / run_lock.LOCK_FILE).exists()  # removed at the end
-    with run_lock.holding(tmp_path, True, _alone):  # and free again
+    with run_lock.holding(tmp_path, True):  # and free again
         pass
 
 
@@ -31,7 +27,7 @@ def test_a_dead_runs_lock_file_holds_nothing(tmp_path):
     (tmp_path / run_lock.LOCK_FILE).write_text(
         "pid 1 on elsewhere, since long ago\n"
     )  # unlocked: its holder died
-    with run_lock.holding(tmp_path, True, _alone):
+    with run_lock.holding(tmp_path, True):
         pass
 
 
@@ -55,12 +51,14 @@ def test_a_lock_taken_on_a_file_just_removed_is_taken_again(tmp_path, monkeypatc
     handle.close()
 
 
-def test_only_the_main_rank_locks_and_every_rank_gets_its_verdict(tmp_path):
-    with run_lock.holding(tmp_path, True, _alone):
-        with pytest.raises(run_lock.RunDirInUse, match="rank 0 says"):  # another rank: rank 0's verdict
-            with run_lock.holding(tmp_path, False, lambda why: "rank 0 says so"):
-                pass
-        with run_lock.holding(tmp_path, False, _alone):  # no lock taken, none refused
+def test_only_the_main_rank_locks_and_every_rank_gets_its_verdict(tmp_path, monkeypatch):
+    with run_lock.holding(tmp_path, True):
+        with monkeypatch.context() as patch:  # another rank, given rank 0's verdict by the broadcast
+            patch.setattr(run_lock, "from_rank0", lambda why: "rank 0 says so")
+            with pytest.raises(run_lock.RunDirInUse, match="rank 0 says"):
+                with run_lock.holding(tmp_path, False):
+                    pass
+        with run_lock.holding(tmp_path, False):  # no lock taken, none refused
             pass
 
 
@@ -80,7 +78,7 @@ def test_pretraining_into_a_live_runs_directory_is_refused(tmp_path, monkeypatch
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     cfg = load_config(TINY, [*SMALL_MODEL, "train.steps=2", "train.eval_every=0"])
-    with run_lock.holding(tmp_path, True, _alone):  # a run still going there
+    with run_lock.holding(tmp_path, True):  # a run still going there
         for resume in (False, True):  # --resume was the advice of the refusal that came first before
             with pytest.raises(run_lock.RunDirInUse, match="in use by a run that is still going"):
                 run(cfg, run_dir=tmp_path, resume=resume)

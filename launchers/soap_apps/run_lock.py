@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -77,14 +77,12 @@ def _lock_once(run_dir: Path) -> tuple[IO[str] | None, str | None]:
 
 
 @contextlib.contextmanager
-def holding(
-    run_dir: Path, is_main: bool, share: Callable[[str | None], str | None] | None = None
-) -> Iterator[None]:
-    """Hold ``run_dir`` for the block: rank 0 (``is_main``) takes the lock, ``share`` hands its verdict
-    to every rank (``from_rank0`` unless given), and every rank raises RunDirInUse alike when another
-    run holds it. The lock file is removed at the end (a killed run's is passed over, not held)."""
+def holding(run_dir: Path, is_main: bool) -> Iterator[None]:
+    """Hold ``run_dir`` for the block: rank 0 (``is_main``) takes the lock, ``from_rank0`` hands its
+    verdict to every rank, and every rank raises RunDirInUse alike when another run holds it. The
+    lock file is removed at the end (a killed run's is passed over, not held)."""
     handle, problem = _claim(run_dir) if is_main else (None, None)
-    problem = (share or from_rank0)(problem)
+    problem = from_rank0(problem)
     if problem is not None:
         raise RunDirInUse(problem)
     try:
