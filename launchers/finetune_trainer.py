@@ -20,7 +20,7 @@ from typing import Any
 from soap_apps import run_lock
 from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import parse_args
-from soap_apps.finetune.hf import build_trainer, newest_checkpoint, output_dir, trainer_resume
+from soap_apps.finetune.hf import build_trainer, newest_checkpoint, output_dir
 from soap_apps.finetune.resume import NothingToTrain, report, script_path, stopped
 from soap_apps.pretrain.resume_check import interrupt_in, sigterm_as_interrupt
 
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             trainer = build_trainer(cfg)
             with run_lock.holding(out, trainer.is_world_process_zero()):
-                trainer.train(resume_from_checkpoint=trainer_resume(cfg, out))
+                # build_trainer resolved --resume (and said what it skipped) once, into the arguments
+                trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
                 metrics = trainer.evaluate()  # on every rank: evaluation gathers across them
         except (ConfigError, FileExistsError) as error:  # bad input: one line, no traceback; exit 2 as
             # for a bad flag (the paths and --output-dir are checked before the model or the data)

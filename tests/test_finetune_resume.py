@@ -325,6 +325,19 @@ def test_a_live_runs_output_dir_is_neither_started_over_nor_resumed(tmp_path, te
     assert (out / checkpoints.METRICS).read_text() == '{"event": "start", "step": 0}\n'
 
 
+def test_the_trainer_route_resolves_resume_latest_once(tmp_path, texts, capsys):
+    """The newest complete checkpoint-N was looked up twice (before the lock, and for train()), and the
+    note on a newer one cut short was printed twice."""
+    out = tmp_path / "trainer"
+    run = [*TINY, "--data", str(texts), "--output-dir", str(out)]
+    finetune_trainer.main([*run, "--steps", "2"])
+    (out / "checkpoint-9").mkdir()  # cut short: no trainer_state.json
+    capsys.readouterr()
+    finetune_trainer.main([*run, "--steps", "3", "--resume", "latest"])
+    assert capsys.readouterr().err.count("skipping checkpoint-9") == 1
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file()
+
+
 def test_the_trainer_route_names_checkpoints_whose_save_was_cut_short(tmp_path):
     """Only an incomplete checkpoint-4: --resume latest advised dropping --resume, which was then
     refused for the folder it holds, and --resume DIR took the incomplete one."""

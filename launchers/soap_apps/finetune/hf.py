@@ -234,6 +234,8 @@ def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
         optimizer["callbacks"].append(save_callback())
     else:
         overrides.setdefault("optim", "adamw_torch")
+    # the checkpoint resolved above, for launchers/finetune_trainer.py's train() (not used by the Trainer)
+    overrides.setdefault("resume_from_checkpoint", None if start is None else str(start))
     return shared_schedule_trainer(cfg)(
         model=model,
         args=training_arguments(cfg, **overrides),
