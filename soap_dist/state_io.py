@@ -216,7 +216,10 @@ def with_row_flags(engine: SoapEngine, state: dict[Any, dict[str, Tensor]]) -> d
 
 def check_loadable(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool = False) -> None:
     """Raise ValueError if ``state`` is corrupt or does not fit the engine; nothing is copied."""
-    state = with_row_flags(engine, state)
+    _check_upgraded(engine, with_row_flags(engine, state), partial)
+
+
+def _check_upgraded(engine: SoapEngine, state: dict[Any, dict[str, Tensor]], partial: bool) -> None:
     check_engine_state(engine, state)
     _check_fits(engine, state, _locations(engine), partial)
     _check_blocks_fit(engine, state)
@@ -275,7 +278,7 @@ def load_engine_state(
     A state that ``check_loadable`` refuses fails before anything is copied (``checked``: it ran)."""
     state = with_row_flags(engine, state)
     if not checked:
-        check_loadable(engine, state, partial)
+        _check_upgraded(engine, state, partial)
     where, held = _locations(engine), _entries(engine)
     engine.complete_inflight()  # nothing launched or in flight may land on top of the loaded state
     plan, me = engine.plan, engine.plan.topology.rank
