@@ -1,7 +1,7 @@
 """What ``--resume`` checks before loading a checkpoint, and what an interrupted run says on its way out.
 
 Fine-tuning's side of pre-training's ``soap_apps.pretrain.resume_check`` (whose key lists,
-``Terminated``, ``interrupt_in`` and ``Interrupted`` it uses). ``check_resume``: a checkpoint fits
+``Interrupted`` and ``signal_and_exit_code`` it uses). ``check_resume``: a checkpoint fits
 only the settings that wrote it (recorded in its ``checkpoints.MARKER``); a change that would break
 its state, or be silently undone by it, is named flag by flag in one ConfigError before anything is
 loaded (before: AdamW resumed SOAP's state without a word, and --context a size-mismatch traceback).
@@ -25,7 +25,7 @@ from typing import Any
 from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.pretrain import resume_check
-from soap_apps.pretrain.resume_check import Interrupted, Terminated
+from soap_apps.pretrain.resume_check import Interrupted
 
 _FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 # the weights' shapes (model), the data and its position (counted in batches), the optimizer's state
@@ -122,7 +122,7 @@ def stopped(
     stop: KeyboardInterrupt, step: int | None, steps: int, newest: Path | None, is_main: bool
 ) -> Interrupted:
     """The Interrupted that describes ``stop`` at ``step`` (None: still starting up)."""
-    signame = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT"
+    signame, _ = resume_check.signal_and_exit_code(stop)
     where = "during start-up" if step is None else f"after step {step} of {steps}"
     kept = (
         f"the newest complete checkpoint is {newest}"

@@ -286,7 +286,7 @@ class Progress:
         """Close the metrics (no plot, no collective) and describe the interrupt ``stop``."""
         for metrics in self.closers:
             metrics.close(plot=False)
-        signame = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT"
+        signame, _ = signal_and_exit_code(stop)
         where = "during start-up" if self.step is None else f"at step {self.step} of {self.total_steps}"
         newest = newest_checkpoint(self.run_dir, self.deepspeed)
         kept = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint"
