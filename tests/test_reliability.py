@@ -392,6 +392,21 @@ def _two_guards(monkeypatch, timeout_s: float):
     return guards
 
 
+def test_a_rank_waiting_alone_in_state_dict_says_so_before_it_gives_up(store_as_rank, monkeypatch):
+    """state_dict() on one rank under DDP waits collective_timeout (600 s by default) for the others:
+    one warning, after 30 s (or half the timeout), names the ranks missing and the fix."""
+    from soap_dist.comm import guard as guard_module
+
+    mine, _ = _two_guards(monkeypatch, 0.4)
+    store_as_rank(0)
+    with pytest.warns(
+        RuntimeWarning, match=r"state_dict\(\) on rank 0 has waited 0 s for ranks \[1\]"
+    ) as seen:
+        with pytest.raises(guard_module.CollectiveTimeout, match=r"ranks \[1\] did not call it within 0.4 s"):
+            guard_module.arrive_all(mine, "state_dict()", [0, 1])
+    assert len(seen) == 1 and "hold_state_dict(keep=rank == 0)" in str(seen[0].message)
+
+
 def test_a_rank_arriving_as_another_gives_up_does_not_pass_alone(store_as_rank, monkeypatch):
     """Rank 0 reads the rendezvous open, rank 1 gives up, then rank 0 sees rank 1's arrival: the
     rendezvous was settled as given up, so rank 0 raises too. Before, it passed alone and its

@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -43,6 +44,7 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 600.0  # SOAP's own collectives; the process group's default is 30 minutes
 GRACE_S = 30.0  # how long a rank that timed out waits for the others to report theirs
 NOTICE_POLL_S = 1.0  # gloo: how often a waiting rank looks for a peer's failure notice
+WAITING_NOTE_S = 30.0  # a rendezvous (arrive_all) says whom it waits for after this (or half its timeout)
 
 
 class CollectiveTimeout(RuntimeError):
@@ -278,6 +280,7 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     others = [prefix + str(r) for r in ranks]
     elsewhere = False  # another rank gave this attempt up, just before or as this one arrived
     pause = 0.001  # doubling to 50 ms: a save that meets at once costs a few ms, a long wait few polls
+    note_at = time.monotonic() + min(WAITING_NOTE_S, guard.timeout_s / 2)  # one note, well before the end
     while True:
         everyone = store.check(others)  # one request per poll, whatever the world size
         state = _decode(
@@ -295,6 +298,14 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
                 _forget_last(store, guard, participants, (here, int(attempt)))
                 return
             break
+        if note_at is not None and time.monotonic() > note_at:
+            note_at = None
+            _note_waiting(
+                name,
+                _absent(store, prefix, ranks),
+                time.monotonic() - (deadline - guard.timeout_s),
+                guard.timeout_s,
+            )
         time.sleep(pause)
         pause = min(2 * pause, 0.05)
     absent = [] if elsewhere else _absent(store, prefix, ranks)
@@ -311,6 +322,20 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
         "the saving rank only, opt.hold_state_dict(keep=rank == 0) on every rank first (the HF Trainer: "
         "callbacks=[soap_dist.integrations.hf_trainer.save_callback()]); docs/design.md, "
         "'Failure behaviour'."
+    )
+
+
+def _note_waiting(name: str, absent: Sequence[int], waited_s: float, timeout_s: float) -> None:
+    """The one line a rank waiting in a rendezvous prints before it gives up: most such waits are a
+    call made on one rank only, and its timeout (collective_timeout, 600 s by default) is long."""
+    if not absent:
+        return
+    warnings.warn(
+        f"SOAP: {name} on rank {dist.get_rank()} has waited {waited_s:.0f} s for ranks {absent}: it is a "
+        f"collective here, so every rank must call it. Still waiting (it gives up after {timeout_s:g} s); "
+        "where only the saving rank calls it, call opt.hold_state_dict(keep=rank == 0) on every rank first.",
+        RuntimeWarning,
+        stacklevel=4,
     )
 
 
