@@ -49,22 +49,39 @@ def fast_path(x: Tensor) -> bool:
 
 @contextmanager
 def tf32_matmuls() -> Iterator[None]:
-    """CUDA float32 matmuls on tensor cores (TF32) inside, whatever the caller's setting.
+    """CUDA float32 matmuls on tensor cores (TF32) inside, whatever the caller's setting, which is
+    left as it was.
 
-    Through the ``allow_tf32`` flag, which torch >= 2.9 calls legacy, on purpose: a write through the
-    newer ``fp32_precision`` makes later reads of the legacy getters (torch.compile's cache keys
-    among them, in some versions) fail as a "mix of the legacy and new APIs". This flag ran on the
-    H100 image with the compiled step (docs/benchmarks.md).
+    torch >= 2.9 has two ways to choose: the legacy ``allow_tf32`` flag (and
+    ``set_float32_matmul_precision``) and the ``fp32_precision`` settings. Mixing them makes the
+    legacy reads raise ("mix of the legacy and new APIs"), torch.compile's cache keys among them in
+    some versions. So this writes through the API the caller used: the legacy flag where its read
+    works (it ran on the H100 image with the compiled step, docs/benchmarks.md), else
+    ``fp32_precision``.
     """
     matmul = torch.backends.cuda.matmul
-    if matmul.allow_tf32:  # on already (e.g. precision "medium"): a write would mix the two APIs
+    before = matmul.fp32_precision  # "tf32", "ieee", or "none" (follow torch.backends.fp32_precision)
+    try:
+        legacy_on: bool | None = matmul.allow_tf32
+    except RuntimeError:  # the caller chose through fp32_precision: legacy reads are refused
+        legacy_on = None
+    if before == "tf32" or legacy_on:  # on already: a write could only mix the two APIs
         yield
+        return
+    if legacy_on is None:
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
         return
     matmul.allow_tf32 = True
     try:
         yield
     finally:
         matmul.allow_tf32 = False
+        if before == "none":  # the legacy write leaves "ieee", which would hide a later generic choice
+            matmul.fp32_precision = "none"
 
 
 def _tf32_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:

@@ -8,6 +8,9 @@ with condition numbers 1e6 to 1e10. A control shows that plain TF32 products (no
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -131,6 +134,48 @@ def test_tf32_block_leaves_the_callers_matmul_precision_readable(precision):
         assert torch.get_float32_matmul_precision() == precision
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+TF32_SETUPS = {
+    "default": "",
+    "matmul fp32_precision tf32": "m.fp32_precision = 'tf32'",
+    "generic fp32_precision tf32": "torch.backends.fp32_precision = 'tf32'",
+    "matmul fp32_precision ieee": "m.fp32_precision = 'ieee'",
+    "legacy high": "torch.set_float32_matmul_precision('high')",
+    "generic tf32, matmul ieee": "torch.backends.fp32_precision = 'tf32'; m.fp32_precision = 'ieee'",
+}
+
+
+@pytest.mark.parametrize("setup", list(TF32_SETUPS))
+def test_tf32_block_works_under_either_settings_api_and_restores_it(setup):
+    """Through torch's newer ``fp32_precision`` settings the legacy ``allow_tf32`` read raises; the
+    block read it, so every CUDA refresh raised for such a caller. Each setup in a fresh process:
+    torch's precision settings cannot be put back to their defaults portably."""
+    code = f"""
+import torch
+from soap_dist import qr
+m = torch.backends.cuda.matmul
+def state():
+    out = []
+    for read in (lambda: torch.backends.fp32_precision, lambda: m.fp32_precision, lambda: m.allow_tf32,
+                 torch.get_float32_matmul_precision):
+        try:
+            out.append(read())
+        except RuntimeError:
+            out.append("refused")
+    return out
+{TF32_SETUPS[setup]}
+before = state()
+with qr.tf32_matmuls():
+    assert m.fp32_precision == "tf32", m.fp32_precision
+assert state() == before, (state(), before)
+with qr.tf32_matmuls():  # twice: nothing left over from the first
+    assert m.fp32_precision == "tf32"
+assert state() == before, (state(), before)
+print("ok", before)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_round_tf32_keeps_ten_mantissa_bits():
