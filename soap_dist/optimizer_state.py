@@ -319,6 +319,8 @@ class StateMixin:
             for lay, p in zip(layouts, params, strict=True)
             if lay.index not in state and p.requires_grad
         ]
+        if self._engine is not None:
+            self._engine.before_drop()  # (kept, and used again, if the load is refused)
         self._engine, self._owner = None, None
         self._held_state = None
         self._carried_state = {}  # a copy's or an added group's state: the loaded state replaces it

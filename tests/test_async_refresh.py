@@ -172,6 +172,10 @@ def test_a_load_over_a_launched_refresh_is_the_loaded_state():
             p.grad = g
         opt.step()
     assert opt._engine._launched
+    # On CUDA the replaced engine's memory goes back to the step's stream when the load drops it: that
+    # stream must first wait for the refresh still running on the side stream (no stream on a CPU)
+    replaced, joined = opt._engine, []
+    replaced.side.join = lambda: joined.append(True)
     fresh = [torch.nn.Parameter(w.clone()) for w in saved_params]
     other = SOAP(
         fresh,
@@ -191,5 +195,6 @@ def test_a_load_over_a_launched_refresh_is_the_loaded_state():
             for p, g in zip(tensors, grads[step], strict=True):
                 p.grad = g
             optimizer.step()
+    assert joined and opt._engine is not replaced
     for a, b in zip(params, fresh, strict=True):
         assert torch.equal(a, b)

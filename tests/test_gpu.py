@@ -135,6 +135,8 @@ def test_the_refresh_with_no_host_reads_replays_from_a_cuda_graph():
         out["result"] = linalg.power_iteration_refresh(factors, basis, "cholesky_qr2", fallback=False)
 
     replay = _captured(refresh)
+    replay()  # a capture records the kernels without running them: its outputs hold nothing yet
+    torch.cuda.synchronize()
     first = [t.clone() for t in out["result"]]
     new_factors, new_basis = factors.roll(1, 0), basis.roll(1, 0).flip(-1)  # another order of eigenvalues
     factors.copy_(new_factors)
@@ -149,3 +151,30 @@ def test_the_refresh_with_no_host_reads_replays_from_a_cuda_graph():
     assert differ == 0, f"{differ} permutation entries differ from the eager refresh's"
     gap = (graphed[0] - eager[0]).abs().max()
     assert torch.allclose(graphed[0], eager[0], atol=1e-5), f"bases differ by {gap:.2e}"
+
+
+def test_a_load_waits_for_the_side_stream_refresh_of_the_engine_it_replaces(monkeypatch):
+    """load_state_dict drops the engine, and its memory goes back to the step's stream: that stream
+    must first wait for a refresh still running on the side stream (here held there about 1 s)."""
+    from soap_dist import linalg
+
+    real = linalg.power_iteration_refresh
+
+    def held(*args, **kwargs):
+        torch.cuda._sleep(2_000_000_000)  # spin cycles on the current stream: the side stream
+        return real(*args, **kwargs)
+
+    params = _params("cuda")
+    opt = SOAP(params, precondition_frequency=3, refresh_delay=1, async_refresh=True)
+    grads = _grads(7)
+    for step_grads in grads[:4]:
+        _step(opt, params, step_grads)
+    saved = opt.state_dict()
+    monkeypatch.setattr(linalg, "power_iteration_refresh", held)
+    for step_grads in grads[4:7]:  # the 7th call launches a refresh
+        _step(opt, params, step_grads)
+    replaced = opt._engine
+    assert replaced._launched and replaced.side.busy
+    opt.load_state_dict(saved)
+    torch.cuda.current_stream().synchronize()
+    assert replaced.side.stream.query(), "the load left the replaced engine's refresh running"

@@ -90,6 +90,14 @@ class AsyncRefreshMixin:
             shared = tuple(t.index_select(0, pick) for t in (bases, perm, ok))
         return LaunchedChunk(store, part, slots, others, shared, flags)
 
+    def before_drop(self) -> None:
+        """This engine is being replaced (a load builds a new one): the caller's stream waits for a
+        refresh still running on the side stream. Else the memory the engine frees (factors, bases,
+        the stash the refresh writes) goes back to the caller's stream while that refresh still
+        uses it. The launched refresh itself is dropped with the engine, on every rank alike."""
+        if self.side is not None:
+            self.side.join()
+
     def join_refresh(self) -> None:
         """The caller's stream waits for the side stream; launched refreshes are finished."""
         if self.side is None:
@@ -100,7 +108,8 @@ class AsyncRefreshMixin:
             shared: dict[FactorEntry, tuple[Tensor, Tensor, Tensor]] = {}
             for chunk in refresh.chunks:
                 self._finish_chunk(chunk, shared)
-            entries = [e for e in self.plan.entries if e.param in set(refresh.param_ids)]
+            ids = set(refresh.param_ids)
+            entries = [e for e in self.plan.entries if e.param in ids]
             flight = self.exchange.broadcast_bases(entries, shared)
             self._inflight.append((refresh.install_call, flight, refresh.param_ids))
             self._warn_nonfinite(refresh.param_ids, refresh.nonfinite_seen.tolist())
