@@ -269,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     if cuda:
+        torch.cuda.set_device(device)  # cuda:N: the timers' synchronize, events and memory stats follow
         torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     log: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
 

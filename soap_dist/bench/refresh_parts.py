@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda:N: the timing events, streams and graph capture follow
     counts = factor_sizes(args.model)
     sizes = args.sizes or sorted(counts)
     # factors batched per size, within the byte budget (the graph rows reuse the same batches)
