@@ -93,7 +93,7 @@ class TrainConfig:
     seed: int = 0  # weights and data order
     log_every: int = 10  # steps between metrics records (loss averaged over them)
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
-    eval_batches: int = 8  # micro-batches per rank per evaluation
+    eval_batches: int = 8  # global batches of held-out windows per evaluation
     checkpoint_every: int = 100  # steps between DCP checkpoints (0: only at the end)
     keep_checkpoints: int | None = 2  # newest checkpoints kept (null: keep all)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU, which always runs fp32)

@@ -175,6 +175,7 @@ def _load_data(cfg: Config, env: DistEnv) -> _Data:
         splits.eval,
         seq_len=seq_len,
         micro_batch=t.micro_batch,
+        grad_accum=t.grad_accum,
         n_batches=t.eval_batches,
         rank=env.rank,
         world=env.world,
