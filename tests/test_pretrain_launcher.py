@@ -273,6 +273,23 @@ def test_one_process_stop_resume_and_refusal(tmp_path, cache, monkeypatch):
     assert adamw.step == 2 and math.isfinite(adamw.train_loss)
 
 
+def test_deepspeeds_deprecated_collective_warnings_are_dropped_and_others_kept():
+    """DeepSpeed's comm layer calls torch's deprecated all_gather_into_tensor (every ZeRO step) and
+    reduce_scatter_tensor (ZeRO-3: every micro-batch, 16 stray lines in an 8-step run of 2 ranks)."""
+    import warnings
+
+    from soap_apps.quiet import no_deprecated_all_gather_warning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        no_deprecated_all_gather_warning()
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce_coalesced"):
+            warnings.warn(f"`torch.distributed.{name}` is deprecated. Use ...", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == [
+        "`torch.distributed.all_reduce_coalesced` is deprecated. Use ..."
+    ]
+
+
 def test_launcher_deepspeed_zero2_world2(tmp_path, cache):
     out = tmp_path / "ds"
     # the JSON's optimizer params win over the config's (warmup is 20 steps: lr = 0.002 * step / 20)

@@ -68,15 +68,16 @@ def deepspeed_cpu_without_probe() -> None:
 
 
 def no_deprecated_all_gather_warning() -> None:
-    """Process-wide, for runs through DeepSpeed: drop torch 2.13's FutureWarning that
-    ``torch.distributed.all_gather_into_tensor`` is deprecated. DeepSpeed 0.19.8 (pinned) calls it from
-    its comm layer (deepspeed/comm/torch.py) at every ZeRO step; the warning names torch's own wrapper
-    as its source, so it prints as a stray ``return func(*args, **kwargs)`` line inside the progress bar.
-    Nothing a user can change; soap_dist itself calls ``all_gather_single``. Every other warning shows."""
+    """Process-wide, for runs through DeepSpeed: drop torch 2.13's FutureWarnings that
+    ``torch.distributed.all_gather_into_tensor`` and ``reduce_scatter_tensor`` are deprecated.
+    DeepSpeed 0.19.8 (pinned) calls them from its comm layer (deepspeed/comm/torch.py) at every ZeRO
+    step (ZeRO-3: the reduce-scatter at every micro-batch, two lines per rank); the warning names
+    torch's own wrapper as its source, so it prints as a stray ``return func(*args, **kwargs)`` line
+    inside the progress bar. Nothing a user can change; soap_dist itself calls ``all_gather_single``.
+    Every other warning shows."""
     import warnings
 
-    warnings.filterwarnings(
-        "ignore",
-        message="`torch.distributed.all_gather_into_tensor` is deprecated",
-        category=FutureWarning,
-    )
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings(
+            "ignore", message=f"`torch.distributed.{name}` is deprecated", category=FutureWarning
+        )
