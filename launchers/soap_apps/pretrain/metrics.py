@@ -13,6 +13,7 @@ the loss all-reduce.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,13 @@ class Metrics:
         self.last_eval_loss = eval_loss
         if record:
             self._log.write({"step": step, "eval_loss": eval_loss})
+        self.note(f"step {step}: eval loss {eval_loss:.4f} {self.unit}")
+
+    def note(self, text: str) -> None:
+        """A line on rank 0 above the progress bar (a plain print would land inside its line)."""
         if self._bar is not None:
-            self._bar.write(f"step {step}: eval loss {eval_loss:.4f} {self.unit}")
+            self._bar.write(text)
+            sys.stdout.flush()  # (tqdm's write does not: a log read as it grows would lag)
 
     @property
     def elapsed(self) -> float:

@@ -441,7 +441,7 @@ def _run(
         )
         loss, norm = backend.train_step(d.sampler.next_step(), lr)
         if step == start_step + 1 and env.is_main and (placement := _soap_placement(backend)):
-            print(f"pretrain: SOAP placement {placement}, world {env.world}", flush=True)
+            metrics.note(f"pretrain: SOAP placement {placement}, world {env.world}")
         metrics.log_train(step, loss, norm, lr, force=step == last)
         watch.add(step, loss)
         evaluating = (t.eval_every and step % t.eval_every == 0) or step == t.steps
