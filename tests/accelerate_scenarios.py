@@ -63,7 +63,7 @@ def ddp_accelerator(cfg):
     return make_accelerator(cfg, kwargs_handlers=handlers)
 
 
-def fsdp2_accelerator(fsdp_version: int = 2):
+def fsdp2_accelerator(fsdp_version: int = 2, grad_accum: int = 1):
     """An Accelerator forced into FSDP mode on CPU (test-only; see the module docstring)."""
     from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
     from accelerate.state import AcceleratorState
@@ -74,7 +74,10 @@ def fsdp2_accelerator(fsdp_version: int = 2):
         fsdp_version=fsdp_version, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
     )
     accelerator = Accelerator(
-        cpu=True, fsdp_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
+        cpu=True,
+        fsdp_plugin=plugin,
+        gradient_accumulation_steps=grad_accum,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
     )
     # The override: Accelerate put MULTI_CPU (DDP) here and dropped the plugin.
     accelerator.state.distributed_type = DistributedType.FSDP
@@ -147,20 +150,29 @@ def trainer_run(workdir: Path) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             self.steps += 1
 
-    def run(out: Path, resume: str | None) -> tuple[list[float], int]:
+    def run(out: Path, resume: str | None) -> tuple[list[float], int, tuple[float, float]]:
         AcceleratorState._reset_state(reset_partial_state=True)
-        cfg = small_config(str(out), eval_every=0, resume=resume)
+        # 13 held-out windows in batches of 4 over 2 ranks: Accelerate repeats 3 to fill the last batch
+        cfg = small_config(str(out), eval_every=0, eval_windows=13, resume=resume)
         trainer = build_trainer(cfg, disable_tqdm=True)
         counter = CountSteps()
         trainer.add_callback(counter)
         trainer.train(resume_from_checkpoint=resume)
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h], counter.steps
+        held_out = trainer.evaluate()["eval_loss"]
+        ids = torch.stack([trainer.eval_dataset[i]["input_ids"] for i in range(len(trainer.eval_dataset))])
+        with torch.no_grad():  # the oracle: every target of the 13 windows, once
+            logits = trainer.model(ids).logits[:, :-1].float()
+            oracle = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            )
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, counter.steps, (held_out, oracle.item())
 
-    full, _ = run(workdir / "full", None)
+    full, _, held_out = run(workdir / "full", None)
     checkpoint = workdir / "full" / f"checkpoint-{SAVE_AT}"
-    resumed, stepped = run(workdir / "resumed", str(checkpoint))
+    resumed, stepped, _ = run(workdir / "resumed", str(checkpoint))
     saved = sorted(p.name for p in checkpoint.iterdir())
-    return {"full": full, "resumed": resumed, "resumed_steps": stepped, "saved": saved}
+    return {"full": full, "resumed": resumed, "resumed_steps": stepped, "saved": saved, "held_out": held_out}
 
 
 def zero2_accelerator(cfg):
@@ -182,7 +194,11 @@ SCENARIOS = {
     # DDP with 2 micro-batches per step: no_sync, and resuming mid-stream in micro-batches
     "ddp": lambda workdir: _full_and_resumed(workdir / "ddp", ddp_accelerator, grad_accum=2),
     "trainer_ddp": lambda workdir: trainer_run(workdir / "trainer_ddp"),
-    "fsdp2": lambda workdir: _full_and_resumed(workdir / "fsdp2", lambda cfg: fsdp2_accelerator()),
+    # FSDP2 with 2 micro-batches per step too: Accelerate's accumulate() under FSDP2 (no reduce-scatter
+    # but on the last micro-batch), and the resume's skip
+    "fsdp2": lambda workdir: _full_and_resumed(
+        workdir / "fsdp2", lambda cfg: fsdp2_accelerator(grad_accum=cfg.grad_accum), grad_accum=2
+    ),
     "zero2": lambda workdir: _full_and_resumed(workdir / "zero2", zero2_accelerator),  # sets env
     "trainer_zero2": lambda workdir: trainer_run(workdir / "trainer_zero2"),  # under zero2's env
 }

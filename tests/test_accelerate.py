@@ -23,6 +23,7 @@ import accelerate_scenarios
 import pytest
 import torch
 
+from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.checkpoints import MARKER, resume_dir
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.train import check_launch
@@ -164,6 +165,17 @@ def test_fsdp2_gives_soap_sharded_dtensors(fsdp2):
     assert losses(fsdp2[0]["full"]) == losses(fsdp2[1]["full"])  # the logged loss is the global mean
 
 
+def test_an_accelerator_accumulating_otherwise_than_grad_accum_is_refused(tmp_path):
+    """Before, each micro-batch stepped: --steps 12 with --grad-accum 2 ran 24 steps."""
+    from accelerate import Accelerator
+
+    from soap_apps.finetune.train import train
+
+    cfg = accelerate_scenarios.small_config(str(tmp_path), grad_accum=2)
+    with pytest.raises(ConfigError, match=r"--grad-accum 2, but the Accelerator accumulates 1 micro-batches"):
+        train(cfg, Accelerator(cpu=True))
+
+
 def test_fsdp2_save_state_load_state_continues_identically(fsdp2):
     for rank in fsdp2:
         assert_resume_identical(rank["full"], rank["resumed"])
@@ -186,6 +198,9 @@ def test_hf_trainer_saves_and_resumes_identically(name, spawned):
         assert optimizer_file in rank["saved"], rank["saved"]
         assert rank["resumed_steps"] == STEPS - SAVE_AT, rank  # the log's first losses: the checkpoint's
         assert len(rank["full"]) == STEPS and rank["resumed"] == rank["full"], rank
+        # the held-out mean over the 13 windows, not over per-batch means padded with repeated windows
+        held_out, oracle = rank["held_out"]
+        assert held_out == pytest.approx(oracle, rel=1e-6), rank["held_out"]
 
 
 def test_each_accelerate_backend_has_its_own_default_output_dir(ddp, fsdp2, zero2):

@@ -93,7 +93,14 @@ class Windows(Dataset):
             raise IndexError(i)
         slot = int(self._perm(i // self.slots)[i % self.slots])
         window = self.data[slot * self.context : (slot + 1) * self.context]
-        return {"input_ids": window, "labels": window} if self.as_dict else window
+        if not self.as_dict:
+            return window
+        # the Trainer divides the summed loss by its count of labels != -100 (num_items_in_batch), unshifted:
+        # the first byte is never a target, so mask it, or every window counts context bytes for its
+        # context - 1 targets and the loss and gradients come out scaled by (context - 1) / context
+        labels = window.clone()
+        labels[0] = -100
+        return {"input_ids": window, "labels": labels}
 
 
 def eval_windows(data: torch.Tensor, context: int, count: int, *, as_dict: bool = False) -> Windows:

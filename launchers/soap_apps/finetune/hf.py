@@ -17,6 +17,10 @@ The Trainer saves a ``checkpoint-N`` every --save-every steps and at the end (0:
 on the other route), each with the settings it was saved with (``marker_callback``), which
 ``--resume`` checks as the other route does (``resume.check_resume``).
 
+What it changes so that both routes train and evaluate the same: the dataset's own order
+(``train_sampling_strategy="sequential"``), labels whose first byte is masked (the Trainer counts the
+targets before the shift), and the held-out mean over windows (``evaluation_loop``).
+
 Only transformers models fit this route (the Trainer calls ``model(input_ids=..., labels=...)``
 and reads ``.loss``); ``--init-from`` exports go through ``launchers/finetune.py``.
 """
@@ -35,7 +39,7 @@ from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.checkpoints import MARKER, check_output_dir, check_writable, note, read_marker
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
-from soap_apps.finetune.model import build_gpt2
+from soap_apps.finetune.model import build_gpt2, window_losses
 from soap_apps.finetune.resume import check_resume
 from soap_apps.finetune.train import (
     backend_name,
@@ -159,6 +163,33 @@ def shared_schedule_trainer(cfg: FinetuneConfig) -> type:
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def evaluation_loop(
+            self,
+            dataloader: Any,
+            description: str,
+            prediction_loss_only: bool | None = None,
+            ignore_keys: list[str] | None = None,
+            metric_key_prefix: str = "eval",
+        ) -> Any:
+            """The held-out loss as launchers/finetune.py computes it: per-window losses, gathered with
+            ``gather_for_metrics``, which drops the windows Accelerate repeats to even out the last batch
+            across processes. (The Trainer's own loop gathers one mean per batch: a last batch padded
+            with repeated windows then counts them, so the loss changed with world size and batch size.)"""
+            from transformers.trainer_utils import EvalLoopOutput
+
+            model = self._wrap_model(self.model, training=False)
+            model.eval()
+            losses = []
+            with torch.no_grad():
+                for inputs in dataloader:
+                    ids = self._prepare_inputs(inputs)["input_ids"]
+                    losses.append(self.accelerator.gather_for_metrics(window_losses(model, ids)))
+            per_window = torch.cat(losses)
+            metrics = {f"{metric_key_prefix}_loss": per_window.mean().item()}
+            return EvalLoopOutput(
+                predictions=None, label_ids=None, metrics=metrics, num_samples=per_window.numel()
+            )
+
     return SharedScheduleTrainer
 
 
@@ -187,6 +218,9 @@ def training_arguments(cfg: FinetuneConfig, **overrides: Any) -> Any:
         save_strategy="steps",
         save_steps=cfg.save_every or cfg.steps,
         seed=cfg.seed,
+        # the dataset's own seeded order, as on launchers/finetune.py: the default RandomSampler permutes
+        # range(len(dataset)), and that length (steps x global batch) changes with --steps on --resume
+        train_sampling_strategy="sequential",
         report_to=[],
         # like launchers/finetune.py: never use_cpu under DeepSpeed (Accelerate would drop its plugin)
         use_cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true",
