@@ -221,7 +221,12 @@ def test_what_resume_compares():
     adamw = FinetuneConfig(optimizer="adamw", shampoo_beta=0.5)  # SOAP's options mean nothing to AdamW
     assert config_differences(saved, adamw) == ['--optimizer (saved "soap", given "adamw")']
     ddp = {"backend": "ddp", "world": 2, "mixed_precision": "no"}
-    assert setup_difference(ddp, {**ddp, "backend": "single", "world": 1}) == []  # the same files
+    assert setup_difference(ddp, {**ddp, "world": 1, "backend": "single"}) == [  # the same files, but the
+        # data position is counted in per-process batches: at another world size it would replay windows
+        "the Accelerate setup (saved ddp, 2 processes, mixed precision no; now single, 1 process, mixed "
+        "precision no): launch with the saved one"
+    ]
+    assert setup_difference({**ddp, "world": 1}, {**ddp, "world": 1, "backend": "single"}) == []
     zero = {"backend": "deepspeed-zero2", "world": 2, "mixed_precision": "no"}
     assert setup_difference(zero, ddp) and setup_difference(zero, {**zero, "world": 4})
 

@@ -66,11 +66,14 @@ def config_differences(saved: dict[str, Any], cfg: FinetuneConfig) -> list[str]:
 
 
 def _family(setup: dict[str, Any]) -> tuple[Any, ...]:
-    """What the checkpoint's files depend on: one process and DDP write the same files; FSDP and
-    DeepSpeed their own (DeepSpeed's partitions per process); fp16 adds a grad scaler."""
+    """What a checkpoint fits: one process and DDP write the same files, FSDP and DeepSpeed their own
+    (DeepSpeed's partitions per process), fp16 adds a grad scaler; and every backend's data position
+    is counted in per-process batches."""
     backend = setup.get("backend")
     plain = backend in ("single", "ddp")
-    world = setup.get("world") if str(backend).startswith("deepspeed") else None
+    # the world size for every backend: the data position is counted in per-process batches
+    # (skip_first_batches(step * grad_accum)), so another number of processes replays or skips windows
+    world = setup.get("world")
     return ("plain" if plain else backend, world, setup.get("mixed_precision"))
 
 
@@ -80,7 +83,9 @@ def setup_difference(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[
         return []
 
     def shown(s: dict[str, Any]) -> str:
-        return f"{s.get('backend')}, {s.get('world')} processes, mixed precision {s.get('mixed_precision')}"
+        world = s.get("world")
+        processes = f"{world} process" + ("" if world == 1 else "es")
+        return f"{s.get('backend')}, {processes}, mixed precision {s.get('mixed_precision')}"
 
     return [f"the Accelerate setup (saved {shown(saved)}; now {shown(now)}): launch with the saved one"]
 

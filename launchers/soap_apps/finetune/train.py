@@ -325,6 +325,12 @@ def train(
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     checkpoints.check_writable(out)  # before the lock, which writes into it: a bad path is one line
     start = check_inputs(cfg)  # the paths read and the checkpoint to resume from, before the Accelerator
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum:  # else every micro-batch would step
+        raise ConfigError(
+            f"--grad-accum {cfg.grad_accum}, but the Accelerator accumulates "
+            f"{accelerator.gradient_accumulation_steps} micro-batches per step: build it with "
+            "gradient_accumulation_steps=cfg.grad_accum (make_accelerator(cfg) does)"
+        )
     progress = Progress()
     try:
         with run_lock.holding(out, accelerator.is_main_process):
