@@ -173,7 +173,7 @@ def test_an_accelerator_accumulating_otherwise_than_grad_accum_is_refused(tmp_pa
 
     cfg = accelerate_scenarios.small_config(str(tmp_path), grad_accum=2)
     with pytest.raises(ConfigError, match=r"--grad-accum 2, but the Accelerator accumulates 1 micro-batches"):
-        train(cfg, Accelerator(cpu=True))
+        train(cfg, Accelerator(cpu=True))  # (as ACCELERATE_GRADIENT_ACCUMULATION_STEPS=1 would build it)
 
 
 def test_fsdp2_save_state_load_state_continues_identically(fsdp2):

@@ -286,7 +286,14 @@ def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, Data
         raise ConfigError(f"--init-from {cfg.init_from!r}: {error}") from None
     optimizer = make_optimizer(cfg, model)
     with no_untested_optimizer_banner():  # under DeepSpeed: SOAP is not on its list; soap_dist supports it
-        return accelerator.prepare(model, optimizer, train_dl, eval_dl)
+        prepared = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    if (accumulates := accelerator.gradient_accumulation_steps) != cfg.grad_accum:  # (after DeepSpeed's JSON)
+        raise ConfigError(  # else each micro-batch would be a step, or --resume would skip the wrong batches
+            f"--grad-accum {cfg.grad_accum}, but the Accelerator accumulates {accumulates} micro-batches "
+            "per step (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, accelerate launch --gradient_accumulation_"
+            "steps, or a DeepSpeed JSON's gradient_accumulation_steps): make them agree ('auto' in a JSON)"
+        )
+    return prepared
 
 
 def setup(accelerator: Any) -> dict[str, Any]:
@@ -325,12 +332,6 @@ def train(
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     checkpoints.check_writable(out)  # before the lock, which writes into it: a bad path is one line
     start = check_inputs(cfg)  # the paths read and the checkpoint to resume from, before the Accelerator
-    if accelerator.gradient_accumulation_steps != cfg.grad_accum:  # else every micro-batch would step
-        raise ConfigError(
-            f"--grad-accum {cfg.grad_accum}, but the Accelerator accumulates "
-            f"{accelerator.gradient_accumulation_steps} micro-batches per step: build it with "
-            "gradient_accumulation_steps=cfg.grad_accum (make_accelerator(cfg) does)"
-        )
     progress = Progress()
     try:
         with run_lock.holding(out, accelerator.is_main_process):
