@@ -172,3 +172,15 @@ def test_the_launcher_refuses_the_same_way():
     assert proc.returncode == 2, proc.stderr
     assert "error: argument --threads: expected an integer >= 1, got '0'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "made_current"), [("cuda", []), ("cuda:1", ["cuda:1"]), ("cpu", [])])
+def test_only_an_indexed_cuda_device_is_made_current(text, made_current, monkeypatch):
+    """torch.cuda.set_device refuses a bare "cuda" (no index), the benches' default on a GPU: calling
+    it there stopped both benches, and the GPU suite's parts a and r, at start."""
+    with pytest.raises(ValueError, match="index"):  # torch's own check, before any CUDA call
+        torch.cuda.set_device(torch.device("cuda"))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+    cli.make_current(torch.device(text))
+    assert calls == made_current

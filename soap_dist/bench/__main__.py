@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from soap_dist.bench.cli import at_least, name_list, refuse, torch_device, writable_file
+from soap_dist.bench.cli import at_least, make_current, name_list, refuse, torch_device, writable_file
 from soap_dist.bench.floor import Floor
 from soap_dist.bench.param_sets import MODELS, ParamSpec, count_factors, gpt2_specs
 from soap_dist.bench.plain_soap import PlainSOAP
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     if cuda:
-        torch.cuda.set_device(device)  # cuda:N: the timers' synchronize, events and memory stats follow
+        make_current(device)
         torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     log: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
 

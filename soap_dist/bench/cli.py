@@ -97,3 +97,11 @@ def torch_device(text: str) -> str:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} GPUs")
     return text
+
+
+def make_current(device: torch.device) -> None:
+    """Make ``cuda:N`` the current device, so that the timers' events, synchronize, memory stats and
+    graph captures (which use the current device) time the GPU the tensors are on. A bare ``cuda`` is
+    the current device already (and torch.cuda.set_device refuses a device without an index)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)

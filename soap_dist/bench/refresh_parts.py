@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .. import linalg, qr
-from .cli import at_least, int_list, torch_device, writable_file
+from .cli import at_least, int_list, make_current, torch_device, writable_file
 from .param_sets import MODELS, factor_dims, gpt2_specs
 
 
@@ -218,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # cuda:N: the timing events, streams and graph capture follow
+    make_current(device)
     counts = factor_sizes(args.model)
     sizes = args.sizes or sorted(counts)
     # factors batched per size, within the byte budget (the graph rows reuse the same batches)
