@@ -67,7 +67,8 @@ class Windows(Dataset):
     """``length`` windows of ``context`` bytes from non-overlapping slots of ``data``, in a seeded order.
 
     Items are 1-D int64 tensors of ``context`` bytes; with ``as_dict`` they are
-    ``{"input_ids": w, "labels": w}`` (the form HF Trainer's default collator and models expect).
+    ``{"input_ids": w, "labels": w}`` with the first label -100 (the form HF Trainer's default collator
+    and models expect; the mask, because the Trainer counts labels before the shift, below).
     """
 
     def __init__(

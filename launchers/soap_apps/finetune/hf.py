@@ -174,20 +174,25 @@ def shared_schedule_trainer(cfg: FinetuneConfig) -> type:
             """The held-out loss as launchers/finetune.py computes it: per-window losses, gathered with
             ``gather_for_metrics``, which drops the windows Accelerate repeats to even out the last batch
             across processes. (The Trainer's own loop gathers one mean per batch: a last batch padded
-            with repeated windows then counts them, so the loss changed with world size and batch size.)"""
+            with repeated windows then counts them, so the loss changed with world size and batch size.)
+            Before ``train()`` prepared the model, the Trainer's own loop, which prepares it."""
+            if not self.accelerator._models:
+                return super().evaluation_loop(
+                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+                )
             from transformers.trainer_utils import EvalLoopOutput
 
             model = self._wrap_model(self.model, training=False)
             model.eval()
             losses = []
-            with torch.no_grad():
+            with torch.no_grad(), self.compute_loss_context_manager():  # (autocast, as its prediction_step)
                 for inputs in dataloader:
                     ids = self._prepare_inputs(inputs)["input_ids"]
                     losses.append(self.accelerator.gather_for_metrics(window_losses(model, ids)))
             per_window = torch.cat(losses)
             metrics = {f"{metric_key_prefix}_loss": per_window.mean().item()}
             return EvalLoopOutput(
-                predictions=None, label_ids=None, metrics=metrics, num_samples=per_window.numel()
+                predictions=None, label_ids=None, metrics=metrics, num_samples=len(per_window)
             )
 
     return SharedScheduleTrainer
