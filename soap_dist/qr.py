@@ -80,7 +80,10 @@ def tf32_matmuls() -> Iterator[None]:
         yield
     finally:
         matmul.allow_tf32 = False
-        if before == "none":  # the legacy write leaves "ieee", which would hide a later generic choice
+        # The legacy write leaves matmul's own setting at "ieee", which would hide a later generic
+        # choice (torch.backends.fp32_precision) from the caller's matmuls. The getter reads through to
+        # the generic setting, so one equal to it was (almost surely) inherited: inherit it again.
+        if before in ("none", torch.backends.fp32_precision):
             matmul.fp32_precision = "none"
 
 

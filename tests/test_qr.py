@@ -178,6 +178,22 @@ print("ok", before)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_after_the_tf32_block_matmuls_still_follow_the_generic_setting():
+    """torch.backends.fp32_precision reaches matmuls that have no setting of their own; the block's
+    restore gave them one ("ieee"), so a later generic "tf32" no longer reached them."""
+    code = """
+import torch
+from soap_dist import qr
+torch.backends.fp32_precision = "ieee"
+with qr.tf32_matmuls():
+    pass
+torch.backends.fp32_precision = "tf32"
+print(torch.backends.cuda.matmul.fp32_precision)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["tf32"], (proc.stdout, proc.stderr[-2000:])
+
+
 def test_round_tf32_keeps_ten_mantissa_bits():
     x = torch.randn(1000) * torch.logspace(-20, 20, 1000)
     rounded = qr.round_tf32(x)
