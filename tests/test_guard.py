@@ -248,6 +248,7 @@ def test_a_rank_waiting_alone_in_state_dict_says_so_before_it_gives_up(store_as_
         with pytest.raises(guard_module.CollectiveTimeout, match=r"ranks \[1\] did not call it within 0.4 s"):
             guard_module.arrive_all(mine, "state_dict()", [0, 1])
     assert len(seen) == 1 and "hold_state_dict(keep=rank == 0)" in str(seen[0].message)
+    assert seen[0].filename == __file__  # the caller's line, not soap_dist's
 
 
 def test_a_rank_arriving_as_another_gives_up_does_not_pass_alone(store_as_rank, monkeypatch):

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..idle import callers_level
+
 DEFAULT_TIMEOUT_S = 600.0  # SOAP's own collectives; the process group's default is 30 minutes
 GRACE_S = 30.0  # how long a rank that timed out waits for the others to report theirs
 NOTICE_POLL_S = 1.0  # gloo: how often a waiting rank looks for a peer's failure notice
@@ -335,7 +337,7 @@ def _note_waiting(name: str, absent: Sequence[int], waited_s: float, timeout_s: 
         f"collective here, so every rank must call it. Still waiting (it gives up after {timeout_s:g} s); "
         "where only the saving rank calls it, call opt.hold_state_dict(keep=rank == 0) on every rank first.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=callers_level(),  # the user's state_dict() or hold_state_dict() call
     )
 
 
