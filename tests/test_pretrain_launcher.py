@@ -215,7 +215,7 @@ def test_launcher_fsdp2_world2_and_resume_reproduces_the_run(tmp_path, cache):
     records = read_records(whole / "metrics.jsonl")
     losses = _losses(whole)
     assert len(losses) == 8 and losses[-1] < losses[0]
-    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
+    assert [(r["step"], r["eval_windows"]) for r in records if "eval_loss" in r] == [(4, 32), (8, 32)]
     model = load_exported(whole / "final")
     assert model.cfg.d_model == 32 and model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 256)
 

@@ -24,7 +24,7 @@ from pretrain_helpers import LAUNCHER, TINY, temporary_cache
 
 from soap_apps.pretrain import data, parallel
 from soap_apps.pretrain.config import Config, ConfigError, DataConfig, ModelConfig, load_config
-from soap_apps.pretrain.metrics import read_records
+from soap_apps.pretrain.metrics import held_out_change, read_records
 from soap_apps.pretrain.model import GPT, export, lm_loss, load_exported
 from soap_apps.pretrain.optim import param_groups
 from soap_apps.schedule import lr_at
@@ -227,6 +227,19 @@ def test_the_held_out_windows_are_one_set_for_every_split_of_the_global_batch():
     for micro, accum, world in ((8, 1, 2), (4, 2, 2), (2, 2, 4), (16, 1, 1)):
         assert torch.equal(windows(micro, accum, world), one), (micro, accum, world)
     assert not torch.equal(windows(8, 1, 1), one[:24])  # another global batch: another set
+
+
+def test_a_resume_says_when_its_held_out_losses_score_another_set():
+    rows = [
+        {"step": 4, "loss": 2.0},
+        {"step": 4, "eval_loss": 2.1, "eval_windows": 64},
+        {"step": 5, "loss": 1.9},
+    ]
+    assert held_out_change(rows, 64) is None
+    assert held_out_change([{"step": 4, "loss": 2.0}], 64) is None  # nothing held out yet
+    assert "from here on score 128 windows, those through step 4 scored 64" in held_out_change(rows, 128)
+    old = [{"step": 4, "eval_loss": 2.1}]  # before the records said it: the unit of eval_batches changed
+    assert "counted micro-batches per rank" in held_out_change(old, 64)
 
 
 # ----- model -----

@@ -43,13 +43,15 @@ class Metrics:
         title: str = "",
         unit: str = "nats/token",
         tokens_at_start: int | None = None,
+        eval_windows: int | None = None,
     ) -> None:
         """``title``: loss.png's (config, optimizer, backend, world size); ``unit``: the loss's, as
         ``data.loss_unit`` gives it (nats/byte on a byte-level corpus); ``tokens_at_start``: tokens
         trained through ``start_step`` (the data sampler's count, exact when the global batch changed
-        on an earlier resume; default ``start_step * tokens_per_step``)."""
+        on an earlier resume; default ``start_step * tokens_per_step``); ``eval_windows``: how many
+        held-out windows an evaluation scores (written with each held-out loss, compared on resume)."""
         self.env, self.log_every, self.tokens_per_step = env, log_every, tokens_per_step
-        self.title, self.unit = title, unit
+        self.title, self.unit, self.eval_windows = title, unit, eval_windows
         self.path = run_dir / METRICS_FILE
         self.plot_path = run_dir / PLOT_FILE
         self.last_train_loss = math.nan
@@ -68,6 +70,8 @@ class Metrics:
             kept = records_through(self.path, start_step)
             self._elapsed_before = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
             self._log.replace(kept)
+            if (note := held_out_change(kept, eval_windows)) is not None:
+                print(f"pretrain: {note}", flush=True)
             self._bar = tqdm(
                 total=total_steps,
                 initial=start_step,
@@ -115,7 +119,8 @@ class Metrics:
         """Report a held-out loss (all ranks pass the same value); ``record=False`` only shows it."""
         self.last_eval_loss = eval_loss
         if record:
-            self._log.write({"step": step, "eval_loss": eval_loss})
+            windows = {} if self.eval_windows is None else {"eval_windows": self.eval_windows}
+            self._log.write({"step": step, "eval_loss": eval_loss, **windows})
         self.note(f"step {step}: eval loss {eval_loss:.4f} {self.unit}")
 
     def note(self, text: str) -> None:
@@ -136,6 +141,24 @@ class Metrics:
             self._open = False
             if plot:
                 plot_losses(read_records(self.path), self.plot_path, title=self.title, unit=self.unit)
+
+
+def held_out_change(kept: list[dict[str, Any]], eval_windows: int | None) -> str | None:
+    """What a resumed run says when its held-out losses from here on score another set of windows
+    than the records it continues (another eval_batches or global batch, or an earlier version)."""
+    before = next((r for r in reversed(kept) if "eval_loss" in r), None)
+    if before is None or eval_windows is None or before.get("eval_windows") == eval_windows:
+        return None
+    if "eval_windows" not in before:
+        return (
+            f"the held-out losses through step {before['step']} do not say how many windows they scored "
+            "(an earlier version; its train.eval_batches counted micro-batches per rank, so with grad_accum "
+            f"> 1 they scored another set); from here on each scores {eval_windows}"
+        )
+    return (
+        f"the held-out losses from here on score {eval_windows} windows, those through step {before['step']} "
+        f"scored {before['eval_windows']} (another train.eval_batches or global batch): the curve changes set"
+    )
 
 
 def plot_losses(

@@ -419,6 +419,7 @@ def _run(
         title=f"{name or run_dir.name}: {cfg.optim.name}, {backend_name(cfg, env.world, deepspeed_config)}, "
         f"world {env.world}",
         unit=unit,
+        eval_windows=t.eval_batches * global_batch,
     )
     progress.closers.append(metrics)  # an interrupt closes the bar before its message
 
