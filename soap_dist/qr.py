@@ -60,7 +60,7 @@ def tf32_matmuls() -> Iterator[None]:
     ``fp32_precision``.
     """
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision  # "tf32", "ieee", or "none" (follow torch.backends.fp32_precision)
+    before = matmul.fp32_precision  # "tf32" or "ieee" (read through to the generic setting), or "none"
     try:
         legacy_on: bool | None = matmul.allow_tf32
     except RuntimeError:  # the caller chose through fp32_precision: legacy reads are refused
@@ -68,23 +68,34 @@ def tf32_matmuls() -> Iterator[None]:
     if before == "tf32" or legacy_on:  # on already: a write could only mix the two APIs
         yield
         return
+    own = _matmul_own_precision()  # what to put back: "none" keeps following the generic setting
     if legacy_on is None:
         matmul.fp32_precision = "tf32"
         try:
             yield
         finally:
-            matmul.fp32_precision = before
+            matmul.fp32_precision = own
         return
     matmul.allow_tf32 = True
     try:
         yield
     finally:
         matmul.allow_tf32 = False
-        # The legacy write leaves matmul's own setting at "ieee", which would hide a later generic
-        # choice (torch.backends.fp32_precision) from the caller's matmuls. The getter reads through to
-        # the generic setting, so one equal to it was (almost surely) inherited: inherit it again.
-        if before in ("none", torch.backends.fp32_precision):
-            matmul.fp32_precision = "none"
+        if own == "none":  # the legacy write leaves "ieee" of its own, which would hide a later
+            matmul.fp32_precision = "none"  # torch.backends.fp32_precision from the caller's matmuls
+
+
+def _matmul_own_precision() -> str:
+    """CUDA matmuls' own fp32_precision ("none": they follow torch.backends.fp32_precision). Their
+    getter reads through to the generic setting, so that is set to "none" for the read."""
+    generic = torch.backends.fp32_precision
+    if generic == "none":
+        return torch.backends.cuda.matmul.fp32_precision
+    torch.backends.fp32_precision = "none"
+    try:
+        return torch.backends.cuda.matmul.fp32_precision
+    finally:
+        torch.backends.fp32_precision = generic
 
 
 def _tf32_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:

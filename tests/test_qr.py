@@ -178,20 +178,29 @@ print("ok", before)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_after_the_tf32_block_matmuls_still_follow_the_generic_setting():
-    """torch.backends.fp32_precision reaches matmuls that have no setting of their own; the block's
-    restore gave them one ("ieee"), so a later generic "tf32" no longer reached them."""
-    code = """
+@pytest.mark.parametrize("own", ["", "torch.backends.cuda.matmul.fp32_precision = 'ieee'"])
+def test_after_the_tf32_block_matmuls_follow_the_generic_setting_as_before(own):
+    """torch.backends.fp32_precision reaches matmuls that have no setting of their own, and only
+    those; the block's restore gave them one ("ieee"), so a later generic "tf32" no longer reached
+    them (and a rule from the value read, which reads through, took an own "ieee" for none)."""
+    code = f"""
 import torch
-from soap_dist import qr
 torch.backends.fp32_precision = "ieee"
-with qr.tf32_matmuls():
-    pass
+{own}
+if BLOCK:
+    from soap_dist import qr
+    with qr.tf32_matmuls():
+        pass
 torch.backends.fp32_precision = "tf32"
 print(torch.backends.cuda.matmul.fp32_precision)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.split() == ["tf32"], (proc.stdout, proc.stderr[-2000:])
+    seen = []
+    for block in (False, True):
+        run = [sys.executable, "-c", code.replace("BLOCK", str(block))]
+        proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen.append(proc.stdout.split())
+    assert seen[1] == seen[0] == (["ieee"] if own else ["tf32"]), seen
 
 
 def test_round_tf32_keeps_ten_mantissa_bits():
