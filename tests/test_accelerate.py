@@ -13,6 +13,7 @@ Each 2-process start costs ~8-15 s on a 2-core machine (interpreter start-up and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -174,6 +175,18 @@ def test_an_accelerator_accumulating_otherwise_than_grad_accum_is_refused(tmp_pa
     cfg = accelerate_scenarios.small_config(str(tmp_path), grad_accum=2)
     with pytest.raises(ConfigError, match=r"--grad-accum 2, but the Accelerator accumulates 1 micro-batches"):
         train(cfg, Accelerator(cpu=True))  # (as ACCELERATE_GRADIENT_ACCUMULATION_STEPS=1 would build it)
+    # DeepSpeed's JSON may set it in prepare() (a concrete value wins over the Accelerator's)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    prepare = accelerator.prepare
+
+    def prepare_as_deepspeed(*objects):
+        prepared = prepare(*objects)
+        accelerator.gradient_accumulation_steps = 4
+        return prepared
+
+    accelerator.prepare = prepare_as_deepspeed
+    with pytest.raises(ConfigError, match=r"accumulates 4 micro-batches per step .* 1 if absent"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "again")), accelerator)
 
 
 def test_fsdp2_save_state_load_state_continues_identically(fsdp2):

@@ -175,7 +175,8 @@ def shared_schedule_trainer(cfg: FinetuneConfig) -> type:
             ``gather_for_metrics``, which drops the windows Accelerate repeats to even out the last batch
             across processes. (The Trainer's own loop gathers one mean per batch: a last batch padded
             with repeated windows then counts them, so the loss changed with world size and batch size.)
-            Before ``train()`` prepared the model, the Trainer's own loop, which prepares it."""
+            Before ``train()`` has prepared the model, the Trainer's own loop, which prepares it (and
+            so, with several processes, its own mean), as with ``nn.DataParallel``."""
             if not self.accelerator._models:
                 return super().evaluation_loop(
                     dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -185,7 +186,7 @@ def shared_schedule_trainer(cfg: FinetuneConfig) -> type:
             model = self._wrap_model(self.model, training=False)
             model.eval()
             losses = []
-            with torch.no_grad(), self.compute_loss_context_manager():  # (autocast, as its prediction_step)
+            with torch.no_grad():  # (under mixed precision, Accelerate's prepared forward autocasts)
                 for inputs in dataloader:
                     ids = self._prepare_inputs(inputs)["input_ids"]
                     losses.append(self.accelerator.gather_for_metrics(window_losses(model, ids)))

@@ -291,7 +291,7 @@ def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, Data
         raise ConfigError(  # else each micro-batch would be a step, or --resume would skip the wrong batches
             f"--grad-accum {cfg.grad_accum}, but the Accelerator accumulates {accumulates} micro-batches "
             "per step (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, accelerate launch --gradient_accumulation_"
-            "steps, or a DeepSpeed JSON's gradient_accumulation_steps): make them agree ('auto' in a JSON)"
+            "steps, or a DeepSpeed JSON's gradient_accumulation_steps, 1 if absent): make them agree ('auto')"
         )
     return prepared
 
