@@ -229,7 +229,7 @@ def test_the_held_out_windows_are_one_set_for_every_split_of_the_global_batch():
     assert not torch.equal(windows(8, 1, 1), one[:24])  # another global batch: another set
 
 
-def test_a_resume_says_when_its_held_out_losses_score_another_set():
+def test_a_resume_says_when_its_held_out_losses_score_another_set(tmp_path, capsys):
     rows = [
         {"step": 4, "loss": 2.0},
         {"step": 4, "eval_loss": 2.1, "eval_windows": 64},
@@ -239,7 +239,18 @@ def test_a_resume_says_when_its_held_out_losses_score_another_set():
     assert held_out_change([{"step": 4, "loss": 2.0}], 64) is None  # nothing held out yet
     assert "from here on score 128 windows, those through step 4 scored 64" in held_out_change(rows, 128)
     old = [{"step": 4, "eval_loss": 2.1}]  # before the records said it: the unit of eval_batches changed
-    assert "counted micro-batches per rank" in held_out_change(old, 64)
+    assert "counted micro-batches per rank" in held_out_change(old, 64, eval_windows_before=32)
+    assert held_out_change(old, 64, eval_windows_before=64) is None  # grad_accum 1: the same set
+    from soap_apps.pretrain.metrics import Metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = parallel.DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    for windows in (64, 128):  # a resume at the same settings says nothing
+        Metrics(
+            tmp_path, env, start_step=4, total_steps=8, tokens_per_step=1, log_every=1, eval_windows=windows
+        ).close(plot=False)
+    said = [line for line in capsys.readouterr().out.splitlines() if "held-out" in line]
+    assert len(said) == 1 and said[0].startswith("pretrain: the held-out losses from here on score 128"), said
 
 
 # ----- model -----

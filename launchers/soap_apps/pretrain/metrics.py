@@ -44,12 +44,15 @@ class Metrics:
         unit: str = "nats/token",
         tokens_at_start: int | None = None,
         eval_windows: int | None = None,
+        eval_windows_before: int | None = None,
     ) -> None:
         """``title``: loss.png's (config, optimizer, backend, world size); ``unit``: the loss's, as
         ``data.loss_unit`` gives it (nats/byte on a byte-level corpus); ``tokens_at_start``: tokens
         trained through ``start_step`` (the data sampler's count, exact when the global batch changed
         on an earlier resume; default ``start_step * tokens_per_step``); ``eval_windows``: how many
-        held-out windows an evaluation scores (written with each held-out loss, compared on resume)."""
+        held-out windows an evaluation scores (written with each held-out loss, compared on resume);
+        ``eval_windows_before``: how many the same settings scored before eval_batches counted global
+        batches (records of that time do not say)."""
         self.env, self.log_every, self.tokens_per_step = env, log_every, tokens_per_step
         self.title, self.unit, self.eval_windows = title, unit, eval_windows
         self.path = run_dir / METRICS_FILE
@@ -70,7 +73,7 @@ class Metrics:
             kept = records_through(self.path, start_step)
             self._elapsed_before = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
             self._log.replace(kept)
-            if (note := held_out_change(kept, eval_windows)) is not None:
+            if (note := held_out_change(kept, eval_windows, eval_windows_before)) is not None:
                 print(f"pretrain: {note}", flush=True)
             self._bar = tqdm(
                 total=total_steps,
@@ -143,11 +146,17 @@ class Metrics:
                 plot_losses(read_records(self.path), self.plot_path, title=self.title, unit=self.unit)
 
 
-def held_out_change(kept: list[dict[str, Any]], eval_windows: int | None) -> str | None:
+def held_out_change(
+    kept: list[dict[str, Any]], eval_windows: int | None, eval_windows_before: int | None = None
+) -> str | None:
     """What a resumed run says when its held-out losses from here on score another set of windows
     than the records it continues (another eval_batches or global batch, or an earlier version)."""
     before = next((r for r in reversed(kept) if "eval_loss" in r), None)
-    if before is None or eval_windows is None or before.get("eval_windows") == eval_windows:
+    if (
+        before is None
+        or eval_windows is None
+        or before.get("eval_windows", eval_windows_before) == eval_windows
+    ):
         return None
     if "eval_windows" not in before:
         return (

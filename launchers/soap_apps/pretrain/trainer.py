@@ -420,6 +420,7 @@ def _run(
         f"world {env.world}",
         unit=unit,
         eval_windows=t.eval_batches * global_batch,
+        eval_windows_before=t.eval_batches * t.micro_batch * env.world,  # (eval_batches' old unit)
     )
     progress.closers.append(metrics)  # an interrupt closes the bar before its message
 
