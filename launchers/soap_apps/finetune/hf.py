@@ -39,11 +39,12 @@ from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.checkpoints import MARKER, check_output_dir, check_writable, note, read_marker
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
-from soap_apps.finetune.model import build_gpt2, window_losses
+from soap_apps.finetune.model import build_gpt2
 from soap_apps.finetune.resume import check_resume
 from soap_apps.finetune.train import (
     backend_name,
     check_inputs,
+    evaluate,
     lr_at,
     skip_deepspeed_shm_build,
     soap_kwargs,
@@ -183,17 +184,11 @@ def shared_schedule_trainer(cfg: FinetuneConfig) -> type:
                 )
             from transformers.trainer_utils import EvalLoopOutput
 
-            model = self._wrap_model(self.model, training=False)
-            model.eval()
-            losses = []
-            with torch.no_grad():  # (under mixed precision, Accelerate's prepared forward autocasts)
-                for inputs in dataloader:
-                    ids = self._prepare_inputs(inputs)["input_ids"]
-                    losses.append(self.accelerator.gather_for_metrics(window_losses(model, ids)))
-            per_window = torch.cat(losses)
-            metrics = {f"{metric_key_prefix}_loss": per_window.mean().item()}
+            model = self._wrap_model(self.model, training=False)  # (its forward autocasts if mixed)
+            ids = (self._prepare_inputs(inputs)["input_ids"] for inputs in dataloader)
+            metrics = {f"{metric_key_prefix}_loss": evaluate(model, ids, self.accelerator)}
             return EvalLoopOutput(
-                predictions=None, label_ids=None, metrics=metrics, num_samples=len(per_window)
+                predictions=None, label_ids=None, metrics=metrics, num_samples=len(dataloader.dataset)
             )
 
     return SharedScheduleTrainer

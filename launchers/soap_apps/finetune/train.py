@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +258,7 @@ def _as_float(x: Any) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
+def evaluate(model: nn.Module, loader: Iterable[torch.Tensor], accelerator: Any) -> float:
     """Mean held-out loss over every eval window (each rank scores its share; duplicates dropped)."""
     model.eval()
     losses = [accelerator.gather_for_metrics(window_losses(model, ids)) for ids in loader]
