@@ -277,12 +277,13 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
     prefix = f"{here}{attempt}/"
     me = dist.get_rank()
     store.set(prefix + str(me), name)
-    deadline = time.monotonic() + guard.timeout_s
+    start = time.monotonic()
+    deadline = start + guard.timeout_s
     ranks = [r for r in participants if r != me]
     others = [prefix + str(r) for r in ranks]
     elsewhere = False  # another rank gave this attempt up, just before or as this one arrived
     pause = 0.001  # doubling to 50 ms: a save that meets at once costs a few ms, a long wait few polls
-    note_at = time.monotonic() + min(WAITING_NOTE_S, guard.timeout_s / 2)  # one note, well before the end
+    note_at = start + min(WAITING_NOTE_S, guard.timeout_s / 2)  # one note, well before the end
     while True:
         everyone = store.check(others)  # one request per poll, whatever the world size
         state = _decode(
@@ -302,12 +303,7 @@ def arrive_all(guard: Guard, name: str, participants: Sequence[int]) -> None:
             break
         if note_at is not None and time.monotonic() > note_at:
             note_at = None
-            _note_waiting(
-                name,
-                _absent(store, prefix, ranks),
-                time.monotonic() - (deadline - guard.timeout_s),
-                guard.timeout_s,
-            )
+            _note_waiting(name, _absent(store, prefix, ranks), time.monotonic() - start, guard.timeout_s)
         time.sleep(pause)
         pause = min(2 * pause, 0.05)
     absent = [] if elsewhere else _absent(store, prefix, ranks)
