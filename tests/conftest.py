@@ -113,3 +113,14 @@ def one_process(monkeypatch) -> None:
     """No torchrun variables: the launcher runs as one process."""
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def fresh_accelerate_state(one_process):
+    """Fine-tuning runs in this process build an Accelerator, a process-wide singleton state: each
+    test starts without one and leaves none behind (accelerate imported here only)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

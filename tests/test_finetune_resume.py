@@ -24,20 +24,11 @@ from soap_apps.finetune.resume import config_differences, setup_difference
 from soap_apps.pretrain import resume_check
 from soap_dist import SOAP
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_accelerate_state")]
 TINY = [
     "--steps", "4", "--batch-size", "2", "--context", "32", "--max-bytes", "4000", "--eval-every", "0",
     "--eval-windows", "2", "--fused", "off", "--precondition-frequency", "2", "--threads", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def isolated_accelerate_state(one_process):
-    """Each run builds an Accelerator (a process-wide singleton state): leave none behind."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def main(argv: list[str]) -> list[dict]:

@@ -13,17 +13,7 @@ from soap_apps.finetune import train
 from soap_apps.finetune.config import parse_args
 from soap_apps.finetune.hf import build_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True)
-def isolated_accelerate_state(one_process):
-    """Each run builds an Accelerator (a process-wide singleton state): leave none behind."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_accelerate_state")]
 
 
 def test_the_trainer_route_trains_and_evaluates_as_finetune_py(tmp_path):
