@@ -408,3 +408,29 @@ def test_missing_data_and_checkpoints_are_named(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / MARKER).write_text("{}")
     assert resume_dir(FinetuneConfig(resume="latest", output_dir=str(tmp_path))).name == "step_10"
+
+
+@pytest.mark.parametrize("world", [None, "1", "2"])
+def test_deepspeed_on_cpu_skips_the_shm_build_at_any_process_count(monkeypatch, world):
+    # the shm op serves only inference, and its one-time JIT build costs tens of seconds on CPU; one
+    # process sets up DeepSpeed's communication too, so it is skipped there as well
+    import accelerate
+    import accelerate.utils
+
+    from soap_apps.finetune import train as finetune_train
+
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    skipped, built = [], []
+    monkeypatch.setattr(finetune_train, "skip_deepspeed_shm_build", lambda: skipped.append(1))
+    monkeypatch.setattr(finetune_train, "deepspeed_cpu_without_probe", lambda: None)
+    monkeypatch.setattr(finetune_train, "no_deprecated_all_gather_warning", lambda: None)
+    monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", lambda **kw: ("plugin", kw))
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: built.append(kw))
+    finetune_train.make_accelerator(FinetuneConfig())
+    assert skipped == [1]
+    assert built[0]["deepspeed_plugin"][0] == "plugin" and not built[0].get("cpu")  # cpu=True drops it

@@ -110,8 +110,8 @@ def make_accelerator(cfg: FinetuneConfig, **kwargs: Any) -> Any:
     if not cuda and launched:
         options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         options["cpu"] = not deepspeed
-        if deepspeed:
-            skip_deepspeed_shm_build()
+    if deepspeed and not cuda:  # one process too: DeepSpeed sets up its communication all the same
+        skip_deepspeed_shm_build()
     if deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
