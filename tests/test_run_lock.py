@@ -5,9 +5,12 @@ resume reads the tokens its checkpoints were trained on (resume_check.check_resu
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from soap_apps import run_lock
+from soap_apps.config_loader import ConfigError
 
 
 def test_a_held_directory_is_refused_naming_its_holder_and_freed_after(tmp_path):
@@ -110,3 +113,19 @@ def test_a_resume_on_an_edited_corpus_is_refused(tmp_path, monkeypatch, cache):
         run(cfg, run_dir=out, resume=True)
     (corpus / "a.txt").write_text(text)  # as it was: resumes
     assert run(cfg, run_dir=out, resume=True).step == 4
+
+
+def test_a_run_directory_is_listed_alike_by_both_launchers(tmp_path):
+    from soap_apps.finetune.checkpoints import check_output_dir
+    from soap_apps.pretrain.checkpoint import check_run_dir
+
+    (tmp_path / run_lock.LOCK_FILE).write_text("")
+    (tmp_path / "checkpoints").mkdir()
+    for i in range(7):
+        (tmp_path / f"f{i}").write_text("")
+    listed = "(checkpoints/, f0, f1, f2, f3, f4, ...)"  # six names at most, no lock file
+    assert run_lock.shown_entries(run_lock.run_entries(tmp_path)) == listed[1:-1]
+    with pytest.raises(ConfigError, match=re.escape(listed)):
+        check_run_dir(tmp_path, resume=False, backend="ddp")
+    with pytest.raises(FileExistsError, match=re.escape(listed)):
+        check_output_dir(tmp_path, resume=None)

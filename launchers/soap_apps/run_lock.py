@@ -25,6 +25,17 @@ from soap_apps.config_loader import ConfigError
 LOCK_FILE = ".run.lock"  # not part of a run: the checks of what a directory holds pass it over
 
 
+def run_entries(run_dir: Path) -> list[Path]:
+    """What ``run_dir`` holds of a run, sorted by name (the lock file is not part of one)."""
+    return sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE)
+
+
+def shown_entries(entries: list[Path], limit: int = 6) -> str:
+    """``entries`` as an error message lists them: "a/, b, ..." (directories end in a slash)."""
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries[:limit]]
+    return ", ".join(names) + (", ..." if len(entries) > limit else "")
+
+
 class RunDirInUse(ConfigError):
     """Another live process holds the run directory."""
 

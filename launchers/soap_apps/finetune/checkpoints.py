@@ -19,7 +19,7 @@ from typing import Any
 from soap_apps.config_loader import ConfigError
 from soap_apps.pretrain import checkpoint
 from soap_apps.pretrain.trainer import check_out_path
-from soap_apps.run_lock import LOCK_FILE
+from soap_apps.run_lock import run_entries, shown_entries
 
 CHECKPOINTS = checkpoint.CHECKPOINTS
 MARKER = "finetune_checkpoint.json"
@@ -122,14 +122,13 @@ def check_output_dir(out: Path, resume: str | None, leftovers: frozenset[str] = 
     save): nothing there can be resumed, so a fresh run starts over in it (``start_over``)."""
     if resume is not None or not out.is_dir():
         return False
-    held = sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
+    held = run_entries(out)
     if not held:
         return False
     if leftovers and _only_leftovers(out, held, leftovers):
         return True
-    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in held[:6])
     raise FileExistsError(
-        f"--output-dir {str(out)!r} already holds a run ({shown}); pass --resume latest (or "
+        f"--output-dir {str(out)!r} already holds a run ({shown_entries(held)}); pass --resume latest (or "
         "--resume DIR) to continue that run, or another --output-dir to start a new one"
     )
 

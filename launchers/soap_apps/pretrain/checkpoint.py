@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from soap_apps.pretrain.config import ConfigError
 from soap_apps.pretrain.parallel import DistEnv, all_reduce_mean
-from soap_apps.run_lock import LOCK_FILE
+from soap_apps.run_lock import run_entries, shown_entries
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -292,11 +292,10 @@ def check_run_dir(run_dir: Path, resume: bool, backend: str) -> None:
     if not run_dir.is_dir():
         return
     if not resume:
-        held = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name != LOCK_FILE)
+        held = run_entries(run_dir)
         if held:
-            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
             raise ConfigError(
-                f"{run_dir} already holds a run ({shown}); pass --resume to continue that run, "
+                f"{run_dir} already holds a run ({shown_entries(held)}); pass --resume to continue that run, "
                 "or --out another directory to start a new one"
             )
         return
