@@ -55,7 +55,7 @@ def ddp_accelerator(cfg):
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
 
-    from soap_apps.finetune.train import make_accelerator
+    from soap_apps.finetune.launch import make_accelerator
 
     AcceleratorState._reset_state(reset_partial_state=True)
     # the first Accelerator creates the process group: a short timeout turns a hang into an error
@@ -113,7 +113,7 @@ def _full_and_resumed(workdir: Path, make_accelerator, **overrides) -> dict:
     from soap_apps.finetune.train import train
 
     seen: dict = {}
-    from soap_apps.finetune.train import backend_name
+    from soap_apps.finetune.launch import backend_name
 
     cfg = small_config(str(workdir / "full"), **overrides)
     accelerator = make_accelerator(cfg)
@@ -179,7 +179,7 @@ def zero2_accelerator(cfg):
     """What launchers/finetune.py builds under ``accelerate launch`` with deepspeed_zero2.yaml."""
     from accelerate.state import AcceleratorState
 
-    from soap_apps.finetune.train import make_accelerator
+    from soap_apps.finetune.launch import make_accelerator
 
     AcceleratorState._reset_state(reset_partial_state=True)
     os.environ.pop("ACCELERATE_USE_FSDP", None)  # set by the FSDP2 scenario's Accelerator

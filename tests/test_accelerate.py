@@ -27,7 +27,7 @@ import torch
 from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.checkpoints import MARKER, resume_dir
 from soap_apps.finetune.config import FinetuneConfig, parse_args
-from soap_apps.finetune.train import check_launch
+from soap_apps.finetune.launch import check_launch
 from soap_dist import SOAP
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -316,7 +316,8 @@ def test_a_used_output_dir_is_refused_and_the_default_names_the_backend(tmp_path
     from accelerate.state import AcceleratorState
 
     from soap_apps.finetune.hf import build_trainer
-    from soap_apps.finetune.train import backend_name, train
+    from soap_apps.finetune.launch import backend_name
+    from soap_apps.finetune.train import train
 
     monkeypatch.chdir(tmp_path)
     cfg = FinetuneConfig(
@@ -417,7 +418,7 @@ def test_deepspeed_on_cpu_skips_the_shm_build_at_any_process_count(monkeypatch, 
     import accelerate
     import accelerate.utils
 
-    from soap_apps.finetune import train as finetune_train
+    from soap_apps.finetune import launch
 
     if world is None:
         monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -426,11 +427,11 @@ def test_deepspeed_on_cpu_skips_the_shm_build_at_any_process_count(monkeypatch, 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     skipped, built = [], []
-    monkeypatch.setattr(finetune_train, "skip_deepspeed_shm_build", lambda: skipped.append(1))
-    monkeypatch.setattr(finetune_train, "deepspeed_cpu_without_probe", lambda: None)
-    monkeypatch.setattr(finetune_train, "no_deprecated_all_gather_warning", lambda: None)
+    monkeypatch.setattr(launch, "skip_deepspeed_shm_build", lambda: skipped.append(1))
+    monkeypatch.setattr(launch, "deepspeed_cpu_without_probe", lambda: None)
+    monkeypatch.setattr(launch, "no_deprecated_all_gather_warning", lambda: None)
     monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", lambda **kw: ("plugin", kw))
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: built.append(kw))
-    finetune_train.make_accelerator(FinetuneConfig())
+    launch.make_accelerator(FinetuneConfig())
     assert skipped == [1]
     assert built[0]["deepspeed_plugin"][0] == "plugin" and not built[0].get("cpu")  # cpu=True drops it

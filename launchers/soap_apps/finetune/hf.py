@@ -39,16 +39,10 @@ from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.checkpoints import MARKER, check_output_dir, check_writable, note, read_marker
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
+from soap_apps.finetune.launch import backend_name, skip_deepspeed_shm_build
 from soap_apps.finetune.model import build_gpt2
 from soap_apps.finetune.resume import check_resume
-from soap_apps.finetune.train import (
-    backend_name,
-    check_inputs,
-    evaluate,
-    lr_at,
-    skip_deepspeed_shm_build,
-    soap_kwargs,
-)
+from soap_apps.finetune.train import check_inputs, evaluate, lr_at, soap_kwargs
 from soap_dist import SOAP
 from soap_dist.integrations.hf_trainer import save_callback
 
