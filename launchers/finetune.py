@@ -8,6 +8,8 @@ Plain ``python launchers/finetune.py`` trains in one process. ``--help`` lists t
 from __future__ import annotations
 
 from soap_apps.finetune.train import main
+from soap_apps.process_exit import finish
 
 if __name__ == "__main__":
     main()
+    finish(0)

@@ -26,6 +26,7 @@ from soap_apps.pretrain.resume_check import (
     sigterm_as_interrupt,
 )
 from soap_apps.pretrain.trainer import NonFiniteLoss, backend_name, run
+from soap_apps.process_exit import finish
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
 
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    finish(main())
