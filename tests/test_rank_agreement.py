@@ -84,3 +84,52 @@ def test_ranks_started_otherwise_stop_naming_the_difference(case, command, check
         assert (checkpoint in errors[1]) and bool(errors[1]) == bool(checkpoint), errors
         if command:
             assert errors[0].startswith("ConfigError: the ranks were started with different settings")
+
+
+FINETUNE_CASES = {  # what rank 1 does otherwise -> what the error names ("" for no error)
+    "same": "",
+    "local": "",  # its own copies of the corpus and the run directory, at other paths: allowed
+    "lr": "lr: 0.003 on ranks [0], 0.001 on ranks [1]",
+    "corpus": "corpus: '20000 bytes, ",
+    "checkpoint": "resuming from: 'step_4' on ranks [0], None on ranks [1]",
+}
+
+
+def _finetune_worker(rank: int, init: str, out: str) -> None:
+    sys.path.insert(0, LAUNCHERS)
+    from soap_apps.finetune.agreement import check_same_run
+    from soap_apps.finetune.config import FinetuneConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    errors = {}
+    for case in FINETUNE_CASES:
+        cfg, data, start = FinetuneConfig(), torch.arange(20_000) % 256, Path("runs/x/checkpoints/step_4")
+        if rank == 1:
+            if case == "local":
+                cfg.data, cfg.output_dir, start = "/local/copy", "/local/runs/x", Path("/local/x/step_4")
+            if case == "lr":
+                cfg.lr = 1e-3
+            if case == "corpus":
+                data = data.flip(0)
+            if case == "checkpoint":
+                start = None
+        try:
+            check_same_run(cfg, data, start)
+            errors[case] = ""
+        except Exception as error:
+            errors[case] = f"{type(error).__name__}: {error}"
+    torch.save(errors, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_finetune_processes_started_otherwise_stop_naming_the_difference():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_finetune_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+    for errors in ranks:
+        for case, named in FINETUNE_CASES.items():
+            error = errors[case]
+            assert (named in error) and bool(error) == bool(named), (case, error)
+            if named:
+                assert error.startswith("ConfigError: the processes were started with different settings")
+                assert "--output-dir must be one directory every process sees" in error

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from soap_apps.config_loader import ConfigError
+from soap_apps.finetune.agreement import check_same_run
 from soap_apps.finetune.checkpoints import MARKER, check_output_dir, check_writable, note, read_marker
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
@@ -111,6 +112,18 @@ def trainer_setup() -> dict[str, Any]:
     """What the Trainer's checkpoint files depend on besides the flags (``train.setup``'s counterpart,
     read from what accelerate launch set: the Trainer builds its Accelerator later)."""
     return {"backend": backend_name(), "world": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def same_run_callback(cfg: FinetuneConfig, data: torch.Tensor, start: Path | None) -> Any:
+    """A TrainerCallback that runs ``agreement.check_same_run`` as training begins: the Trainer has
+    set up the process group by then (not yet when the Trainer is built), and nothing is trained."""
+    from transformers import TrainerCallback
+
+    class SameRun(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            check_same_run(cfg, data, start)
+
+    return SameRun()
 
 
 def marker_callback(cfg: FinetuneConfig) -> Any:
@@ -251,12 +264,13 @@ def build_trainer(cfg: FinetuneConfig, **overrides: Any) -> Any:
         skip_deepspeed_shm_build()
     torch.manual_seed(cfg.seed)
     model = build_gpt2(cfg.model, cfg.context)
-    train_ids, eval_ids = split(load_bytes(cfg.data, cfg.max_bytes), cfg.eval_fraction)
+    data = load_bytes(cfg.data, cfg.max_bytes)
+    train_ids, eval_ids = split(data, cfg.eval_fraction)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     length = cfg.steps * cfg.batch_size * cfg.grad_accum * world
     train_ds = Windows(train_ids, cfg.context, length, cfg.seed, as_dict=True)
     eval_ds = eval_windows(eval_ids, cfg.context, cfg.eval_windows, as_dict=True)
-    optimizer: dict[str, Any] = {"callbacks": [marker_callback(cfg)]}
+    optimizer: dict[str, Any] = {"callbacks": [marker_callback(cfg), same_run_callback(cfg, data, start)]}
     if cfg.optimizer == "soap":
         optimizer["optimizer_cls_and_kwargs"] = (SOAP, soap_kwargs(cfg))
         # the Trainer calls state_dict() on the saving rank only; SOAP's is a collective under DDP

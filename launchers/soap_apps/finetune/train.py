@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from soap_apps import run_lock, schedule, soap_options
 from soap_apps.config_loader import ConfigError
-from soap_apps.finetune import checkpoints
+from soap_apps.finetune import agreement, checkpoints
 from soap_apps.finetune.checkpoints import METRICS, check_output_dir, resume_dir
 from soap_apps.finetune.config import FinetuneConfig, parse_args
 from soap_apps.finetune.data import Windows, eval_windows, load_bytes, split
@@ -167,15 +167,19 @@ def evaluate(model: nn.Module, loader: Iterable[torch.Tensor], accelerator: Any)
     return torch.cat(losses).mean().item()
 
 
-def prepare(cfg: FinetuneConfig, accelerator: Any) -> tuple[nn.Module, Any, DataLoader, DataLoader]:
+def prepare(
+    cfg: FinetuneConfig, accelerator: Any, data: torch.Tensor | None = None
+) -> tuple[nn.Module, Any, DataLoader, DataLoader]:
     """Data, model and optimizer, through ``accelerator.prepare`` in one call (FSDP2 needs model and
-    optimizer together; DeepSpeed reads its micro-batch size from the DataLoader)."""
+    optimizer together; DeepSpeed reads its micro-batch size from the DataLoader). ``data``: the
+    corpus's bytes, if already read (``load_bytes``)."""
     from accelerate.utils import set_seed
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    train_ids, eval_ids = split(load_bytes(cfg.data, cfg.max_bytes), cfg.eval_fraction)
+    data = load_bytes(cfg.data, cfg.max_bytes) if data is None else data
+    train_ids, eval_ids = split(data, cfg.eval_fraction)
     samples = cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     train_dl = DataLoader(Windows(train_ids, cfg.context, samples, cfg.seed), batch_size=cfg.batch_size)
     eval_dl = DataLoader(eval_windows(eval_ids, cfg.context, cfg.eval_windows), batch_size=cfg.batch_size)
@@ -253,12 +257,14 @@ def _train(
 ) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     leftovers = start_checks(cfg, accelerator, start)
+    data = load_bytes(cfg.data, cfg.max_bytes)
+    agreement.check_same_run(cfg, data, start)
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
     if accelerator.is_main_process and leftovers:
         checkpoints.start_over(out)
     elif accelerator.is_main_process:
         checkpoints.remove_partials(out)
-    model, optimizer, train_dl, eval_dl = prepare(cfg, accelerator)
+    model, optimizer, train_dl, eval_dl = prepare(cfg, accelerator, data)
     if on_prepared is not None:
         on_prepared(model, optimizer)
 

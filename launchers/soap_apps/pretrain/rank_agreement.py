@@ -50,13 +50,16 @@ def _flat(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _gather(env: DistEnv, mine: Any) -> list[Any]:
-    every: list[Any] = [None] * env.world
+def gather(mine: Any) -> list[Any]:
+    """Every rank's ``mine``, by rank, over the default process group (``[mine]`` without one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return every
 
 
-def _differences(every: list[dict[str, Any]]) -> list[str]:
+def differences(every: list[dict[str, Any]]) -> list[str]:
     """'key: value on ranks [..], value on ranks [..]' for each key whose value differs."""
     lines = []
     for key in every[0]:
@@ -75,7 +78,7 @@ def check_same_command(env: DistEnv, cfg: Config, corpus: str, flags: dict[str, 
     if not env.distributed:
         return
     mine = {**_flat(cfg), "corpus": corpus, **flags}
-    differ = _differences(_gather(env, mine))
+    differ = differences(gather(mine))
     if differ:
         raise ConfigError(
             "the ranks were started with different settings ("
@@ -91,7 +94,7 @@ def check_same_checkpoint(env: DistEnv, latest: int | None, run_dir: str) -> Non
     it is not one directory that every rank sees (node-local disks), and a resume would mix steps."""
     if not env.distributed:
         return
-    every = _gather(env, latest)
+    every = gather(latest)
     if len(set(every)) > 1:
         seen = ", ".join(f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(every))
         raise ConfigError(

@@ -1,0 +1,45 @@
+"""Every process of a fine-tuning run must run the same command, read the same corpus and resume the
+same checkpoint: checked once, in one all_gather, before the weights or the optimizer load anything.
+
+``accelerate launch`` on several nodes starts each node with its own command line and its own disk.
+A node given another --seed or --lr, one whose Python's standard library (the default corpus) is
+another version, or one whose --output-dir holds other checkpoints (node-local disks) trained apart
+from the others: each rank loaded its own checkpoint and skipped its own count of batches, and
+under DDP the replicas held other weights from there on, silently with AdamW. Pre-training checks the
+same (``soap_apps.pretrain.rank_agreement``); its wording and its corpus fingerprint serve here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soap_apps.config_loader import ConfigError
+from soap_apps.finetune.config import FinetuneConfig
+from soap_apps.pretrain.rank_agreement import differences, gather, tokens_fingerprint
+
+# flags whose values may differ between nodes: where each keeps its copies (their contents are
+# compared instead: the corpus by fingerprint, the checkpoint by the step it resumes), and its CPU threads
+LOCAL_FLAGS = ("data", "init_from", "output_dir", "resume", "threads")
+
+
+def settings(cfg: FinetuneConfig, data: torch.Tensor, start: Path | None) -> dict[str, Any]:
+    """What must be the same on every process: the flags (but ``LOCAL_FLAGS``), the corpus, the resume."""
+    flags = {key: value for key, value in cfg.to_dict().items() if key not in LOCAL_FLAGS}
+    corpus = tokens_fingerprint(data.numpy()).replace("tokens", "bytes")
+    return {**flags, "corpus": corpus, "resuming from": start.name if start is not None else None}
+
+
+def check_same_run(cfg: FinetuneConfig, data: torch.Tensor, start: Path | None) -> None:
+    """ConfigError on every process when the processes differ in ``settings`` (nothing with one)."""
+    differ = differences(gather(settings(cfg, data, start)))
+    if differ:
+        raise ConfigError(
+            "the processes were started with different settings ("
+            + "; ".join(differ[:6])
+            + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+            + "): every node must run the same command on the same corpus, and --output-dir must be "
+            "one directory every process sees (a file system the nodes share)"
+        )
