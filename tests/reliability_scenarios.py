@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from soap_dist import SOAP
 
@@ -158,15 +158,37 @@ def compile_failed_on_one_rank(rank):
             if step == 0:
                 owner._engine.fused = True
 
+    # Under HSDP (here 2 replicas of 1 shard) the replicas of a shard both compute its rows' update
+    grid = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    hsdp_params = [
+        torch.nn.Parameter(distribute_tensor(p.detach().clone(), grid, [Replicate(), Shard(0)]))
+        for p in _params()
+    ]
+    hsdp = SOAP(hsdp_params, placement="hsdp", **{**KW, "fused": None})
+
+    def hsdp_steps():
+        for step in range(4):
+            for p, g in zip(hsdp_params, _grads(step), strict=True):
+                p.grad = distribute_tensor(g, grid, [Replicate(), Shard(0)])
+            hsdp.step()
+            if step == 0:
+                hsdp._engine.fused = True
+
     real = kernels.fused_adam_direction
     try:
         kernels.fused_adam_direction = compiled
         error = _error(lambda: _steps(params, opt, 4))
+        hsdp_error = _error(hsdp_steps)
         kernels.fused_adam_direction = nowhere
         owner_error = _error(owner_steps)
     finally:
         kernels.fused_adam_direction = real
-    return {"error": error, "owner_error": owner_error, "owner_fused": owner._engine.fused}
+    return {
+        "error": error,
+        "hsdp_error": hsdp_error,
+        "owner_error": owner_error,
+        "owner_fused": owner._engine.fused,
+    }
 
 
 def unsynced_gradients(rank):

@@ -55,3 +55,34 @@ def test_statistic_ignores_garbage_in_a_fresh_output():
     nan_store = torch.full((1, d, d), float("nan"), dtype=torch.float64)
     got = kernels.accumulate_statistic(nan_store, x, 0, 0.0)
     assert torch.isfinite(got).all()
+
+
+def test_distinct_rounds_take_each_slot_once_per_round_in_order():
+    from soap_dist.engine.step import distinct_rounds
+
+    assert distinct_rounds([2, 2, 5, 2]) == [[0, 2], [1], [3]]
+    assert distinct_rounds([3, 1, 4]) == [[0, 1, 2]]
+
+
+def test_a_factor_shared_by_row_blocks_is_summed_without_repeated_rows(monkeypatch):
+    # index_add_ with a repeated row sums in no fixed order on CUDA: replicas computing the same
+    # update (owner_scope="shard_group") would drift apart. An 8 x 4 weight in row blocks of 4 has
+    # one column factor fed by two blocks; every index_add_ must name each row once.
+    from soap_dist import SOAP
+
+    calls: list[list[int]] = []
+    index_add = torch.Tensor.index_add_
+
+    def spy(self, dim, index, source, **kw):
+        calls.append(index.tolist())
+        return index_add(self, dim, index, source, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", spy)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+    opt = SOAP([w], block_size=4, precondition_frequency=1, fused=False)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert calls, "the shared-factor path was not taken"
+    assert all(len(set(c)) == len(c) for c in calls), calls

@@ -118,16 +118,19 @@ class AgreementMixin:
         if self.plan.topology.world == 1:
             return None
         refreshing = self._refreshing(hypers, active_ids)
-        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers], self._agreed_fused()))
+        text = repr((self.calls, active_ids, refreshing, [astuple(h) for h in hypers]))
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
         word = int.from_bytes(digest, "little") >> 2  # torch.full: a fill kernel, not a synchronising copy
         slot = self.gradient_slot()
         if slot is None:
             return torch.full((1,), word, dtype=torch.int64, device=self.device)
         slots, mine = slot
-        words = torch.full((1 + slots,), self.exchange.NO_VOTE, dtype=torch.int64, device=self.device)
+        votes = 2 if self._repeats_updates() else 1
+        words = torch.full((1 + votes * slots,), self.exchange.NO_VOTE, dtype=torch.int64, device=self.device)
         words[0] = word
         words[1 + mine : 2 + mine] = norms.double().sum().reshape(1).view(torch.int64)  # a device copy
+        if votes == 2:
+            words[1 + slots + mine] = int(bool(self.fused))
         return words
 
     def gradient_slot(self) -> tuple[int, int] | None:
@@ -137,13 +140,20 @@ class AgreementMixin:
         topo = self.plan.topology
         return (topo.shards, topo.shard) if topo.replicas > 1 else self.replica_slots
 
-    def _agreed_fused(self) -> bool | None:
-        """``fused`` where the ranks must agree on it, else None. Under replicated every rank computes
-        every update: a compile that failed on some ranks only turns their step eager, which rounds
-        otherwise, and the replicas would drift apart. (Under the other placements each update is
+    def _repeats_updates(self) -> bool:
+        """Whether the ranks of a replica slot compute the same updates, and so must run the same
+        elementwise step (``fused``): a compile that failed on some of them only turns their step
+        eager, which rounds otherwise, and the replicas would drift apart. Replicated: every rank
+        computes every update; HSDP: the replicas of a shard its rows'. (Under owner each update is
         computed at one rank, and a rank that updates nothing never tries the compile: fused may
         differ there, harmlessly.)"""
-        return self.fused if self.plan.topology.placement == "replicated" else None
+        return self.plan.topology.placement in ("replicated", "hsdp")
+
+    def _fused_apart(self, every: list[dict]) -> bool:
+        """Whether ``fused`` differs within a replica slot whose ranks compute the same updates."""
+        if not self._repeats_updates():
+            return False
+        return any(len({m["fused"] for m in every if m["slot"] == s}) > 1 for s in {m["slot"] for m in every})
 
     def _disagree(self, hypers: list[Hyper], active_ids: list[int], agreed: Tensor, norms: Tensor) -> None:
         """Every rank raises the same RanksDisagreeError, naming what differs (an error path only)."""
@@ -156,7 +166,7 @@ class AgreementMixin:
             "stepped": active_ids,
             "norms": norms.double().tolist(),
             "slot": slot[1] if (slot := self.gradient_slot()) is not None else None,
-            "fused": self._agreed_fused(),
+            "fused": bool(self.fused),
         }
         every = self.exchange.gather_objects(mine)
         lines = []
@@ -180,7 +190,7 @@ class AgreementMixin:
                 values = [f[k] for f in fields]
                 if len(set(values)) > 1:
                     lines.append(f"param group {g} {name}: {values} (by rank)")
-        if len({m["fused"] for m in every}) > 1:
+        if self._fused_apart(every):
             lines.append(
                 f"fused (the compiled elementwise step): {[m['fused'] for m in every]} (by rank); its "
                 "compile failed on some ranks (see their warning), which then stepped eagerly and round "
@@ -190,7 +200,8 @@ class AgreementMixin:
             lines.append(f"step() calls so far: {[m['calls'] for m in every]} (by rank)")
         if len({tuple(m["refreshing"]) for m in every}) > 1:
             lines.append(f"basis refreshes due now: {[m['refreshing'] for m in every]} (by rank)")
-        if agreed.numel() > 1 and not bool(agreed[1:].all()) and not stepped_apart:
+        slots = slot[0] if (slot := self.gradient_slot()) is not None else 0
+        if not bool(agreed[1 : 1 + slots].all()) and not stepped_apart:
             lines.append(self._gradients_differ(active_ids, every))
         raise RanksDisagreeError(
             f"SOAP: ranks disagree at optimizer step {self.calls} (checked in the finite-flag all_reduce): "

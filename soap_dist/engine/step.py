@@ -96,6 +96,25 @@ def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float, lerp
         torch._foreach_add_(targets, pieces, alpha=decay)
 
 
+def distinct_rounds(slots: list[int]) -> list[list[int]]:
+    """The positions of ``slots`` in rounds of distinct slots: round r holds each slot's r-th position.
+
+    A column factor shared by several row blocks of one parameter gets one statistic per block. On
+    CUDA, ``index_add_`` sums repeated rows in whatever order its atomic adds land, so replicas that
+    compute the same update (owner_scope="shard_group") drifted apart in the last bit; added one
+    round at a time, each factor takes its blocks' statistics in block order, on every rank alike
+    (on CPU the sum is the same as before, bit for bit)."""
+    seen: dict[int, int] = {}
+    rounds: list[list[int]] = []
+    for n, slot in enumerate(slots):
+        r = seen.get(slot, 0)
+        seen[slot] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(n)
+    return rounds
+
+
 class StepMixin:
     """``SoapEngine.step`` and what it needs (see engine.core for the attributes)."""
 
@@ -395,7 +414,13 @@ class StepMixin:
                 rows = self._index(fresh)
                 store.factors.index_copy_(0, rows, store.factors.index_select(0, rows).mul_(beta))
                 decayed[id(store)].update(fresh)
-        for store, index, _, stat, _ in updates:
-            store.factors.index_add_(0, index, stat)
+        for store, index, slots, stat, _ in updates:
+            rounds = distinct_rounds(slots)
+            if len(rounds) == 1:
+                store.factors.index_add_(0, index, stat)
+                continue
+            for positions in rounds:  # a factor with several row blocks here: one add per block
+                pick = self._index(positions)
+                store.factors.index_add_(0, self._index([slots[n] for n in positions]), stat[pick])
 
     # ----- bases -----

@@ -100,9 +100,10 @@ def rank_costs(
             for rep in range(R):
                 out[rep * S + s].moments += 2 * numel * moment_bytes[lay.index]
     if W > 1:  # the per-step all_reduce of finite flags and agreement words (engine.step)
-        # + one gradient fingerprint per replica slot where ranks hold replicas (engine.agreement)
+        # + one gradient fingerprint per replica slot where ranks hold replicas, and where the slot's
+        # ranks also compute the same updates (replicated, hsdp: R > 1) one fused vote (engine.agreement)
         replicated_slots = owner_grid[1] if owner_grid is not None and owner_grid[0] > 1 else 0
-        words = 1 + (S if R > 1 else replicated_slots)
+        words = 1 + (2 * S if R > 1 else replicated_slots)
         flags = WORD_BYTES * (len(plan.layouts) + 2 * words)
         for c in out:
             c.step_sent += flags
