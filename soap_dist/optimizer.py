@@ -213,8 +213,12 @@ class SOAP(StateMixin, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._held_state = None  # a held state_dict() no longer describes this optimizer
         params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # (torch refuses a set itself)
+            # read once: a generator ({"params": model.parameters()}) read here would reach torch empty
+            params = param_group["params"] = list(params)
         listed = [params] if isinstance(params, torch.Tensor) else list(params)
-        if len({id(p) for p in listed}) != len(listed):  # torch only warns; SOAP would step it twice
+        tensors = [p[1] if isinstance(p, tuple) else p for p in listed]  # named_parameters() gives pairs
+        if len({id(t) for t in tensors}) != len(tensors):  # torch only warns; SOAP would step it twice
             raise ValueError(
                 "SOAP: a parameter group lists the same tensor twice; list every parameter once "
                 "(torch.optim packs the repeat to one state, SOAP would keep two)"

@@ -115,3 +115,24 @@ def test_a_tensor_listed_twice_is_refused():
     w = torch.nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="same tensor twice"):
         SOAP([w, w])
+    named = list(torch.nn.Linear(2, 3).named_parameters())  # (name, tensor) pairs, the tensor repeated
+    with pytest.raises(ValueError, match="same tensor twice"):
+        SOAP(named + named)
+    with pytest.raises(ValueError, match="same tensor twice"):
+        SOAP([{"params": [("a", w), ("b", w)]}])
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_group_given_a_generator_holds_its_parameters(named):
+    # {"params": model.parameters()}: the duplicate check read the generator, torch got it empty, and
+    # the optimizer stepped nothing, without a word
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    params = model.named_parameters() if named else model.parameters()
+    opt = SOAP([{"params": params, "lr": 0.01}], precondition_frequency=1)
+    assert len(opt.param_groups[0]["params"]) == 2
+    for _ in range(2):
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
