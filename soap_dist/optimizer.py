@@ -34,6 +34,7 @@ from .options import (
     is_integer,
     is_number,
     validate_group,
+    validate_stepped_group,
     warn_misspelt_group_keys,
 )
 from .placements import Placement, local, resolve, wrapper
@@ -373,7 +374,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
             zero.exchange.step = self._calls
             with zero.engine.stepping():
                 for f in zero.flats_in(self.param_groups):
-                    validate_group(zero.groups[zero.part.flat_group[f]], self.refresh_delay)
+                    g = zero.part.flat_group[f]
+                    validate_stepped_group(zero.groups[g], g, self.refresh_delay)
                     zero.step(f)
             return
         params = self._params()
@@ -388,8 +390,8 @@ class SOAP(StateMixin, torch.optim.Optimizer):
                     f"{p.grad.dtype}; SOAP steps floating-point parameters only: make it a float tensor, or "
                     "leave it out of the optimizer"
                 )
-        for group in self.param_groups:
-            validate_group(group, self.refresh_delay)
+        for g, group in enumerate(self.param_groups):
+            validate_stepped_group(group, g, self.refresh_delay)
         built = self._built_layout if self._engine is not None else None
         self._built_layout = check_layout_unchanged(self.param_groups, built)
         engine = self._ensure_engine()

@@ -171,6 +171,15 @@ def validate_group(group: dict[str, Any], refresh_delay: int | None = None) -> N
         )
 
 
+def validate_stepped_group(group: dict[str, Any], index: int, refresh_delay: int | None) -> None:
+    """``validate_group`` at a step, naming the group: its values may have been edited since it was
+    added (``param_groups[i]["lr"] = ...``, a scheduler), and the message says which one."""
+    try:
+        validate_group(group, refresh_delay)
+    except ValueError as error:
+        raise ValueError(str(error).replace("SOAP: ", f"SOAP: param_groups[{index}]: ", 1)) from None
+
+
 def check_layout_unchanged(groups: list[dict[str, Any]], built: list[tuple] | None) -> list[tuple]:
     """The layout options of every group, checked against those the state was built with: the factors'
     shapes follow them, so an edit after the first step would be ignored (and saved beside state of

@@ -56,10 +56,10 @@ def test_bad_hyperparameter_names_itself(kwargs, name):
 def test_bad_group_hyperparameter_names_itself():
     with pytest.raises(ValueError, match="betas"):
         SOAP([{"params": _params(), "betas": (0.9, 1.5)}])
-    opt = SOAP(_params())
-    opt.param_groups[0]["lr"] = -3.0  # e.g. a broken scheduler
+    opt = SOAP([{"params": _params()}, {"params": [torch.nn.Parameter(torch.zeros(3, 2))]}])
+    opt.param_groups[1]["lr"] = -3.0  # e.g. a broken scheduler: the message says which group
     opt.param_groups[0]["params"][0].grad = torch.ones(4, 4)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"^SOAP: param_groups\[1\]: invalid lr=-3\.0; expected"):
         opt.step()
 
 
