@@ -68,6 +68,26 @@ def test_a_skipped_gradient_is_reported_by_stats_before_the_next_refresh():
     assert any("non-finite gradient for param_groups[0].params[0]" in str(w.message) for w in caught)
 
 
+def test_one_nan_loss_is_one_warning_naming_every_parameter_it_reached():
+    """A NaN loss reaches every parameter's gradient: one warning names them all (it was one each)."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(4)])
+    opt = SOAP(model.named_parameters(), precondition_frequency=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            x = torch.randn(5, 3) * (float("nan") if step == 1 else 1.0)
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "non-finite gradient for 0.weight (shape (3, 3)), 0.bias (shape (3,)), 1.weight" in messages[0]
+    assert "2.weight (shape (3, 3)) and 3 more (NaN/Inf" in messages[0]
+    # the NaN came at step 2; the refresh that reads the flags runs at step 3
+    assert "by step 3 (seen on the device at each step, reported at the next basis refresh)" in messages[0]
+    assert opt.stats()["nonfinite_params_warned"] == 8
+
+
 def test_failing_eigh_keeps_the_old_basis_and_warns(monkeypatch):
     p = torch.nn.Parameter(torch.randn(5, 5))
     opt = SOAP([p], precondition_frequency=2)

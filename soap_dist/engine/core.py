@@ -305,17 +305,23 @@ class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):
         self._warn_nonfinite(list(range(self.nonfinite_seen.numel())))
 
     def _warn_nonfinite(self, param_ids: list[int], seen: list[bool] | None = None) -> None:
+        """One warning naming every parameter whose gradient was skipped as non-finite and not named
+        before (the steps note it on the device; it is read here, at a refresh, or by stats())."""
         if seen is None:
             seen = self.nonfinite_seen.tolist()  # a host sync, only at refresh time
-        for i in param_ids:
-            if seen[i] and ("nonfinite", i) not in self._warned:
-                self._warned.add(("nonfinite", i))
-                self.counters.nonfinite_params_warned += 1
-                warnings.warn(
-                    f"SOAP: non-finite gradient for {self._name(i)} (NaN/Inf, or a norm whose square "
-                    f"overflows factor_dtype={self.factor_dtype}); the steps where it occurred were skipped "
-                    "for this parameter (moments unchanged, weights given only the weight decay, factors "
-                    "decayed; at its first gradient, not started at all). Shown once.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+        new = [i for i in param_ids if seen[i] and ("nonfinite", i) not in self._warned]
+        if not new:
+            return
+        self._warned.update(("nonfinite", i) for i in new)
+        self.counters.nonfinite_params_warned += len(new)
+        names = ", ".join(self._name(i) for i in new[:5])
+        names += f" and {len(new) - 5} more" if len(new) > 5 else ""
+        warnings.warn(
+            f"SOAP: non-finite gradient for {names} (NaN/Inf, or a norm whose square overflows "
+            f"factor_dtype={self.factor_dtype}) by step {self.calls} (seen on the device at each step, "
+            "reported at the next basis refresh); those steps were skipped for the parameter (moments "
+            "unchanged, weights given only the weight decay, factors decayed; at its first gradient, "
+            "not started at all). Shown once per parameter.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
