@@ -248,3 +248,17 @@ def test_the_planned_stash_is_what_a_delayed_run_keeps(basis_dtype, capsys):
     assert planned[0].stash == opt.stats()["stash_bytes"] > 0
     assert main(["--model", "gpt2-small", "--world", "2", "--refresh-delay", "1"]) == 0
     assert "stash" in capsys.readouterr().out.splitlines()[1]
+
+
+def test_plan_piped_into_head_ends_without_a_traceback():
+    import os
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -m soap_dist.plan --model llama-8b --world 64 --refresh-delay 1 | head -1"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line written at once: head is gone for the next
+    proc = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.stdout.startswith("llama-8b: 291 tensors") and proc.stdout.count("\n") == 1
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
