@@ -52,9 +52,15 @@ def exits(capsys, texts: Path, out: Path, *flags: str) -> tuple[int, str]:
 
 def deliver(signum: int) -> None:
     """Send ``signum`` to this process, which the launcher's handler must catch (the default ends pytest)."""
-    if signal.getsignal(signum) in (signal.SIG_DFL, None):
+    handler = signal.getsignal(signum)
+    if handler in (signal.SIG_DFL, None):
         pytest.fail(f"no handler for signal {signum} while the launcher runs")
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if signum in blocked:  # (once a SIGINT went unnoticed in CI: a run went on to its end; say why next time)
+        pytest.fail(f"signal {signum} is blocked in this thread ({sorted(blocked)}); handler {handler!r}")
     signal.raise_signal(signum)
+    if handler is signal.default_int_handler:  # it raises KeyboardInterrupt before raise_signal returns
+        pytest.fail(f"SIGINT did not interrupt; handler now {signal.getsignal(signum)!r}")
 
 
 def stop_at(monkeypatch, step: int, signum: int) -> Callable:
