@@ -45,3 +45,23 @@ def test_the_trainer_route_trains_and_evaluates_as_finetune_py(tmp_path):
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # (rounded to 4 decimals)
     assert logged == pytest.approx(losses, abs=1e-4), (logged, losses)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(held_out, rel=1e-6)
+
+
+def test_the_trainer_route_compares_the_processes_when_the_trainer_is_built(tmp_path, monkeypatch):
+    """As launchers/finetune.py does before prepare(): in Trainer.__init__ (its Accelerator set up the
+    process group), before train() prepares the model and loads a checkpoint, which are collectives
+    that processes started otherwise would enter out of step."""
+    from soap_apps.config_loader import ConfigError
+    from soap_apps.finetune import hf
+
+    seen = []
+
+    def differs(cfg, data, start):
+        seen.append((len(data), start))
+        raise ConfigError("the processes were started with different settings (lr: ...)")
+
+    monkeypatch.setattr(hf, "check_same_run", differs)
+    cfg = parse_args(["--max-bytes", "12000", "--output-dir", str(tmp_path / "trainer")])
+    with pytest.raises(ConfigError, match="different settings"):
+        build_trainer(cfg, disable_tqdm=True)
+    assert seen == [(12000, None)]

@@ -92,12 +92,14 @@ FINETUNE_CASES = {  # what rank 1 does otherwise -> what the error names ("" for
     "lr": "lr: 0.003 on ranks [0], 0.001 on ranks [1]",
     "corpus": "corpus: '20000 bytes, ",
     "checkpoint": "resuming from: 'step_4' on ranks [0], None on ranks [1]",
+    "refused": "process 1 refused its input: --resume latest: no checkpoints/step_N",  # on rank 0
 }
 
 
 def _finetune_worker(rank: int, init: str, out: str) -> None:
     sys.path.insert(0, LAUNCHERS)
-    from soap_apps.finetune.agreement import check_same_run
+    from soap_apps.config_loader import ConfigError
+    from soap_apps.finetune.agreement import agreed, check_same_run
     from soap_apps.finetune.config import FinetuneConfig
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
@@ -113,11 +115,26 @@ def _finetune_worker(rank: int, init: str, out: str) -> None:
                 data = data.flip(0)
             if case == "checkpoint":
                 start = None
+        refused = None
+        if rank == 1 and case == "refused":  # its own disk holds no checkpoint: it stops, and rank 0 too
+            refused = FileNotFoundError("--resume latest: no checkpoints/step_N here")
+            data, start = None, None
         try:
-            check_same_run(cfg, data, start)
+            check_same_run(cfg, data, start, refused)
             errors[case] = ""
         except Exception as error:
             errors[case] = f"{type(error).__name__}: {error}"
+
+    def inputs() -> int:  # the checks before the run directory's lock
+        if rank == 1:
+            raise ConfigError("--data 'x' does not exist")
+        return 1
+
+    try:
+        agreed(inputs)
+        errors["agreed"] = ""
+    except Exception as error:
+        errors["agreed"] = f"{type(error).__name__}: {error}"
     torch.save(errors, os.path.join(out, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -126,10 +143,17 @@ def test_finetune_processes_started_otherwise_stop_naming_the_difference():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_finetune_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2)
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
-    for errors in ranks:
+    for rank, errors in enumerate(ranks):
         for case, named in FINETUNE_CASES.items():
             error = errors[case]
+            if case == "refused":
+                own = "FileNotFoundError: --resume latest: no checkpoints/step_N here"
+                assert error == (f"ConfigError: {named} here" if rank == 0 else own), (rank, error)
+                continue
             assert (named in error) and bool(error) == bool(named), (case, error)
             if named:
                 assert error.startswith("ConfigError: the processes were started with different settings")
                 assert "--output-dir must be one directory every process sees" in error
+        refused = "--data 'x' does not exist"
+        others = f"process 1 refused its input: {refused}"
+        assert errors["agreed"] == f"ConfigError: {others if rank == 0 else refused}", errors["agreed"]

@@ -115,12 +115,14 @@ def trainer_setup() -> dict[str, Any]:
 
 
 def same_run_callback(cfg: FinetuneConfig, data: torch.Tensor, start: Path | None) -> Any:
-    """A TrainerCallback that runs ``agreement.check_same_run`` as training begins: the Trainer has
-    set up the process group by then (not yet when the Trainer is built), and nothing is trained."""
+    """A TrainerCallback that runs ``agreement.check_same_run`` when the Trainer is built: its
+    Accelerator has set up the process group by then (not yet when ``build_trainer`` checks its
+    inputs), and nothing that depends on the settings has run (``train()`` prepares the model, loads
+    the checkpoint and the optimizer's state, all collectives, later)."""
     from transformers import TrainerCallback
 
     class SameRun(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             check_same_run(cfg, data, start)
 
     return SameRun()

@@ -235,8 +235,12 @@ def train(
     cfg.validate()
     out = Path(cfg.output_dir or f"runs/finetune-{backend_name(accelerator)}")
     cfg = dataclasses.replace(cfg, output_dir=str(out))
-    checkpoints.check_writable(out)  # before the lock, which writes into it: a bad path is one line
-    start = check_inputs(cfg)  # the paths read and the checkpoint to resume from, before the Accelerator
+
+    def inputs() -> Path | None:  # the paths read and the checkpoint to resume from
+        checkpoints.check_writable(out)  # before the lock, which writes into it: a bad path is one line
+        return check_inputs(cfg)
+
+    start = agreement.agreed(inputs)  # refused on one process, refused on all (else they would wait)
     progress = Progress()
     try:
         with run_lock.holding(out, accelerator.is_main_process):
@@ -256,9 +260,13 @@ def _train(
     start: Path | None,
 ) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
-    leftovers = start_checks(cfg, accelerator, start)
-    data = load_bytes(cfg.data, cfg.max_bytes)
-    agreement.check_same_run(cfg, data, start)
+    refused = leftovers = data = None
+    try:
+        leftovers = start_checks(cfg, accelerator, start)
+        data = load_bytes(cfg.data, cfg.max_bytes)
+    except agreement.INPUT_ERRORS as error:
+        refused = error
+    agreement.check_same_run(cfg, data, start, refused)  # raises refused, on every process
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
     if accelerator.is_main_process and leftovers:
         checkpoints.start_over(out)
