@@ -1,4 +1,5 @@
-"""soap_apps.process_exit.finish: a distributed launcher leaves through os._exit, its output flushed."""
+"""soap_apps.process_exit: a distributed launcher leaves through os._exit, after what the teardown
+does that matters (threads joined, atexit handlers run, Python's and C's output flushed)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,36 @@ import pytest
 from pretrain_helpers import REPO
 
 SCRIPT = """
-import atexit, sys
-from soap_apps.process_exit import finish
-atexit.register(lambda: print("teardown ran"))
-print("last words", end="")  # no newline: lost unless flushed (stdout is a pipe here)
-print(" and a warning", end="", file=sys.stderr)
-finish(3)
+import atexit, ctypes, sys, threading, time
+from soap_apps.process_exit import finish, finish_as
+atexit.register(lambda: print(" atexit", end=""))
+ctypes.CDLL(None).printf(b" C-level ")  # buffered by C's stdio: lost unless flushed
+sys.stdout.flush()  # (C's buffer is separate: it still holds its text)
+threading.Thread(target=lambda: (time.sleep(0.5), print(" thread", end=""))).start()
+print(" last words", end="")  # no newline: lost unless flushed (stdout is a pipe here)
+print("a warning", end="", file=sys.stderr)
+if sys.argv[1] == "code":
+    finish(3)
+finish_as(SystemExit(sys.argv[1]))
 """
 
 
-@pytest.mark.parametrize("world", ["1", "2"])
-def test_finish_flushes_and_skips_the_teardown_only_with_several_processes(world):
+def _run(world: str, arg: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WORLD_SIZE": world, "PYTHONPATH": str(REPO / "launchers")}
     env.pop("PYTHONUNBUFFERED", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, arg], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_finish_waits_flushes_and_runs_atexit_at_any_world(world):
+    proc = _run(world, "code")
     assert proc.returncode == 3
-    assert proc.stderr == " and a warning"
-    # one process: the interpreter's teardown (atexit) runs as usual; several: it is skipped
-    assert proc.stdout == ("last words" if world == "2" else "last wordsteardown ran\n")
+    assert proc.stderr == "a warning"
+    assert sorted(proc.stdout.split()) == sorted("C-level thread last words atexit".split()), proc.stdout
+
+
+def test_finish_as_exits_as_the_interpreter_would():
+    proc = _run("2", "stopped: see above")  # SystemExit("...") prints its message and exits 1
+    assert proc.returncode == 1 and proc.stderr == "a warningstopped: see above\n", proc.stderr

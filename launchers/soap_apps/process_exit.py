@@ -1,32 +1,51 @@
-"""End a distributed launcher's process without the interpreter's teardown.
+"""End a distributed launcher's process without the interpreter's finalization.
 
 A rank that had finished its run (results written, process groups destroyed) now and then aborted
 in the interpreter's teardown: "terminate called without an active exception", SIGABRT, with no
-Python frame left on the stack (faulthandler's dump). torchrun then reported the finished run as
-failed (exit 1). Measured: 2 of 27 four-rank gloo runs of launchers/pretrain.py beside two busy
-loops on 2 cores. The known cause is a C++ thread of the process group reaching for the GIL while
-the interpreter shuts down (pytorch/pytorch#179291, closed without a fix). By then every file of the
-run is closed, so what the teardown does that matters is flushing the standard streams and logging:
-``finish`` does that and leaves with ``os._exit``.
+Python frame left on the stack (faulthandler's dump), so after the atexit handlers, in the
+finalization. torchrun then reported the finished run as failed (exit 1). Measured: 2 of 27
+four-rank gloo runs of launchers/pretrain.py beside two busy loops on 2 cores, none of 60 with
+``finish``. The known cause is a C++ thread of the process group reaching for the GIL while the
+interpreter shuts down (pytorch/pytorch#179291, closed without a fix). ``finish`` does what the
+teardown does that matters (waits for non-daemon threads, runs the atexit handlers: a DeepSpeed
+monitor's, logging's; flushes Python's and C's buffered output) and leaves with ``os._exit``.
 """
 
 from __future__ import annotations
 
-import logging
+import atexit
+import ctypes
 import os
 import sys
+import threading
 from typing import NoReturn
 
 
 def finish(code: int) -> NoReturn:
-    """Exit with ``code``: through ``os._exit`` (after flushing) when several processes run this job
-    (WORLD_SIZE > 1: torchrun, accelerate launch, the DeepSpeed launcher), else as ``sys.exit``."""
+    """Exit with ``code``: through ``os._exit`` after the steps above when several processes run this
+    job (WORLD_SIZE > 1: torchrun, accelerate launch, the DeepSpeed launcher), else as ``sys.exit``."""
     if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
         raise SystemExit(code)
-    logging.shutdown()
+    for thread in threading.enumerate():  # as the interpreter's shutdown does first
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # (logging.shutdown among them)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
             pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # what native code wrote through C's stdio
+    except (OSError, AttributeError):  # pragma: no cover - a libc without it
+        pass
     os._exit(code)
+
+
+def finish_as(stop: SystemExit) -> NoReturn:
+    """``finish`` with what the interpreter makes of ``stop``: its code, 0 for None, and for a
+    message the message on stderr and 1."""
+    if isinstance(stop.code, int) or stop.code is None:
+        finish(stop.code or 0)
+    print(stop.code, file=sys.stderr)
+    finish(1)
