@@ -66,6 +66,7 @@ def test_a_skipped_gradient_is_reported_by_stats_before_the_next_refresh():
         warnings.simplefilter("always")
         assert opt.stats()["nonfinite_params_warned"] == 1
     assert any("non-finite gradient for param_groups[0].params[0]" in str(w.message) for w in caught)
+    assert any("(seen on the device at each step, read by stats())" in str(w.message) for w in caught)
 
 
 def test_one_nan_loss_is_one_warning_naming_every_parameter_it_reached():
@@ -84,7 +85,7 @@ def test_one_nan_loss_is_one_warning_naming_every_parameter_it_reached():
     assert "non-finite gradient for 0.weight (shape (3, 3)), 0.bias (shape (3,)), 1.weight" in messages[0]
     assert "2.weight (shape (3, 3)) and 3 more (NaN/Inf" in messages[0]
     # the NaN came at step 2; the refresh that reads the flags runs at step 3
-    assert "by step 3 (seen on the device at each step, reported at the next basis refresh)" in messages[0]
+    assert "by step 3 (seen on the device at each step, reported at a basis refresh)" in messages[0]
     assert opt.stats()["nonfinite_params_warned"] == 8
 
 

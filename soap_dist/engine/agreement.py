@@ -144,9 +144,11 @@ class AgreementMixin:
         """Whether the ranks of a replica slot compute the same updates, and so must run the same
         elementwise step (``fused``): a compile that failed on some of them only turns their step
         eager, which rounds otherwise, and the replicas would drift apart. Replicated: every rank
-        computes every update; HSDP: the replicas of a shard its rows'. (Under owner each update is
-        computed at one rank, and a rank that updates nothing never tries the compile: fused may
-        differ there, harmlessly.)"""
+        computes every update; HSDP: the replicas of a shard its rows'. (Under owner with
+        owner_scope="world" each update is computed at one rank, and a rank that updates nothing
+        never tries the compile: fused may differ there, harmlessly. With owner_scope="shard_group"
+        each replica's owners repeat the same updates, but this all_reduce stays inside a shard group:
+        nothing compares the replicas there, docs/design.md, section 9.)"""
         return self.plan.topology.placement in ("replicated", "hsdp")
 
     def _fused_apart(self, every: list[dict]) -> bool:

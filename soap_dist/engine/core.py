@@ -302,9 +302,11 @@ class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):
     def report_nonfinite(self) -> None:
         """Warn now about every parameter whose gradient was skipped so far (a host read; the steps
         leave that to the next refresh; stats() calls it)."""
-        self._warn_nonfinite(list(range(self.nonfinite_seen.numel())))
+        self._warn_nonfinite(list(range(self.nonfinite_seen.numel())), when="read by stats()")
 
-    def _warn_nonfinite(self, param_ids: list[int], seen: list[bool] | None = None) -> None:
+    def _warn_nonfinite(
+        self, param_ids: list[int], seen: list[bool] | None = None, when: str = "reported at a basis refresh"
+    ) -> None:
         """One warning naming every parameter whose gradient was skipped as non-finite and not named
         before (the steps note it on the device; it is read here, at a refresh, or by stats())."""
         if seen is None:
@@ -319,7 +321,7 @@ class SoapEngine(AgreementMixin, StepMixin, RefreshMixin, AsyncRefreshMixin):
         warnings.warn(
             f"SOAP: non-finite gradient for {names} (NaN/Inf, or a norm whose square overflows "
             f"factor_dtype={self.factor_dtype}) by step {self.calls} (seen on the device at each step, "
-            "reported at the next basis refresh); those steps were skipped for the parameter (moments "
+            f"{when}); those steps were skipped for the parameter (moments "
             "unchanged, weights given only the weight decay, factors decayed; at its first gradient, "
             "not started at all). Shown once per parameter.",
             RuntimeWarning,
