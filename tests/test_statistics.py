@@ -57,13 +57,6 @@ def test_statistic_ignores_garbage_in_a_fresh_output():
     assert torch.isfinite(got).all()
 
 
-def test_distinct_rounds_take_each_slot_once_per_round_in_order():
-    from soap_dist.engine.step import distinct_rounds
-
-    assert distinct_rounds([2, 2, 5, 2]) == [[0, 2], [1], [3]]
-    assert distinct_rounds([3, 1, 4]) == [[0, 1, 2]]
-
-
 def test_a_factor_shared_by_row_blocks_is_summed_without_repeated_rows(monkeypatch):
     # index_add_ with a repeated row sums in no fixed order on CUDA: replicas computing the same
     # update (owner_scope="shard_group") would drift apart. An 8 x 4 weight in row blocks of 4 has

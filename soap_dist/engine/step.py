@@ -96,25 +96,6 @@ def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float, lerp
         torch._foreach_add_(targets, pieces, alpha=decay)
 
 
-def distinct_rounds(slots: list[int]) -> list[list[int]]:
-    """The positions of ``slots`` in rounds of distinct slots: round r holds each slot's r-th position.
-
-    A column factor shared by several row blocks of one parameter gets one statistic per block. On
-    CUDA, ``index_add_`` sums repeated rows in whatever order its atomic adds land, so replicas that
-    compute the same update (owner_scope="shard_group") drifted apart in the last bit; added one
-    round at a time, each factor takes its blocks' statistics in block order, on every rank alike
-    (on CPU the sum is the same as before, bit for bit)."""
-    seen: dict[int, int] = {}
-    rounds: list[list[int]] = []
-    for n, slot in enumerate(slots):
-        r = seen.get(slot, 0)
-        seen[slot] = r + 1
-        if r == len(rounds):
-            rounds.append([])
-        rounds[r].append(n)
-    return rounds
-
-
 class StepMixin:
     """``SoapEngine.step`` and what it needs (see engine.core for the attributes)."""
 
@@ -415,12 +396,19 @@ class StepMixin:
                 store.factors.index_copy_(0, rows, store.factors.index_select(0, rows).mul_(beta))
                 decayed[id(store)].update(fresh)
         for store, index, slots, stat, _ in updates:
-            rounds = distinct_rounds(slots)
-            if len(rounds) == 1:
+            distinct = sorted(set(slots))
+            if len(distinct) == len(slots):  # one add per row: the same on every rank, CUDA included
                 store.factors.index_add_(0, index, stat)
                 continue
-            for positions in rounds:  # a factor with several row blocks here: one add per block
-                pick = self._index(positions)
-                store.factors.index_add_(0, self._index([slots[n] for n in positions]), stat[pick])
+            # a factor fed by several row blocks here: their statistics summed first, by a reduction
+            # (fixed order; index_add_ on CUDA sums a repeated row in whatever order its atomics land,
+            # and a 0/1 matrix product would run in TF32 where the caller allows it)
+            parts = []
+            for slot in distinct:
+                rows = [n for n, t in enumerate(slots) if t == slot]
+                consecutive = rows == list(range(rows[0], rows[0] + len(rows)))  # a parameter's row blocks
+                picked = stat[rows[0] : rows[0] + len(rows)] if consecutive else stat[self._index(rows)]
+                parts.append(picked.sum(0))
+            store.factors.index_add_(0, self._index(distinct), torch.stack(parts))
 
     # ----- bases -----
