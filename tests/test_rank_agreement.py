@@ -99,8 +99,9 @@ FINETUNE_CASES = {  # what rank 1 does otherwise -> what the error names ("" for
 def _finetune_worker(rank: int, init: str, out: str) -> None:
     sys.path.insert(0, LAUNCHERS)
     from soap_apps.config_loader import ConfigError
-    from soap_apps.finetune.agreement import agreed, check_same_run
+    from soap_apps.finetune.agreement import check_same_run
     from soap_apps.finetune.config import FinetuneConfig
+    from soap_apps.pretrain.rank_agreement import agreed
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     errors = {}

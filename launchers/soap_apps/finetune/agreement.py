@@ -15,22 +15,23 @@ its wording and its corpus fingerprint serve here too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import FinetuneConfig
-from soap_apps.pretrain.rank_agreement import differences, gather, tokens_fingerprint
+from soap_apps.pretrain.rank_agreement import (
+    differences,
+    gather,
+    raise_any,
+    tokens_fingerprint,
+)
 
 # flags whose values may differ between nodes: where each keeps its copies (their contents are
 # compared instead: the corpus by fingerprint, the checkpoint by the step it resumes), and its CPU threads
 LOCAL_FLAGS = ("data", "init_from", "output_dir", "resume", "threads")
-# what a check of the input raises: refused on one process, it is refused on every one (``agreed``)
-INPUT_ERRORS = (ConfigError, FileExistsError, FileNotFoundError)
-T = TypeVar("T")
 
 
 def settings(cfg: FinetuneConfig, data: torch.Tensor | None, start: Path | None) -> dict[str, Any]:
@@ -38,28 +39,6 @@ def settings(cfg: FinetuneConfig, data: torch.Tensor | None, start: Path | None)
     flags = {key: value for key, value in cfg.to_dict().items() if key not in LOCAL_FLAGS}
     corpus = tokens_fingerprint(data.numpy()).replace("tokens", "bytes") if data is not None else None
     return {**flags, "corpus": corpus, "resuming from": start.name if start is not None else None}
-
-
-def _raise_any(error: BaseException | None, every: list[str | None]) -> None:
-    """This process's own input error, or one naming the first process that refused its input: the
-    others would wait for it in their next collective (with NCCL, until its timeout)."""
-    if error is not None:
-        raise error
-    failed = [(rank, message) for rank, message in enumerate(every) if message is not None]
-    if failed:
-        rank, message = failed[0]
-        more = f" (and {len(failed) - 1} other processes)" if len(failed) > 1 else ""
-        raise ConfigError(f"process {rank} refused its input{more}: {message}")
-
-
-def agreed(check: Callable[[], T]) -> T:
-    """``check()`` on every process, with its input errors (``INPUT_ERRORS``) raised on every one."""
-    try:
-        result, error = check(), None
-    except INPUT_ERRORS as caught:
-        result, error = None, caught
-    _raise_any(error, gather(None if error is None else str(error)))
-    return result  # type: ignore[return-value]
 
 
 def check_same_run(
@@ -71,7 +50,7 @@ def check_same_run(
     """ConfigError on every process when the processes differ in ``settings``, or when one of them
     refused its input (``error``: this process's; then ``data`` may be None); nothing with one."""
     every = gather({"settings": settings(cfg, data, start), "error": None if error is None else str(error)})
-    _raise_any(error, [e["error"] for e in every])
+    raise_any(error, [e["error"] for e in every])
     differ = differences([e["settings"] for e in every])
     if differ:
         raise ConfigError(

@@ -43,6 +43,7 @@ from soap_apps.finetune.resume import (
     stopped,
 )
 from soap_apps.jsonl import JsonlLog, records_through
+from soap_apps.pretrain.rank_agreement import INPUT_ERRORS, agreed
 from soap_apps.pretrain.resume_check import (
     Interrupted,
     interrupt_in,
@@ -240,7 +241,7 @@ def train(
         checkpoints.check_writable(out)  # before the lock, which writes into it: a bad path is one line
         return check_inputs(cfg)
 
-    start = agreement.agreed(inputs)  # refused on one process, refused on all (else they would wait)
+    start = agreed(inputs)  # refused on one process, refused on all (else they would wait)
     progress = Progress()
     try:
         with run_lock.holding(out, accelerator.is_main_process):
@@ -264,7 +265,7 @@ def _train(
     try:
         leftovers = start_checks(cfg, accelerator, start)
         data = load_bytes(cfg.data, cfg.max_bytes)
-    except agreement.INPUT_ERRORS as error:
+    except INPUT_ERRORS as error:
         refused = error
     agreement.check_same_run(cfg, data, start, refused)  # raises refused, on every process
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it

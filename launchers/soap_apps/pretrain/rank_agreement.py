@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch.distributed as dist
@@ -21,6 +22,9 @@ from soap_apps.config_loader import ConfigError
 from soap_apps.pretrain.config import Config
 from soap_apps.pretrain.parallel import DistEnv
 
+# what a check of the input raises: refused on one rank, it is refused on every one (``agreed``)
+INPUT_ERRORS = (ConfigError, FileExistsError, FileNotFoundError)
+T = TypeVar("T")
 DATA_SAMPLES = 4096  # tokens read, evenly spaced, for the corpus's fingerprint
 # Keys that may differ between nodes: where each node keeps its copy of the corpus and its cache (the
 # tokens themselves are compared by fingerprint), and the CPU threads of its machine.
@@ -102,3 +106,25 @@ def check_same_checkpoint(env: DistEnv, latest: int | None, run_dir: str) -> Non
             "one directory every rank sees, on a file system shared by the nodes (each rank writes "
             "its own shard of every checkpoint there)"
         )
+
+
+def raise_any(error: BaseException | None, every: list[str | None]) -> None:
+    """This process's own input error, or one naming the first process that refused its input: the
+    others would wait for it in their next collective (with NCCL, until its timeout)."""
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(every) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        more = f" (and {len(failed) - 1} other processes)" if len(failed) > 1 else ""
+        raise ConfigError(f"process {rank} refused its input{more}: {message}")
+
+
+def agreed(check: Callable[[], T]) -> T:
+    """``check()`` on every process, with its input errors (``INPUT_ERRORS``) raised on every one."""
+    try:
+        result, error = check(), None
+    except INPUT_ERRORS as caught:
+        result, error = None, caught
+    raise_any(error, gather(None if error is None else str(error)))
+    return result  # type: ignore[return-value]

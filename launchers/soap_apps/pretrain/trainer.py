@@ -268,8 +268,11 @@ def _run(
     progress: Progress,
 ) -> RunResult:
     t = cfg.train
-    checkpoint.check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
-    parallel.barrier(env)  # every rank has looked before rank 0 writes anything into run_dir
+    # every rank has looked before rank 0 writes anything into run_dir (a gather); one that refuses
+    # (its node's own disk holds another run) stops every rank, instead of leaving them waiting
+    rank_agreement.agreed(
+        lambda: checkpoint.check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
+    )
     if deepspeed_config is not None:
         from soap_apps.pretrain.ds_backend import resolve_config
 
@@ -278,7 +281,7 @@ def _run(
             print(f"pretrain: {deepspeed_config}: {line}", flush=True)
         t = cfg.train
     if resume:  # before any checkpoint is read: a config that differs is named key by key
-        check_resume_config(cfg, run_dir, env.is_main)
+        rank_agreement.agreed(lambda: check_resume_config(cfg, run_dir, env.is_main))
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // env.local_world))  # share the node
     d = _load_data(cfg, env)
     flags = {
