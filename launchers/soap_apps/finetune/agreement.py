@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-from soap_apps.config_loader import ConfigError
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.pretrain.rank_agreement import (
-    differences,
     gather,
     raise_any,
+    refuse_differences,
     tokens_fingerprint,
 )
 
@@ -51,12 +50,9 @@ def check_same_run(
     refused its input (``error``: this process's; then ``data`` may be None); nothing with one."""
     every = gather({"settings": settings(cfg, data, start), "error": None if error is None else str(error)})
     raise_any(error, [e["error"] for e in every])
-    differ = differences([e["settings"] for e in every])
-    if differ:
-        raise ConfigError(
-            "the processes were started with different settings ("
-            + "; ".join(differ[:6])
-            + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
-            + "): every node must run the same command on the same corpus, and --output-dir must be "
-            "one directory every process sees (a file system the nodes share)"
-        )
+    refuse_differences(
+        [e["settings"] for e in every],
+        "processes",
+        "every node must run the same command on the same corpus, and --output-dir must be one directory "
+        "every process sees (a file system the nodes share)",
+    )

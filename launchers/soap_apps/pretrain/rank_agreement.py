@@ -82,14 +82,23 @@ def check_same_command(env: DistEnv, cfg: Config, corpus: str, flags: dict[str, 
     if not env.distributed:
         return
     mine = {**_flat(cfg), "corpus": corpus, **flags}
-    differ = differences(gather(mine))
+    refuse_differences(
+        gather(mine),
+        "ranks",
+        "every node must run the same command, with the same config file, --set values, flags and corpus",
+    )
+
+
+def refuse_differences(every: list[dict[str, Any]], who: str, advice: str) -> None:
+    """ConfigError naming each key whose value differs between ``every``'s entries (by rank), and what
+    to do (``advice``); ``who``: "ranks" or "processes", as the launcher calls them."""
+    differ = differences(every)
     if differ:
         raise ConfigError(
-            "the ranks were started with different settings ("
+            f"the {who} were started with different settings ("
             + "; ".join(differ[:6])
             + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
-            + "): every node must run the same command, with the same config file, --set values, "
-            "flags and corpus"
+            + f"): {advice}"
         )
 
 
