@@ -7,8 +7,8 @@ finalization. torchrun then reported the finished run as failed (exit 1). Measur
 four-rank gloo runs of launchers/pretrain.py beside two busy loops on 2 cores, none of 60 with
 ``finish``. The known cause is a C++ thread of the process group reaching for the GIL while the
 interpreter shuts down (pytorch/pytorch#179291, closed without a fix). ``finish`` does what the
-teardown does that matters (waits for non-daemon threads, runs the atexit handlers: a DeepSpeed
-monitor's, logging's; flushes Python's and C's buffered output) and leaves with ``os._exit``.
+teardown does that matters (waits for non-daemon threads, runs the atexit handlers: logging's, an
+experiment tracker's; flushes Python's and C's buffered output) and leaves with ``os._exit``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ def finish(code: int) -> NoReturn:
     job (WORLD_SIZE > 1: torchrun, accelerate launch, the DeepSpeed launcher), else as ``sys.exit``."""
     if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
         raise SystemExit(code)
-    for thread in threading.enumerate():  # as the interpreter's shutdown does first
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # the interpreter's shutdown, first step: wakes idle thread pools (an executor still referenced,
+    # as torch.compile's on CPU, would wait forever in a plain join), then joins non-daemon threads
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
     atexit._run_exitfuncs()  # (logging.shutdown among them)
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # (None when the descriptor was closed at start-up)
+                stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
             pass
     try:

@@ -22,6 +22,7 @@ import torch
 
 from soap_apps.finetune.config import FinetuneConfig
 from soap_apps.pretrain.rank_agreement import (
+    described,
     gather,
     raise_any,
     refuse_differences,
@@ -48,7 +49,9 @@ def check_same_run(
 ) -> None:
     """ConfigError on every process when the processes differ in ``settings``, or when one of them
     refused its input (``error``: this process's; then ``data`` may be None); nothing with one."""
-    every = gather({"settings": settings(cfg, data, start), "error": None if error is None else str(error)})
+    every = gather(
+        {"settings": settings(cfg, data, start), "error": None if error is None else described(error)}
+    )
     raise_any(error, [e["error"] for e in every])
     refuse_differences(
         [e["settings"] for e in every],

@@ -43,7 +43,7 @@ from soap_apps.finetune.resume import (
     stopped,
 )
 from soap_apps.jsonl import JsonlLog, records_through
-from soap_apps.pretrain.rank_agreement import INPUT_ERRORS, agreed
+from soap_apps.pretrain.rank_agreement import agreed
 from soap_apps.pretrain.resume_check import (
     Interrupted,
     interrupt_in,
@@ -265,7 +265,7 @@ def _train(
     try:
         leftovers = start_checks(cfg, accelerator, start)
         data = load_bytes(cfg.data, cfg.max_bytes)
-    except INPUT_ERRORS as error:
+    except Exception as error:  # (also NothingToTrain: a finished run on one node's own disk only)
         refused = error
     agreement.check_same_run(cfg, data, start, refused)  # raises refused, on every process
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
@@ -391,9 +391,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         try:
             accelerator = make_accelerator(cfg)
             rows = train(cfg, accelerator)
-        except (ConfigError, FileExistsError) as error:  # bad input (a path, a used --output-dir, too
-            # little data, settings that differ from the checkpoint's): one line that says what to do,
-            # no traceback; exit 2 as for a bad flag
+        except (ConfigError, FileExistsError, FileNotFoundError) as error:
+            # bad input (a path, a used --output-dir, too little data, settings that differ from the
+            # checkpoint's): one line that says what to do, no traceback; exit 2 as for a bad flag
             print(f"{SCRIPT}: error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         except NothingToTrain as done:  # a finished run resumed: say so, exit 0

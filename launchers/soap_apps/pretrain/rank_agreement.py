@@ -22,7 +22,7 @@ from soap_apps.config_loader import ConfigError
 from soap_apps.pretrain.config import Config
 from soap_apps.pretrain.parallel import DistEnv
 
-# what a check of the input raises: refused on one rank, it is refused on every one (``agreed``)
+# what a check of the input raises (its message says it all; ``agreed`` passes on any error)
 INPUT_ERRORS = (ConfigError, FileExistsError, FileNotFoundError)
 T = TypeVar("T")
 DATA_SAMPLES = 4096  # tokens read, evenly spaced, for the corpus's fingerprint
@@ -129,11 +129,18 @@ def raise_any(error: BaseException | None, every: list[str | None]) -> None:
         raise ConfigError(f"process {rank} refused its input{more}: {message}")
 
 
+def described(error: BaseException) -> str:
+    """An error as the other ranks are told of it: an input error's message, else with its type."""
+    return str(error) if isinstance(error, INPUT_ERRORS) else f"{type(error).__name__}: {error}"
+
+
 def agreed(check: Callable[[], T]) -> T:
-    """``check()`` on every process, with its input errors (``INPUT_ERRORS``) raised on every one."""
+    """``check()`` on every process; an error it raises on one (an input refused, or anything else
+    short of an interrupt) is raised on every one: the refusing process's own, a ConfigError naming
+    it on the others."""
     try:
         result, error = check(), None
-    except INPUT_ERRORS as caught:
+    except Exception as caught:  # (an interrupt reaches every process alike; it is not held here)
         result, error = None, caught
-    raise_any(error, gather(None if error is None else str(error)))
+    raise_any(error, gather(None if error is None else described(error)))
     return result  # type: ignore[return-value]

@@ -276,7 +276,8 @@ def _run(
     if deepspeed_config is not None:
         from soap_apps.pretrain.ds_backend import resolve_config
 
-        ds_config, cfg, notes = resolve_config(deepspeed_config, cfg, env)  # cfg: the JSON's params merged
+        # cfg: the JSON's params merged (a node whose copy of the JSON is missing stops every rank)
+        ds_config, cfg, notes = rank_agreement.agreed(lambda: resolve_config(deepspeed_config, cfg, env))
         for line in notes if env.is_main else []:
             print(f"pretrain: {deepspeed_config}: {line}", flush=True)
         t = cfg.train
