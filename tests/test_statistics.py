@@ -57,25 +57,35 @@ def test_statistic_ignores_garbage_in_a_fresh_output():
     assert torch.isfinite(got).all()
 
 
-def test_a_factor_shared_by_row_blocks_is_summed_without_repeated_rows(monkeypatch):
+def test_a_factor_shared_by_row_blocks_is_summed_without_repeated_rows_on_cuda(monkeypatch):
     # index_add_ with a repeated row sums in no fixed order on CUDA: replicas computing the same
     # update (owner_scope="shard_group") would drift apart. An 8 x 4 weight in row blocks of 4 has
-    # one column factor fed by two blocks; every index_add_ must name each row once.
+    # one column factor fed by two blocks. Where the blocks are summed first (CUDA; here CPU made to
+    # take that path), every index_add_ names each row once, and the result is the in-order one's.
     from soap_dist import SOAP
+    from soap_dist.engine import step
 
-    calls: list[list[int]] = []
+    def run(summed_first: tuple[str, ...]) -> tuple[list[list[int]], torch.Tensor]:
+        monkeypatch.setattr(step, "SUMMED_FIRST_ON", summed_first)
+        calls: list[list[int]] = []
+
+        def spy(self, dim, index, source, **kw):
+            calls.append(index.tolist())
+            return index_add(self, dim, index, source, **kw)
+
+        monkeypatch.setattr(torch.Tensor, "index_add_", spy)
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+        opt = SOAP([w], block_size=4, precondition_frequency=1, fused=False, factor_dtype=torch.float64)
+        for _ in range(3):
+            w.grad = torch.randn_like(w)
+            opt.step()
+        monkeypatch.setattr(torch.Tensor, "index_add_", index_add)
+        return calls, w.detach().clone()
+
     index_add = torch.Tensor.index_add_
-
-    def spy(self, dim, index, source, **kw):
-        calls.append(index.tolist())
-        return index_add(self, dim, index, source, **kw)
-
-    monkeypatch.setattr(torch.Tensor, "index_add_", spy)
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
-    opt = SOAP([w], block_size=4, precondition_frequency=1, fused=False)
-    for _ in range(3):
-        w.grad = torch.randn_like(w)
-        opt.step()
-    assert calls, "the shared-factor path was not taken"
-    assert all(len(set(c)) == len(c) for c in calls), calls
+    in_order, expected = run(())
+    assert any(len(set(c)) < len(c) for c in in_order)  # the CPU path: repeated rows, added in order
+    summed, got = run(("cpu", "cuda"))
+    assert summed and all(len(set(c)) == len(c) for c in summed), summed
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -96,6 +96,13 @@ def apply_update(targets: list[Tensor], pieces: list[Tensor], decay: float, lerp
         torch._foreach_add_(targets, pieces, alpha=decay)
 
 
+# Devices on which a factor's statistics from several row blocks are summed before one index_add_
+# with distinct rows: CUDA's index_add_ adds a repeated row in whatever order its atomics land, so
+# replicas that repeat an update (owner_scope="shard_group") could drift apart in the last bit. On
+# CPU index_add_ adds repeated rows one after another, in block order: kept, bit for bit.
+SUMMED_FIRST_ON = ("cuda",)
+
+
 class StepMixin:
     """``SoapEngine.step`` and what it needs (see engine.core for the attributes)."""
 
@@ -397,12 +404,11 @@ class StepMixin:
                 decayed[id(store)].update(fresh)
         for store, index, slots, stat, _ in updates:
             distinct = sorted(set(slots))
-            if len(distinct) == len(slots):  # one add per row: the same on every rank, CUDA included
-                store.factors.index_add_(0, index, stat)
+            if len(distinct) == len(slots) or stat.device.type not in SUMMED_FIRST_ON:
+                store.factors.index_add_(0, index, stat)  # distinct rows, or repeated ones added in order
                 continue
             # a factor fed by several row blocks here: their statistics summed first, by a reduction
-            # (fixed order; index_add_ on CUDA sums a repeated row in whatever order its atomics land,
-            # and a 0/1 matrix product would run in TF32 where the caller allows it)
+            # (fixed order; a 0/1 matrix product would run in TF32 where the caller allows it)
             parts = []
             for slot in distinct:
                 rows = [n for n, t in enumerate(slots) if t == slot]
