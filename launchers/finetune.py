@@ -8,11 +8,7 @@ Plain ``python launchers/finetune.py`` trains in one process. ``--help`` lists t
 from __future__ import annotations
 
 from soap_apps.finetune.train import main
-from soap_apps.process_exit import finish, finish_as
+from soap_apps.process_exit import run_and_finish
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as stop:  # bad input (2), an interrupt (130, 143): also without the teardown
-        finish_as(stop)
-    finish(0)
+    run_and_finish(main)

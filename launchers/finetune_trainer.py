@@ -23,7 +23,7 @@ from soap_apps.finetune.config import parse_args
 from soap_apps.finetune.hf import build_trainer, newest_checkpoint, output_dir
 from soap_apps.finetune.resume import NothingToTrain, report, script_path, stopped
 from soap_apps.pretrain.resume_check import interrupt_in, sigterm_as_interrupt
-from soap_apps.process_exit import finish, finish_as
+from soap_apps.process_exit import run_and_finish
 
 SCRIPT = "launchers/finetune_trainer.py"
 
@@ -63,8 +63,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as stop:  # bad input (2), an interrupt (130, 143): also without the teardown
-        finish_as(stop)
-    finish(0)
+    run_and_finish(main)

@@ -26,7 +26,7 @@ from soap_apps.pretrain.resume_check import (
     sigterm_as_interrupt,
 )
 from soap_apps.pretrain.trainer import NonFiniteLoss, backend_name, run
-from soap_apps.process_exit import finish
+from soap_apps.process_exit import run_and_finish
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny-cpu.yaml"
 
@@ -138,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    finish(main())
+    run_and_finish(main)

@@ -55,3 +55,17 @@ def test_finish_with_stdout_closed_still_exits_with_its_code():
     command = f"{sys.executable} -c '{script}' >&-"
     proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 3 and proc.stderr == "", proc.stderr
+
+
+def test_run_and_finish_exits_with_what_main_returns_or_raises(monkeypatch):
+    from soap_apps.process_exit import run_and_finish
+
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: finish is sys.exit, seen here as SystemExit
+
+    def refused() -> None:
+        raise SystemExit(2)
+
+    for main, code in ((lambda: 5, 5), (lambda: [{"step": 1}], 0), (refused, 2)):
+        with pytest.raises(SystemExit) as stop:
+            run_and_finish(main)
+        assert stop.value.code == code

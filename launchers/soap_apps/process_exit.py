@@ -18,6 +18,7 @@ import ctypes
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 
@@ -52,3 +53,14 @@ def finish_as(stop: SystemExit) -> NoReturn:
         finish(stop.code or 0)
     print(stop.code, file=sys.stderr)
     finish(1)
+
+
+def run_and_finish(main: Callable[[], object]) -> NoReturn:
+    """A launcher's ``main``, then ``finish`` with its exit code: the int it returns (0 for anything
+    else, e.g. fine-tuning's metric rows), or the SystemExit it raises (bad input 2, an interrupt 130
+    or 143), so that no way out goes through the teardown."""
+    try:
+        code = main()
+    except SystemExit as stop:
+        finish_as(stop)
+    finish(code if isinstance(code, int) else 0)
