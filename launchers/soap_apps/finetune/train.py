@@ -169,17 +169,16 @@ def evaluate(model: nn.Module, loader: Iterable[torch.Tensor], accelerator: Any)
 
 
 def prepare(
-    cfg: FinetuneConfig, accelerator: Any, data: torch.Tensor | None = None
+    cfg: FinetuneConfig, accelerator: Any, data: torch.Tensor
 ) -> tuple[nn.Module, Any, DataLoader, DataLoader]:
     """Data, model and optimizer, through ``accelerator.prepare`` in one call (FSDP2 needs model and
     optimizer together; DeepSpeed reads its micro-batch size from the DataLoader). ``data``: the
-    corpus's bytes, if already read (``load_bytes``)."""
+    corpus's bytes (``load_bytes``, read and compared across processes before)."""
     from accelerate.utils import set_seed
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    data = load_bytes(cfg.data, cfg.max_bytes) if data is None else data
     train_ids, eval_ids = split(data, cfg.eval_fraction)
     samples = cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     train_dl = DataLoader(Windows(train_ids, cfg.context, samples, cfg.seed), batch_size=cfg.batch_size)
@@ -267,8 +266,8 @@ def _train(
         data = load_bytes(cfg.data, cfg.max_bytes)
     except Exception as error:  # (also NothingToTrain: a finished run on one node's own disk only)
         refused = error
-    agreement.check_same_run(cfg, data, start, refused)  # raises refused, on every process
-    accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes into it
+    # raises refused, on every process; a gather, so every rank has looked before rank 0 writes
+    agreement.check_same_run(cfg, data, start, refused)
     if accelerator.is_main_process and leftovers:
         checkpoints.start_over(out)
     elif accelerator.is_main_process:
