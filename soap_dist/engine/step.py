@@ -403,10 +403,10 @@ class StepMixin:
                 store.factors.index_copy_(0, rows, store.factors.index_select(0, rows).mul_(beta))
                 decayed[id(store)].update(fresh)
         for store, index, slots, stat, _ in updates:
-            distinct = sorted(set(slots))
-            if len(distinct) == len(slots) or stat.device.type not in SUMMED_FIRST_ON:
-                store.factors.index_add_(0, index, stat)  # distinct rows, or repeated ones added in order
+            if stat.device.type not in SUMMED_FIRST_ON or len(set(slots)) == len(slots):
+                store.factors.index_add_(0, index, stat)  # repeated rows added in order, or distinct ones
                 continue
+            distinct = sorted(set(slots))
             # a factor fed by several row blocks here: their statistics summed first, by a reduction
             # (fixed order; a 0/1 matrix product would run in TF32 where the caller allows it)
             parts = []
