@@ -267,22 +267,26 @@ def _run(
     name: str | None,
     progress: Progress,
 ) -> RunResult:
-    t = cfg.train
-    # every rank has looked before rank 0 writes anything into run_dir (a gather); one that refuses
-    # (its node's own disk holds another run) stops every rank, instead of leaving them waiting
-    rank_agreement.agreed(
-        lambda: checkpoint.check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
-    )
-    if deepspeed_config is not None:
-        from soap_apps.pretrain.ds_backend import resolve_config
 
-        # cfg: the JSON's params merged (a node whose copy of the JSON is missing stops every rank)
-        ds_config, cfg, notes = rank_agreement.agreed(lambda: resolve_config(deepspeed_config, cfg, env))
-        for line in notes if env.is_main else []:
-            print(f"pretrain: {deepspeed_config}: {line}", flush=True)
-        t = cfg.train
-    if resume:  # before any checkpoint is read: a config that differs is named key by key
-        rank_agreement.agreed(lambda: check_resume_config(cfg, run_dir, env.is_main))
+    def inputs() -> tuple[dict | None, Config, list[str]]:
+        """The run directory, the DeepSpeed JSON (its params merged into cfg) and, on resume, the
+        config the checkpoint was saved with (a config that differs is named key by key)."""
+        checkpoint.check_run_dir(run_dir, resume, backend_name(cfg, env.world, deepspeed_config))
+        resolved: tuple[dict | None, Config, list[str]] = (None, cfg, [])
+        if deepspeed_config is not None:
+            from soap_apps.pretrain.ds_backend import resolve_config
+
+            resolved = resolve_config(deepspeed_config, cfg, env)
+        if resume:  # before any checkpoint is read
+            check_resume_config(resolved[1], run_dir, env.is_main)
+        return resolved
+
+    # one gather: every rank has looked before rank 0 writes anything into run_dir, and one that
+    # refuses (its node's own disk holds another run, its copy of the JSON is missing) stops every rank
+    ds_config, cfg, notes = rank_agreement.agreed(inputs)
+    for line in notes if env.is_main else []:
+        print(f"pretrain: {deepspeed_config}: {line}", flush=True)
+    t = cfg.train
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // env.local_world))  # share the node
     d = _load_data(cfg, env)
     flags = {
